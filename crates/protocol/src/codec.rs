@@ -1,0 +1,131 @@
+//! Length-prefixed framing, independent of any async runtime.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::MAX_FRAME_BYTES;
+
+/// Why a frame could not be encoded or decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("malformed frame")]
+    Malformed(#[source] postcard::Error),
+    #[error("could not encode message")]
+    Encode(#[source] postcard::Error),
+}
+
+/// Encodes `msg` as one frame (length prefix included).
+pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
+    let payload = postcard::to_allocvec(msg).map_err(ProtocolError::Encode)?;
+    let too_large = ProtocolError::FrameTooLarge { len: payload.len(), max: MAX_FRAME_BYTES };
+    if payload.len() > MAX_FRAME_BYTES {
+        return Err(too_large);
+    }
+    let prefix = u32::try_from(payload.len()).map_err(|_| too_large)?;
+    let mut out = Vec::with_capacity(4 + payload.len());
+    out.extend_from_slice(&prefix.to_le_bytes());
+    out.extend_from_slice(&payload);
+    Ok(out)
+}
+
+/// Accumulates bytes read from the channel and yields whole messages.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+    start: usize,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends bytes as they arrive from the channel.
+    pub fn push(&mut self, data: &[u8]) {
+        if self.start > 0 && self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(data);
+    }
+
+    /// Returns the next complete message, `Ok(None)` when more bytes are needed.
+    pub fn next_message<T: DeserializeOwned>(&mut self) -> Result<Option<T>, ProtocolError> {
+        let avail = &self.buf[self.start..];
+        if avail.len() < 4 {
+            self.compact();
+            return Ok(None);
+        }
+        let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
+        if len > MAX_FRAME_BYTES {
+            return Err(ProtocolError::FrameTooLarge { len, max: MAX_FRAME_BYTES });
+        }
+        if avail.len() < 4 + len {
+            self.compact();
+            return Ok(None);
+        }
+        let msg = postcard::from_bytes(&avail[4..4 + len]).map_err(ProtocolError::Malformed)?;
+        self.start += 4 + len;
+        Ok(Some(msg))
+    }
+
+    /// Bytes received but not yet consumed as messages.
+    pub fn pending(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    fn compact(&mut self) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{GuestMessage, HostMessage, OutputStream};
+
+    #[test]
+    fn round_trips_across_arbitrary_chunking() {
+        let msgs = vec![
+            GuestMessage::Output { id: 1, stream: OutputStream::Stdout, data: b"hello\n".to_vec() },
+            GuestMessage::Spawned { id: 1, pid: 42 },
+            GuestMessage::Output { id: 2, stream: OutputStream::Stderr, data: vec![0u8; 70_000] },
+        ];
+        let bytes: Vec<u8> = msgs.iter().flat_map(|m| encode_frame(m).unwrap()).collect();
+        for chunk in [1usize, 3, 7, 4096, bytes.len()] {
+            let mut dec = FrameDecoder::new();
+            let mut got = Vec::new();
+            for piece in bytes.chunks(chunk) {
+                dec.push(piece);
+                while let Some(m) = dec.next_message::<GuestMessage>().unwrap() {
+                    got.push(m);
+                }
+            }
+            assert_eq!(got, msgs, "chunk size {chunk}");
+            assert_eq!(dec.pending(), 0);
+        }
+    }
+
+    #[test]
+    fn rejects_oversized_length_prefix() {
+        let mut dec = FrameDecoder::new();
+        dec.push(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            dec.next_message::<HostMessage>(),
+            Err(ProtocolError::FrameTooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn rejects_garbage_payload() {
+        let mut dec = FrameDecoder::new();
+        dec.push(&3u32.to_le_bytes());
+        dec.push(&[0xff, 0xff, 0xff]);
+        assert!(matches!(dec.next_message::<HostMessage>(), Err(ProtocolError::Malformed(_))));
+    }
+}

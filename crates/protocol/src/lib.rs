@@ -1,0 +1,38 @@
+//! Host↔guest wire protocol: the messages the Boxwood server and the in-VM agent exchange
+//! over a virtio-serial port, and their framing.
+//!
+//! # Framing
+//! Every frame is a little-endian `u32` payload length followed by the payload, a
+//! [postcard](https://docs.rs/postcard) encoding of [`HostMessage`] (host → guest) or
+//! [`GuestMessage`] (guest → host). A payload longer than [`MAX_FRAME_BYTES`] is a protocol
+//! error: the channel carries no recovery marker, so the reader must drop the connection.
+//!
+//! # Conversation
+//! 1. The agent opens the port named [`PORT_NAME`] and sends [`GuestMessage::Hello`].
+//! 2. The host answers with [`HostMessage::Setup`]; the agent replies
+//!    [`GuestMessage::SetupDone`] (or [`GuestMessage::SetupFailed`]).
+//! 3. The host sends any number of [`HostMessage::Spawn`]s; each process is named by a
+//!    host-chosen `id` (the Contree `spid`) and yields `Spawned`/`SpawnFailed`, `Output`
+//!    chunks and finally `Exited`.
+//! 4. [`HostMessage::Shutdown`] makes the agent sync and power the VM off.
+//!
+//! The protocol is versioned by [`PROTOCOL_VERSION`]; the host refuses a `Hello` whose version
+//! differs, because both ends are built from the same workspace.
+
+mod codec;
+mod messages;
+
+pub use codec::{FrameDecoder, ProtocolError, encode_frame};
+pub use messages::*;
+
+/// Version carried in [`Hello`]; bump on any incompatible message change.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Name of the virtio-serial port (`virtserialport,name=…`) the agent talks on.
+pub const PORT_NAME: &str = "boxwood.agent";
+
+/// Largest payload a frame may carry.
+pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
+
+/// Largest chunk of process output the agent puts in one [`GuestMessage::Output`].
+pub const OUTPUT_CHUNK_BYTES: usize = 32 * 1024;

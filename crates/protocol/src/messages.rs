@@ -1,0 +1,143 @@
+//! The messages themselves. Field names are part of the protocol; postcard encodes by
+//! position, so only append fields at the end of a struct and bump the version otherwise.
+
+use serde::{Deserialize, Serialize};
+
+/// Host → guest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HostMessage {
+    /// Prepare the VM for a run: clock, entropy, hostname and root filesystem.
+    Setup(Setup),
+    /// Start a process.
+    Spawn(Spawn),
+    /// Write to a process's stdin, optionally closing it afterwards.
+    Stdin { id: u32, data: Vec<u8>, close: bool },
+    /// Send a signal to a process's whole process group.
+    Signal { id: u32, signal: i32 },
+    /// Sync filesystems and power off.
+    Shutdown,
+}
+
+/// Guest → host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GuestMessage {
+    /// First message after the agent opened the port.
+    Hello(Hello),
+    SetupDone,
+    SetupFailed { error: String },
+    Spawned { id: u32, pid: u32 },
+    /// The process could not be started (exec failed, cwd not creatable, …).
+    SpawnFailed { id: u32, error: String },
+    /// A chunk (≤ [`crate::OUTPUT_CHUNK_BYTES`]) of a process's output, within its output limit.
+    Output { id: u32, stream: OutputStream, data: Vec<u8> },
+    /// The process ended; all of its `Output` precedes this message.
+    Exited(Exit),
+    /// A request could not be honoured (unknown process id, stdin already closed, …).
+    Rejected { id: u32, error: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub version: u32,
+    /// `uname -r` of the guest kernel.
+    pub kernel_release: String,
+    /// `uname -m`.
+    pub machine: String,
+    /// `/proc/sys/kernel/random/boot_id`.
+    pub boot_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Setup {
+    /// Host wall clock, nanoseconds since the Unix epoch; the guest sets its clock to it.
+    pub wall_clock_unix_ns: u64,
+    /// Random bytes the guest credits to its entropy pool.
+    pub entropy: Vec<u8>,
+    pub hostname: String,
+    pub rootfs: RootfsSpec,
+}
+
+/// How the agent assembles the root filesystem processes run in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RootfsSpec {
+    /// Virtio serials (`virtio-blk-device,serial=…`) of read-only erofs block devices,
+    /// **topmost layer first**, stacked as overlayfs lower layers. Serials, not `/dev/vdX`
+    /// names, because the guest's probe order is not a contract.
+    pub lower_serials: Vec<String>,
+    /// Size cap of the writable upper layer (a tmpfs), in bytes.
+    pub upper_size_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Spawn {
+    /// Host-chosen process id (Contree `spid`), unique within the VM.
+    pub id: u32,
+    /// `argv[0]` is looked up in the `PATH` of `env` (inside the rootfs) unless it has a `/`.
+    pub argv: Vec<String>,
+    /// The complete environment; nothing is inherited from the agent.
+    pub env: Vec<(String, String)>,
+    /// Absolute working directory inside the rootfs, created (as root) if missing.
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    /// Bytes written to stdin right after the start.
+    pub stdin: Vec<u8>,
+    /// Close stdin after writing `stdin`; otherwise more may follow via `HostMessage::Stdin`.
+    pub close_stdin: bool,
+    /// Kill the process group with SIGKILL after this long and report `timed_out`.
+    pub timeout_ms: Option<u64>,
+    /// Bytes per output stream forwarded to the host; the rest is read and counted only.
+    pub output_limit_bytes: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OutputStream {
+    Stdout,
+    Stderr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exit {
+    pub id: u32,
+    pub pid: u32,
+    /// Exit status 0..=255, or −1 when killed by a signal.
+    pub code: i32,
+    /// Terminating signal, or −1 on a normal exit.
+    pub signal: i32,
+    pub core_dump: bool,
+    /// Killed because `timeout_ms` elapsed.
+    pub timed_out: bool,
+    pub duration_us: u64,
+    pub rusage: Rusage,
+    pub stdout: StreamTotals,
+    pub stderr: StreamTotals,
+}
+
+/// Byte counts of one output stream over the process's life.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamTotals {
+    /// Forwarded to the host.
+    pub emitted: u64,
+    /// Read from the process but not forwarded, past `output_limit_bytes`.
+    pub dropped: u64,
+}
+
+/// `struct rusage` of the process (from `wait4`), in the units of `getrusage(2)`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rusage {
+    pub user_time_us: u64,
+    pub sys_time_us: u64,
+    pub max_rss_kb: u64,
+    pub shared_memory: u64,
+    pub unshared_memory: u64,
+    pub swaps: u64,
+    pub minor_faults: u64,
+    pub major_faults: u64,
+    pub voluntary_ctx_switches: u64,
+    pub involuntary_ctx_switches: u64,
+    pub block_input_ops: u64,
+    pub block_output_ops: u64,
+    pub ipc_msgs_sent: u64,
+    pub ipc_msgs_received: u64,
+    pub signals_received: u64,
+}
