@@ -1,0 +1,54 @@
+//! Image layers on the host. An image is a stack of immutable layers (topmost first); each
+//! layer is kept twice under the store root:
+//!
+//! ```text
+//! <root>/layers/<sha256>.erofs   the layer as a read-only erofs image, attached to VMs as a
+//!                                virtio-blk disk and stacked with overlayfs in the guest;
+//!                                named by the sha256 of the file itself
+//! <root>/trees/<sha256>/         the same layer unpacked in overlayfs "upper" format
+//!                                (whiteouts are 0/0 char devices), read by host-side
+//!                                inspection and by squashing, never by a VM
+//! <root>/tmp/                    staging; on the same filesystem, so publishing is a rename
+//! ```
+//! A layer becomes visible only by `rename` of a fully written, fsynced file and tree, so a
+//! crash leaves either the whole layer or stray staging files that start-up removes.
+
+mod base;
+mod store;
+
+pub use base::build_busybox_tree;
+pub use store::{FsLayerStore, LayerInfo};
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+
+/// Why a layer operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("i/o error on {path}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("mkfs.erofs failed for {tree}: {stderr}")]
+    Mkfs { tree: PathBuf, stderr: String },
+    #[error("layer {digest} is missing from the store")]
+    MissingLayer { digest: String },
+    #[error("invalid layer digest {0:?}")]
+    BadDigest(String),
+}
+
+pub type ImageResult<T> = Result<T, ImageError>;
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError + '_ {
+    move |source| ImageError::Io { path: path.to_owned(), source }
+}
+
+/// Where layers live; the core sees only this.
+#[async_trait]
+pub trait LayerStore: Send + Sync {
+    /// The erofs disk image of a layer, to attach to a VM.
+    fn layer_disk(&self, digest: &str) -> ImageResult<PathBuf>;
+    /// A fresh staging directory on the store's filesystem, for building a layer tree.
+    fn staging_dir(&self) -> ImageResult<PathBuf>;
+    /// Turns a staged tree into a published layer (erofs image + tree), consuming the tree.
+    async fn commit_tree(&self, tree: PathBuf) -> ImageResult<LayerInfo>;
+}

@@ -1,0 +1,55 @@
+//! Boxwood's metadata store: images, tags, operations and operation event logs, behind the
+//! [`Store`] trait so the core never names a database. [`SqliteStore`] is the embedded
+//! implementation (sqlx; the schema keeps to types PostgreSQL shares so a second backend
+//! can follow).
+
+mod records;
+mod sqlite;
+
+pub use records::*;
+pub use sqlite::SqliteStore;
+
+use async_trait::async_trait;
+use uuid::Uuid;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("corrupt {what} in row {key}")]
+    Corrupt { what: &'static str, key: String },
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Persistence of everything the core needs to survive a restart.
+#[async_trait]
+pub trait Store: Send + Sync {
+    async fn insert_image(&self, image: &ImageRecord) -> StoreResult<()>;
+    async fn get_image(&self, uuid: Uuid) -> StoreResult<Option<ImageRecord>>;
+    /// Points `tag` in `namespace` at `image`, taking it from any previous holder.
+    async fn set_tag(&self, namespace: &str, tag: &str, image: Uuid, now_us: i64) -> StoreResult<()>;
+    async fn resolve_tag(&self, namespace: &str, tag: &str) -> StoreResult<Option<Uuid>>;
+    /// Tags in any of `namespaces` that name `image`.
+    async fn tags_of(&self, image: Uuid, namespaces: &[String]) -> StoreResult<Vec<TagRecord>>;
+    async fn list_images(&self, filter: &ImageFilter) -> StoreResult<Vec<ImageListing>>;
+
+    async fn insert_operation(&self, op: &OperationRecord) -> StoreResult<()>;
+    /// Rewrites the mutable columns of an operation row.
+    async fn update_operation(&self, op: &OperationRecord) -> StoreResult<()>;
+    /// Writes the terminal row and its last event in one transaction, so a reader that sees
+    /// the `completion` event always finds the operation terminal.
+    async fn finish_operation(&self, op: &OperationRecord, last_event: &EventRecord) -> StoreResult<()>;
+    async fn get_operation(&self, uuid: Uuid) -> StoreResult<Option<OperationRecord>>;
+    async fn list_operations(&self, filter: &OperationFilter) -> StoreResult<Vec<OperationRecord>>;
+    /// Operations in a non-terminal status, oldest first.
+    async fn unfinished_operations(&self) -> StoreResult<Vec<OperationRecord>>;
+
+    async fn append_event(&self, event: &EventRecord) -> StoreResult<()>;
+    /// Events with `id > after` (all when `None`), optionally of one `spid`, in id order.
+    async fn events(&self, operation: Uuid, after: Option<i64>, spid: Option<i64>, limit: i64) -> StoreResult<Vec<EventRecord>>;
+    async fn last_event_id(&self, operation: Uuid) -> StoreResult<Option<i64>>;
+}
