@@ -1,0 +1,61 @@
+//! The core's error type and its classification; the API maps [`ErrorKind`] to HTTP status
+//! codes in exactly one place.
+
+use boxwood_image::ImageError;
+use boxwood_store::StoreError;
+
+/// What kind of failure an error is, independent of transport.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    BadRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    Conflict,
+    Unprocessable,
+    Internal,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// The request is malformed or a value is out of range.
+    #[error("{0}")]
+    BadRequest(String),
+    /// Well-formed, but asks for something this server does not do.
+    #[error("{0}")]
+    Unprocessable(String),
+    #[error("missing or invalid bearer token")]
+    Unauthorized,
+    #[error("token lacks the `{0}` permission")]
+    Forbidden(&'static str),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("metadata store failure")]
+    Store(#[from] StoreError),
+    #[error("image store failure")]
+    Image(#[from] ImageError),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl CoreError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            CoreError::BadRequest(_) => ErrorKind::BadRequest,
+            CoreError::Unprocessable(_) => ErrorKind::Unprocessable,
+            CoreError::Unauthorized => ErrorKind::Unauthorized,
+            CoreError::Forbidden(_) => ErrorKind::Forbidden,
+            CoreError::NotFound(_) => ErrorKind::NotFound,
+            CoreError::Conflict(_) => ErrorKind::Conflict,
+            CoreError::Store(_) | CoreError::Image(_) | CoreError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    pub(crate) fn bad(msg: impl Into<String>) -> Self {
+        CoreError::BadRequest(msg.into())
+    }
+}
+
+pub type CoreResult<T> = Result<T, CoreError>;

@@ -1,0 +1,169 @@
+//! Operation event logs: the per-operation writer that assigns ids and persists events,
+//! the hub that wakes live followers, and the follow stream behind SSE.
+//!
+//! The store is the single source of truth: followers are woken through a `watch` channel
+//! carrying the newest id and then read the store, so a slow follower can never miss or
+//! reorder events, and a follower that connects late reads exactly what an early one saw.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use boxwood_store::{EventRecord, OperationRecord, Store};
+use futures::Stream;
+use serde_json::Value;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use crate::clock::{format_ts, now_us};
+use crate::error::CoreResult;
+use crate::model::EventView;
+use crate::operations::Status;
+
+/// Live operations' newest event ids, for waking followers.
+#[derive(Debug, Default)]
+pub(crate) struct EventHub {
+    live: Mutex<HashMap<Uuid, watch::Sender<i64>>>,
+}
+
+impl EventHub {
+    fn register(&self, op: Uuid, last_id: i64) -> watch::Sender<i64> {
+        let (tx, _) = watch::channel(last_id);
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).insert(op, tx.clone());
+        tx
+    }
+
+    fn subscribe(&self, op: Uuid) -> Option<watch::Receiver<i64>> {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).get(&op).map(|tx| tx.subscribe())
+    }
+
+    fn remove(&self, op: Uuid) {
+        self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&op);
+    }
+}
+
+/// Appends events to one operation's log.
+pub(crate) struct EventLog {
+    store: Arc<dyn Store>,
+    hub: Arc<EventHub>,
+    op: Uuid,
+    next_id: i64,
+    notify: watch::Sender<i64>,
+}
+
+impl EventLog {
+    /// Starts (or, after a restart, continues) the log of `op`.
+    pub(crate) async fn open(store: Arc<dyn Store>, hub: Arc<EventHub>, op: Uuid) -> CoreResult<Self> {
+        let last = store.last_event_id(op).await?;
+        let notify = hub.register(op, last.unwrap_or(-1));
+        Ok(Self { store, hub, op, next_id: last.map_or(0, |l| l + 1), notify })
+    }
+
+    fn record(&mut self, spid: Option<i64>, kind: &str, data: Value) -> EventRecord {
+        let id = self.next_id;
+        self.next_id += 1;
+        EventRecord { operation_uuid: self.op, id, ts_us: now_us(), spid, kind: kind.into(), data }
+    }
+
+    pub(crate) async fn append(&mut self, spid: Option<i64>, kind: &str, data: Value) -> CoreResult<()> {
+        let ev = self.record(spid, kind, data);
+        self.store.append_event(&ev).await?;
+        self.notify.send_replace(ev.id);
+        Ok(())
+    }
+
+    /// Persists the terminal operation row together with its `completion` event, the last
+    /// event of every log.
+    pub(crate) async fn complete(mut self, op: &OperationRecord, completion: Value) -> CoreResult<()> {
+        let ev = self.record(None, "completion", completion);
+        self.store.finish_operation(op, &ev).await?;
+        self.notify.send_replace(ev.id);
+        Ok(())
+    }
+}
+
+impl Drop for EventLog {
+    fn drop(&mut self) {
+        self.hub.remove(self.op);
+    }
+}
+
+pub(crate) fn view(ev: &EventRecord) -> EventView {
+    EventView { id: ev.id, ts: format_ts(ev.ts_us), spid: ev.spid, kind: ev.kind.clone(), data: ev.data.clone() }
+}
+
+const PAGE: i64 = 512;
+
+struct Follow {
+    store: Arc<dyn Store>,
+    hub: Arc<EventHub>,
+    op: Uuid,
+    after: Option<i64>,
+    spid: Option<i64>,
+    follow: bool,
+    buffer: VecDeque<EventRecord>,
+    done: bool,
+}
+
+impl Follow {
+    async fn next(&mut self) -> Option<CoreResult<EventView>> {
+        loop {
+            while let Some(ev) = self.buffer.pop_front() {
+                self.after = Some(ev.id);
+                if ev.kind == "completion" {
+                    self.done = true;
+                }
+                if self.spid.is_none() || self.spid == ev.spid {
+                    return Some(Ok(view(&ev)));
+                }
+            }
+            if self.done {
+                return None;
+            }
+            // Subscribe before reading, so an event appended in between still wakes us.
+            let rx = if self.follow { self.hub.subscribe(self.op) } else { None };
+            let page = match self.store.events(self.op, self.after, None, PAGE).await {
+                Ok(p) => p,
+                Err(e) => return Some(Err(e.into())),
+            };
+            if !page.is_empty() {
+                self.buffer.extend(page);
+                continue;
+            }
+            if !self.follow {
+                return None;
+            }
+            match self.store.get_operation(self.op).await {
+                Ok(Some(op)) if Status::parse(&op.status).is_none_or(Status::is_terminal) => {
+                    // Terminal: the completion event was committed with the row; read it.
+                    self.follow = false;
+                    continue;
+                }
+                Ok(None) => return None,
+                Ok(Some(_)) => {}
+                Err(e) => return Some(Err(e.into())),
+            }
+            match rx {
+                Some(mut rx) => {
+                    let _ = tokio::time::timeout(Duration::from_secs(5), rx.changed()).await;
+                }
+                // Queued but not yet started: nothing to wake us, so poll.
+                None => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+}
+
+/// Events of `op` with id > `since`, optionally only of one `spid`; with `follow`, waits for
+/// new events until the operation is terminal (its `completion` was read).
+pub(crate) fn follow(
+    store: Arc<dyn Store>,
+    hub: Arc<EventHub>,
+    op: Uuid,
+    since: Option<i64>,
+    spid: Option<i64>,
+    follow: bool,
+) -> impl Stream<Item = CoreResult<EventView>> + Send + 'static {
+    let state = Follow { store, hub, op, after: since, spid, follow, buffer: VecDeque::new(), done: false };
+    futures::stream::unfold(state, |mut s| async move { s.next().await.map(|item| (item, s)) })
+}

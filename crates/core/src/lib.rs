@@ -1,0 +1,17 @@
+//! Boxwood's core: the single service that owns the rules of the Contree model (instances,
+//! operations and their lifecycle, event logs, images and tags, tokens and namespaces).
+//! Transports parse requests into the types of [`model`] and call [`Service`]; storage, layers
+//! and the VM runtime are reached only through their traits.
+
+pub mod auth;
+pub mod clock;
+mod error;
+mod events;
+pub mod model;
+pub mod operations;
+mod runner;
+mod service;
+pub mod spec;
+
+pub use error::{CoreError, CoreResult, ErrorKind};
+pub use service::{CoreConfig, ImageQuery, OperationQuery, Page, Service};

@@ -1,0 +1,126 @@
+//! The operation state machine and the views of an operation record.
+//!
+//! ```text
+//! PENDING ──> ASSIGNED ──> EXECUTING ──> SUCCESS
+//!    │            │            ├───────> FAILED
+//!    └────────────┴────────────┴───────> CANCELLED / FAILED
+//! ```
+
+use boxwood_store::OperationRecord;
+use serde_json::Value;
+
+use crate::clock::{format_ts, now_us};
+use crate::model::{OperationResponse, OperationSummary, ResultRef};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Pending,
+    Assigned,
+    Executing,
+    Success,
+    Failed,
+    Cancelled,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "PENDING",
+            Status::Assigned => "ASSIGNED",
+            Status::Executing => "EXECUTING",
+            Status::Success => "SUCCESS",
+            Status::Failed => "FAILED",
+            Status::Cancelled => "CANCELLED",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "PENDING" => Status::Pending,
+            "ASSIGNED" => Status::Assigned,
+            "EXECUTING" => Status::Executing,
+            "SUCCESS" => Status::Success,
+            "FAILED" => Status::Failed,
+            "CANCELLED" => Status::Cancelled,
+            _ => return None,
+        })
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, Status::Success | Status::Failed | Status::Cancelled)
+    }
+
+    /// Whether the lifecycle allows moving from `self` to `next`.
+    pub fn can_become(self, next: Status) -> bool {
+        use Status::*;
+        match (self, next) {
+            (Pending, Assigned) | (Assigned, Executing) | (Executing, Success) => true,
+            (Pending | Assigned | Executing, Failed | Cancelled) => true,
+            (Pending, _) | (Assigned, _) | (Executing, _) => false,
+            (Success | Failed | Cancelled, _) => false,
+        }
+    }
+}
+
+pub const KIND_INSTANCE: &str = "instance";
+pub const KIND_IMAGE_IMPORT: &str = "image_import";
+
+/// Seconds the operation has run: 0 before it started, growing while it runs.
+fn duration_secs(op: &OperationRecord) -> f64 {
+    match (op.started_at_us, op.finished_at_us) {
+        (Some(s), Some(f)) => (f - s).max(0) as f64 / 1e6,
+        (Some(s), None) => (now_us() - s).max(0) as f64 / 1e6,
+        _ => 0.0,
+    }
+}
+
+pub fn summary(op: &OperationRecord) -> OperationSummary {
+    OperationSummary {
+        uuid: op.uuid.to_string(),
+        kind: op.kind.clone(),
+        status: op.status.clone(),
+        error: op.error.clone(),
+        created_at: format_ts(op.created_at_us),
+        duration: duration_secs(op),
+        image_size: op.image_size,
+        consumed_cpu: op.consumed_cpu,
+        consumed_memory: op.consumed_memory,
+        image_uuid: op.image_uuid.map(|u| u.to_string()),
+        result_image_uuid: op.result_image_uuid.map(|u| u.to_string()),
+    }
+}
+
+/// The full response; `metadata.result` is the final result, or `inflight` while running.
+pub fn response(op: &OperationRecord, inflight: Option<Value>) -> OperationResponse {
+    let mut metadata = op.metadata.clone();
+    if let Value::Object(m) = &mut metadata {
+        if op.kind == KIND_INSTANCE {
+            m.insert("result".into(), op.result.clone().or(inflight).unwrap_or(Value::Null));
+        }
+    }
+    // Both keys at every terminal state; `result_image_uuid` is only ever set on a SUCCESS
+    // that persisted (or re-used) an image.
+    let terminal = Status::parse(&op.status).is_some_and(Status::is_terminal);
+    let result = terminal
+        .then(|| ResultRef { image: op.result_image_uuid.map(|u| u.to_string()), tag: op.result_tag.clone() });
+    OperationResponse { summary: summary(op), metadata, result }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lifecycle_transitions() {
+        use Status::*;
+        assert!(Pending.can_become(Assigned));
+        assert!(Executing.can_become(Success));
+        assert!(Pending.can_become(Cancelled));
+        assert!(!Pending.can_become(Success));
+        assert!(!Success.can_become(Failed));
+        assert!(!Cancelled.can_become(Cancelled));
+        for s in [Pending, Assigned, Executing, Success, Failed, Cancelled] {
+            assert_eq!(Status::parse(s.as_str()), Some(s));
+        }
+    }
+}

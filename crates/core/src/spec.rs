@@ -1,0 +1,358 @@
+//! Validation of a spawn request into what a run needs, and the Contree execution rules:
+//! shell wrapping, environment merging, working-directory defaults (COMPAT.md §3.1).
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use boxwood_store::ImageRecord;
+use serde::Deserialize;
+use uuid::Uuid;
+
+use crate::error::{CoreError, CoreResult};
+use crate::model::{InstanceMetadata, LimitsEcho, NetworkingEcho, SpawnRequest, StdinEcho};
+
+/// `PATH` set when the environment has none (the contract's default).
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+pub const DEFAULT_HOSTNAME: &str = "linuxkit";
+pub const MAX_TRUNCATE_OUTPUT_AT: u64 = 10 * 1024 * 1024;
+
+/// Server-side bounds and defaults of a run.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunLimits {
+    /// Used when a request has no `timeout`.
+    pub default_timeout_secs: u64,
+    /// Larger requested timeouts are clamped to this.
+    pub max_timeout_secs: u64,
+    pub default_truncate_output_at: u64,
+    /// Writable-layer cap when the request gives none, and the largest one accepted.
+    pub max_layer_bytes: u64,
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        Self {
+            default_timeout_secs: 60,
+            max_timeout_secs: 3600,
+            default_truncate_output_at: 1024 * 1024,
+            max_layer_bytes: 12 * 1024 * 1024 * 1024,
+        }
+    }
+}
+
+/// How the request names its image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ImageRef {
+    Uuid(Uuid),
+    Tag(String),
+}
+
+/// The contract's tag syntax: `^[A-Za-z0-9][A-Za-z0-9_-]*(?:[:/.][A-Za-z0-9_-]+)*$`.
+pub fn is_valid_tag(tag: &str) -> bool {
+    let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_' || c == b'-';
+    let b = tag.as_bytes();
+    if b.is_empty() || !b[0].is_ascii_alphanumeric() {
+        return false;
+    }
+    let mut prev_sep = false;
+    for &c in &b[1..] {
+        if matches!(c, b':' | b'/' | b'.') {
+            if prev_sep {
+                return false;
+            }
+            prev_sep = true;
+        } else if word(c) {
+            prev_sep = false;
+        } else {
+            return false;
+        }
+    }
+    !prev_sep
+}
+
+/// Parses `ImageSource`: a UUID or `tag:<tag>`.
+pub fn parse_image_ref(s: &str) -> CoreResult<ImageRef> {
+    if let Some(tag) = s.strip_prefix("tag:") {
+        if !is_valid_tag(tag) {
+            return Err(CoreError::bad(format!("invalid image tag {tag:?}")));
+        }
+        return Ok(ImageRef::Tag(tag.to_owned()));
+    }
+    Uuid::parse_str(s)
+        .map(ImageRef::Uuid)
+        .map_err(|_| CoreError::bad(format!("image must be a UUID or \"tag:<tag>\", got {s:?}")))
+}
+
+/// A validated spawn request.
+#[derive(Debug, Clone)]
+pub struct ValidSpawn {
+    pub image: ImageRef,
+    pub command: String,
+    pub args: Vec<String>,
+    pub shell: bool,
+    /// The request's env; `None` values unset a variable inherited from the image.
+    pub env: BTreeMap<String, Option<String>>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub hostname: String,
+    pub stdin: Vec<u8>,
+    pub stdin_echo: StdinEcho,
+    pub timeout_secs: u64,
+    pub truncate_output_at: u64,
+    pub disposable: bool,
+    pub preserve_env: bool,
+    pub preserve_cwd: bool,
+    pub max_layer_bytes: u64,
+    pub networking: bool,
+}
+
+/// The process a run starts, after the image's defaults were applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProcessPlan {
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: String,
+}
+
+fn id_field(name: &str, v: Option<i64>) -> CoreResult<u32> {
+    let v = v.unwrap_or(0);
+    u32::try_from(v).map_err(|_| CoreError::bad(format!("{name} must be an integer between 0 and 4294967295, got {v}")))
+}
+
+fn is_valid_cwd(cwd: &str) -> bool {
+    cwd.is_empty() || (cwd.starts_with('/') && !cwd.contains('\0'))
+}
+
+fn is_valid_hostname(h: &str) -> bool {
+    !h.is_empty() && h.len() <= 64 && h.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'))
+}
+
+/// Checks every field of a spawn request and fills in defaults.
+pub fn validate(req: SpawnRequest, limits: &RunLimits) -> CoreResult<ValidSpawn> {
+    let image = parse_image_ref(&req.image)?;
+    let shell = req.shell.unwrap_or(false);
+    if !shell && req.command.is_empty() {
+        return Err(CoreError::bad("command must not be empty when shell is false"));
+    }
+    if req.command.contains('\0') {
+        return Err(CoreError::bad("command must not contain NUL bytes"));
+    }
+    let cwd = req.cwd.unwrap_or_default();
+    if !is_valid_cwd(&cwd) {
+        return Err(CoreError::bad(format!("cwd must be an absolute path or empty, got {cwd:?}")));
+    }
+    let hostname = req.hostname.unwrap_or_else(|| DEFAULT_HOSTNAME.into());
+    if !is_valid_hostname(&hostname) {
+        return Err(CoreError::bad(format!("invalid hostname {hostname:?}: 1-64 of [A-Za-z0-9._-]")));
+    }
+    let timeout_secs = match req.timeout {
+        None => limits.default_timeout_secs,
+        Some(t) if t <= 0 => return Err(CoreError::bad(format!("timeout must be a positive number of seconds, got {t}"))),
+        Some(t) => (t as u64).min(limits.max_timeout_secs),
+    };
+    let truncate_output_at = match req.truncate_output_at {
+        None => limits.default_truncate_output_at,
+        Some(t) if t < 0 || t as u64 > MAX_TRUNCATE_OUTPUT_AT => {
+            return Err(CoreError::bad(format!("truncate_output_at must be between 0 and {MAX_TRUNCATE_OUTPUT_AT}, got {t}")));
+        }
+        Some(t) => t as u64,
+    };
+    let max_layer_bytes = match req.resources_limits.as_ref().and_then(|l| l.max_layer_bytes) {
+        None => limits.max_layer_bytes,
+        Some(b) if b < 1 => return Err(CoreError::bad(format!("resources_limits.max_layer_bytes must be at least 1, got {b}"))),
+        Some(b) => (b as u64).min(limits.max_layer_bytes),
+    };
+    let (stdin, stdin_echo) = match req.stdin {
+        None => (Vec::new(), StdinEcho { value: String::new(), encoding: "ascii".into(), close: true }),
+        Some(s) => {
+            let encoding = s.encoding.unwrap_or_else(|| "ascii".into());
+            let bytes = match encoding.as_str() {
+                // "ascii" values may carry any Unicode text (the SDK labels every str ascii).
+                "ascii" => s.value.clone().into_bytes(),
+                "base64" => base64::engine::general_purpose::STANDARD
+                    .decode(s.value.as_bytes())
+                    .map_err(|_| CoreError::bad("stdin.value is not valid base64"))?,
+                other => return Err(CoreError::bad(format!("stdin.encoding must be ascii or base64, got {other:?}"))),
+            };
+            (bytes, StdinEcho { value: s.value, encoding, close: s.close.unwrap_or(true) })
+        }
+    };
+    let env = req.env.unwrap_or_default();
+    for key in env.keys() {
+        if key.is_empty() || key.contains('=') || key.contains('\0') {
+            return Err(CoreError::bad(format!("invalid environment variable name {key:?}")));
+        }
+    }
+    if env.values().flatten().any(|v| v.contains('\0')) {
+        return Err(CoreError::bad("environment values must not contain NUL bytes"));
+    }
+    let args = req.args.unwrap_or_default();
+    if args.iter().any(|a| a.contains('\0')) {
+        return Err(CoreError::bad("args must not contain NUL bytes"));
+    }
+    if req.files.as_ref().is_some_and(|f| !f.is_empty()) {
+        return Err(CoreError::Unprocessable("file injection (`files`) is not supported by this server version".into()));
+    }
+    Ok(ValidSpawn {
+        image,
+        command: req.command,
+        args,
+        shell,
+        env,
+        cwd,
+        uid: id_field("uid", req.uid)?,
+        gid: id_field("gid", req.gid)?,
+        hostname,
+        stdin,
+        stdin_echo,
+        timeout_secs,
+        truncate_output_at,
+        disposable: req.disposable.unwrap_or(false),
+        preserve_env: req.preserve_env.unwrap_or(false),
+        preserve_cwd: req.preserve_cwd.unwrap_or(false),
+        max_layer_bytes,
+        networking: req.networking.and_then(|n| n.enabled).unwrap_or(true),
+    })
+}
+
+impl ValidSpawn {
+    /// The `metadata` echo, with the image resolved.
+    pub fn metadata(&self, image: Uuid) -> InstanceMetadata {
+        InstanceMetadata {
+            command: self.command.clone(),
+            image: image.to_string(),
+            args: self.args.clone(),
+            shell: self.shell,
+            env: self.env.iter().filter_map(|(k, v)| Some((k.clone(), v.clone()?))).collect(),
+            cwd: self.cwd.clone(),
+            uid: self.uid,
+            gid: self.gid,
+            hostname: self.hostname.clone(),
+            stdin: self.stdin_echo.clone(),
+            timeout: self.timeout_secs,
+            truncate_output_at: self.truncate_output_at,
+            disposable: self.disposable,
+            preserve_env: self.preserve_env,
+            preserve_cwd: self.preserve_cwd,
+            resources_limits: LimitsEcho { max_layer_bytes: self.max_layer_bytes },
+            networking: NetworkingEcho { enabled: self.networking },
+            files: BTreeMap::new(),
+            result: None,
+        }
+    }
+
+    /// Applies the image's env and workdir. With `shell`, the image env is inherited and the
+    /// request wins (a null value removes a variable); without, only the request env counts.
+    /// `PATH` defaults to [`DEFAULT_PATH`]. With `shell`, `args` are ignored, as the contract
+    /// says (contree-cli `-I` sends some anyway).
+    pub fn process(&self, image: &ImageRecord) -> ProcessPlan {
+        let mut env: BTreeMap<String, String> = if self.shell { image.env.clone() } else { BTreeMap::new() };
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => env.insert(k.clone(), v.clone()),
+                None => env.remove(k),
+            };
+        }
+        env.entry("PATH".into()).or_insert_with(|| DEFAULT_PATH.into());
+        let argv = if self.shell {
+            let sh = env.get("SHELL").filter(|s| !s.is_empty()).cloned().unwrap_or_else(|| "/bin/sh".into());
+            vec![sh, "-c".into(), self.command.clone()]
+        } else {
+            std::iter::once(self.command.clone()).chain(self.args.iter().cloned()).collect()
+        };
+        let cwd = if self.cwd.is_empty() {
+            image.workdir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into())
+        } else {
+            self.cwd.clone()
+        };
+        ProcessPlan { argv, env: env.into_iter().collect(), cwd }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(json: serde_json::Value) -> SpawnRequest {
+        serde_json::from_value(json).unwrap()
+    }
+
+    fn image() -> ImageRecord {
+        ImageRecord {
+            uuid: Uuid::nil(),
+            namespace: "public".into(),
+            parent_uuid: None,
+            operation_uuid: None,
+            layers: vec![],
+            env: BTreeMap::from([("PATH".into(), "/bin".into()), ("LANG".into(), "C".into())]),
+            workdir: Some("/srv".into()),
+            size_bytes: 0,
+            created_at_us: 0,
+        }
+    }
+
+    #[test]
+    fn tag_syntax() {
+        for ok in ["busybox", "busybox:latest", "a/b.c:1-2_x", "0"] {
+            assert!(is_valid_tag(ok), "{ok}");
+        }
+        for bad in ["", ":x", "a::b", "a:", "-a", "a b", "a/", "a!b"] {
+            assert!(!is_valid_tag(bad), "{bad}");
+        }
+        assert_eq!(parse_image_ref("tag:busybox:latest").unwrap(), ImageRef::Tag("busybox:latest".into()));
+        assert!(parse_image_ref("busybox").is_err());
+        assert!(parse_image_ref("tag:bad tag").is_err());
+    }
+
+    #[test]
+    fn defaults_are_filled_and_bounds_enforced() {
+        let l = RunLimits::default();
+        let v = validate(req(serde_json::json!({"command": "true", "image": "tag:busybox"})), &l).unwrap();
+        assert_eq!((v.timeout_secs, v.truncate_output_at, v.hostname.as_str(), v.disposable), (60, 1 << 20, "linuxkit", false));
+        let big = validate(req(serde_json::json!({"command": "true", "image": "tag:b", "timeout": 999999})), &l).unwrap();
+        assert_eq!(big.timeout_secs, 3600, "timeouts are clamped");
+        for bad in [
+            serde_json::json!({"command": "x", "image": "tag:b", "timeout": -1}),
+            serde_json::json!({"command": "x", "image": "tag:b", "cwd": "rel/dir"}),
+            serde_json::json!({"command": "x", "image": "tag:b", "uid": -1}),
+            serde_json::json!({"command": "x", "image": "tag:b", "truncate_output_at": 10485761}),
+            serde_json::json!({"command": "x", "image": "tag:b", "stdin": {"value": "!!", "encoding": "base64"}}),
+            serde_json::json!({"command": "x", "image": "tag:b", "hostname": "bad host"}),
+            serde_json::json!({"command": "", "image": "tag:b"}),
+        ] {
+            assert!(matches!(validate(req(bad.clone()), &l), Err(CoreError::BadRequest(_))), "{bad}");
+        }
+    }
+
+    #[test]
+    fn shell_inherits_image_env_and_request_wins() {
+        let l = RunLimits::default();
+        let v = validate(
+            req(serde_json::json!({"command": "echo $A", "image": "tag:b", "shell": true,
+                "env": {"A": "1", "LANG": null, "SHELL": "/bin/ash"}, "args": ["ignored"]})),
+            &l,
+        )
+        .unwrap();
+        let p = v.process(&image());
+        assert_eq!(p.argv, vec!["/bin/ash", "-c", "echo $A"]);
+        assert_eq!(p.env, vec![("A".into(), "1".into()), ("PATH".into(), "/bin".into()), ("SHELL".into(), "/bin/ash".into())]);
+        assert_eq!(p.cwd, "/srv", "empty cwd takes the image workdir");
+        assert_eq!(v.metadata(Uuid::nil()).env.len(), 2, "null values are not echoed");
+    }
+
+    #[test]
+    fn exec_form_uses_only_request_env_and_args() {
+        let v = validate(
+            req(serde_json::json!({"command": "echo", "image": "tag:b", "args": ["a", "b"], "cwd": "/w",
+                "stdin": {"value": "aGk=", "encoding": "base64"}})),
+            &RunLimits::default(),
+        )
+        .unwrap();
+        let p = v.process(&image());
+        assert_eq!(p.argv, vec!["echo", "a", "b"]);
+        assert_eq!(p.env, vec![("PATH".into(), DEFAULT_PATH.into())]);
+        assert_eq!(p.cwd, "/w");
+        assert_eq!(v.stdin, b"hi");
+    }
+}
