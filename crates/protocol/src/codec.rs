@@ -115,10 +115,7 @@ mod tests {
     fn rejects_oversized_length_prefix() {
         let mut dec = FrameDecoder::new();
         dec.push(&u32::MAX.to_le_bytes());
-        assert!(matches!(
-            dec.next_message::<HostMessage>(),
-            Err(ProtocolError::FrameTooLarge { .. })
-        ));
+        assert!(matches!(dec.next_message::<HostMessage>(), Err(ProtocolError::FrameTooLarge { .. })));
     }
 
     #[test]

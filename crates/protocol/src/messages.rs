@@ -24,16 +24,31 @@ pub enum GuestMessage {
     /// First message after the agent opened the port.
     Hello(Hello),
     SetupDone,
-    SetupFailed { error: String },
-    Spawned { id: u32, pid: u32 },
+    SetupFailed {
+        error: String,
+    },
+    Spawned {
+        id: u32,
+        pid: u32,
+    },
     /// The process could not be started (exec failed, cwd not creatable, …).
-    SpawnFailed { id: u32, error: String },
+    SpawnFailed {
+        id: u32,
+        error: String,
+    },
     /// A chunk (≤ [`crate::OUTPUT_CHUNK_BYTES`]) of a process's output, within its output limit.
-    Output { id: u32, stream: OutputStream, data: Vec<u8> },
+    Output {
+        id: u32,
+        stream: OutputStream,
+        data: Vec<u8>,
+    },
     /// The process ended; all of its `Output` precedes this message.
     Exited(Exit),
     /// A request could not be honoured (unknown process id, stdin already closed, …).
-    Rejected { id: u32, error: String },
+    Rejected {
+        id: u32,
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

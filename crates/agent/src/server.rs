@@ -1,0 +1,60 @@
+//! The agent's main loop: bring the guest up, say `Hello`, then dispatch host messages.
+
+use std::io;
+use std::time::Duration;
+
+use boxwood_protocol::{GuestMessage, HostMessage, PORT_NAME};
+
+use crate::reaper::Reaper;
+use crate::spawn::Table;
+use crate::{channel, init, setup, spawn};
+
+/// Runs until `Shutdown` (which powers off) or a fatal error (returned).
+pub async fn run() -> io::Result<()> {
+    init::early_mounts()?;
+    init::load_modules();
+    // Before the first fork, so that no exit can be missed.
+    let reaper = Reaper::start()?;
+    let mut port = init::open_port(PORT_NAME, Duration::from_secs(10))?;
+    channel::send_now(&mut port, &GuestMessage::Hello(init::hello()))?;
+    let (out, mut inbox) = channel::start(port)?;
+    let table = Table::default();
+    let mut set_up = false;
+
+    while let Some(msg) = inbox.recv().await {
+        match msg {
+            HostMessage::Setup(s) => {
+                let reply = if set_up {
+                    GuestMessage::SetupFailed { error: "already set up".into() }
+                } else {
+                    match setup::apply(&s) {
+                        Ok(()) => {
+                            set_up = true;
+                            GuestMessage::SetupDone
+                        }
+                        Err(error) => GuestMessage::SetupFailed { error },
+                    }
+                };
+                let _ = out.send(reply).await;
+            }
+            HostMessage::Spawn(s) => spawn::spawn(s, &table, &reaper, &out).await,
+            HostMessage::Stdin { id, data, close } => {
+                if let Err(error) = table.stdin(id, data, close) {
+                    let _ = out.send(GuestMessage::Rejected { id, error }).await;
+                }
+            }
+            HostMessage::Signal { id, signal } => {
+                if let Err(error) = table.signal(id, signal) {
+                    let _ = out.send(GuestMessage::Rejected { id, error }).await;
+                }
+            }
+            HostMessage::Shutdown => {
+                table.kill_all();
+                // Orphans too: -1 is every process but PID 1 itself.
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(-1), nix::sys::signal::Signal::SIGKILL);
+                crate::power_off();
+            }
+        }
+    }
+    Err(io::Error::other("channel reader stopped"))
+}

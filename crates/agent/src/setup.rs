@@ -1,0 +1,144 @@
+//! `Setup`: the guest clock, entropy, hostname and the sandbox root filesystem
+//! (erofs lower layers found by virtio serial + a tmpfs upper, joined by overlayfs).
+#![allow(unsafe_code)]
+
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use boxwood_protocol::{RootfsSpec, Setup};
+use nix::mount::{MsFlags, mount};
+use nix::sys::time::TimeSpec;
+use nix::time::{ClockId, clock_settime};
+
+/// Where processes are chrooted.
+pub const ROOT: &str = "/run/boxwood/root";
+const LOWER: &str = "/run/boxwood/lower";
+const RW: &str = "/run/boxwood/rw";
+
+/// `RNDADDENTROPY` = `_IOW('R', 0x03, int[2])`.
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+
+/// Applies `setup`; the error text goes back to the host as `SetupFailed`.
+pub fn apply(setup: &Setup) -> Result<(), String> {
+    let secs = setup.wall_clock_unix_ns / 1_000_000_000;
+    let nanos = setup.wall_clock_unix_ns % 1_000_000_000;
+    let ts = TimeSpec::new(
+        i64::try_from(secs).map_err(|_| "clock out of range")?,
+        i64::try_from(nanos).map_err(|_| "clock out of range")?,
+    );
+    clock_settime(ClockId::CLOCK_REALTIME, ts).map_err(|e| format!("set clock: {e}"))?;
+    add_entropy(&setup.entropy)?;
+    nix::unistd::sethostname(&setup.hostname).map_err(|e| format!("sethostname: {e}"))?;
+    build_root(&setup.rootfs)
+}
+
+/// Mixes `bytes` into the kernel pool and credits them, so VMs never share RNG state.
+fn add_entropy(bytes: &[u8]) -> Result<(), String> {
+    if bytes.is_empty() {
+        return Ok(());
+    }
+    let bits = i32::try_from(bytes.len() * 8).map_err(|_| "too much entropy")?;
+    let size = i32::try_from(bytes.len()).map_err(|_| "too much entropy")?;
+    // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; }, built in u32s
+    // so it is suitably aligned.
+    let mut info = vec![0u32; 2 + bytes.len().div_ceil(4)];
+    info[0] = bits.cast_unsigned();
+    info[1] = size.cast_unsigned();
+    for (i, chunk) in bytes.chunks(4).enumerate() {
+        let mut word = [0u8; 4];
+        word[..chunk.len()].copy_from_slice(chunk);
+        info[2 + i] = u32::from_ne_bytes(word);
+    }
+    let urandom = File::options().write(true).open("/dev/urandom").map_err(|e| format!("open /dev/urandom: {e}"))?;
+    // SAFETY: `info` is a live, aligned rand_pool_info whose buffer holds `buf_size` bytes; the
+    // kernel only reads from it for the duration of the call.
+    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY, info.as_ptr()) };
+    if rc != 0 {
+        return Err(format!("RNDADDENTROPY: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn build_root(spec: &RootfsSpec) -> Result<(), String> {
+    let disks = find_disks(&spec.lower_serials, Duration::from_secs(3))?;
+    let mut lowers = Vec::new();
+    for (n, dev) in disks.iter().enumerate() {
+        let target = PathBuf::from(LOWER).join(n.to_string());
+        mkdirs(&target)?;
+        do_mount(dev, &target, "erofs", MsFlags::MS_RDONLY, "")?;
+        lowers.push(target.display().to_string());
+    }
+    mkdirs(Path::new(RW))?;
+    let size = format!("size={},mode=0755", spec.upper_size_bytes);
+    do_mount(Path::new("tmpfs"), Path::new(RW), "tmpfs", MsFlags::empty(), &size)?;
+    let (upper, work) = (Path::new(RW).join("upper"), Path::new(RW).join("work"));
+    mkdirs(&upper)?;
+    mkdirs(&work)?;
+    mkdirs(Path::new(ROOT))?;
+    if lowers.is_empty() {
+        do_mount(&upper, Path::new(ROOT), "", MsFlags::MS_BIND, "")?;
+    } else {
+        let opts = format!("lowerdir={},upperdir={},workdir={}", lowers.join(":"), upper.display(), work.display());
+        do_mount(Path::new("overlay"), Path::new(ROOT), "overlay", MsFlags::empty(), &opts)?;
+    }
+    let inner: [(&str, &str, &str, MsFlags); 5] = [
+        ("proc", "proc", "", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC),
+        ("sys", "sysfs", "", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC),
+        ("dev", "devtmpfs", "mode=0755", MsFlags::MS_NOSUID),
+        ("dev/pts", "devpts", "newinstance,ptmxmode=0666,mode=0620", MsFlags::MS_NOSUID),
+        ("dev/shm", "tmpfs", "mode=1777", MsFlags::MS_NOSUID | MsFlags::MS_NODEV),
+    ];
+    for (dir, fstype, opts, flags) in inner {
+        let target = Path::new(ROOT).join(dir);
+        mkdirs(&target)?;
+        do_mount(Path::new(fstype), &target, fstype, flags, opts)?;
+    }
+    Ok(())
+}
+
+/// Maps each serial to its `/dev/vdX`, waiting briefly for disks still being probed.
+fn find_disks(serials: &[String], timeout: Duration) -> Result<Vec<PathBuf>, String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let found = scan_disks();
+        let missing: Vec<&String> = serials.iter().filter(|s| !found.contains_key(*s)).collect();
+        if missing.is_empty() {
+            return Ok(serials.iter().filter_map(|s| found.get(s).cloned()).collect());
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("no disk with serial {missing:?} (found {:?})", found.keys()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn scan_disks() -> HashMap<String, PathBuf> {
+    let mut found = HashMap::new();
+    let Ok(entries) = fs::read_dir("/sys/block") else {
+        return found;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("vd") {
+            continue;
+        }
+        if let Ok(serial) = fs::read_to_string(entry.path().join("serial")) {
+            found.insert(serial.trim().to_owned(), Path::new("/dev").join(&name));
+        }
+    }
+    found
+}
+
+fn mkdirs(path: &Path) -> Result<(), String> {
+    fs::create_dir_all(path).map_err(|e| format!("mkdir {}: {e}", path.display()))
+}
+
+fn do_mount(src: &Path, target: &Path, fstype: &str, flags: MsFlags, opts: &str) -> Result<(), String> {
+    let fstype = (!fstype.is_empty()).then_some(fstype);
+    let data = (!opts.is_empty()).then_some(opts);
+    mount(Some(src), target, fstype, flags, data)
+        .map_err(|e| format!("mount {} on {} ({}): {e}", src.display(), target.display(), opts))
+}

@@ -1,0 +1,43 @@
+//! The error type of this crate.
+
+use std::path::PathBuf;
+
+use boxwood_protocol::ProtocolError;
+
+/// Everything that can go wrong with guest assets and VMs.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid input: {0}")]
+    Invalid(String),
+    #[error("guest assets: {0}")]
+    Assets(String),
+    #[error("unix socket path {path:?} is {len} bytes, the limit is 107: use a shorter run_dir")]
+    SocketPathTooLong { path: PathBuf, len: usize },
+    /// Timeout, QEMU exit before Hello, or a bad Hello. `detail` has QEMU's status and the
+    /// console tail.
+    #[error("VM boot failed: {reason}\n{detail}")]
+    Boot { reason: String, detail: String },
+    #[error("guest setup failed: {error}")]
+    SetupFailed { error: String },
+    #[error("spawn failed: {error}")]
+    SpawnFailed { error: String },
+    /// The VM died or its channel broke; `detail` has QEMU's status and the console tail.
+    #[error("VM crashed: {detail}")]
+    Crashed { detail: String },
+    #[error("rejected: {0}")]
+    Rejected(String),
+    #[error("protocol error: {0}")]
+    Protocol(#[from] ProtocolError),
+}
+
+impl VmError {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Io { context: context.into(), source }
+    }
+}

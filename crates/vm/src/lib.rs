@@ -1,0 +1,149 @@
+//! Boxwood's host side of the sandbox VMs: building the guest kernel and initramfs,
+//! booting QEMU microVMs, and talking to the in-guest agent (`boxwood-agent`).
+//!
+//! - [`prepare_guest_assets`] turns an installed Debian cloud kernel plus the agent binary into
+//!   a bootable `vmlinux` + uncompressed initramfs.
+//! - [`QemuRuntime`] implements [`VmRuntime`]: it boots a VM per [`VmSpec`] and returns a
+//!   [`Vm`], which spawns processes through the agent and streams their [`ProcessEvent`]s.
+//! - [`reap_stale`] cleans up after a crashed server.
+
+mod assets;
+mod cpio;
+mod error;
+mod modules;
+mod qemu;
+mod runtime;
+mod stale;
+mod vm;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use boxwood_protocol::{Exit, Hello, OutputStream, RootfsSpec, Spawn};
+use serde::Deserialize;
+
+pub use assets::{GuestAssets, prepare_guest_assets};
+pub use error::VmError;
+pub use modules::NEEDED_MODULES;
+pub use qemu::kernel_cmdline;
+pub use runtime::QemuRuntime;
+pub use stale::reap_stale;
+
+/// Which accelerator QEMU uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// KVM if a probe VM boots with it, TCG otherwise.
+    #[default]
+    Auto,
+    Kvm,
+    Tcg,
+}
+
+/// How VMs are run; usually part of the server configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct VmConfig {
+    pub qemu_binary: PathBuf,
+    pub accel: Accel,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    /// From QEMU spawn to the agent's `SetupDone`.
+    pub boot_timeout_secs: u64,
+    /// Guest TSC frequency for `tsc_early_khz=`; `None` reads the host's "cpu MHz".
+    pub tsc_khz: Option<u32>,
+    pub extra_kernel_args: Vec<String>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        Self {
+            qemu_binary: PathBuf::from("qemu-system-x86_64"),
+            accel: Accel::Auto,
+            memory_mib: 256,
+            vcpus: 1,
+            boot_timeout_secs: 60,
+            tsc_khz: None,
+            extra_kernel_args: Vec::new(),
+        }
+    }
+}
+
+/// A read-only raw disk image attached as `virtio-blk-device,serial=…`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    pub path: PathBuf,
+    /// At most 20 bytes of `[A-Za-z0-9._-]` (the virtio-blk serial limit).
+    pub serial: String,
+}
+
+/// One VM to boot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmSpec {
+    /// Unique among live VMs; names the scratch dir `run_dir/<name>/`. `[A-Za-z0-9._-]`, ≤ 64.
+    pub name: String,
+    pub disks: Vec<DiskSpec>,
+    pub rootfs: RootfsSpec,
+    pub hostname: String,
+    /// Overrides [`VmConfig::memory_mib`].
+    pub memory_mib: Option<u32>,
+    /// Overrides [`VmConfig::vcpus`].
+    pub vcpus: Option<u32>,
+}
+
+/// Something that can boot VMs.
+#[async_trait]
+pub trait VmRuntime: Send + Sync {
+    /// Boots a VM, waits for the agent's Hello, sends Setup (host wall clock, 64 random bytes
+    /// from the host, hostname, rootfs) and waits for SetupDone.
+    async fn start(&self, spec: VmSpec) -> Result<Box<dyn Vm>, VmError>;
+    /// The accelerator actually in use ("kvm" or "tcg").
+    fn accel(&self) -> &str;
+}
+
+/// A running VM.
+#[async_trait]
+pub trait Vm: Send + Sync {
+    fn hello(&self) -> &Hello;
+    /// QEMU spawn → SetupDone.
+    fn boot_duration(&self) -> Duration;
+    /// The VM's name (its [`VmSpec::name`]).
+    fn name(&self) -> &str;
+    /// Pid of the QEMU process.
+    fn qemu_pid(&self) -> u32;
+    /// The per-VM scratch dir (sockets, console log, pid file).
+    fn dir(&self) -> &Path;
+    /// Sends Spawn and waits for Spawned/SpawnFailed. Returns the pid and a stream of that
+    /// process's events. SpawnFailed → [`VmError::SpawnFailed`].
+    async fn spawn(&self, spawn: Spawn) -> Result<Process, VmError>;
+    /// Writes to a process's stdin (any size; split into frames as needed), closing it after
+    /// the data if `close`.
+    async fn write_stdin(&self, id: u32, data: Vec<u8>, close: bool) -> Result<(), VmError>;
+    /// Signals the process group of process `id`.
+    async fn signal(&self, id: u32, signal: i32) -> Result<(), VmError>;
+    /// Asks the agent to power off, waits up to a few seconds, then SIGKILLs QEMU; always reaps
+    /// QEMU and removes the scratch dir.
+    async fn shutdown(self: Box<Self>) -> Result<(), VmError>;
+}
+
+/// A started process.
+#[derive(Debug)]
+pub struct Process {
+    pub pid: u32,
+    /// Unbounded, so the channel reader never waits for a slow consumer. Ends with exactly one
+    /// `Exited` or `Lost`.
+    pub events: tokio::sync::mpsc::UnboundedReceiver<ProcessEvent>,
+}
+
+/// What happens to a process, in order.
+#[derive(Debug)]
+pub enum ProcessEvent {
+    Output {
+        stream: OutputStream,
+        data: Vec<u8>,
+    },
+    Exited(Exit),
+    /// The VM died or the channel broke before the process exited.
+    Lost(VmError),
+}

@@ -1,0 +1,66 @@
+//! Start-up cleanup of VM scratch dirs (and their QEMUs) left behind by a crashed server.
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+use crate::VmError;
+
+/// For every dir in `run_dir`: if its `qemu.pid` names a live process whose
+/// `/proc/PID/cmdline` mentions that dir, SIGKILL it; then remove the dir. Returns the names
+/// cleaned. A missing `run_dir` is not an error.
+pub fn reap_stale(run_dir: &Path) -> Result<Vec<String>, VmError> {
+    let entries = match fs::read_dir(run_dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(VmError::io(format!("read {}", run_dir.display()), e)),
+    };
+    let mut cleaned = Vec::new();
+    for entry in entries.flatten() {
+        let dir = entry.path();
+        if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+            continue;
+        }
+        if let Some(pid) = owning_qemu(&dir) {
+            tracing::info!(pid, dir = %dir.display(), "killing a stale QEMU");
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            wait_gone(pid, Duration::from_secs(2));
+        }
+        fs::remove_dir_all(&dir).map_err(|e| VmError::io(format!("remove {}", dir.display()), e))?;
+        cleaned.push(entry.file_name().to_string_lossy().into_owned());
+    }
+    cleaned.sort();
+    Ok(cleaned)
+}
+
+/// The pid in `dir/qemu.pid`, if that process is alive and its command line mentions `dir`.
+fn owning_qemu(dir: &Path) -> Option<i32> {
+    let pid: i32 = fs::read_to_string(dir.join("qemu.pid")).ok()?.trim().parse().ok()?;
+    if pid <= 1 {
+        return None;
+    }
+    let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    let dir = dir.to_str()?;
+    (cmdline.contains(dir) && !is_zombie(pid)).then_some(pid)
+}
+
+fn is_zombie(pid: i32) -> bool {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the parenthesised command name.
+    stat.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+}
+
+/// Waits until `pid` is gone or a zombie (our own child is not reaped here).
+fn wait_gone(pid: i32, limit: Duration) {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if !Path::new(&format!("/proc/{pid}")).exists() || is_zombie(pid) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

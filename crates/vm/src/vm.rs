@@ -1,0 +1,378 @@
+//! A running QEMU VM: the QEMU monitor task, the agent channel, routing of guest messages to
+//! processes, crash reporting and teardown.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use boxwood_protocol::{FrameDecoder, GuestMessage, Hello, HostMessage, Spawn, encode_frame};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::qemu::VmPaths;
+use crate::{Process, ProcessEvent, Vm, VmError};
+
+/// Largest stdin payload put in one frame (well under `MAX_FRAME_BYTES`).
+const STDIN_FRAME: usize = 1 << 20;
+/// Lines of console.log quoted in boot and crash errors.
+const CONSOLE_TAIL_LINES: usize = 20;
+
+/// A QEMU process owned by a monitor task that reaps it.
+pub(crate) struct QemuChild {
+    pub pid: u32,
+    /// Send (or drop) to SIGKILL QEMU.
+    pub kill: Option<oneshot::Sender<()>>,
+    /// QEMU's exit status once it has been reaped.
+    pub exit: watch::Receiver<Option<String>>,
+}
+
+impl QemuChild {
+    pub fn start(mut child: tokio::process::Child) -> Result<Self, VmError> {
+        let pid = child.id().ok_or_else(|| VmError::Invalid("QEMU exited at once".into()))?;
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        let (exit_tx, exit_rx) = watch::channel(None);
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                s = child.wait() => s,
+                _ = kill_rx => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            let text = match status {
+                Ok(s) => s.to_string(),
+                Err(e) => format!("wait failed: {e}"),
+            };
+            let _ = exit_tx.send(Some(text));
+        });
+        Ok(Self { pid, kill: Some(kill_tx), exit: exit_rx })
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(tx) = self.kill.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub fn exited(&self) -> Option<String> {
+        self.exit.borrow().clone()
+    }
+
+    /// Waits up to `limit` for QEMU to be reaped; returns its status if it was.
+    pub async fn wait(&self, limit: Duration) -> Option<String> {
+        wait_exit(&self.exit, limit).await
+    }
+}
+
+async fn wait_exit(exit: &watch::Receiver<Option<String>>, limit: Duration) -> Option<String> {
+    let mut exit = exit.clone();
+    let waited = tokio::time::timeout(limit, async {
+        let _ = exit.wait_for(Option::is_some).await;
+    })
+    .await;
+    drop(waited);
+    exit.borrow().clone()
+}
+
+/// The diagnosis attached to boot and crash errors: what happened, QEMU's status and the
+/// tails of console.log and QEMU's own stderr.
+pub(crate) fn describe(paths: &VmPaths, status: Option<&str>, what: &str) -> String {
+    let status = status.map_or_else(|| "QEMU still running".to_owned(), |s| format!("QEMU {s}"));
+    let console = read_tail(&paths.console_log);
+    let mut text = format!("{what}; {status}\n");
+    // A panic's first lines scroll out of the tail behind its backtrace: quote them too.
+    let key: Vec<&str> = console.lines().filter(|l| KEY_MARKERS.iter().any(|m| l.contains(m))).collect();
+    if !key.is_empty() {
+        text.push_str("--- console.log (key lines) ---\n");
+        text.push_str(&last_lines(&key, 10));
+    }
+    text.push_str("--- console.log (last lines) ---\n");
+    let lines: Vec<&str> = console.lines().collect();
+    text.push_str(&last_lines(&lines, CONSOLE_TAIL_LINES));
+    let qemu = read_tail(&paths.qemu_log);
+    if !qemu.trim().is_empty() {
+        text.push_str("--- QEMU stderr ---\n");
+        text.push_str(&last_lines(&qemu.lines().collect::<Vec<_>>(), 5));
+    }
+    text
+}
+
+/// Console lines worth quoting even when they are not among the last ones.
+const KEY_MARKERS: &[&str] = &["Kernel panic", "BUG:", "Oops", "sysrq:", "boxwood-agent:", "general protection"];
+
+/// The last 64 KiB of a file, lossily decoded.
+fn read_tail(path: &Path) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let start = bytes.len().saturating_sub(64 * 1024);
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
+
+fn last_lines(lines: &[&str], n: usize) -> String {
+    let mut out = lines[lines.len().saturating_sub(n)..].join("\n");
+    out.push('\n');
+    out
+}
+
+struct Slot {
+    /// Until Spawned/SpawnFailed arrives.
+    reply: Option<oneshot::Sender<Result<u32, VmError>>>,
+    events: mpsc::UnboundedSender<ProcessEvent>,
+    stdin_open: bool,
+}
+
+#[derive(Default)]
+struct State {
+    /// Set once the channel is gone; the crash detail.
+    dead: Option<String>,
+    shutting_down: bool,
+    procs: HashMap<u32, Slot>,
+}
+
+/// What the VM handle and the router task share.
+pub(crate) struct Shared {
+    pub paths: VmPaths,
+    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    state: Mutex<State>,
+    exit: watch::Receiver<Option<String>>,
+}
+
+impl Shared {
+    pub fn new(paths: VmPaths, writer: OwnedWriteHalf, exit: watch::Receiver<Option<String>>) -> Self {
+        Self { paths, writer: tokio::sync::Mutex::new(writer), state: Mutex::default(), exit }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn check_alive(&self) -> Result<(), VmError> {
+        match &self.state().dead {
+            Some(detail) => Err(VmError::Crashed { detail: detail.clone() }),
+            None => Ok(()),
+        }
+    }
+
+    async fn send(&self, msg: &HostMessage) -> Result<(), VmError> {
+        self.check_alive()?;
+        let frame = encode_frame(msg)?;
+        let mut writer = self.writer.lock().await;
+        writer
+            .write_all(&frame)
+            .await
+            .map_err(|e| VmError::Crashed { detail: format!("agent channel write failed: {e}") })
+    }
+
+    fn dispatch(&self, msg: GuestMessage) {
+        let mut st = self.state();
+        match msg {
+            GuestMessage::Spawned { id, pid } => match st.procs.get_mut(&id).and_then(|s| s.reply.take()) {
+                Some(reply) => {
+                    let _ = reply.send(Ok(pid));
+                }
+                None => tracing::warn!(id, "agent reported an unexpected Spawned"),
+            },
+            GuestMessage::SpawnFailed { id, error } => match st.procs.remove(&id).and_then(|s| s.reply) {
+                Some(reply) => {
+                    let _ = reply.send(Err(VmError::SpawnFailed { error }));
+                }
+                None => tracing::warn!(id, error, "agent reported an unexpected SpawnFailed"),
+            },
+            GuestMessage::Output { id, stream, data } => {
+                if let Some(slot) = st.procs.get(&id) {
+                    let _ = slot.events.send(ProcessEvent::Output { stream, data });
+                }
+            }
+            GuestMessage::Exited(exit) => {
+                if let Some(slot) = st.procs.remove(&exit.id) {
+                    let _ = slot.events.send(ProcessEvent::Exited(exit));
+                }
+            }
+            GuestMessage::Rejected { id, error } => {
+                tracing::warn!(id, error, "agent rejected a request")
+            }
+            other => tracing::warn!(?other, "unexpected message from the agent"),
+        }
+    }
+
+    fn fail_all(&self, detail: String) {
+        let mut st = self.state();
+        let detail = st.dead.get_or_insert(detail).clone();
+        for (_, slot) in st.procs.drain() {
+            let err = VmError::Crashed { detail: detail.clone() };
+            match slot.reply {
+                Some(reply) => {
+                    let _ = reply.send(Err(err));
+                }
+                None => {
+                    let _ = slot.events.send(ProcessEvent::Lost(err));
+                }
+            }
+        }
+    }
+}
+
+/// Reads guest messages until the channel ends, then fails every live process.
+pub(crate) async fn route(shared: Arc<Shared>, mut reader: OwnedReadHalf, mut decoder: FrameDecoder) {
+    let mut buf = vec![0u8; 64 * 1024];
+    let reason = 'read: loop {
+        loop {
+            match decoder.next_message::<GuestMessage>() {
+                Ok(Some(msg)) => shared.dispatch(msg),
+                Ok(None) => break,
+                Err(e) => break 'read format!("protocol error from the agent: {e}"),
+            }
+        }
+        match reader.read(&mut buf).await {
+            Ok(0) => break "agent channel closed".to_owned(),
+            Ok(n) => decoder.push(&buf[..n]),
+            Err(e) => break format!("agent channel read failed: {e}"),
+        }
+    };
+    let status = wait_exit(&shared.exit, Duration::from_secs(3)).await;
+    let detail = if shared.state().shutting_down {
+        "the VM was shut down".to_owned()
+    } else {
+        describe(&shared.paths, status.as_deref(), &reason)
+    };
+    tracing::debug!(dir = %shared.paths.dir.display(), "agent channel ended: {reason}");
+    shared.fail_all(detail);
+}
+
+/// [`Vm`] backed by a QEMU process.
+pub(crate) struct QemuVm {
+    pub name: String,
+    pub hello: Hello,
+    pub boot_duration: Duration,
+    pub qemu: QemuChild,
+    pub shared: Arc<Shared>,
+    /// `shutdown` ran; `Drop` has nothing left to do.
+    pub finished: bool,
+}
+
+#[async_trait]
+impl Vm for QemuVm {
+    fn hello(&self) -> &Hello {
+        &self.hello
+    }
+
+    fn boot_duration(&self) -> Duration {
+        self.boot_duration
+    }
+
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn qemu_pid(&self) -> u32 {
+        self.qemu.pid
+    }
+
+    fn dir(&self) -> &Path {
+        &self.shared.paths.dir
+    }
+
+    async fn spawn(&self, mut spawn: Spawn) -> Result<Process, VmError> {
+        let id = spawn.id;
+        // Large stdin follows the Spawn in `Stdin` frames.
+        let mut rest = None;
+        if spawn.stdin.len() > STDIN_FRAME {
+            rest = Some((spawn.stdin.split_off(STDIN_FRAME), spawn.close_stdin));
+            spawn.close_stdin = false;
+        }
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        {
+            let mut st = self.shared.state();
+            if let Some(detail) = &st.dead {
+                return Err(VmError::Crashed { detail: detail.clone() });
+            }
+            if st.procs.contains_key(&id) {
+                return Err(VmError::Invalid(format!("process id {id} is already in use")));
+            }
+            let slot = Slot { reply: Some(reply_tx), events: events_tx, stdin_open: !spawn.close_stdin };
+            st.procs.insert(id, slot);
+        }
+        if let Err(e) = self.shared.send(&HostMessage::Spawn(spawn)).await {
+            self.shared.state().procs.remove(&id);
+            return Err(e);
+        }
+        let pid = reply_rx.await.map_err(|_| VmError::Crashed { detail: "agent channel closed".into() })??;
+        if let Some((data, close)) = rest {
+            // The process may already be gone; its events say what happened.
+            let _ = self.write_stdin(id, data, close).await;
+        }
+        Ok(Process { pid, events: events_rx })
+    }
+
+    async fn write_stdin(&self, id: u32, data: Vec<u8>, close: bool) -> Result<(), VmError> {
+        let chunks: Vec<&[u8]> = if data.is_empty() { vec![&[]] } else { data.chunks(STDIN_FRAME).collect() };
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let close = close && i == last;
+            {
+                let mut st = self.shared.state();
+                let slot = st.procs.get_mut(&id).ok_or_else(|| VmError::Rejected(format!("no process {id}")))?;
+                if !slot.stdin_open {
+                    return Err(VmError::Rejected(format!("stdin of process {id} is closed")));
+                }
+                if close {
+                    slot.stdin_open = false;
+                }
+            }
+            self.shared.send(&HostMessage::Stdin { id, data: chunk.to_vec(), close }).await?;
+        }
+        Ok(())
+    }
+
+    async fn signal(&self, id: u32, signal: i32) -> Result<(), VmError> {
+        if !self.shared.state().procs.contains_key(&id) {
+            return Err(VmError::Rejected(format!("no process {id}")));
+        }
+        self.shared.send(&HostMessage::Signal { id, signal }).await
+    }
+
+    async fn shutdown(mut self: Box<Self>) -> Result<(), VmError> {
+        self.finished = true;
+        self.shared.state().shutting_down = true;
+        if self.qemu.exited().is_none() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.send(&HostMessage::Shutdown)).await;
+        }
+        let mut status = self.qemu.wait(Duration::from_secs(5)).await;
+        if status.is_none() {
+            tracing::warn!(vm = self.name, "agent did not power off; killing QEMU");
+            self.qemu.kill();
+            status = self.qemu.wait(Duration::from_secs(10)).await;
+        }
+        let dir = &self.shared.paths.dir;
+        let removed = std::fs::remove_dir_all(dir);
+        if status.is_none() {
+            return Err(VmError::Crashed { detail: format!("QEMU pid {} could not be reaped", self.qemu.pid) });
+        }
+        tracing::info!(vm = self.name, status, "VM shut down");
+        removed.map_err(|e| VmError::io(format!("remove {}", dir.display()), e))
+    }
+}
+
+impl Drop for QemuVm {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.shared.state().shutting_down = true;
+        if self.qemu.exited().is_none() {
+            // Not reaped yet, so the pid is still ours. The monitor task reaps it.
+            if let Ok(pid) = i32::try_from(self.qemu.pid) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            }
+        }
+        self.qemu.kill();
+        let _ = std::fs::remove_dir_all(&self.shared.paths.dir);
+    }
+}

@@ -1,0 +1,434 @@
+//! End-to-end tests: real QEMU microVMs (TCG) booting the real agent from
+//! `scripts/build-agent.sh`, with a busybox erofs root filesystem.
+
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use boxwood_protocol::{Exit, OutputStream, RootfsSpec, Spawn};
+use boxwood_vm::{
+    Accel, DiskSpec, GuestAssets, ProcessEvent, QemuRuntime, Vm, VmConfig, VmError, VmRuntime, VmSpec,
+    prepare_guest_assets, reap_stale,
+};
+
+const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
+const ROOTFS_SERIAL: &str = "rootfs0";
+
+fn agent_binary() -> PathBuf {
+    let path = std::env::var_os("BOXWOOD_AGENT_BIN").map_or_else(
+        || Path::new(WORKSPACE).join("target/x86_64-unknown-linux-gnu/agent/boxwood-agent"),
+        PathBuf::from,
+    );
+    assert!(
+        path.is_file(),
+        "agent binary {} is missing: run scripts/build-agent.sh first (or set BOXWOOD_AGENT_BIN)",
+        path.display()
+    );
+    path
+}
+
+/// Kernel + initramfs, built once per test binary into target/ (reused across runs).
+fn assets() -> &'static GuestAssets {
+    static ASSETS: OnceLock<GuestAssets> = OnceLock::new();
+    ASSETS.get_or_init(|| {
+        let started = Instant::now();
+        let assets = prepare_guest_assets(&agent_binary(), &assets_dir(), None).expect("prepare guest assets");
+        eprintln!("guest assets ready in {:?}: {assets:?}", started.elapsed());
+        assets
+    })
+}
+
+/// A busybox erofs image: `bin/busybox` + applet symlinks, and a script in `/opt/tools`. Built
+/// once into target/ (atomically, so parallel test processes can race) and reused.
+fn rootfs_image() -> &'static Path {
+    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static) is needed");
+        // Bump the layout version when the tree below changes.
+        let image = assets_dir().join(format!("test-rootfs-v1-{}.erofs", busybox.len()));
+        if image.is_file() {
+            return image;
+        }
+        std::fs::create_dir_all(assets_dir()).unwrap();
+        let work = tempfile::tempdir_in(assets_dir()).unwrap();
+        let tree = work.path().join("tree");
+        for d in ["bin", "tmp", "opt/tools"] {
+            std::fs::create_dir_all(tree.join(d)).unwrap();
+        }
+        std::fs::write(tree.join("bin/busybox"), &busybox).unwrap();
+        std::fs::set_permissions(tree.join("bin/busybox"), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let applets = [
+            "sh", "echo", "cat", "sleep", "id", "pwd", "env", "od", "date", "head", "wc", "hostname", "true", "false",
+            "ls",
+        ];
+        for applet in applets {
+            symlink("busybox", tree.join("bin").join(applet)).unwrap();
+        }
+        let greet = tree.join("opt/tools/greet");
+        std::fs::write(&greet, "#!/bin/sh\necho greet \"$@\"\n").unwrap();
+        std::fs::set_permissions(&greet, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let tmp_image = work.path().join("rootfs.erofs");
+        let status = Command::new("mkfs.erofs").arg("--quiet").arg(&tmp_image).arg(&tree).status();
+        assert!(status.expect("mkfs.erofs (erofs-utils) is needed").success(), "mkfs.erofs failed");
+        std::fs::rename(&tmp_image, &image).unwrap();
+        image
+    })
+}
+
+fn assets_dir() -> PathBuf {
+    Path::new(WORKSPACE).join("target/boxwood-test-assets")
+}
+
+/// A short run dir (unix socket paths must stay under 108 bytes).
+fn run_dir() -> tempfile::TempDir {
+    tempfile::Builder::new().prefix("bw").tempdir_in("/tmp").unwrap()
+}
+
+async fn runtime(run_dir: &Path, extra_kernel_args: Vec<String>) -> QemuRuntime {
+    let config = VmConfig { accel: Accel::Tcg, boot_timeout_secs: 120, extra_kernel_args, ..VmConfig::default() };
+    let rt = QemuRuntime::new(config, assets().clone(), run_dir.to_path_buf()).await.unwrap();
+    assert_eq!(rt.accel(), "tcg");
+    rt
+}
+
+fn vm_spec(name: &str) -> VmSpec {
+    VmSpec {
+        name: name.into(),
+        disks: vec![DiskSpec { path: rootfs_image().to_path_buf(), serial: ROOTFS_SERIAL.into() }],
+        rootfs: RootfsSpec { lower_serials: vec![ROOTFS_SERIAL.into()], upper_size_bytes: 64 << 20 },
+        hostname: format!("host-{name}"),
+        memory_mib: None,
+        vcpus: None,
+    }
+}
+
+fn spawn_req(id: u32, argv: &[&str]) -> Spawn {
+    Spawn {
+        id,
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![("PATH".into(), "/bin".into())],
+        cwd: "/".into(),
+        uid: 0,
+        gid: 0,
+        stdin: Vec::new(),
+        close_stdin: true,
+        timeout_ms: None,
+        output_limit_bytes: 1 << 20,
+    }
+}
+
+struct Outcome {
+    stdout: Vec<u8>,
+    stderr: Vec<u8>,
+    exit: Exit,
+}
+
+impl Outcome {
+    fn out(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+async fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<ProcessEvent>) -> Outcome {
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    while let Some(ev) = events.recv().await {
+        match ev {
+            ProcessEvent::Output { stream: OutputStream::Stdout, data } => stdout.extend(data),
+            ProcessEvent::Output { stream: OutputStream::Stderr, data } => stderr.extend(data),
+            ProcessEvent::Exited(exit) => {
+                assert!(events.recv().await.is_none(), "nothing may follow Exited");
+                return Outcome { stdout, stderr, exit };
+            }
+            ProcessEvent::Lost(e) => panic!("process lost: {e}"),
+        }
+    }
+    panic!("event stream ended without Exited");
+}
+
+async fn run(vm: &dyn Vm, spawn: Spawn) -> Outcome {
+    let argv = spawn.argv.clone();
+    let process = vm.spawn(spawn).await.unwrap_or_else(|e| panic!("spawn {argv:?}: {e}"));
+    assert!(process.pid > 1);
+    collect(process.events).await
+}
+
+fn alive(pid: u32) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    !stat.is_empty() && !stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+}
+
+async fn wait_dead(pid: u32) -> bool {
+    for _ in 0..100 {
+        if !alive(pid) {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// Two VMs: distinct randomness and a correct clock; then one VM runs the process checks and
+/// is shut down, the other is crashed with a guest kernel panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_vms_processes_panic_and_shutdown() {
+    let dir = run_dir();
+    let rt = runtime(dir.path(), Vec::new()).await;
+    let (a, b) = tokio::join!(rt.start(vm_spec("vm-a")), rt.start(vm_spec("vm-b")));
+    let (a, b) = (a.expect("boot vm-a"), b.expect("boot vm-b"));
+    let boots = vec![a.boot_duration(), b.boot_duration()];
+    eprintln!("BOOT vm-a {:?} vm-b {:?} median {:?}", boots[0], boots[1], median(boots.clone()));
+    assert_eq!(a.hello().machine, "x86_64");
+    assert_eq!(a.hello().kernel_release, assets().kernel_release);
+    assert_ne!(a.hello().boot_id, b.hello().boot_id);
+
+    // Entropy and clock.
+    let mut randoms = Vec::new();
+    for vm in [&a, &b] {
+        let r = run(vm.as_ref(), spawn_req(1, &["od", "-An", "-N16", "-tx1", "/dev/urandom"])).await;
+        assert_eq!(r.exit.code, 0);
+        randoms.push(r.out());
+        let r = run(vm.as_ref(), spawn_req(2, &["date", "+%s"])).await;
+        let guest: i64 = r.out().trim().parse().unwrap();
+        let host = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+        assert!((guest - host).abs() <= 5, "guest clock {guest} vs host {host}");
+    }
+    assert_ne!(randoms[0], randoms[1], "two VMs must not share RNG state");
+
+    process_checks(a.as_ref()).await;
+    kernel_panic_is_reported(b).await;
+
+    let (pid, vm_dir) = (a.qemu_pid(), a.dir().to_path_buf());
+    assert!(alive(pid) && vm_dir.is_dir());
+    let console = std::fs::read_to_string(vm_dir.join("console.log")).unwrap();
+    eprintln!("vm-a console.log:\n{console}");
+    assert!(!console.contains("boxwood-agent:"), "the agent logged problems:\n{console}");
+    a.shutdown().await.expect("shutdown");
+    assert!(!alive(pid), "QEMU must be gone after shutdown");
+    assert!(!vm_dir.exists(), "the VM dir must be removed");
+}
+
+async fn process_checks(vm: &dyn Vm) {
+    // stdout, stderr and the exit code.
+    let r = run(vm, spawn_req(10, &["sh", "-c", "echo out; echo err >&2; exit 3"])).await;
+    assert_eq!((r.out().as_str(), r.stderr.as_slice(), r.exit.code, r.exit.signal), ("out\n", &b"err\n"[..], 3, -1));
+    assert_eq!((r.exit.stdout.emitted, r.exit.stderr.emitted, r.exit.timed_out), (4, 4, false));
+    assert!(r.exit.rusage.max_rss_kb > 0 && r.exit.duration_us > 0, "{:?}", r.exit);
+    assert_eq!(r.exit.id, 10);
+
+    let r = run(vm, spawn_req(11, &["false"])).await;
+    assert_eq!(r.exit.code, 1);
+
+    // stdin given with the spawn, then closed.
+    let mut s = spawn_req(12, &["cat"]);
+    s.stdin = b"hello stdin\n".to_vec();
+    assert_eq!(run(vm, s).await.out(), "hello stdin\n");
+
+    // stdin written later, and more than one frame of it.
+    let mut s = spawn_req(13, &["wc", "-c"]);
+    s.close_stdin = false;
+    s.stdin = vec![b'x'; 1000];
+    let p = vm.spawn(s).await.unwrap();
+    vm.write_stdin(13, vec![b'y'; 3 << 20], false).await.unwrap();
+    vm.write_stdin(13, b"z".to_vec(), true).await.unwrap();
+    assert!(matches!(vm.write_stdin(13, b"late".to_vec(), false).await, Err(VmError::Rejected(_))));
+    assert_eq!(collect(p.events).await.out().trim(), (1000 + (3 << 20) + 1).to_string());
+
+    // Large stdin in the spawn itself, echoed back: no deadlock between stdin and stdout.
+    let mut s = spawn_req(14, &["cat"]);
+    s.stdin = (0..(2u32 << 20)).map(|i| (i % 251) as u8).collect();
+    s.output_limit_bytes = 4 << 20;
+    let expected = s.stdin.clone();
+    assert!(run(vm, s).await.stdout == expected, "large stdin round trip");
+
+    // PATH lookup without a shell, with the PATH from env.
+    assert_eq!(run(vm, spawn_req(15, &["echo", "x"])).await.out(), "x\n");
+    let mut s = spawn_req(16, &["greet", "y"]);
+    s.env = vec![("PATH".into(), "/opt/tools:/bin".into())];
+    assert_eq!(run(vm, s).await.out(), "greet y\n");
+
+    // cwd is created.
+    let mut s = spawn_req(17, &["pwd"]);
+    s.cwd = "/work/deep/dir".into();
+    assert_eq!(run(vm, s).await.out(), "/work/deep/dir\n");
+
+    // uid/gid, supplementary groups dropped.
+    let mut s = spawn_req(18, &["sh", "-c", "id -u; id -g; id -G"]);
+    (s.uid, s.gid) = (1000, 1000);
+    assert_eq!(run(vm, s).await.out(), "1000\n1000\n1000\n");
+
+    // The environment is exactly the given one.
+    let mut s = spawn_req(19, &["env"]);
+    s.env.push(("FOO".into(), "bar baz".into()));
+    let out = run(vm, s).await.out();
+    let mut lines: Vec<&str> = out.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["FOO=bar baz", "PATH=/bin"]);
+
+    // Timeout kills the process group.
+    let mut s = spawn_req(20, &["sh", "-c", "sleep 30; echo never"]);
+    s.timeout_ms = Some(500);
+    let started = Instant::now();
+    let r = run(vm, s).await;
+    assert!(r.exit.timed_out && r.exit.signal == 9 && r.exit.code == -1, "{:?}", r.exit);
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(r.stdout.is_empty());
+
+    // Output limit: 100 bytes forwarded, the rest counted.
+    let mut s = spawn_req(21, &["head", "-c", "10000", "/dev/zero"]);
+    s.output_limit_bytes = 100;
+    let r = run(vm, s).await;
+    assert_eq!(r.stdout.len(), 100);
+    assert_eq!((r.exit.stdout.emitted, r.exit.stdout.dropped, r.exit.code), (100, 9900, 0));
+
+    // Exec failure.
+    match vm.spawn(spawn_req(22, &["nosuchcmd"])).await {
+        Err(VmError::SpawnFailed { error }) => {
+            assert!(error.contains("nosuchcmd") && error.contains("No such file"), "{error}")
+        }
+        other => panic!("expected SpawnFailed, got {other:?}"),
+    }
+    // A cwd that cannot be created (a file is in the way).
+    let mut s = spawn_req(23, &["pwd"]);
+    s.cwd = "/bin/busybox/sub".into();
+    match vm.spawn(s).await {
+        Err(VmError::SpawnFailed { error }) => assert!(error.contains("cwd"), "{error}"),
+        other => panic!("expected SpawnFailed, got {other:?}"),
+    }
+
+    // A signal to the process group.
+    let p = vm.spawn(spawn_req(24, &["sleep", "30"])).await.unwrap();
+    vm.signal(24, 15).await.unwrap();
+    let r = collect(p.events).await;
+    assert_eq!((r.exit.code, r.exit.signal, r.exit.timed_out), (-1, 15, false));
+    assert!(matches!(vm.signal(24, 9).await, Err(VmError::Rejected(_))));
+
+    // A background child holding the pipes open does not delay Exited for long.
+    let started = Instant::now();
+    let r = run(vm, spawn_req(25, &["sh", "-c", "sleep 100 & echo done"])).await;
+    assert_eq!((r.out().as_str(), r.exit.code), ("done\n", 0));
+    assert!(started.elapsed() < Duration::from_secs(10), "took {:?}", started.elapsed());
+
+    // Hostname, a writable overlay root and the inner mounts.
+    assert_eq!(run(vm, spawn_req(26, &["hostname"])).await.out(), "host-vm-a\n");
+    let script = "echo hi > /tmp/f && cat /tmp/f && cat /proc/mounts";
+    let out = run(vm, spawn_req(27, &["sh", "-c", script])).await.out();
+    assert!(out.starts_with("hi\n"), "{out}");
+    for fs in ["overlay", "devpts", "proc", "sysfs"] {
+        assert!(out.contains(fs), "{fs} missing in {out}");
+    }
+}
+
+async fn kernel_panic_is_reported(vm: Box<dyn Vm>) {
+    let pid = vm.qemu_pid();
+    let p = vm.spawn(spawn_req(30, &["sh", "-c", "echo c > /proc/sysrq-trigger"])).await.unwrap();
+    let mut events = p.events;
+    let detail = loop {
+        match events.recv().await {
+            Some(ProcessEvent::Lost(VmError::Crashed { detail })) => break detail,
+            Some(ProcessEvent::Output { .. }) => continue,
+            other => panic!("expected Lost(Crashed), got {other:?}"),
+        }
+    };
+    eprintln!("crash detail:\n{detail}");
+    assert!(detail.contains("Kernel panic") && detail.contains("sysrq"), "{detail}");
+    assert!(wait_dead(pid).await, "QEMU must exit after a guest panic");
+    assert!(matches!(vm.spawn(spawn_req(31, &["true"])).await, Err(VmError::Crashed { .. })));
+    let dir = vm.dir().to_path_buf();
+    vm.shutdown().await.expect("shutdown of a dead VM");
+    assert!(!dir.exists());
+}
+
+/// A guest that cannot start its init fails the boot with the kernel's panic in the error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boot_failure_carries_console_tail() {
+    let dir = run_dir();
+    let rt = runtime(dir.path(), vec!["rdinit=/does-not-exist".into()]).await;
+    let started = Instant::now();
+    match rt.start(vm_spec("bad-init")).await {
+        Err(VmError::Boot { reason, detail }) => {
+            eprintln!("boot failure after {:?}: {reason}\n{detail}", started.elapsed());
+            assert!(detail.contains("Kernel panic"), "{detail}");
+        }
+        Err(other) => panic!("expected a Boot error, got {other}"),
+        Ok(_) => panic!("boot must fail"),
+    }
+    assert!(!dir.path().join("bad-init").exists(), "the VM dir is removed after a failed boot");
+    let long = VmSpec { name: "x".repeat(64), ..vm_spec("x") };
+    let deep = tempfile::Builder::new().prefix(&"d".repeat(40)).tempdir_in("/tmp").unwrap();
+    let rt2 = runtime(deep.path(), Vec::new()).await;
+    assert!(matches!(rt2.start(long).await, Err(VmError::SocketPathTooLong { .. })));
+}
+
+/// Without lower layers the root is a bare tmpfs; dropping a `Vm` without `shutdown` kills
+/// QEMU and removes its dir.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tmpfs_root_and_drop_kills_qemu() {
+    let dir = run_dir();
+    let rt = runtime(dir.path(), Vec::new()).await;
+    let spec = VmSpec {
+        disks: Vec::new(),
+        rootfs: RootfsSpec { lower_serials: Vec::new(), upper_size_bytes: 8 << 20 },
+        ..vm_spec("bare")
+    };
+    let vm = rt.start(spec).await.expect("boot");
+    eprintln!("BOOT bare {:?}", vm.boot_duration());
+    match vm.spawn(spawn_req(1, &["sh", "-c", "true"])).await {
+        Err(VmError::SpawnFailed { error }) => assert!(error.starts_with("exec: sh: "), "{error}"),
+        other => panic!("expected SpawnFailed on an empty root, got {other:?}"),
+    }
+    let mut s = spawn_req(2, &["/nothing"]);
+    s.cwd = "relative".into();
+    assert!(matches!(vm.spawn(s).await, Err(VmError::SpawnFailed { .. })));
+    let (pid, vm_dir) = (vm.qemu_pid(), vm.dir().to_path_buf());
+    drop(vm);
+    assert!(wait_dead(pid).await, "dropping the Vm must kill QEMU");
+    assert!(!vm_dir.exists());
+}
+
+/// `Accel::Auto` probes KVM with a throwaway VM (which fails on this kind of machine) and
+/// leaves nothing behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_accel_probe_cleans_up() {
+    let dir = run_dir();
+    let config = VmConfig { accel: Accel::Auto, ..VmConfig::default() };
+    let started = Instant::now();
+    let rt = QemuRuntime::new(config, assets().clone(), dir.path().to_path_buf()).await.unwrap();
+    eprintln!("accel probe chose {} in {:?}", rt.accel(), started.elapsed());
+    assert!(["kvm", "tcg"].contains(&rt.accel()));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "probe VM dir left behind");
+}
+
+/// `reap_stale` kills a leftover QEMU that mentions its dir and removes every dir.
+#[test]
+fn reap_stale_kills_leftover_qemu() {
+    let dir = run_dir();
+    let stale = dir.path().join("stale1");
+    std::fs::create_dir(&stale).unwrap();
+    let qmp = format!("unix:{}/qmp.sock,server=on,wait=off", stale.display());
+    let mut qemu = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm", "-S", "-nodefaults", "-display", "none", "-qmp", &qmp])
+        .spawn()
+        .expect("qemu-system-x86_64");
+    std::fs::write(stale.join("qemu.pid"), qemu.id().to_string()).unwrap();
+    // A pid file naming a live process that is not this dir's QEMU (this test) is not killed.
+    let other = dir.path().join("stale2");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("qemu.pid"), std::process::id().to_string()).unwrap();
+    std::fs::create_dir(dir.path().join("stale3")).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(qemu.try_wait().unwrap().is_none(), "QEMU should be running");
+
+    let cleaned = reap_stale(dir.path()).unwrap();
+    assert_eq!(cleaned, ["stale1", "stale2", "stale3"]);
+    let status = qemu.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    assert_eq!(reap_stale(&dir.path().join("missing")).unwrap(), Vec::<String>::new());
+}
