@@ -1,0 +1,60 @@
+//! The one place errors become HTTP: every failure leaves as the contract's envelope
+//! `{"error": …, "status": N}`; 5xx bodies say nothing about internals (the cause is logged).
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use boxwood_core::{CoreError, ErrorKind};
+use serde_json::json;
+
+/// An error on its way to the client.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into() }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        let status = match e.kind() {
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::Forbidden => StatusCode::FORBIDDEN,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        if status.is_server_error() {
+            let mut chain = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(s) = cur {
+                chain.push_str(": ");
+                chain.push_str(&s.to_string());
+                cur = s.source();
+            }
+            tracing::error!(error = %chain, "request failed");
+            return Self::new(status, "internal server error");
+        }
+        Self::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = Json(json!({"error": self.message, "status": self.status.as_u16()}));
+        (self.status, body).into_response()
+    }
+}
+
+pub type ApiResult<T> = Result<T, ApiError>;

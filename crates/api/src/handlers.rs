@@ -1,0 +1,164 @@
+//! Route handlers: each parses its request, makes one core call and shapes the response.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use boxwood_core::clock::{now_us, parse_time_filter};
+use boxwood_core::model::SpawnRequest;
+use boxwood_core::{ImageQuery, OperationQuery, Page, Service};
+use futures::{Stream, StreamExt};
+
+use crate::error::{ApiError, ApiResult};
+use crate::extract::{Auth, JsonBody, QueryPairs, parse_uuid};
+
+fn page(q: &QueryPairs) -> ApiResult<Page> {
+    Ok(Page::new(q.int("limit")?, q.int("offset")?)?)
+}
+
+fn time_filter(q: &QueryPairs, key: &str) -> ApiResult<Option<i64>> {
+    let now = now_us();
+    Ok(q.get(key).filter(|v| !v.is_empty()).map(|v| parse_time_filter(key, v, now)).transpose()?)
+}
+
+fn location(value: &str) -> HeaderValue {
+    HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static("/"))
+}
+
+pub async fn whoami(State(svc): State<Service>, Auth(caller): Auth) -> impl IntoResponse {
+    Json(svc.whoami(&caller))
+}
+
+pub async fn list_images(State(svc): State<Service>, Auth(caller): Auth, q: QueryPairs) -> ApiResult<Response> {
+    let uuid = q.text("uuid").map(|u| parse_uuid("image", &u)).transpose()?;
+    // contree-mcp strips trailing separators itself; an empty prefix means none.
+    let tag_prefix = q.text("tag");
+    let query = ImageQuery {
+        tagged: q.flag("tagged")? || tag_prefix.is_some(),
+        tag_prefix,
+        uuid,
+        since_us: time_filter(&q, "since")?,
+        until_us: time_filter(&q, "until")?,
+    };
+    let images = svc.list_images(&caller, query, page(&q)?).await?;
+    Ok(Json(serde_json::json!({ "images": images })).into_response())
+}
+
+pub async fn spawn_instance(
+    State(svc): State<Service>,
+    Auth(caller): Auth,
+    JsonBody(req): JsonBody<SpawnRequest>,
+) -> ApiResult<Response> {
+    let resp = svc.spawn_instance(&caller, req).await?;
+    let loc = location(&format!("/v1/operations/{}", resp.uuid));
+    Ok((StatusCode::CREATED, [(header::LOCATION, loc)], Json(resp)).into_response())
+}
+
+pub async fn list_operations(State(svc): State<Service>, Auth(caller): Auth, q: QueryPairs) -> ApiResult<Response> {
+    let query = OperationQuery {
+        status: q.text("status").map(|s| s.to_ascii_uppercase()),
+        kind: q.text("kind"),
+        since_us: time_filter(&q, "since")?,
+        until_us: time_filter(&q, "until")?,
+    };
+    let ops = svc.list_operations(&caller, query, page(&q)?).await?;
+    Ok(Json(ops).into_response())
+}
+
+pub async fn get_operation(
+    State(svc): State<Service>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+    q: QueryPairs,
+) -> ApiResult<Response> {
+    let uuid = parse_uuid("operation", &id)?;
+    let op = svc.get_operation(&caller, uuid, q.flag("inflight")?).await?;
+    let mut resp = Json(&op).into_response();
+    if !matches!(op.summary.status.as_str(), "SUCCESS" | "FAILED" | "CANCELLED") {
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    Ok(resp)
+}
+
+pub async fn cancel_operation(
+    State(svc): State<Service>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<StatusCode> {
+    let uuid = parse_uuid("operation", &id)?;
+    svc.cancel_operation(&caller, uuid).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// SSE event log. Frames are `id`/`event`/`data` with the event JSON on one line; a failure
+/// after the 200 ends the stream with the contract's `sse_error` frame.
+pub async fn operation_events(
+    State(svc): State<Service>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    q: QueryPairs,
+) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
+    let uuid = parse_uuid("operation", &id)?;
+    let non_negative = |key: &str, v: Option<i64>| match v {
+        Some(n) if n < 0 => Err(ApiError::bad_request(format!("{key} must be >= 0"))),
+        v => Ok(v),
+    };
+    let mut since = non_negative("since", q.int("since")?)?;
+    if let Some(h) = headers.get("last-event-id") {
+        let v = h.to_str().ok().and_then(|s| s.trim().parse::<i64>().ok());
+        since = Some(
+            non_negative("Last-Event-Id", v)?
+                .ok_or_else(|| ApiError::bad_request("Last-Event-Id must be an integer"))?,
+        );
+    }
+    let spid = non_negative("spid", q.int("spid")?)?;
+    let events = svc.events(&caller, uuid, since, spid, q.flag("follow")?).await?;
+    let frames = events.flat_map(|item| {
+        let frames = match item {
+            Ok(ev) => {
+                let data = serde_json::to_string(&ev).unwrap_or_default();
+                vec![Event::default().id(ev.id.to_string()).event(ev.kind.as_str()).data(data)]
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "event stream failed");
+                vec![
+                    Event::default().comment("stream ended with error, retry since last event id"),
+                    Event::default().event("sse_error").data("event log read failed"),
+                ]
+            }
+        };
+        futures::stream::iter(frames.into_iter().map(Ok))
+    });
+    Ok(Sse::new(frames).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keepalive")))
+}
+
+pub async fn inspect_root_redirect() -> Response {
+    (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, location("/v1/inspect/"))]).into_response()
+}
+
+/// `GET /inspect/?tag=T` → 302 with a `Location` relative to `/v1/inspect/`.
+pub async fn find_image_by_tag(State(svc): State<Service>, Auth(caller): Auth, q: QueryPairs) -> ApiResult<Response> {
+    let tag = q.text("tag").ok_or_else(|| ApiError::bad_request("tag is required"))?;
+    let uuid = svc.resolve_tag(&caller, &tag).await?;
+    Ok((StatusCode::FOUND, [(header::LOCATION, location(&format!("{uuid}/")))]).into_response())
+}
+
+pub async fn inspect_image_redirect(Path(id): Path<String>) -> ApiResult<Response> {
+    let uuid = parse_uuid("image", &id)?;
+    Ok((StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, location(&format!("/v1/inspect/{uuid}/")))])
+        .into_response())
+}
+
+pub async fn inspect_image(
+    State(svc): State<Service>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let uuid = parse_uuid("image", &id)?;
+    Ok(Json(svc.get_image(&caller, uuid).await?).into_response())
+}

@@ -1,0 +1,63 @@
+//! Boxwood's HTTP API: the Contree v1 routes (`/v1/...`) over [`boxwood_core::Service`].
+//! Handlers parse and delegate; errors become the contract's envelope in [`error`].
+
+mod error;
+mod extract;
+mod handlers;
+
+use std::any::Any;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{Method, StatusCode, Uri};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Router, routing::post};
+use boxwood_core::Service;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::compression::CompressionLayer;
+use tower_http::trace::TraceLayer;
+
+pub use error::{ApiError, ApiResult};
+
+/// Spawn requests carry stdin inline; allow generous bodies.
+const MAX_JSON_BODY: usize = 64 * 1024 * 1024;
+
+/// The complete HTTP application.
+pub fn router(service: Service) -> Router {
+    use handlers::*;
+    let v1 = Router::new()
+        .route("/whoami", get(whoami))
+        .route("/images", get(list_images))
+        .route("/instances", post(spawn_instance))
+        .route("/operations", get(list_operations))
+        .route("/operations/{id}", get(get_operation).delete(cancel_operation))
+        .route("/operations/{id}/events", get(operation_events))
+        .route("/inspect", get(inspect_root_redirect))
+        .route("/inspect/", get(find_image_by_tag))
+        .route("/inspect/{id}", get(inspect_image_redirect))
+        .route("/inspect/{id}/", get(inspect_image));
+    Router::new()
+        .nest("/v1", v1)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(service)
+        .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
+        // The default predicate leaves `text/event-stream` uncompressed, so SSE frames are
+        // never held back in a compressor's buffer.
+        .layer(CompressionLayer::new().gzip(true))
+        .layer(CatchPanicLayer::custom(on_panic))
+        .layer(TraceLayer::new_for_http())
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, format!("{method} is not allowed on {}", uri.path()))
+}
+
+fn on_panic(_: Box<dyn Any + Send + 'static>) -> Response {
+    tracing::error!("request handler panicked");
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal server error").into_response()
+}
