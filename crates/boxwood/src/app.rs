@@ -1,0 +1,146 @@
+//! Composition root: opens the stores, prepares the guest, starts the VM runtime and the core
+//! service, seeds the built-in image, and serves the HTTP API until shutdown.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use boxwood_core::Service;
+use boxwood_core::auth::{PUBLIC_NAMESPACE, Permission, TokenConfig};
+use boxwood_core::clock::now_us;
+use boxwood_core::spec::DEFAULT_PATH;
+use boxwood_image::{FsLayerStore, LayerStore, build_busybox_tree};
+use boxwood_store::{ImageRecord, SqliteStore};
+use boxwood_vm::{QemuRuntime, VmRuntime, prepare_guest_assets, reap_stale};
+use tokio::net::TcpListener;
+
+use crate::config::Config;
+
+/// The tag of the built-in base image, in the public namespace.
+pub const BASE_IMAGE_TAG: &str = "busybox:latest";
+
+/// A started server, bound but not yet serving.
+pub struct App {
+    service: Service,
+    listener: TcpListener,
+    /// The bootstrap token, when the server made one (no tokens configured).
+    pub bootstrap_token: Option<String>,
+    /// The accelerator the VM runtime uses.
+    pub accel: String,
+}
+
+impl App {
+    pub async fn start(mut config: Config) -> anyhow::Result<Self> {
+        let state = config.state_dir.clone();
+        std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+        let bootstrap_token = if config.tokens.is_empty() {
+            let token = bootstrap_token(&state.join("bootstrap-token"))?;
+            config.tokens.push(TokenConfig {
+                token: Some(token.clone()),
+                sha256: None,
+                namespace: "default".into(),
+                permissions: Permission::ALL.into_iter().collect(),
+            });
+            Some(token)
+        } else {
+            None
+        };
+
+        let store = Arc::new(SqliteStore::open(&state.join("boxwood.db")).await.context("opening the database")?);
+        let layers = Arc::new(FsLayerStore::open(&state.join("images")).context("opening the image store")?);
+        let agent = config.agent_path()?;
+        let guest_dir = state.join("guest");
+        let release = config.kernel_release.clone();
+        let assets = tokio::task::spawn_blocking(move || prepare_guest_assets(&agent, &guest_dir, release.as_deref()))
+            .await?
+            .context("preparing the guest kernel and initramfs")?;
+        let run_dir = state.join("run");
+        let reaped = reap_stale(&run_dir).context("cleaning up VMs of a previous run")?;
+        if !reaped.is_empty() {
+            tracing::warn!(count = reaped.len(), "removed leftovers of VMs from a previous server process");
+        }
+        let runtime = QemuRuntime::new(config.vm.clone(), assets, run_dir).await.context("starting the VM runtime")?;
+        let accel = runtime.accel().to_owned();
+        let service =
+            Service::start(config.core.clone(), &config.tokens, store, layers.clone(), Arc::new(runtime)).await?;
+        seed_base_image(&service, layers.as_ref(), &config.busybox).await?;
+        let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+        Ok(Self { service, listener, bootstrap_token, accel })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn service(&self) -> &Service {
+        &self.service
+    }
+
+    /// Serves until `shutdown` resolves; then stops every run (each ends with its completion
+    /// written and its VM gone) before the last connections close.
+    pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let service = self.service.clone();
+        let router = boxwood_api::router(self.service);
+        axum::serve(self.listener, router)
+            .with_graceful_shutdown(async move {
+                shutdown.await;
+                tracing::info!("shutting down: stopping active runs");
+                service.shutdown().await;
+            })
+            .await
+            .context("serving HTTP")
+    }
+}
+
+/// Reads the bootstrap token, creating it (0600) on first start.
+fn bootstrap_token(path: &Path) -> anyhow::Result<String> {
+    if let Ok(existing) = std::fs::read_to_string(path) {
+        let t = existing.trim();
+        if !t.is_empty() {
+            return Ok(t.to_owned());
+        }
+    }
+    let token = hex::encode(rand::random::<[u8; 24]>());
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    std::io::Write::write_all(&mut f, format!("{token}\n").as_bytes())?;
+    f.sync_all()?;
+    Ok(token)
+}
+
+/// Makes sure the public `busybox:latest` image exists, building it from the host's static
+/// busybox on first start.
+async fn seed_base_image(service: &Service, layers: &dyn LayerStore, busybox: &Path) -> anyhow::Result<()> {
+    if service.has_tag(PUBLIC_NAMESPACE, BASE_IMAGE_TAG).await? {
+        return Ok(());
+    }
+    let tree = layers.staging_dir()?;
+    let bb = busybox.to_owned();
+    let t = tree.clone();
+    tokio::task::spawn_blocking(move || build_busybox_tree(&bb, &t))
+        .await?
+        .with_context(|| format!("building the base image from {}", busybox.display()))?;
+    let layer = layers.commit_tree(tree).await.context("publishing the base image layer")?;
+    let image = ImageRecord {
+        uuid: uuid::Uuid::new_v4(),
+        namespace: PUBLIC_NAMESPACE.into(),
+        parent_uuid: None,
+        operation_uuid: None,
+        layers: vec![layer.digest.clone()],
+        env: BTreeMap::from([("PATH".to_owned(), DEFAULT_PATH.to_owned())]),
+        workdir: None,
+        size_bytes: layer.content_bytes as i64,
+        created_at_us: now_us(),
+    };
+    let uuid = service.ensure_tagged_image(PUBLIC_NAMESPACE, BASE_IMAGE_TAG, image).await?;
+    tracing::info!(%uuid, digest = %layer.digest, "seeded the base image {BASE_IMAGE_TAG}");
+    Ok(())
+}

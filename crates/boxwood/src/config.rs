@@ -1,0 +1,164 @@
+//! Server configuration, loaded once: a TOML file, then `BOXWOOD_*` environment variables,
+//! then command-line flags (each later source wins). Defaults work out of the box.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use boxwood_core::CoreConfig;
+use boxwood_core::auth::TokenConfig;
+use boxwood_vm::{Accel, VmConfig};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address the HTTP API listens on.
+    pub listen: SocketAddr,
+    /// Root of everything the server keeps: database, image layers, guest assets, VM scratch.
+    pub state_dir: PathBuf,
+    /// The static guest agent; by default looked up next to the `boxwood` executable and in
+    /// the workspace's agent build output.
+    pub agent_binary: Option<PathBuf>,
+    /// Static busybox the built-in `busybox:latest` image is made from.
+    pub busybox: PathBuf,
+    /// Guest kernel release (`/boot/vmlinuz-<release>`); newest `*-cloud-amd64` by default.
+    pub kernel_release: Option<String>,
+    pub vm: VmConfig,
+    pub core: CoreConfig,
+    /// API tokens. With none configured, the server creates one bootstrap token with every
+    /// permission (kept in `<state_dir>/bootstrap-token`) and prints it at start.
+    pub tokens: Vec<TokenConfig>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            state_dir: PathBuf::from("/var/lib/boxwood"),
+            agent_binary: None,
+            busybox: PathBuf::from("/bin/busybox"),
+            kernel_release: None,
+            vm: VmConfig::default(),
+            core: CoreConfig::default(),
+            tokens: Vec::new(),
+        }
+    }
+}
+
+/// Values that may come from the environment or flags, on top of the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub state_dir: Option<PathBuf>,
+    pub accel: Option<String>,
+    pub agent_binary: Option<PathBuf>,
+}
+
+impl Overrides {
+    /// `BOXWOOD_LISTEN`, `BOXWOOD_STATE_DIR`, `BOXWOOD_ACCEL`, `BOXWOOD_AGENT_BIN`.
+    pub fn from_env() -> anyhow::Result<Self> {
+        let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Ok(Self {
+            listen: var("BOXWOOD_LISTEN").map(|v| v.parse()).transpose().context("BOXWOOD_LISTEN")?,
+            state_dir: var("BOXWOOD_STATE_DIR").map(PathBuf::from),
+            accel: var("BOXWOOD_ACCEL"),
+            agent_binary: var("BOXWOOD_AGENT_BIN").map(PathBuf::from),
+        })
+    }
+
+    fn apply(self, cfg: &mut Config) -> anyhow::Result<()> {
+        if let Some(v) = self.listen {
+            cfg.listen = v;
+        }
+        if let Some(v) = self.state_dir {
+            cfg.state_dir = v;
+        }
+        if let Some(v) = self.accel {
+            cfg.vm.accel = parse_accel(&v)?;
+        }
+        if let Some(v) = self.agent_binary {
+            cfg.agent_binary = Some(v);
+        }
+        Ok(())
+    }
+}
+
+fn parse_accel(v: &str) -> anyhow::Result<Accel> {
+    match v {
+        "auto" => Ok(Accel::Auto),
+        "kvm" => Ok(Accel::Kvm),
+        "tcg" => Ok(Accel::Tcg),
+        other => anyhow::bail!("accel must be auto, kvm or tcg, got {other:?}"),
+    }
+}
+
+impl Config {
+    /// File (if any), then environment, then flags.
+    pub fn load(file: Option<&Path>, env: Overrides, flags: Overrides) -> anyhow::Result<Self> {
+        let mut cfg = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+                toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?
+            }
+            None => Config::default(),
+        };
+        env.apply(&mut cfg)?;
+        flags.apply(&mut cfg)?;
+        Ok(cfg)
+    }
+
+    /// The agent binary to put in the guest initramfs.
+    pub fn agent_path(&self) -> anyhow::Result<PathBuf> {
+        if let Some(p) = &self.agent_binary {
+            return Ok(p.clone());
+        }
+        let exe = std::env::current_exe().context("locating the boxwood executable")?;
+        let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut candidates = vec![dir.join("boxwood-agent")];
+        // target/{debug,release}/boxwood → target/x86_64-unknown-linux-gnu/agent/boxwood-agent;
+        // target/debug/deps/<test> → the same, one level further up.
+        for up in [dir.parent(), dir.parent().and_then(Path::parent)].into_iter().flatten() {
+            candidates.push(up.join("x86_64-unknown-linux-gnu/agent/boxwood-agent"));
+        }
+        candidates.into_iter().find(|p| p.is_file()).with_context(|| {
+            "the guest agent binary was not found; build it with scripts/build-agent.sh or set agent_binary / BOXWOOD_AGENT_BIN"
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("boxwood.toml");
+        std::fs::write(
+            &path,
+            "listen = \"127.0.0.1:9000\"\nstate_dir = \"/srv/a\"\n[vm]\naccel = \"kvm\"\nmemory_mib = 512\n\
+             [core]\nmax_concurrent_runs = 3\n[[tokens]]\ntoken = \"t\"\nnamespace = \"n\"\npermissions = [\"list\"]\n",
+        )
+        .unwrap();
+        let env = Overrides { state_dir: Some("/srv/b".into()), accel: Some("tcg".into()), ..Default::default() };
+        let flags = Overrides { state_dir: Some("/srv/c".into()), ..Default::default() };
+        let cfg = Config::load(Some(&path), env, flags).unwrap();
+        assert_eq!(cfg.listen.port(), 9000);
+        assert_eq!(cfg.state_dir, PathBuf::from("/srv/c"));
+        assert_eq!(cfg.vm.accel, Accel::Tcg);
+        assert_eq!(cfg.vm.memory_mib, 512);
+        assert_eq!(cfg.core.max_concurrent_runs, 3);
+        assert_eq!(cfg.tokens.len(), 1);
+    }
+
+    #[test]
+    fn typos_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("boxwood.toml");
+        std::fs::write(&path, "listne = \"127.0.0.1:9000\"\n").unwrap();
+        assert!(Config::load(Some(&path), Overrides::default(), Overrides::default()).is_err());
+        let bad = Overrides { accel: Some("fast".into()), ..Default::default() };
+        assert!(Config::load(None, bad, Overrides::default()).is_err());
+    }
+}

@@ -1,0 +1,5 @@
+//! The Boxwood server as a library: configuration and the composition root, used by the
+//! `boxwood` binary and by the end-to-end tests.
+
+pub mod app;
+pub mod config;

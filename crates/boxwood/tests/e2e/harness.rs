@@ -1,0 +1,198 @@
+//! A real Boxwood server per test (temporary state dir, TCG microVMs, random port) and small
+//! helpers to talk to it like a client does.
+
+use std::time::{Duration, Instant};
+
+use boxwood::app::App;
+use boxwood::config::Config;
+use boxwood_vm::Accel;
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct TestServer {
+    pub url: String,
+    pub token: String,
+    pub client: reqwest::Client,
+    pub state: Option<tempfile::TempDir>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+/// A parsed SSE frame of the event log.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    pub id: i64,
+    pub event: String,
+    pub data: Value,
+}
+
+pub fn test_config(state: &std::path::Path) -> Config {
+    let mut cfg = Config { state_dir: state.to_owned(), listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
+    cfg.vm.accel = Accel::Tcg;
+    cfg
+}
+
+impl TestServer {
+    pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Self {
+        Self::start_in(tempfile::tempdir().unwrap(), tweak).await
+    }
+
+    /// Starts on an existing state dir (e.g. one a stopped server left).
+    pub async fn start_in(state: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
+        let mut cfg = test_config(state.path());
+        tweak(&mut cfg);
+        let app = App::start(cfg).await.expect("server starts (build the agent with scripts/build-agent.sh)");
+        let addr = app.local_addr().unwrap();
+        let token = app.bootstrap_token.clone().expect("bootstrap token");
+        let (tx, rx) = oneshot::channel::<()>();
+        let task = tokio::spawn(app.serve(async move {
+            let _ = rx.await;
+        }));
+        Self {
+            url: format!("http://{addr}"),
+            token,
+            client: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
+            state: Some(state),
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// A client for a server running elsewhere (e.g. the binary in a child process).
+    pub fn attach(url: String, token: String) -> Self {
+        let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        Self { url, token, client, state: None, stop: None, task: None }
+    }
+
+    /// Graceful shutdown, as on SIGTERM; hands back the state dir.
+    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await.unwrap().unwrap();
+        }
+        self.state.take()
+    }
+
+    pub fn req(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client.request(method, format!("{}/v1{path}", self.url)).bearer_auth(&self.token)
+    }
+
+    pub async fn get_json(&self, path: &str) -> (StatusCode, Value) {
+        let r = self.req(Method::GET, path).send().await.unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    pub async fn spawn(&self, body: Value) -> (StatusCode, Value) {
+        let r = self.req(Method::POST, "/instances").json(&body).send().await.unwrap();
+        let status = r.status();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Spawns on busybox and returns the operation id.
+    pub async fn start_run(&self, mut body: Value) -> String {
+        if body.get("image").is_none() {
+            body["image"] = json!("tag:busybox:latest");
+        }
+        let (status, resp) = self.spawn(body).await;
+        assert_eq!(status, StatusCode::CREATED, "{resp}");
+        resp["uuid"].as_str().unwrap().to_owned()
+    }
+
+    /// Reads the event log over SSE.
+    pub async fn events(&self, op: &str, query: &str, last_event_id: Option<i64>) -> Vec<Frame> {
+        let mut req =
+            self.req(Method::GET, &format!("/operations/{op}/events?{query}")).header("Accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            req = req.header("Last-Event-Id", id.to_string());
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert_eq!(resp.headers()["content-type"], "text/event-stream");
+        let body = resp.text().await.unwrap();
+        parse_sse(&body)
+    }
+
+    /// Follows the event log to `completion`, then returns the operation.
+    pub async fn wait(&self, op: &str) -> (Value, Vec<Frame>) {
+        let frames = tokio::time::timeout(Duration::from_secs(240), self.events(op, "follow=1", None))
+            .await
+            .expect("operation finished in time");
+        let last = frames.last().expect("events");
+        assert_eq!(last.event, "completion", "the log ends with completion: {frames:#?}");
+        let (status, body) = self.get_json(&format!("/operations/{op}")).await;
+        assert_eq!(status, StatusCode::OK);
+        (body, frames)
+    }
+
+    pub async fn run(&self, body: Value) -> (Value, Vec<Frame>) {
+        let op = self.start_run(body).await;
+        self.wait(&op).await
+    }
+
+    /// Polls until the operation reaches `status` (or panics after `within`).
+    pub async fn wait_status(&self, op: &str, status: &str, within: Duration) -> Value {
+        let deadline = Instant::now() + within;
+        loop {
+            let (_, body) = self.get_json(&format!("/operations/{op}?inflight=1")).await;
+            if body["status"] == status {
+                return body;
+            }
+            assert!(Instant::now() < deadline, "operation never became {status}: {body}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+pub fn parse_sse(body: &str) -> Vec<Frame> {
+    let mut frames = Vec::new();
+    for block in body.split("\n\n") {
+        let (mut id, mut event, mut data) = (None, None, String::new());
+        for line in block.lines() {
+            if let Some(v) = line.strip_prefix("id: ").or_else(|| line.strip_prefix("id:")) {
+                id = v.trim().parse().ok();
+            } else if let Some(v) = line.strip_prefix("event: ").or_else(|| line.strip_prefix("event:")) {
+                event = Some(v.trim().to_owned());
+            } else if let Some(v) = line.strip_prefix("data: ").or_else(|| line.strip_prefix("data:")) {
+                data.push_str(v);
+            }
+        }
+        if let (Some(id), Some(event)) = (id, event) {
+            frames.push(Frame { id, event, data: serde_json::from_str(&data).expect("event JSON") });
+        }
+    }
+    frames
+}
+
+/// Decodes a `StreamRepr`.
+pub fn stream_bytes(repr: &Value) -> Vec<u8> {
+    use base64::Engine as _;
+    let v = repr["value"].as_str().unwrap();
+    match repr["encoding"].as_str().unwrap() {
+        "ascii" => v.as_bytes().to_vec(),
+        "base64" => base64::engine::general_purpose::STANDARD.decode(v).unwrap(),
+        other => panic!("unknown encoding {other}"),
+    }
+}
+
+/// Live QEMU processes whose command line mentions `needle`.
+pub fn qemu_processes_with(needle: &str) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmd = String::from_utf8_lossy(&cmd);
+        if cmd.contains("qemu-system") && cmd.contains(needle) {
+            found.push(pid);
+        }
+    }
+    found
+}

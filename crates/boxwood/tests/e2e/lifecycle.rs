@@ -1,0 +1,165 @@
+//! Operation lifecycle: failures (spawn, guest crash), event-log replay and filters, inflight
+//! output, cancel, queueing, and recovery after the server itself dies.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+use crate::harness::{TestServer, qemu_processes_with};
+
+#[tokio::test]
+async fn spawn_failure_and_guest_crash_end_failed_with_completion() {
+    let s = TestServer::start().await;
+    let (op, frames) = s.run(json!({"command": "/no/such/binary", "disposable": true})).await;
+    assert_eq!(op["status"], "FAILED", "{op}");
+    assert!(op["error"].as_str().unwrap().contains("spawn failed"), "{op}");
+    assert_eq!(op["result"], json!({"image": null, "tag": null}));
+    assert_eq!(frames.last().unwrap().data["data"]["status"], "FAILED");
+
+    let id = s
+        .start_run(json!({"command": "echo c > /proc/sysrq-trigger; sleep 60", "shell": true, "disposable": true}))
+        .await;
+    let (op, frames) = s.wait(&id).await;
+    assert_eq!(op["status"], "FAILED", "{op}");
+    let error = op["error"].as_str().unwrap();
+    assert!(error.contains("crash") && error.contains("Kernel panic"), "the error explains the crash: {error}");
+    assert_eq!(frames.last().unwrap().data["data"]["error"], error);
+    assert!(qemu_processes_with(&id).is_empty(), "no QEMU outlives a crashed guest");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn event_log_replays_resumes_and_filters() {
+    let s = TestServer::start().await;
+    let id = s.start_run(json!({"command": "echo one; echo two >&2", "shell": true, "disposable": true})).await;
+    let (_, all) = s.wait(&id).await;
+    let replay = s.events(&id, "", None).await;
+    assert_eq!(
+        replay.iter().map(|f| f.id).collect::<Vec<_>>(),
+        all.iter().map(|f| f.id).collect::<Vec<_>>(),
+        "follow=0 replays the whole log"
+    );
+    let mid = all[2].id;
+    let since = s.events(&id, &format!("since={mid}"), None).await;
+    assert!(since.iter().all(|f| f.id > mid) && since.len() == all.len() - 3);
+    let header = s.events(&id, "since=0", Some(mid)).await;
+    assert_eq!(header.len(), since.len(), "Last-Event-Id wins over since");
+    let main = s.events(&id, "spid=1", None).await;
+    assert!(main.iter().all(|f| f.data["spid"] == 1) && main.iter().any(|f| f.event == "exit"));
+    let followed = s.events(&id, "follow=1", None).await;
+    assert_eq!(followed.last().unwrap().event, "completion", "follow on a finished operation closes after completion");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn inflight_output_cancel_and_queueing() {
+    let s = TestServer::start_with(|c| c.core.max_concurrent_runs = 1).await;
+    let running = s
+        .start_run(json!({"command": "echo first; sleep 120", "shell": true, "disposable": true, "timeout": 300}))
+        .await;
+    let queued = s.start_run(json!({"command": "echo never", "shell": true, "disposable": true})).await;
+    let op = s.wait_status(&running, "EXECUTING", Duration::from_secs(120)).await;
+    let mut op = op;
+    for _ in 0..100 {
+        if op["metadata"]["result"]["stdout"]["value"] == "first\n" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        op = s.get_json(&format!("/operations/{running}?inflight=1")).await.1;
+    }
+    assert_eq!(op["metadata"]["result"]["stdout"]["value"], "first\n", "inflight output: {op}");
+    assert_eq!(op["metadata"]["result"]["state"]["exit_code"], -1);
+    let (_, q) = s.get_json(&format!("/operations/{queued}")).await;
+    assert_eq!(q["status"], "PENDING", "runs beyond the limit wait");
+    assert_eq!(q["duration"], 0.0);
+    let (_, listed) = s.get_json("/operations?status=PENDING").await;
+    assert_eq!(listed.as_array().unwrap().len(), 1);
+
+    for id in [&queued, &running] {
+        let r = s.req(Method::DELETE, &format!("/operations/{id}")).send().await.unwrap();
+        assert_eq!(r.status(), StatusCode::ACCEPTED);
+    }
+    for id in [&queued, &running] {
+        let (op, frames) = s.wait(id).await;
+        assert_eq!(op["status"], "CANCELLED", "{op}");
+        assert_eq!(frames.last().unwrap().data["data"]["status"], "CANCELLED");
+    }
+    let r = s.req(Method::DELETE, &format!("/operations/{running}")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::CONFLICT, "cancelling a finished operation");
+    assert!(qemu_processes_with(&running).is_empty());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn graceful_shutdown_fails_active_runs_and_stops_their_vms() {
+    let s = TestServer::start().await;
+    let id = s.start_run(json!({"command": "sleep 120", "shell": true, "disposable": true, "timeout": 300})).await;
+    s.wait_status(&id, "EXECUTING", Duration::from_secs(120)).await;
+    let state = s.stop().await.unwrap();
+    assert!(qemu_processes_with(&id).is_empty(), "shutdown leaves no QEMU behind");
+    let s = TestServer::start_in(state, |_| {}).await;
+    let (op, frames) = s.wait(&id).await;
+    assert_eq!(op["status"], "FAILED");
+    assert!(op["error"].as_str().unwrap().contains("shut down"), "{op}");
+    assert_eq!(frames.iter().filter(|f| f.event == "completion").count(), 1, "exactly one completion");
+    s.stop().await;
+}
+
+/// Kills the server process with SIGKILL mid-run: its QEMU dies with it, and the next start
+/// fails the interrupted operation (with a completion event) and cleans up.
+#[tokio::test]
+async fn restart_after_a_crash_fails_interrupted_operations() {
+    let state = tempfile::tempdir().unwrap();
+    let (mut child, url, token) = spawn_server(state.path()).await;
+    let s = TestServer::attach(url, token);
+    let id = s.start_run(json!({"command": "sleep 120", "shell": true, "disposable": true, "timeout": 300})).await;
+    s.wait_status(&id, "EXECUTING", Duration::from_secs(120)).await;
+    child.kill().await.unwrap();
+    let _ = child.wait().await;
+    for _ in 0..50 {
+        if qemu_processes_with(&id).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(qemu_processes_with(&id).is_empty(), "QEMU does not outlive a killed server");
+
+    let (mut child, url, token) = spawn_server(state.path()).await;
+    let s = TestServer::attach(url, token);
+    let (op, frames) = s.wait(&id).await;
+    assert_eq!(op["status"], "FAILED");
+    assert!(op["error"].as_str().unwrap().contains("restarted"), "{op}");
+    assert_eq!(frames.first().unwrap().event, "init", "the log from before the crash is kept");
+    assert!(!state.path().join("run").join(&id).exists(), "the VM scratch dir was removed");
+    let (op2, _) = s.run(json!({"command": "echo alive", "shell": true, "disposable": true})).await;
+    assert_eq!(op2["metadata"]["result"]["stdout"]["value"], "alive\n");
+    child.kill().await.unwrap();
+    let _ = child.wait().await;
+    let _: Value = op2;
+}
+
+async fn spawn_server(state: &std::path::Path) -> (tokio::process::Child, String, String) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_boxwood"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--accel", "tcg", "--state-dir"])
+        .arg(state)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut url, mut token) = (None, None);
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await.unwrap().unwrap() {
+        if let Some(v) = line.strip_prefix("BOXWOOD_URL=") {
+            url = Some(v.to_owned());
+        }
+        if let Some(v) = line.strip_prefix("BOXWOOD_TOKEN=") {
+            token = Some(v.to_owned());
+            break;
+        }
+    }
+    (child, url.unwrap(), token.unwrap())
+}
