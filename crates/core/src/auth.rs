@@ -121,7 +121,10 @@ impl Authenticator {
             let mut id = [0u8; 16];
             id.copy_from_slice(&Sha256::digest(hash)[..16]);
             let token_uuid = uuid::Builder::from_random_bytes(id).into_uuid();
-            entries.push((hash, Caller { token_uuid, namespace: t.namespace.clone(), permissions: t.permissions.clone() }));
+            entries.push((
+                hash,
+                Caller { token_uuid, namespace: t.namespace.clone(), permissions: t.permissions.clone() },
+            ));
         }
         Ok(Self { entries })
     }
@@ -141,7 +144,12 @@ mod tests {
     #[test]
     fn plain_and_hashed_tokens_authenticate_to_stable_identities() {
         let cfg = vec![
-            TokenConfig { token: Some("s3cret".into()), sha256: None, namespace: "a".into(), permissions: all_permissions() },
+            TokenConfig {
+                token: Some("s3cret".into()),
+                sha256: None,
+                namespace: "a".into(),
+                permissions: all_permissions(),
+            },
             TokenConfig {
                 token: None,
                 sha256: Some(sha256_hex("other")),
@@ -163,9 +171,19 @@ mod tests {
 
     #[test]
     fn rejects_ambiguous_or_malformed_entries() {
-        let both = TokenConfig { token: Some("x".into()), sha256: Some("y".into()), namespace: "a".into(), permissions: all_permissions() };
+        let both = TokenConfig {
+            token: Some("x".into()),
+            sha256: Some("y".into()),
+            namespace: "a".into(),
+            permissions: all_permissions(),
+        };
         assert!(Authenticator::new(&[both]).is_err());
-        let bad = TokenConfig { token: None, sha256: Some("zz".into()), namespace: "a".into(), permissions: all_permissions() };
+        let bad = TokenConfig {
+            token: None,
+            sha256: Some("zz".into()),
+            namespace: "a".into(),
+            permissions: all_permissions(),
+        };
         assert!(Authenticator::new(&[bad]).is_err());
     }
 }

@@ -24,7 +24,9 @@ pub fn format_ts(us: i64) -> String {
 /// means UTC), a Unix timestamp, or an interval `<N>s|m|h|d|w` meaning "N units ago".
 pub fn parse_time_filter(name: &str, value: &str, now_us: i64) -> CoreResult<i64> {
     let v = value.trim();
-    let bad = || CoreError::bad(format!("invalid {name} {value:?}: expected ISO 8601, a Unix timestamp or an interval like 15m"));
+    let bad = || {
+        CoreError::bad(format!("invalid {name} {value:?}: expected ISO 8601, a Unix timestamp or an interval like 15m"))
+    };
     if v.is_empty() {
         return Err(bad());
     }

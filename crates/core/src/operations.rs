@@ -93,16 +93,16 @@ pub fn summary(op: &OperationRecord) -> OperationSummary {
 /// The full response; `metadata.result` is the final result, or `inflight` while running.
 pub fn response(op: &OperationRecord, inflight: Option<Value>) -> OperationResponse {
     let mut metadata = op.metadata.clone();
-    if let Value::Object(m) = &mut metadata {
-        if op.kind == KIND_INSTANCE {
-            m.insert("result".into(), op.result.clone().or(inflight).unwrap_or(Value::Null));
-        }
+    if let Value::Object(m) = &mut metadata
+        && op.kind == KIND_INSTANCE
+    {
+        m.insert("result".into(), op.result.clone().or(inflight).unwrap_or(Value::Null));
     }
     // Both keys at every terminal state; `result_image_uuid` is only ever set on a SUCCESS
     // that persisted (or re-used) an image.
     let terminal = Status::parse(&op.status).is_some_and(Status::is_terminal);
-    let result = terminal
-        .then(|| ResultRef { image: op.result_image_uuid.map(|u| u.to_string()), tag: op.result_tag.clone() });
+    let result =
+        terminal.then(|| ResultRef { image: op.result_image_uuid.map(|u| u.to_string()), tag: op.result_tag.clone() });
     OperationResponse { summary: summary(op), metadata, result }
 }
 

@@ -323,7 +323,8 @@ impl Run {
 
     async fn finish_stopped(self) -> CoreResult<()> {
         let status = Status::from_stop(self.control.reason());
-        let error = (status == Status::Failed).then(|| "the server shut down while the operation was active".to_owned());
+        let error =
+            (status == Status::Failed).then(|| "the server shut down while the operation was active".to_owned());
         self.finish(status, error, None).await
     }
 
@@ -378,7 +379,8 @@ fn chain(e: &dyn std::error::Error) -> String {
 /// anyone with `list`).
 fn mask_env(key: &str, value: &str) -> String {
     let k = key.to_ascii_uppercase();
-    let secret = ["TOKEN", "SECRET", "PASSWORD", "API_KEY", "CREDENTIALS", "AUTHORIZATION"].iter().any(|s| k.ends_with(s));
+    let secret =
+        ["TOKEN", "SECRET", "PASSWORD", "API_KEY", "CREDENTIALS", "AUTHORIZATION"].iter().any(|s| k.ends_with(s));
     if secret { "<MASKED>".into() } else { value.into() }
 }
 

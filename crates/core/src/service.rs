@@ -155,7 +155,10 @@ impl Service {
         WhoAmI {
             token_uuid: caller.token_uuid.to_string(),
             token_expiration: None,
-            permissions: Permission::ALL.iter().map(|p| (p.as_str().to_owned(), caller.permissions.contains(p))).collect(),
+            permissions: Permission::ALL
+                .iter()
+                .map(|p| (p.as_str().to_owned(), caller.permissions.contains(p)))
+                .collect(),
             limits: BTreeMap::from([
                 ("instance_max_timeout".to_owned(), l.max_timeout_secs as i64),
                 ("instance_max_concurrency".to_owned(), self.inner.config.max_concurrent_runs as i64),
@@ -209,10 +212,10 @@ impl Service {
 
     pub async fn list_images(&self, caller: &Caller, q: ImageQuery, page: Page) -> CoreResult<Vec<ImageView>> {
         caller.require(Permission::List)?;
-        if let Some(prefix) = &q.tag_prefix {
-            if !is_valid_tag(prefix) {
-                return Err(CoreError::bad(format!("invalid tag prefix {prefix:?}")));
-            }
+        if let Some(prefix) = &q.tag_prefix
+            && !is_valid_tag(prefix)
+        {
+            return Err(CoreError::bad(format!("invalid tag prefix {prefix:?}")));
         }
         let filter = ImageFilter {
             namespaces: caller.visible_namespaces(),
@@ -348,24 +351,38 @@ impl Service {
         }
         let result = InstanceResult {
             resources: ResultResources::default(),
-            state: ResultState { continued: false, core_dump: false, exit_code: -1, pid, signal: -1, stopped: false, timed_out: false },
+            state: ResultState {
+                continued: false,
+                core_dump: false,
+                exit_code: -1,
+                pid,
+                signal: -1,
+                stopped: false,
+                timed_out: false,
+            },
             stdout: StreamRepr::of(&out, false),
             stderr: StreamRepr::of(&err, false),
         };
         serde_json::to_value(result).map_err(|e| CoreError::Internal(e.to_string()))
     }
 
-    pub async fn list_operations(&self, caller: &Caller, q: OperationQuery, page: Page) -> CoreResult<Vec<OperationSummary>> {
+    pub async fn list_operations(
+        &self,
+        caller: &Caller,
+        q: OperationQuery,
+        page: Page,
+    ) -> CoreResult<Vec<OperationSummary>> {
         caller.require(Permission::List)?;
-        if let Some(s) = &q.status {
-            if Status::parse(s).is_none() {
-                return Err(CoreError::bad(format!("unknown status {s:?}")));
-            }
+        if let Some(s) = &q.status
+            && Status::parse(s).is_none()
+        {
+            return Err(CoreError::bad(format!("unknown status {s:?}")));
         }
-        if let Some(k) = &q.kind {
-            if k != operations::KIND_INSTANCE && k != operations::KIND_IMAGE_IMPORT {
-                return Err(CoreError::bad(format!("unknown kind {k:?}")));
-            }
+        if let Some(k) = &q.kind
+            && k != operations::KIND_INSTANCE
+            && k != operations::KIND_IMAGE_IMPORT
+        {
+            return Err(CoreError::bad(format!("unknown kind {k:?}")));
         }
         let filter = OperationFilter {
             namespace: caller.namespace.clone(),

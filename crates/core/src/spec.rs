@@ -148,19 +148,25 @@ pub fn validate(req: SpawnRequest, limits: &RunLimits) -> CoreResult<ValidSpawn>
     }
     let timeout_secs = match req.timeout {
         None => limits.default_timeout_secs,
-        Some(t) if t <= 0 => return Err(CoreError::bad(format!("timeout must be a positive number of seconds, got {t}"))),
+        Some(t) if t <= 0 => {
+            return Err(CoreError::bad(format!("timeout must be a positive number of seconds, got {t}")));
+        }
         Some(t) => (t as u64).min(limits.max_timeout_secs),
     };
     let truncate_output_at = match req.truncate_output_at {
         None => limits.default_truncate_output_at,
         Some(t) if t < 0 || t as u64 > MAX_TRUNCATE_OUTPUT_AT => {
-            return Err(CoreError::bad(format!("truncate_output_at must be between 0 and {MAX_TRUNCATE_OUTPUT_AT}, got {t}")));
+            return Err(CoreError::bad(format!(
+                "truncate_output_at must be between 0 and {MAX_TRUNCATE_OUTPUT_AT}, got {t}"
+            )));
         }
         Some(t) => t as u64,
     };
     let max_layer_bytes = match req.resources_limits.as_ref().and_then(|l| l.max_layer_bytes) {
         None => limits.max_layer_bytes,
-        Some(b) if b < 1 => return Err(CoreError::bad(format!("resources_limits.max_layer_bytes must be at least 1, got {b}"))),
+        Some(b) if b < 1 => {
+            return Err(CoreError::bad(format!("resources_limits.max_layer_bytes must be at least 1, got {b}")));
+        }
         Some(b) => (b as u64).min(limits.max_layer_bytes),
     };
     let (stdin, stdin_echo) = match req.stdin {
@@ -192,7 +198,9 @@ pub fn validate(req: SpawnRequest, limits: &RunLimits) -> CoreResult<ValidSpawn>
         return Err(CoreError::bad("args must not contain NUL bytes"));
     }
     if req.files.as_ref().is_some_and(|f| !f.is_empty()) {
-        return Err(CoreError::Unprocessable("file injection (`files`) is not supported by this server version".into()));
+        return Err(CoreError::Unprocessable(
+            "file injection (`files`) is not supported by this server version".into(),
+        ));
     }
     Ok(ValidSpawn {
         image,
@@ -309,8 +317,12 @@ mod tests {
     fn defaults_are_filled_and_bounds_enforced() {
         let l = RunLimits::default();
         let v = validate(req(serde_json::json!({"command": "true", "image": "tag:busybox"})), &l).unwrap();
-        assert_eq!((v.timeout_secs, v.truncate_output_at, v.hostname.as_str(), v.disposable), (60, 1 << 20, "linuxkit", false));
-        let big = validate(req(serde_json::json!({"command": "true", "image": "tag:b", "timeout": 999999})), &l).unwrap();
+        assert_eq!(
+            (v.timeout_secs, v.truncate_output_at, v.hostname.as_str(), v.disposable),
+            (60, 1 << 20, "linuxkit", false)
+        );
+        let big =
+            validate(req(serde_json::json!({"command": "true", "image": "tag:b", "timeout": 999999})), &l).unwrap();
         assert_eq!(big.timeout_secs, 3600, "timeouts are clamped");
         for bad in [
             serde_json::json!({"command": "x", "image": "tag:b", "timeout": -1}),
@@ -336,7 +348,10 @@ mod tests {
         .unwrap();
         let p = v.process(&image());
         assert_eq!(p.argv, vec!["/bin/ash", "-c", "echo $A"]);
-        assert_eq!(p.env, vec![("A".into(), "1".into()), ("PATH".into(), "/bin".into()), ("SHELL".into(), "/bin/ash".into())]);
+        assert_eq!(
+            p.env,
+            vec![("A".into(), "1".into()), ("PATH".into(), "/bin".into()), ("SHELL".into(), "/bin/ash".into())]
+        );
         assert_eq!(p.cwd, "/srv", "empty cwd takes the image workdir");
         assert_eq!(v.metadata(Uuid::nil()).env.len(), 2, "null values are not echoed");
     }

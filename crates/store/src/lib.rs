@@ -50,6 +50,12 @@ pub trait Store: Send + Sync {
 
     async fn append_event(&self, event: &EventRecord) -> StoreResult<()>;
     /// Events with `id > after` (all when `None`), optionally of one `spid`, in id order.
-    async fn events(&self, operation: Uuid, after: Option<i64>, spid: Option<i64>, limit: i64) -> StoreResult<Vec<EventRecord>>;
+    async fn events(
+        &self,
+        operation: Uuid,
+        after: Option<i64>,
+        spid: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<EventRecord>>;
     async fn last_event_id(&self, operation: Uuid) -> StoreResult<Option<i64>>;
 }

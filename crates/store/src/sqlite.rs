@@ -6,7 +6,9 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+};
 use sqlx::{QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
@@ -220,7 +222,11 @@ impl Store for SqliteStore {
         let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter()
             .map(|r| {
-                Ok(TagRecord { namespace: r.try_get("namespace")?, tag: r.try_get("tag")?, image_uuid: uuid_col(r, "image_uuid")? })
+                Ok(TagRecord {
+                    namespace: r.try_get("namespace")?,
+                    tag: r.try_get("tag")?,
+                    image_uuid: uuid_col(r, "image_uuid")?,
+                })
             })
             .collect()
     }
@@ -261,7 +267,10 @@ impl Store for SqliteStore {
         if let Some(until) = f.until_us {
             q.push(" AND i.created_at <= ").push_bind(until);
         }
-        q.push(" ORDER BY i.created_at DESC, i.uuid, t.tag LIMIT ").push_bind(f.limit).push(" OFFSET ").push_bind(f.offset);
+        q.push(" ORDER BY i.created_at DESC, i.uuid, t.tag LIMIT ")
+            .push_bind(f.limit)
+            .push(" OFFSET ")
+            .push_bind(f.offset);
         let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter().map(|r| Ok(ImageListing { image: image_from_row(r)?, tag: r.try_get("tag")? })).collect()
     }
@@ -326,8 +335,8 @@ impl Store for SqliteStore {
         let rows = sqlx::query(
             "SELECT * FROM operations WHERE status NOT IN ('SUCCESS', 'FAILED', 'CANCELLED') ORDER BY created_at",
         )
-            .fetch_all(&self.pool)
-            .await?;
+        .fetch_all(&self.pool)
+        .await?;
         rows.iter().map(operation_from_row).collect()
     }
 
@@ -335,7 +344,13 @@ impl Store for SqliteStore {
         insert_event(&self.pool, event).await
     }
 
-    async fn events(&self, operation: Uuid, after: Option<i64>, spid: Option<i64>, limit: i64) -> StoreResult<Vec<EventRecord>> {
+    async fn events(
+        &self,
+        operation: Uuid,
+        after: Option<i64>,
+        spid: Option<i64>,
+        limit: i64,
+    ) -> StoreResult<Vec<EventRecord>> {
         let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM events WHERE operation_uuid = ");
         q.push_bind(operation.to_string());
         if let Some(after) = after {

@@ -64,7 +64,11 @@ async fn images_tags_and_shadowing() {
     let f = ImageFilter { namespaces: visible.clone(), tagged: true, limit: 100, ..Default::default() };
     let rows = store.list_images(&f).await.unwrap();
     let got: Vec<_> = rows.iter().map(|r| (r.image.uuid, r.tag.clone().unwrap())).collect();
-    assert_eq!(got, vec![(own.uuid, "busybox:latest".into()), (public.uuid, "alpine:3".into())], "own tag shadows public");
+    assert_eq!(
+        got,
+        vec![(own.uuid, "busybox:latest".into()), (public.uuid, "alpine:3".into())],
+        "own tag shadows public"
+    );
 
     let f = ImageFilter { namespaces: visible.clone(), limit: 100, ..Default::default() };
     assert_eq!(store.list_images(&f).await.unwrap().len(), 2, "untagged listing shows visible images once per tag");
@@ -106,6 +110,7 @@ async fn operations_and_event_log_survive_reopen() {
     let after = store.events(o.uuid, Some(1), Some(1), 100).await.unwrap();
     assert_eq!(after.iter().map(|e| e.kind.as_str()).collect::<Vec<_>>(), vec!["stdout"]);
     assert_eq!(store.last_event_id(o.uuid).await.unwrap(), Some(3));
-    let f = OperationFilter { namespace: "ns1".into(), status: Some("SUCCESS".into()), limit: 10, ..Default::default() };
+    let f =
+        OperationFilter { namespace: "ns1".into(), status: Some("SUCCESS".into()), limit: 10, ..Default::default() };
     assert_eq!(store.list_operations(&f).await.unwrap().len(), 1);
 }
