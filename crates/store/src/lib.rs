@@ -36,6 +36,27 @@ pub trait Store: Send + Sync {
     /// Tags in any of `namespaces` that name `image`.
     async fn tags_of(&self, image: Uuid, namespaces: &[String]) -> StoreResult<Vec<TagRecord>>;
     async fn list_images(&self, filter: &ImageFilter) -> StoreResult<Vec<ImageListing>>;
+    /// Removes `tag` from `image` in `namespace`; false if that tag did not name that image.
+    async fn delete_tag(&self, namespace: &str, tag: &str, image: Uuid) -> StoreResult<bool>;
+    /// Removes every tag of `image` in `namespace`; returns how many.
+    async fn delete_tags_of(&self, namespace: &str, image: Uuid) -> StoreResult<u64>;
+    /// Images whose parent is `image`, oldest first.
+    async fn children_of(&self, image: Uuid) -> StoreResult<Vec<ImageRecord>>;
+    /// Replaces an image's layer list with an equivalent one (after compaction).
+    async fn set_image_layers(&self, image: Uuid, layers: &[String]) -> StoreResult<()>;
+
+    /// Records an upload in `namespace`, or bumps `updated_at` of the same content's record.
+    async fn upsert_file(&self, namespace: &str, sha256: &str, size: i64, now_us: i64) -> StoreResult<FileRecord>;
+    async fn file_by_sha256(&self, namespace: &str, sha256: &str) -> StoreResult<Option<FileRecord>>;
+    async fn file_by_uuid(&self, uuid: Uuid) -> StoreResult<Option<FileRecord>>;
+    async fn list_files(&self, filter: &FileFilter) -> StoreResult<Vec<FileRecord>>;
+
+    async fn insert_token(&self, token: &TokenRecord) -> StoreResult<()>;
+    /// An unrevoked token by the SHA-256 of its secret.
+    async fn active_token(&self, sha256: &str) -> StoreResult<Option<TokenRecord>>;
+    async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>>;
+    /// Marks a token revoked; false if there was no such active token.
+    async fn revoke_token(&self, uuid: Uuid, now_us: i64) -> StoreResult<bool>;
 
     async fn insert_operation(&self, op: &OperationRecord) -> StoreResult<()>;
     /// Rewrites the mutable columns of an operation row.

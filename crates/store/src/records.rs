@@ -88,5 +88,37 @@ pub struct EventRecord {
     pub data: Value,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileRecord {
+    pub uuid: Uuid,
+    pub namespace: String,
+    pub sha256: String,
+    pub size: i64,
+    pub created_at_us: i64,
+    pub updated_at_us: i64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct FileFilter {
+    pub namespace: String,
+    pub since_us: Option<i64>,
+    pub until_us: Option<i64>,
+    pub limit: i64,
+    pub offset: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenRecord {
+    /// Hex SHA-256 of the secret.
+    pub sha256: String,
+    pub uuid: Uuid,
+    pub namespace: String,
+    /// Permission names.
+    pub permissions: Vec<String>,
+    pub description: Option<String>,
+    pub created_at_us: i64,
+    pub revoked_at_us: Option<i64>,
+}
+
 /// Environment maps are stored as JSON objects.
 pub(crate) type EnvMap = BTreeMap<String, String>;

@@ -14,8 +14,8 @@ use uuid::Uuid;
 
 use crate::records::EnvMap;
 use crate::{
-    EventRecord, ImageFilter, ImageListing, ImageRecord, OperationFilter, OperationRecord, Store, StoreError,
-    StoreResult, TagRecord,
+    EventRecord, FileFilter, FileRecord, ImageFilter, ImageListing, ImageRecord, OperationFilter, OperationRecord,
+    Store, StoreError, StoreResult, TagRecord, TokenRecord,
 };
 
 /// The embedded store.
@@ -77,6 +77,29 @@ fn image_from_row(row: &SqliteRow) -> StoreResult<ImageRecord> {
         workdir: row.try_get("workdir")?,
         size_bytes: row.try_get("size_bytes")?,
         created_at_us: row.try_get("created_at")?,
+    })
+}
+
+fn file_from_row(row: &SqliteRow) -> StoreResult<FileRecord> {
+    Ok(FileRecord {
+        uuid: uuid_col(row, "uuid")?,
+        namespace: row.try_get("namespace")?,
+        sha256: row.try_get("sha256")?,
+        size: row.try_get("size")?,
+        created_at_us: row.try_get("created_at")?,
+        updated_at_us: row.try_get("updated_at")?,
+    })
+}
+
+fn token_from_row(row: &SqliteRow) -> StoreResult<TokenRecord> {
+    Ok(TokenRecord {
+        sha256: row.try_get("sha256")?,
+        uuid: uuid_col(row, "uuid")?,
+        namespace: row.try_get("namespace")?,
+        permissions: json_col(row, "permissions")?,
+        description: row.try_get("description")?,
+        created_at_us: row.try_get("created_at")?,
+        revoked_at_us: row.try_get("revoked_at")?,
     })
 }
 
@@ -273,6 +296,128 @@ impl Store for SqliteStore {
             .push_bind(f.offset);
         let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter().map(|r| Ok(ImageListing { image: image_from_row(r)?, tag: r.try_get("tag")? })).collect()
+    }
+
+    async fn delete_tag(&self, namespace: &str, tag: &str, image: Uuid) -> StoreResult<bool> {
+        let r = sqlx::query("DELETE FROM tags WHERE namespace = ? AND tag = ? AND image_uuid = ?")
+            .bind(namespace)
+            .bind(tag)
+            .bind(image.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
+    }
+
+    async fn delete_tags_of(&self, namespace: &str, image: Uuid) -> StoreResult<u64> {
+        let r = sqlx::query("DELETE FROM tags WHERE namespace = ? AND image_uuid = ?")
+            .bind(namespace)
+            .bind(image.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected())
+    }
+
+    async fn children_of(&self, image: Uuid) -> StoreResult<Vec<ImageRecord>> {
+        let rows = sqlx::query("SELECT * FROM images WHERE parent_uuid = ? ORDER BY created_at, uuid")
+            .bind(image.to_string())
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(image_from_row).collect()
+    }
+
+    async fn set_image_layers(&self, image: Uuid, layers: &[String]) -> StoreResult<()> {
+        sqlx::query("UPDATE images SET layers = ? WHERE uuid = ?")
+            .bind(serde_json::Value::from(layers.to_vec()).to_string())
+            .bind(image.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn upsert_file(&self, namespace: &str, sha256: &str, size: i64, now_us: i64) -> StoreResult<FileRecord> {
+        sqlx::query(
+            "INSERT INTO files (uuid, namespace, sha256, size, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
+             ON CONFLICT (namespace, sha256) DO UPDATE SET updated_at = excluded.updated_at",
+        )
+        .bind(Uuid::new_v4().to_string())
+        .bind(namespace)
+        .bind(sha256)
+        .bind(size)
+        .bind(now_us)
+        .bind(now_us)
+        .execute(&self.pool)
+        .await?;
+        self.file_by_sha256(namespace, sha256)
+            .await?
+            .ok_or_else(|| StoreError::Corrupt { what: "files", key: sha256.to_owned() })
+    }
+
+    async fn file_by_sha256(&self, namespace: &str, sha256: &str) -> StoreResult<Option<FileRecord>> {
+        let row = sqlx::query("SELECT * FROM files WHERE namespace = ? AND sha256 = ?")
+            .bind(namespace)
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(file_from_row).transpose()
+    }
+
+    async fn file_by_uuid(&self, uuid: Uuid) -> StoreResult<Option<FileRecord>> {
+        let row =
+            sqlx::query("SELECT * FROM files WHERE uuid = ?").bind(uuid.to_string()).fetch_optional(&self.pool).await?;
+        row.as_ref().map(file_from_row).transpose()
+    }
+
+    async fn list_files(&self, f: &FileFilter) -> StoreResult<Vec<FileRecord>> {
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM files WHERE namespace = ");
+        q.push_bind(&f.namespace);
+        if let Some(since) = f.since_us {
+            q.push(" AND created_at >= ").push_bind(since);
+        }
+        if let Some(until) = f.until_us {
+            q.push(" AND created_at <= ").push_bind(until);
+        }
+        q.push(" ORDER BY created_at DESC, uuid LIMIT ").push_bind(f.limit).push(" OFFSET ").push_bind(f.offset);
+        let rows = q.build().fetch_all(&self.pool).await?;
+        rows.iter().map(file_from_row).collect()
+    }
+
+    async fn insert_token(&self, t: &TokenRecord) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO tokens (sha256, uuid, namespace, permissions, description, created_at, revoked_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&t.sha256)
+        .bind(t.uuid.to_string())
+        .bind(&t.namespace)
+        .bind(serde_json::Value::from(t.permissions.clone()).to_string())
+        .bind(&t.description)
+        .bind(t.created_at_us)
+        .bind(t.revoked_at_us)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    async fn active_token(&self, sha256: &str) -> StoreResult<Option<TokenRecord>> {
+        let row = sqlx::query("SELECT * FROM tokens WHERE sha256 = ? AND revoked_at IS NULL")
+            .bind(sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        row.as_ref().map(token_from_row).transpose()
+    }
+
+    async fn list_tokens(&self) -> StoreResult<Vec<TokenRecord>> {
+        let rows = sqlx::query("SELECT * FROM tokens ORDER BY created_at").fetch_all(&self.pool).await?;
+        rows.iter().map(token_from_row).collect()
+    }
+
+    async fn revoke_token(&self, uuid: Uuid, now_us: i64) -> StoreResult<bool> {
+        let r = sqlx::query("UPDATE tokens SET revoked_at = ? WHERE uuid = ? AND revoked_at IS NULL")
+            .bind(now_us)
+            .bind(uuid.to_string())
+            .execute(&self.pool)
+            .await?;
+        Ok(r.rows_affected() > 0)
     }
 
     async fn insert_operation(&self, op: &OperationRecord) -> StoreResult<()> {

@@ -114,3 +114,50 @@ async fn operations_and_event_log_survive_reopen() {
         OperationFilter { namespace: "ns1".into(), status: Some("SUCCESS".into()), limit: 10, ..Default::default() };
     assert_eq!(store.list_operations(&f).await.unwrap().len(), 1);
 }
+
+#[tokio::test]
+async fn files_tokens_tag_removal_and_lineage() {
+    let store = SqliteStore::in_memory().await.unwrap();
+    let sha = "a".repeat(64);
+    let first = store.upsert_file("ns1", &sha, 5, 100).await.unwrap();
+    let again = store.upsert_file("ns1", &sha, 5, 200).await.unwrap();
+    assert_eq!(first.uuid, again.uuid, "same content, same uuid");
+    assert_eq!((again.created_at_us, again.updated_at_us), (100, 200));
+    let other_ns = store.upsert_file("ns2", &sha, 5, 300).await.unwrap();
+    assert_ne!(other_ns.uuid, first.uuid, "files are per namespace");
+    assert_eq!(store.file_by_uuid(first.uuid).await.unwrap().unwrap().namespace, "ns1");
+    assert!(store.file_by_sha256("ns3", &sha).await.unwrap().is_none());
+    let f = FileFilter { namespace: "ns1".into(), limit: 10, ..Default::default() };
+    assert_eq!(store.list_files(&f).await.unwrap().len(), 1);
+
+    let t = TokenRecord {
+        sha256: "b".repeat(64),
+        uuid: Uuid::new_v4(),
+        namespace: "ns1".into(),
+        permissions: vec!["list".into()],
+        description: Some("ci".into()),
+        created_at_us: 1,
+        revoked_at_us: None,
+    };
+    store.insert_token(&t).await.unwrap();
+    assert_eq!(store.active_token(&t.sha256).await.unwrap(), Some(t.clone()));
+    assert!(store.revoke_token(t.uuid, 2).await.unwrap());
+    assert!(!store.revoke_token(t.uuid, 3).await.unwrap());
+    assert!(store.active_token(&t.sha256).await.unwrap().is_none());
+    assert_eq!(store.list_tokens().await.unwrap()[0].revoked_at_us, Some(2));
+
+    let parent = image("ns1", 1);
+    let mut child = image("ns1", 2);
+    child.parent_uuid = Some(parent.uuid);
+    store.insert_image(&parent).await.unwrap();
+    store.insert_image(&child).await.unwrap();
+    assert_eq!(store.children_of(parent.uuid).await.unwrap(), vec![child.clone()]);
+    store.set_image_layers(child.uuid, &["sha256:bb".into(), "sha256:aa".into()]).await.unwrap();
+    assert_eq!(store.get_image(child.uuid).await.unwrap().unwrap().layers.len(), 2);
+    store.set_tag("ns1", "x:1", child.uuid, 1).await.unwrap();
+    store.set_tag("ns1", "x:2", child.uuid, 1).await.unwrap();
+    assert!(!store.delete_tag("ns1", "x:1", parent.uuid).await.unwrap(), "tag names another image");
+    assert!(store.delete_tag("ns1", "x:1", child.uuid).await.unwrap());
+    assert_eq!(store.delete_tags_of("ns1", child.uuid).await.unwrap(), 1);
+    assert!(store.resolve_tag("ns1", "x:2").await.unwrap().is_none());
+}
