@@ -12,12 +12,21 @@
 //! ```
 //! A layer becomes visible only by `rename` of a fully written, fsynced file and tree, so a
 //! crash leaves either the whole layer or stray staging files that start-up removes.
+//!
+//! Trees come from [`unpack_layer`] (a layer tar exported by the guest agent, unpacked
+//! without ever writing outside the staging tree) or [`merge_layers`] (squashing a stack of
+//! trees with overlayfs semantics).
 
 mod base;
+mod fsutil;
+mod merge;
 mod store;
+mod unpack;
 
 pub use base::build_busybox_tree;
+pub use merge::merge_layers;
 pub use store::{FsLayerStore, LayerInfo};
+pub use unpack::{UnpackStats, unpack_layer};
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +43,12 @@ pub enum ImageError {
     MissingLayer { digest: String },
     #[error("invalid layer digest {0:?}")]
     BadDigest(String),
+    /// A layer tar member that cannot be unpacked safely (escapes the tree, bad link, …).
+    #[error("refusing layer member {member:?}: {reason}")]
+    BadLayer { member: String, reason: String },
+    /// A tree argument that is not what the operation needs (e.g. a non-empty target).
+    #[error("invalid tree {path}: {reason}")]
+    InvalidTree { path: PathBuf, reason: String },
 }
 
 pub type ImageResult<T> = Result<T, ImageError>;
@@ -47,6 +62,8 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError +
 pub trait LayerStore: Send + Sync {
     /// The erofs disk image of a layer, to attach to a VM.
     fn layer_disk(&self, digest: &str) -> ImageResult<PathBuf>;
+    /// The unpacked tree of a layer (overlayfs "upper" format), read-only for callers.
+    fn layer_tree(&self, digest: &str) -> ImageResult<PathBuf>;
     /// A fresh staging directory on the store's filesystem, for building a layer tree.
     fn staging_dir(&self) -> ImageResult<PathBuf>;
     /// Turns a staged tree into a published layer (erofs image + tree), consuming the tree.

@@ -51,15 +51,6 @@ impl FsLayerStore {
         }
         Ok(hex)
     }
-
-    /// The unpacked tree of a layer.
-    pub fn layer_tree(&self, digest: &str) -> ImageResult<PathBuf> {
-        let path = self.root.join("trees").join(Self::hex_of(digest)?);
-        if !path.is_dir() {
-            return Err(ImageError::MissingLayer { digest: digest.into() });
-        }
-        Ok(path)
-    }
 }
 
 #[async_trait]
@@ -67,6 +58,14 @@ impl LayerStore for FsLayerStore {
     fn layer_disk(&self, digest: &str) -> ImageResult<PathBuf> {
         let path = self.root.join("layers").join(format!("{}.erofs", Self::hex_of(digest)?));
         if !path.is_file() {
+            return Err(ImageError::MissingLayer { digest: digest.into() });
+        }
+        Ok(path)
+    }
+
+    fn layer_tree(&self, digest: &str) -> ImageResult<PathBuf> {
+        let path = self.root.join("trees").join(Self::hex_of(digest)?);
+        if !path.is_dir() {
             return Err(ImageError::MissingLayer { digest: digest.into() });
         }
         Ok(path)

@@ -1,0 +1,340 @@
+//! [`unpack_layer`]: turns a layer tar from the guest agent into a tree in overlayfs "upper"
+//! format, refusing any member that would write outside the tree.
+//!
+//! The accepted format is POSIX PAX (ustar and GNU headers read too): relative member names
+//! (a leading `./` is tolerated), directories, regular files, symlinks, hardlinks to an
+//! earlier member, FIFOs and char devices 0/0 (overlayfs whiteouts); numeric uid/gid, the
+//! 07777 mode bits, mtime, and xattrs as `SCHILY.xattr.<name>` PAX records.
+//!
+//! Hostile or unsupported input is handled by one rule:
+//! * **refused** (an [`ImageError::BadLayer`] naming the member; the caller deletes the tree)
+//!   — anything about *where* a member goes: an absolute name, a `..` component, a member
+//!   whose parent is a symlink or a non-directory, a member that would replace a directory
+//!   with a non-directory, a hardlink whose target is absolute, has `..`, goes through a
+//!   symlink, is a directory or is not an earlier member; an unreadable header field.
+//! * **skipped with a `tracing` warning** — members and xattrs the format has no room for:
+//!   device nodes other than char 0/0 (so every block device), other/unknown member types,
+//!   xattrs outside `user.`/`security.`/`trusted.`, overlayfs-private `trusted.overlay.*`
+//!   xattrs other than `trusted.overlay.opaque=y`.
+//!
+//! Nothing ever follows a symlink while creating: each parent component is checked with
+//! `symlink_metadata` to be a real directory (the tree is ours alone while unpacking, so the
+//! check cannot go stale), files are created with `O_EXCL`, and ownership, times and xattrs
+//! are set with the no-follow calls.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io::{self, BufReader};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::symlink;
+use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::FileType;
+use tar::EntryType;
+
+use crate::fsutil::{self, OPAQUE_XATTR, OVERLAY_XATTR_PREFIX};
+use crate::{ImageError, ImageResult, io_err};
+
+/// What [`unpack_layer`] wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnpackStats {
+    /// Members materialised in the tree (skipped members not counted).
+    pub entries: u64,
+    /// Bytes written to regular files (a hardlink adds none).
+    pub content_bytes: u64,
+}
+
+/// Owner, permissions, time and xattrs of one member.
+struct Meta {
+    uid: u32,
+    gid: u32,
+    mode: u32,
+    mtime: (i64, u32),
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+/// A directory whose mode and mtime are set once all its children are in place.
+struct PendingDir {
+    path: PathBuf,
+    mode: u32,
+    mtime: (i64, u32),
+}
+
+/// Unpacks the layer tar at `tar` into `tree`, which must be an existing empty directory.
+/// Streams: memory use does not grow with file sizes. On error `tree` may hold a partial
+/// unpack (the caller deletes it) but nothing outside it was touched.
+pub fn unpack_layer(tar: &Path, tree: &Path) -> ImageResult<UnpackStats> {
+    let root_meta = tree.symlink_metadata().map_err(io_err(tree))?;
+    if !root_meta.is_dir() || std::fs::read_dir(tree).map_err(io_err(tree))?.next().is_some() {
+        return Err(ImageError::InvalidTree { path: tree.to_owned(), reason: "not an empty directory".into() });
+    }
+    let file = File::open(tar).map_err(io_err(tar))?;
+    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 16, file));
+    let mut unpacker = Unpacker { tree, stats: UnpackStats::default(), dirs: Vec::new() };
+    for entry in archive.entries().map_err(io_err(tar))? {
+        let entry = entry.map_err(io_err(tar))?;
+        unpacker.member(entry, tar)?;
+    }
+    // Children first, so that no later creation bumps a directory's mtime.
+    for dir in unpacker.dirs.iter().rev() {
+        fsutil::chmod(&dir.path, dir.mode)?;
+        fsutil::set_times(&dir.path, dir.mtime, dir.mtime)?;
+    }
+    Ok(unpacker.stats)
+}
+
+struct Unpacker<'a> {
+    tree: &'a Path,
+    stats: UnpackStats,
+    dirs: Vec<PendingDir>,
+}
+
+impl Unpacker<'_> {
+    fn member<R: io::Read>(&mut self, mut entry: tar::Entry<'_, R>, tar: &Path) -> ImageResult<()> {
+        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        let bad = |reason: String| ImageError::BadLayer { member: name.clone(), reason };
+        let kind = entry.header().entry_type();
+        if kind.is_pax_global_extensions() {
+            tracing::debug!(member = %name, "ignoring PAX global header");
+            return Ok(());
+        }
+        let rel = member_path(&entry.path_bytes()).map_err(bad)?;
+        let meta = read_meta(&mut entry).map_err(bad)?;
+        let is_root = rel.as_os_str().is_empty();
+        if is_root && !kind.is_dir() {
+            return Err(bad("only a directory may name the root of the layer".into()));
+        }
+        match kind {
+            EntryType::Directory => {
+                let path = if is_root { self.tree.to_owned() } else { self.slot(&rel, true).map_err(bad)? };
+                if !path.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                    std::fs::create_dir(&path).map_err(io_err(&path))?;
+                }
+                fsutil::chown(&path, meta.uid, meta.gid)?;
+                set_xattrs(&path, &meta.xattrs)?;
+                self.dirs.push(PendingDir { path, mode: meta.mode, mtime: meta.mtime });
+            }
+            EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                let path = self.slot(&rel, false).map_err(bad)?;
+                let mut file = fsutil::create_file(&path)?;
+                self.stats.content_bytes += io::copy(&mut entry, &mut file).map_err(io_err(tar))?;
+                drop(file);
+                finish(&path, &meta, true)?;
+            }
+            EntryType::Symlink => {
+                let target = entry.link_name_bytes().ok_or_else(|| bad("symlink without a target".into()))?;
+                let target = PathBuf::from(OsStr::from_bytes(&target));
+                let path = self.slot(&rel, false).map_err(bad)?;
+                symlink(&target, &path).map_err(io_err(&path))?;
+                finish(&path, &meta, false)?;
+            }
+            EntryType::Link => {
+                let target = entry.link_name_bytes().ok_or_else(|| bad("hardlink without a target".into()))?;
+                let target = member_path(&target).map_err(|r| bad(format!("hardlink target: {r}")))?;
+                if target == rel {
+                    return Err(bad("hardlink to itself".into()));
+                }
+                let original = self.existing(&target).map_err(|r| bad(format!("hardlink target: {r}")))?;
+                let path = self.slot(&rel, false).map_err(bad)?;
+                fsutil::hard_link(&original, &path)?;
+            }
+            EntryType::Fifo => {
+                let path = self.slot(&rel, false).map_err(bad)?;
+                fsutil::mknod(&path, FileType::Fifo, 0)?;
+                finish(&path, &meta, true)?;
+            }
+            EntryType::Char if device_numbers(&entry).map_err(bad)? == (0, 0) => {
+                let path = self.slot(&rel, false).map_err(bad)?;
+                fsutil::mknod(&path, FileType::CharacterDevice, 0)?;
+                finish(&path, &meta, true)?;
+            }
+            EntryType::Char | EntryType::Block => {
+                tracing::warn!(member = %name, "skipping device node: a layer holds only 0/0 whiteouts");
+                return Ok(());
+            }
+            other => {
+                tracing::warn!(member = %name, kind = ?other, "skipping member of a type layers do not hold");
+                return Ok(());
+            }
+        }
+        self.stats.entries += 1;
+        Ok(())
+    }
+
+    /// Readies `tree/rel` for a new entry: parents are real directories (missing ones are
+    /// created), and a non-directory already there is removed (a later duplicate member
+    /// wins, as in tar). An existing directory stays when a directory is wanted.
+    fn slot(&self, rel: &Path, want_dir: bool) -> Result<PathBuf, String> {
+        let path = self.walk_parents(rel, true)?;
+        match path.symlink_metadata() {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(path),
+            Err(e) => Err(format!("cannot inspect {}: {e}", path.display())),
+            Ok(m) if m.is_dir() && want_dir => Ok(path),
+            Ok(m) if m.is_dir() => Err("would replace a directory with a non-directory".into()),
+            Ok(_) => {
+                std::fs::remove_file(&path).map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
+                Ok(path)
+            }
+        }
+    }
+
+    /// An earlier non-directory member reached without following any symlink.
+    fn existing(&self, rel: &Path) -> Result<PathBuf, String> {
+        let path = self.walk_parents(rel, false)?;
+        match path.symlink_metadata() {
+            Ok(m) if m.is_dir() => Err("is a directory".into()),
+            Ok(_) => Ok(path),
+            Err(_) => Err(format!("{} is not an earlier member", rel.display())),
+        }
+    }
+
+    /// `tree/rel` after checking that every parent component is a real directory.
+    fn walk_parents(&self, rel: &Path, create: bool) -> Result<PathBuf, String> {
+        let mut path = self.tree.to_owned();
+        let mut components = rel.components().peekable();
+        while let Some(component) = components.next() {
+            path.push(component);
+            if components.peek().is_none() {
+                break;
+            }
+            match path.symlink_metadata() {
+                Ok(m) if m.is_dir() => {}
+                Ok(m) if m.is_symlink() => return Err(format!("parent {} is a symlink", shown(self.tree, &path))),
+                Ok(_) => return Err(format!("parent {} is not a directory", shown(self.tree, &path))),
+                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
+                    std::fs::create_dir(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+                }
+                Err(_) => return Err(format!("parent {} does not exist", shown(self.tree, &path))),
+            }
+        }
+        Ok(path)
+    }
+}
+
+fn shown(tree: &Path, path: &Path) -> String {
+    path.strip_prefix(tree).unwrap_or(path).display().to_string()
+}
+
+/// Owner, mode (after chown, which clears setuid/setgid), xattrs (after chown, which clears
+/// `security.capability`), then times.
+fn finish(path: &Path, meta: &Meta, chmod: bool) -> ImageResult<()> {
+    fsutil::chown(path, meta.uid, meta.gid)?;
+    if chmod {
+        fsutil::chmod(path, meta.mode)?;
+    }
+    set_xattrs(path, &meta.xattrs)?;
+    fsutil::set_times(path, meta.mtime, meta.mtime)
+}
+
+fn set_xattrs(path: &Path, xattrs: &[(String, Vec<u8>)]) -> ImageResult<()> {
+    xattrs.iter().try_for_each(|(name, value)| fsutil::set_xattr(path, name, value))
+}
+
+/// A member name as a relative path of normal components: `.` and empty components dropped
+/// (so `./a//b/` is `a/b`, and `./` is the empty path, the root); absolute or `..` refused.
+pub(crate) fn member_path(raw: &[u8]) -> Result<PathBuf, String> {
+    if raw.first() == Some(&b'/') {
+        return Err("absolute path".into());
+    }
+    if raw.contains(&0) {
+        return Err("NUL byte in path".into());
+    }
+    let mut rel = PathBuf::new();
+    for component in Path::new(OsStr::from_bytes(raw)).components() {
+        match component {
+            Component::Normal(part) => rel.push(part),
+            Component::CurDir => {}
+            Component::ParentDir => return Err("`..` component in path".into()),
+            Component::RootDir | Component::Prefix(_) => return Err("absolute path".into()),
+        }
+    }
+    Ok(rel)
+}
+
+fn device_numbers<R: io::Read>(entry: &tar::Entry<'_, R>) -> Result<(u32, u32), String> {
+    let header = entry.header();
+    let major = header.device_major().map_err(|e| format!("bad device major: {e}"))?.unwrap_or(0);
+    let minor = header.device_minor().map_err(|e| format!("bad device minor: {e}"))?.unwrap_or(0);
+    Ok((major, minor))
+}
+
+fn read_meta<R: io::Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, String> {
+    let header = entry.header();
+    // PAX uid/gid records are already folded into the header by the tar crate.
+    let uid = header.uid().map_err(|e| format!("bad uid: {e}"))?;
+    let gid = header.gid().map_err(|e| format!("bad gid: {e}"))?;
+    let uid = u32::try_from(uid).map_err(|_| format!("uid {uid} out of range"))?;
+    let gid = u32::try_from(gid).map_err(|_| format!("gid {gid} out of range"))?;
+    let mode = header.mode().map_err(|e| format!("bad mode: {e}"))? & 0o7777;
+    let header_mtime = header.mtime().map_err(|e| format!("bad mtime: {e}"))?;
+    let mut mtime = (i64::try_from(header_mtime).map_err(|_| "mtime out of range".to_string())?, 0);
+    let mut xattrs = Vec::new();
+    let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+    if let Some(pax) = entry.pax_extensions().map_err(|e| format!("bad PAX header: {e}"))? {
+        for record in pax {
+            let record = record.map_err(|e| format!("bad PAX record: {e}"))?;
+            let Ok(key) = record.key() else { continue };
+            if key == "mtime" {
+                let value = record.value().map_err(|_| "non-UTF-8 PAX mtime".to_string())?;
+                mtime = pax_time(value).ok_or_else(|| format!("bad PAX mtime {value:?}"))?;
+            } else if let Some(xattr) = key.strip_prefix("SCHILY.xattr.") {
+                let value = record.value_bytes();
+                match xattr_refusal(xattr, value) {
+                    None => xattrs.push((xattr.to_owned(), value.to_vec())),
+                    Some(why) => tracing::warn!(member = %name, xattr, "skipping xattr: {why}"),
+                }
+            }
+        }
+    }
+    Ok(Meta { uid, gid, mode, mtime, xattrs })
+}
+
+/// Why an xattr from the archive is not written, if it is not.
+fn xattr_refusal(name: &str, value: &[u8]) -> Option<&'static str> {
+    if name == OPAQUE_XATTR {
+        return (value != b"y").then_some("opaque marker other than \"y\"");
+    }
+    if name.starts_with(OVERLAY_XATTR_PREFIX) {
+        return Some("overlayfs-private xattr");
+    }
+    if ["user.", "security.", "trusted."].iter().any(|ns| name.starts_with(ns)) {
+        return None;
+    }
+    Some("namespace not kept in layers")
+}
+
+/// A PAX time `[-]secs[.frac]` as (seconds, nanoseconds ≥ 0).
+fn pax_time(value: &str) -> Option<(i64, u32)> {
+    let (secs, frac) = value.split_once('.').unwrap_or((value, ""));
+    let negative = secs.starts_with('-');
+    let secs: i64 = secs.parse().ok()?;
+    if !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
+    let nanos: u32 = digits.parse().ok()?;
+    if negative && nanos > 0 { Some((secs - 1, 1_000_000_000 - nanos)) } else { Some((secs, nanos)) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_names_are_normalised_or_refused() {
+        assert_eq!(member_path(b"./a//b/").unwrap(), PathBuf::from("a/b"));
+        assert_eq!(member_path(b"./").unwrap(), PathBuf::new());
+        assert!(member_path(b"/etc/passwd").is_err());
+        assert!(member_path(b"a/../../x").is_err());
+        assert!(member_path(b"..").is_err());
+        assert!(member_path(b"a\0b").is_err());
+    }
+
+    #[test]
+    fn pax_times_parse() {
+        assert_eq!(pax_time("1700000000"), Some((1_700_000_000, 0)));
+        assert_eq!(pax_time("1700000000.5"), Some((1_700_000_000, 500_000_000)));
+        assert_eq!(pax_time("-1.25"), Some((-2, 750_000_000)));
+        assert_eq!(pax_time("12x"), None);
+    }
+}

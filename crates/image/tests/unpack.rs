@@ -1,0 +1,280 @@
+//! `unpack_layer`: every member type round-trips, and hostile tars never write outside the
+//! tree (each hostile case checks a sentinel directory and the tree's parent afterwards).
+
+mod common;
+
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use boxwood_image::{ImageError, UnpackStats, unpack_layer};
+use common::*;
+use tar::EntryType;
+
+/// A valid `security.capability` (v2, effective, cap_net_bind_service permitted).
+const CAP: [u8; 20] = [1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+
+fn meta(path: &Path) -> std::fs::Metadata {
+    path.symlink_metadata().unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+#[test]
+fn every_member_type_round_trips() {
+    let base = tempfile::tempdir().unwrap();
+    let big: Vec<u8> = (0..3_000_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let user = Hdr { mode: 0o4755, uid: 1000, gid: 1000, mtime: 1_234_567_890 };
+    let mut tb = TarBuilder::new();
+    tb.dir("./", Hdr { mode: 0o755, mtime: 1_000_000, ..Hdr::default() }, &[])
+        .dir("./etc/", Hdr { mode: 0o755, mtime: 1_500_000_000, ..Hdr::default() }, &[])
+        .file("./etc/passwd", b"root:x:0:0::/root:/bin/sh\n", Hdr::default(), &[])
+        .dir("./bin/", Hdr { mode: 0o755, ..Hdr::default() }, &[])
+        .file("./bin/su", b"#!/bin/sh\n", user, &[("security.capability", &CAP), ("user.note", b"v\0bin")])
+        .hardlink("./bin/su-again", "./bin/su")
+        .symlink("./bin/sh", "/bin/busybox")
+        .file("bin/big", &big, Hdr { mode: 0o600, ..Hdr::default() }, &[])
+        .dir("./opq/", Hdr { mode: 0o2775, uid: 1000, gid: 1000, mtime: 1_400_000_000 }, &[(OPAQUE, b"y")])
+        .file("./opq/inner", b"inner", Hdr::default(), &[])
+        .dir("./tmp/", Hdr { mode: 0o1777, ..Hdr::default() }, &[])
+        .raw(EntryType::Char, "./gone", None, &[], Hdr { mode: 0o600, ..Hdr::default() }, &[])
+        .raw(EntryType::Fifo, "./fifo", None, &[], Hdr { mode: 0o640, uid: 5, gid: 6, mtime: 42 }, &[]);
+    let tar = tb.write(base.path(), "layer");
+    let tree = dir(base.path(), "tree");
+
+    let stats = unpack_layer(&tar, &tree).unwrap();
+    assert_eq!(stats, UnpackStats { entries: 13, content_bytes: 26 + 10 + big.len() as u64 + 5 });
+
+    let su = meta(&tree.join("bin/su"));
+    assert_eq!((su.mode() & 0o7777, su.uid(), su.gid(), su.mtime()), (0o4755, 1000, 1000, 1_234_567_890));
+    assert_eq!(get_xattr(&tree.join("bin/su"), "security.capability").as_deref(), Some(&CAP[..]));
+    assert_eq!(get_xattr(&tree.join("bin/su"), "user.note").as_deref(), Some(&b"v\0bin"[..]));
+    assert_eq!(meta(&tree.join("bin/su-again")).ino(), su.ino(), "hardlink shares the inode");
+    assert_eq!(std::fs::read_link(tree.join("bin/sh")).unwrap(), Path::new("/bin/busybox"));
+    assert_eq!(std::fs::read(tree.join("bin/big")).unwrap(), big);
+    assert_eq!(std::fs::read_to_string(tree.join("etc/passwd")).unwrap(), "root:x:0:0::/root:/bin/sh\n");
+
+    let opq = meta(&tree.join("opq"));
+    assert_eq!((opq.mode() & 0o7777, opq.uid(), opq.gid()), (0o2775, 1000, 1000));
+    assert_eq!(opq.mtime(), 1_400_000_000, "directory mtime set after its children");
+    assert_eq!(get_xattr(&tree.join("opq"), OPAQUE).as_deref(), Some(&b"y"[..]));
+    assert_eq!(meta(&tree.join("etc")).mtime(), 1_500_000_000);
+    assert_eq!(meta(&tree.join("tmp")).mode() & 0o7777, 0o1777);
+    assert_eq!(meta(&tree).mtime(), 1_000_000, "`./` sets the root's metadata");
+
+    assert!(is_whiteout(&tree.join("gone")), "whiteout is a char 0/0 device");
+    let fifo = meta(&tree.join("fifo"));
+    assert!(fifo.file_type().is_fifo());
+    assert_eq!((fifo.mode() & 0o7777, fifo.uid(), fifo.gid(), fifo.mtime()), (0o640, 5, 6, 42));
+}
+
+#[test]
+fn pax_records_override_header_fields() {
+    let base = tempfile::tempdir().unwrap();
+    let long = format!("{}/{}", "d".repeat(120), "f".repeat(120));
+    let mut tb = TarBuilder::new();
+    tb.pax(&[("uid", b"3000000"), ("gid", b"3000001"), ("mtime", b"1700000000.25"), ("path", long.as_bytes())])
+        .file("short-name", b"x", Hdr::default(), &[])
+        .pax(&[("mtime", b"-10"), ("SCHILY.xattr.user.k", b"v")])
+        .file("old", b"y", Hdr::default(), &[]);
+    let tar = tb.write(base.path(), "layer");
+    let tree = dir(base.path(), "tree");
+    unpack_layer(&tar, &tree).unwrap();
+    let f = meta(&tree.join(&long));
+    assert_eq!((f.uid(), f.gid(), f.mtime(), f.mtime_nsec()), (3_000_000, 3_000_001, 1_700_000_000, 250_000_000));
+    assert!(!exists(&tree.join("short-name")));
+    assert_eq!(meta(&tree.join("old")).mtime(), -10);
+    assert_eq!(get_xattr(&tree.join("old"), "user.k").as_deref(), Some(&b"v"[..]));
+}
+
+#[test]
+fn unpacking_needs_an_empty_tree() {
+    let base = tempfile::tempdir().unwrap();
+    let mut tb = TarBuilder::new();
+    tb.file("a", b"a", Hdr::default(), &[]);
+    let tar = tb.write(base.path(), "layer");
+    let tree = dir(base.path(), "tree");
+    file(&tree, "already", "here");
+    assert!(matches!(unpack_layer(&tar, &tree), Err(ImageError::InvalidTree { .. })));
+}
+
+/// A base dir holding `tree/` (the unpack target) and `sentinel/` (a stand-in for the host),
+/// with a snapshot of everything outside the tree taken before unpacking.
+struct Hostile {
+    base: tempfile::TempDir,
+    tree: PathBuf,
+    sentinel: PathBuf,
+}
+
+impl Hostile {
+    fn new() -> Self {
+        let base = tempfile::tempdir().unwrap();
+        let tree = dir(base.path(), "tree");
+        let sentinel = dir(base.path(), "sentinel");
+        file(&sentinel, "secret", "do not touch");
+        Hostile { base, tree, sentinel }
+    }
+
+    fn sentinel_str(&self) -> String {
+        self.sentinel.display().to_string()
+    }
+
+    /// Unpacks `tb`, then asserts nothing outside the tree changed: the base holds only
+    /// `tree`, `sentinel` and the tar, and the sentinel is as it was (content, mode, links).
+    fn unpack(&self, tb: TarBuilder) -> Result<UnpackStats, ImageError> {
+        let tar = tb.write(self.base.path(), "hostile");
+        let before = snapshot(&self.sentinel);
+        let secret = meta(&self.sentinel.join("secret"));
+        let result = unpack_layer(&tar, &self.tree);
+        assert_same_view(&before, &snapshot(&self.sentinel), "sentinel after a hostile unpack");
+        assert_eq!(meta(&self.sentinel.join("secret")).nlink(), secret.nlink(), "no hardlink to the sentinel");
+        let mut names: Vec<String> = std::fs::read_dir(self.base.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["hostile.tar", "sentinel", "tree"], "nothing created beside the tree");
+        result
+    }
+}
+
+fn refused(result: Result<UnpackStats, ImageError>, member: &str) {
+    match result {
+        Err(ImageError::BadLayer { member: m, reason }) => {
+            assert_eq!(m, member, "error names the member ({reason})");
+        }
+        other => panic!("{member}: expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn parent_dir_escapes_are_refused() {
+    for name in ["../escape", "a/../../x", "./../escape", "..", "a/.."] {
+        let h = Hostile::new();
+        let mut tb = TarBuilder::new();
+        tb.dir("a/", Hdr::default(), &[]).file(name, b"x", Hdr::default(), &[]);
+        refused(h.unpack(tb), name);
+    }
+    let h = Hostile::new();
+    let mut tb = TarBuilder::new();
+    tb.raw(EntryType::Char, "../x", None, &[], Hdr::default(), &[]);
+    refused(h.unpack(tb), "../x");
+}
+
+#[test]
+fn absolute_names_are_refused() {
+    let h = Hostile::new();
+    let name = format!("{}/abs", h.sentinel_str());
+    let mut tb = TarBuilder::new();
+    tb.file(&name, b"x", Hdr::default(), &[]);
+    refused(h.unpack(tb), &name);
+    assert!(!exists(&h.sentinel.join("abs")));
+}
+
+#[test]
+fn nothing_is_created_through_a_symlink() {
+    let h = Hostile::new();
+    let mut tb = TarBuilder::new();
+    tb.symlink("link", &h.sentinel_str()).file("link/file", b"pwned", Hdr::default(), &[]);
+    refused(h.unpack(tb), "link/file");
+
+    // directories too, and a symlink reached through `./`
+    let h = Hostile::new();
+    let mut tb = TarBuilder::new();
+    tb.symlink("./link", &h.sentinel_str()).dir("./link/sub/", Hdr::default(), &[]);
+    refused(h.unpack(tb), "./link/sub/");
+
+    // a member *named* like an earlier symlink replaces the symlink, never writes through it
+    let h = Hostile::new();
+    let secret = format!("{}/secret", h.sentinel_str());
+    let mut tb = TarBuilder::new();
+    tb.symlink("s", &secret)
+        .file("s", b"replaced", Hdr { mode: 0o777, ..Hdr::default() }, &[("user.x", b"1")])
+        .symlink("d", &h.sentinel_str())
+        .dir("d/", Hdr { mode: 0o777, ..Hdr::default() }, &[]);
+    h.unpack(tb).unwrap();
+    assert_eq!(std::fs::read_to_string(h.tree.join("s")).unwrap(), "replaced");
+    assert!(meta(&h.tree.join("d")).is_dir());
+}
+
+#[test]
+fn hardlinks_outside_the_tree_are_refused() {
+    for target in ["/etc/passwd", "../sentinel/secret", "../../etc/passwd"] {
+        let h = Hostile::new();
+        let mut tb = TarBuilder::new();
+        tb.hardlink("h", target);
+        refused(h.unpack(tb), "h");
+    }
+    // a target through a symlink
+    let h = Hostile::new();
+    let mut tb = TarBuilder::new();
+    tb.symlink("link", &h.sentinel_str()).hardlink("h", "link/secret");
+    refused(h.unpack(tb), "h");
+    // a target that was never a member
+    let h = Hostile::new();
+    let mut tb = TarBuilder::new();
+    tb.hardlink("h", "nothing");
+    refused(h.unpack(tb), "h");
+    // a directory
+    let h = Hostile::new();
+    let mut tb = TarBuilder::new();
+    tb.dir("d/", Hdr::default(), &[]).hardlink("h", "d");
+    refused(h.unpack(tb), "h");
+    // a hardlink to an escaping symlink links the symlink itself, never its target
+    let h = Hostile::new();
+    let secret = format!("{}/secret", h.sentinel_str());
+    let mut tb = TarBuilder::new();
+    tb.symlink("link", &secret).hardlink("h", "link");
+    h.unpack(tb).unwrap();
+    let link = meta(&h.tree.join("h"));
+    assert!(link.file_type().is_symlink());
+    assert_eq!(link.ino(), meta(&h.tree.join("link")).ino());
+}
+
+#[test]
+fn devices_and_unknown_types_are_skipped() {
+    let h = Hostile::new();
+    let mut tb = TarBuilder::new();
+    tb.device(EntryType::Block, "sda", 8, 0)
+        .device(EntryType::Char, "null", 1, 3)
+        .device(EntryType::Char, "whiteout", 0, 0)
+        .raw(EntryType::new(b'V'), "volume-label", None, &[], Hdr::default(), &[])
+        .file("after", b"still unpacked", Hdr::default(), &[]);
+    let stats = h.unpack(tb).unwrap();
+    assert_eq!(stats.entries, 2);
+    assert!(!exists(&h.tree.join("sda")) && !exists(&h.tree.join("null")) && !exists(&h.tree.join("volume-label")));
+    assert!(is_whiteout(&h.tree.join("whiteout")));
+    assert_eq!(std::fs::read_to_string(h.tree.join("after")).unwrap(), "still unpacked");
+}
+
+#[test]
+fn overlay_private_and_foreign_xattrs_are_dropped() {
+    let h = Hostile::new();
+    let mut tb = TarBuilder::new();
+    tb.dir(
+        "d/",
+        Hdr::default(),
+        &[("trusted.overlay.redirect", b"/etc"), ("system.foo", b"x"), ("user.ok", b"1"), (OPAQUE, b"x")],
+    );
+    h.unpack(tb).unwrap();
+    let d = h.tree.join("d");
+    assert_eq!(get_xattr(&d, "user.ok").as_deref(), Some(&b"1"[..]));
+    assert_eq!(get_xattr(&d, "trusted.overlay.redirect"), None);
+    assert_eq!(get_xattr(&d, OPAQUE), None);
+}
+
+#[test]
+fn structural_conflicts_are_refused() {
+    // a parent that is a file
+    let h = Hostile::new();
+    let mut tb = TarBuilder::new();
+    tb.file("f", b"x", Hdr::default(), &[]).file("f/x", b"x", Hdr::default(), &[]);
+    refused(h.unpack(tb), "f/x");
+    // a non-directory over a directory
+    let h = Hostile::new();
+    let mut tb = TarBuilder::new();
+    tb.dir("d/", Hdr::default(), &[]).file("d/in", b"x", Hdr::default(), &[]).file("d", b"x", Hdr::default(), &[]);
+    refused(h.unpack(tb), "d");
+    // the root as a non-directory
+    let h = Hostile::new();
+    let mut tb = TarBuilder::new();
+    tb.file("./", b"x", Hdr::default(), &[]);
+    refused(h.unpack(tb), "./");
+}
