@@ -10,11 +10,13 @@
 //! # Conversation
 //! 1. The agent opens the port named [`PORT_NAME`] and sends [`GuestMessage::Hello`].
 //! 2. The host answers with [`HostMessage::Setup`]; the agent replies
-//!    [`GuestMessage::SetupDone`] (or [`GuestMessage::SetupFailed`]).
+//!    [`GuestMessage::SetupDone`] with a [`SetupReport`] (or [`GuestMessage::SetupFailed`]).
 //! 3. The host sends any number of [`HostMessage::Spawn`]s; each process is named by a
 //!    host-chosen `id` (the Contree `spid`) and yields `Spawned`/`SpawnFailed`, `Output`
 //!    chunks and finally `Exited`.
-//! 4. [`HostMessage::Shutdown`] makes the agent sync and power the VM off.
+//! 4. Before a run, [`HostMessage::PutFile`] chunks inject uploaded files; after it,
+//!    [`HostMessage::ExportUpper`] streams the run's filesystem changes back as a tar.
+//! 5. [`HostMessage::Shutdown`] makes the agent sync and power the VM off.
 //!
 //! The protocol is versioned by [`PROTOCOL_VERSION`]; the host refuses a `Hello` whose version
 //! differs, because both ends are built from the same workspace.
@@ -26,7 +28,7 @@ pub use codec::{FrameDecoder, ProtocolError, encode_frame};
 pub use messages::*;
 
 /// Version carried in [`Hello`]; bump on any incompatible message change.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Name of the virtio-serial port (`virtserialport,name=…`) the agent talks on.
 pub const PORT_NAME: &str = "boxwood.agent";

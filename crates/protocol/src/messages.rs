@@ -16,6 +16,15 @@ pub enum HostMessage {
     Signal { id: u32, signal: i32 },
     /// Sync filesystems and power off.
     Shutdown,
+    /// One chunk of a file to create in the root filesystem before a run. Chunks of a file
+    /// arrive in order; `offset == 0` creates (or truncates) it, creating missing parent
+    /// directories (root-owned, 0755); `last` applies `mode`/`uid`/`gid` and closes it. The
+    /// agent answers only the last chunk, with `FilePut` or `FileFailed` (a failure of an
+    /// earlier chunk is remembered and reported then).
+    PutFile(PutFile),
+    /// Kill every process but the agent, sync, and stream the overlay's upper directory (the
+    /// run's changes) as a tar: `UpperChunk`s, then `UpperDone` (or `UpperFailed`).
+    ExportUpper,
 }
 
 /// Guest → host.
@@ -23,7 +32,7 @@ pub enum HostMessage {
 pub enum GuestMessage {
     /// First message after the agent opened the port.
     Hello(Hello),
-    SetupDone,
+    SetupDone(SetupReport),
     SetupFailed {
         error: String,
     },
@@ -49,6 +58,26 @@ pub enum GuestMessage {
         id: u32,
         error: String,
     },
+    FilePut {
+        path: String,
+    },
+    FileFailed {
+        path: String,
+        error: String,
+    },
+    /// Part of the upper-directory tar (see [`HostMessage::ExportUpper`]).
+    UpperChunk {
+        data: Vec<u8>,
+    },
+    /// The tar is complete: `entries` members, `bytes` of tar stream in total. An upper
+    /// directory with no changes gives `entries == 0`.
+    UpperDone {
+        entries: u64,
+        bytes: u64,
+    },
+    UpperFailed {
+        error: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +99,59 @@ pub struct Setup {
     pub entropy: Vec<u8>,
     pub hostname: String,
     pub rootfs: RootfsSpec,
+    /// Configure the (single) virtio-net interface; `None`: the VM has no network.
+    pub network: Option<NetworkConfig>,
+}
+
+/// Static IPv4 configuration of the guest's interface (QEMU user-mode networking).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkConfig {
+    /// CIDR, e.g. `10.0.2.15/24`.
+    pub address: String,
+    pub gateway: String,
+    pub nameserver: String,
+}
+
+/// What the guest reports once Setup is done.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetupReport {
+    /// Present when networking was configured.
+    pub network: Option<NetworkReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkReport {
+    pub interfaces: Vec<InterfaceCounters>,
+    pub configured: NetworkConfig,
+    /// Set when reading counters failed (`interfaces` is then empty).
+    pub error: Option<String>,
+}
+
+/// `/sys/class/net/<name>/statistics/*` of one interface.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InterfaceCounters {
+    pub name: String,
+    pub rx_bytes: u64,
+    pub rx_packets: u64,
+    pub rx_errs: u64,
+    pub rx_drop: u64,
+    pub tx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_errs: u64,
+    pub tx_drop: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PutFile {
+    /// Absolute path inside the root filesystem.
+    pub path: String,
+    /// Permission bits (`& 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub offset: u64,
+    pub data: Vec<u8>,
+    pub last: bool,
 }
 
 /// How the agent assembles the root filesystem processes run in.
