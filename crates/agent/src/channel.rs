@@ -1,9 +1,12 @@
 //! The host channel: a reader thread that turns port bytes into `HostMessage`s and a writer
 //! thread that frames `GuestMessage`s. Plain threads with blocking I/O keep the char device
 //! out of the async reactor; the rest of the agent talks to them through tokio channels.
+//! Bulk streams (the upper-layer tar) bypass the queue and write frames straight to the port
+//! through a [`PortWriter`], so their memory use is bounded by one chunk.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use boxwood_protocol::{FrameDecoder, GuestMessage, HostMessage, MAX_FRAME_BYTES, encode_frame};
@@ -12,14 +15,38 @@ use tokio::sync::mpsc;
 /// Messages queued for the host. Bounded, so a flood of output waits for the channel.
 pub type Outbox = mpsc::Sender<GuestMessage>;
 
+/// The port's write side, shared by the writer thread and bulk senders. Each frame is written
+/// whole under the lock, so frames of different senders never interleave.
+#[derive(Clone)]
+pub struct PortWriter {
+    port: Arc<Mutex<File>>,
+}
+
+impl PortWriter {
+    /// Writes one frame, blocking until the port has taken it (the host's pace).
+    pub fn send_blocking(&self, msg: &GuestMessage) -> io::Result<()> {
+        let frame = encode_frame(msg).map_err(io::Error::other)?;
+        self.port.lock().unwrap_or_else(PoisonError::into_inner).write_all(&frame)
+    }
+}
+
+/// The agent's ends of the channel.
+pub struct Channel {
+    pub outbox: Outbox,
+    pub inbox: mpsc::UnboundedReceiver<HostMessage>,
+    pub writer: PortWriter,
+}
+
 /// Starts the reader and writer threads on `port`.
-pub fn start(port: File) -> io::Result<(Outbox, mpsc::UnboundedReceiver<HostMessage>)> {
+pub fn start(port: File) -> io::Result<Channel> {
     let reader = port.try_clone()?;
+    let writer = PortWriter { port: Arc::new(Mutex::new(port)) };
     let (out_tx, out_rx) = mpsc::channel(256);
     let (in_tx, in_rx) = mpsc::unbounded_channel();
-    std::thread::Builder::new().name("writer".into()).spawn(move || write_loop(port, out_rx))?;
+    let thread_writer = writer.clone();
+    std::thread::Builder::new().name("writer".into()).spawn(move || write_loop(&thread_writer, out_rx))?;
     std::thread::Builder::new().name("reader".into()).spawn(move || read_loop(reader, in_tx))?;
-    Ok((out_tx, in_rx))
+    Ok(Channel { outbox: out_tx, inbox: in_rx, writer })
 }
 
 /// Sends `Hello` synchronously, before the threads exist: the write blocks until the host
@@ -29,15 +56,10 @@ pub fn send_now(port: &mut File, msg: &GuestMessage) -> io::Result<()> {
     port.write_all(&frame)
 }
 
-fn write_loop(mut port: File, mut rx: mpsc::Receiver<GuestMessage>) {
+fn write_loop(port: &PortWriter, mut rx: mpsc::Receiver<GuestMessage>) {
     while let Some(msg) = rx.blocking_recv() {
-        match encode_frame(&msg) {
-            Ok(frame) => {
-                if let Err(err) = port.write_all(&frame) {
-                    crate::log(&format!("channel write failed: {err}"));
-                }
-            }
-            Err(err) => crate::log(&format!("cannot encode {msg:?}: {err}")),
+        if let Err(err) = port.send_blocking(&msg) {
+            crate::log(&format!("channel write failed: {err}"));
         }
     }
 }

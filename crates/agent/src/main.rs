@@ -2,16 +2,22 @@
 //! the host's requests over the `boxwood.agent` virtio-serial port.
 //!
 //! Layout: [`init`] brings the guest up (mounts, kernel modules, channel discovery),
-//! [`channel`] frames messages over the port, [`setup`] builds the sandbox root filesystem,
-//! [`spawn`] starts and supervises processes, [`reaper`] collects every exit status and
-//! [`server`] dispatches host messages.
+//! [`channel`] frames messages over the port, [`setup`] builds the sandbox root filesystem and
+//! [`net`] the network, [`spawn`] starts and supervises processes, [`reaper`] collects every
+//! exit status, [`files`] writes injected files (resolving paths via [`inroot`]), [`export`]
+//! streams the run's changes as a [`tar`], and [`server`] dispatches host messages.
 
 mod channel;
+mod export;
+mod files;
 mod init;
+mod inroot;
+mod net;
 mod reaper;
 mod server;
 mod setup;
 mod spawn;
+mod tar;
 
 use std::time::Duration;
 

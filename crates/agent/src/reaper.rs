@@ -40,7 +40,7 @@ impl Reaper {
         let task = reaper.clone();
         tokio::spawn(async move {
             loop {
-                task.reap_all();
+                task.reap_now();
                 if sigchld.recv().await.is_none() {
                     break;
                 }
@@ -56,7 +56,8 @@ impl Reaper {
         rx
     }
 
-    fn reap_all(&self) {
+    /// Collects every exit status available right now.
+    pub fn reap_now(&self) {
         loop {
             let mut status: libc::c_int = 0;
             // SAFETY: an all-zero `rusage` is a valid value of this plain C struct.

@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use boxwood_protocol::{GuestMessage, HostMessage, PORT_NAME};
 
+use crate::files::Files;
 use crate::reaper::Reaper;
+use crate::setup::Sandbox;
 use crate::spawn::Table;
-use crate::{channel, init, setup, spawn};
+use crate::{channel, export, init, setup, spawn};
 
 /// Runs until `Shutdown` (which powers off) or a fatal error (returned).
 pub async fn run() -> io::Result<()> {
@@ -17,20 +19,21 @@ pub async fn run() -> io::Result<()> {
     let reaper = Reaper::start()?;
     let mut port = init::open_port(PORT_NAME, Duration::from_secs(10))?;
     channel::send_now(&mut port, &GuestMessage::Hello(init::hello()))?;
-    let (out, mut inbox) = channel::start(port)?;
+    let channel::Channel { outbox: out, mut inbox, writer } = channel::start(port)?;
     let table = Table::default();
-    let mut set_up = false;
+    let mut sandbox: Option<Sandbox> = None;
+    let mut files = Files::default();
 
     while let Some(msg) = inbox.recv().await {
         match msg {
             HostMessage::Setup(s) => {
-                let reply = if set_up {
+                let reply = if sandbox.is_some() {
                     GuestMessage::SetupFailed { error: "already set up".into() }
                 } else {
                     match setup::apply(&s) {
-                        Ok(()) => {
-                            set_up = true;
-                            GuestMessage::SetupDone
+                        Ok((sb, report)) => {
+                            sandbox = Some(sb);
+                            GuestMessage::SetupDone(report)
                         }
                         Err(error) => GuestMessage::SetupFailed { error },
                     }
@@ -48,6 +51,17 @@ pub async fn run() -> io::Result<()> {
                     let _ = out.send(GuestMessage::Rejected { id, error }).await;
                 }
             }
+            HostMessage::PutFile(put) => {
+                let reply = if sandbox.is_some() {
+                    files.chunk(put)
+                } else {
+                    put.last.then(|| GuestMessage::FileFailed { path: put.path, error: "the VM is not set up".into() })
+                };
+                if let Some(reply) = reply {
+                    let _ = out.send(reply).await;
+                }
+            }
+            HostMessage::ExportUpper => export::run(sandbox.as_ref().map(|s| &s.upper), &reaper, &writer).await,
             HostMessage::Shutdown => {
                 table.kill_all();
                 // Orphans too: -1 is every process but PID 1 itself.

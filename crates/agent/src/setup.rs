@@ -1,5 +1,6 @@
 //! `Setup`: the guest clock, entropy, hostname and the sandbox root filesystem
-//! (erofs lower layers found by virtio serial + a tmpfs upper, joined by overlayfs).
+//! (erofs lower layers found by virtio serial + a tmpfs upper, joined by overlayfs), then the
+//! network. Remembers what it created inside the root so exports can leave it out.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
@@ -8,10 +9,13 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use boxwood_protocol::{RootfsSpec, Setup};
+use boxwood_protocol::{RootfsSpec, Setup, SetupReport};
 use nix::mount::{MsFlags, mount};
 use nix::sys::time::TimeSpec;
 use nix::time::{ClockId, clock_settime};
+
+use crate::export::Upper;
+use crate::net;
 
 /// Where processes are chrooted.
 pub const ROOT: &str = "/run/boxwood/root";
@@ -21,8 +25,13 @@ const RW: &str = "/run/boxwood/rw";
 /// `RNDADDENTROPY` = `_IOW('R', 0x03, int[2])`.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
 
+/// What Setup leaves behind for later requests.
+pub struct Sandbox {
+    pub upper: Upper,
+}
+
 /// Applies `setup`; the error text goes back to the host as `SetupFailed`.
-pub fn apply(setup: &Setup) -> Result<(), String> {
+pub fn apply(setup: &Setup) -> Result<(Sandbox, SetupReport), String> {
     let secs = setup.wall_clock_unix_ns / 1_000_000_000;
     let nanos = setup.wall_clock_unix_ns % 1_000_000_000;
     let ts = TimeSpec::new(
@@ -32,7 +41,15 @@ pub fn apply(setup: &Setup) -> Result<(), String> {
     clock_settime(ClockId::CLOCK_REALTIME, ts).map_err(|e| format!("set clock: {e}"))?;
     add_entropy(&setup.entropy)?;
     nix::unistd::sethostname(&setup.hostname).map_err(|e| format!("sethostname: {e}"))?;
-    build_root(&setup.rootfs)
+    let mut created = build_root(&setup.rootfs)?;
+    net::loopback_up()?;
+    let network = match &setup.network {
+        Some(cfg) => Some(net::configure(cfg, &mut created).map_err(|e| format!("network: {e}"))?),
+        None => None,
+    };
+    let upper =
+        Upper { dir: Path::new(RW).join("upper"), excluded: created.into_iter().map(String::into_bytes).collect() };
+    Ok((Sandbox { upper }, SetupReport { network }))
 }
 
 /// Mixes `bytes` into the kernel pool and credits them, so VMs never share RNG state.
@@ -62,7 +79,8 @@ fn add_entropy(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-fn build_root(spec: &RootfsSpec) -> Result<(), String> {
+/// Mounts the root; returns the paths (relative) it had to create inside it.
+fn build_root(spec: &RootfsSpec) -> Result<Vec<String>, String> {
     let disks = find_disks(&spec.lower_serials, Duration::from_secs(3))?;
     let mut lowers = Vec::new();
     for (n, dev) in disks.iter().enumerate() {
@@ -81,7 +99,15 @@ fn build_root(spec: &RootfsSpec) -> Result<(), String> {
     if lowers.is_empty() {
         do_mount(&upper, Path::new(ROOT), "", MsFlags::MS_BIND, "")?;
     } else {
-        let opts = format!("lowerdir={},upperdir={},workdir={}", lowers.join(":"), upper.display(), work.display());
+        // No redirects, index or metacopy: the upper layer then holds only plain files, whiteouts
+        // and opaque dirs, which is what the export format carries. (Renaming a lower dir
+        // gives EXDEV; tools fall back to copy + delete.)
+        let opts = format!(
+            "lowerdir={},upperdir={},workdir={},redirect_dir=off,index=off,metacopy=off",
+            lowers.join(":"),
+            upper.display(),
+            work.display()
+        );
         do_mount(Path::new("overlay"), Path::new(ROOT), "overlay", MsFlags::empty(), &opts)?;
     }
     let inner: [(&str, &str, &str, MsFlags); 5] = [
@@ -91,12 +117,21 @@ fn build_root(spec: &RootfsSpec) -> Result<(), String> {
         ("dev/pts", "devpts", "newinstance,ptmxmode=0666,mode=0620", MsFlags::MS_NOSUID),
         ("dev/shm", "tmpfs", "mode=1777", MsFlags::MS_NOSUID | MsFlags::MS_NODEV),
     ];
+    let mut created = Vec::new();
     for (dir, fstype, opts, flags) in inner {
         let target = Path::new(ROOT).join(dir);
-        mkdirs(&target)?;
+        match fs::symlink_metadata(&target) {
+            Ok(m) if m.is_dir() => {}
+            // Mounting over a symlink would follow it outside the root.
+            Ok(_) => return Err(format!("the image's /{dir} is not a directory")),
+            Err(_) => {
+                fs::create_dir(&target).map_err(|e| format!("mkdir {}: {e}", target.display()))?;
+                created.push(dir.to_owned());
+            }
+        }
         do_mount(Path::new(fstype), &target, fstype, flags, opts)?;
     }
-    Ok(())
+    Ok(created)
 }
 
 /// Maps each serial to its `/dev/vdX`, waiting briefly for disks still being probed.

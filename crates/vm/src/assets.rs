@@ -244,6 +244,9 @@ mod tests {
             ("virtio_blk", "virtio.ko virtio_ring.ko"),
             ("erofs", ""),
             ("overlay", ""),
+            ("failover", ""),
+            ("net_failover", "failover.ko"),
+            ("virtio_net", "net_failover.ko failover.ko virtio.ko virtio_ring.ko"),
         ];
         let dep: String = deps
             .iter()

@@ -30,6 +30,12 @@ pub enum VmError {
     /// The VM died or its channel broke; `detail` has QEMU's status and the console tail.
     #[error("VM crashed: {detail}")]
     Crashed { detail: String },
+    /// The agent could not create a file ([`crate::Vm::put_file`]).
+    #[error("cannot put {path}: {error}")]
+    FileFailed { path: String, error: String },
+    /// The agent could not export the upper directory ([`crate::Vm::export_upper`]).
+    #[error("export of the run's changes failed: {error}")]
+    ExportFailed { error: String },
     #[error("rejected: {0}")]
     Rejected(String),
     #[error("protocol error: {0}")]

@@ -5,6 +5,8 @@
 //!   a bootable `vmlinux` + uncompressed initramfs.
 //! - [`QemuRuntime`] implements [`VmRuntime`]: it boots a VM per [`VmSpec`] and returns a
 //!   [`Vm`], which spawns processes through the agent and streams their [`ProcessEvent`]s.
+//! - Before a run, [`Vm::put_file`] injects files; after it, [`Vm::export_upper`] fetches the
+//!   run's filesystem changes as a tar.
 //! - [`reap_stale`] cleans up after a crashed server.
 
 mod assets;
@@ -14,13 +16,14 @@ mod modules;
 mod qemu;
 mod runtime;
 mod stale;
+mod transfer;
 mod vm;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use boxwood_protocol::{Exit, Hello, OutputStream, RootfsSpec, Spawn};
+use boxwood_protocol::{Exit, Hello, OutputStream, RootfsSpec, SetupReport, Spawn};
 use serde::Deserialize;
 
 pub use assets::{GuestAssets, prepare_guest_assets};
@@ -90,13 +93,36 @@ pub struct VmSpec {
     pub memory_mib: Option<u32>,
     /// Overrides [`VmConfig::vcpus`].
     pub vcpus: Option<u32>,
+    /// QEMU user-mode networking (NAT to the host; the guest is `10.0.2.15/24`, gateway
+    /// `10.0.2.2` = the host's loopback, DNS `10.0.2.3`). `false`: no network device at all.
+    pub network: bool,
+}
+
+/// Where and how [`Vm::put_file`] creates a file in the guest's root filesystem.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileSpec {
+    /// Absolute path inside the root; missing parents are created root-owned, 0755.
+    pub path: String,
+    /// Permission bits, `& 0o7777` (set-id bits included).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// What [`Vm::export_upper`] wrote.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UpperStats {
+    /// Tar members; 0 when the run changed nothing.
+    pub entries: u64,
+    /// Size of the tar file.
+    pub tar_bytes: u64,
 }
 
 /// Something that can boot VMs.
 #[async_trait]
 pub trait VmRuntime: Send + Sync {
     /// Boots a VM, waits for the agent's Hello, sends Setup (host wall clock, 64 random bytes
-    /// from the host, hostname, rootfs) and waits for SetupDone.
+    /// from the host, hostname, rootfs, network) and waits for SetupDone.
     async fn start(&self, spec: VmSpec) -> Result<Box<dyn Vm>, VmError>;
     /// The accelerator actually in use ("kvm" or "tcg").
     fn accel(&self) -> &str;
@@ -106,6 +132,8 @@ pub trait VmRuntime: Send + Sync {
 #[async_trait]
 pub trait Vm: Send + Sync {
     fn hello(&self) -> &Hello;
+    /// What the agent reported after Setup (network configuration and counters).
+    fn setup_report(&self) -> &SetupReport;
     /// QEMU spawn → SetupDone.
     fn boot_duration(&self) -> Duration;
     /// The VM's name (its [`VmSpec::name`]).
@@ -122,6 +150,14 @@ pub trait Vm: Send + Sync {
     async fn write_stdin(&self, id: u32, data: Vec<u8>, close: bool) -> Result<(), VmError>;
     /// Signals the process group of process `id`.
     async fn signal(&self, id: u32, signal: i32) -> Result<(), VmError>;
+    /// Creates (or replaces) `file.path` in the guest's root with the content of the host file
+    /// `source`, streamed in chunks of at most 1 MiB, then applies owner and mode. Symlinks in
+    /// the guest path resolve inside the root. Guest-side failure → [`VmError::FileFailed`].
+    async fn put_file(&self, file: &FileSpec, source: &Path) -> Result<(), VmError>;
+    /// Kills every guest process, syncs, and writes the overlay's upper directory (the run's
+    /// changes) as a PAX tar to `dest` (streamed, then fsynced). Guest-side failure →
+    /// [`VmError::ExportFailed`]; on any error `dest` is removed.
+    async fn export_upper(&self, dest: &Path) -> Result<UpperStats, VmError>;
     /// Asks the agent to power off, waits up to a few seconds, then SIGKILLs QEMU; always reaps
     /// QEMU and removes the scratch dir.
     async fn shutdown(self: Box<Self>) -> Result<(), VmError>;

@@ -6,8 +6,8 @@ use std::collections::{HashMap, HashSet};
 use crate::VmError;
 
 /// Modules the agent needs: virtio-mmio transport, the agent's serial port, block disks,
-/// erofs lower layers and overlayfs. Dependencies are added from `modules.dep`.
-pub const NEEDED_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_blk", "erofs", "overlay"];
+/// erofs lower layers, overlayfs and the NIC. Dependencies are added from `modules.dep`.
+pub const NEEDED_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_blk", "erofs", "overlay", "virtio_net"];
 
 /// Canonical module name of a `modules.dep` path: basename without `.ko*`, `-` → `_`.
 pub fn module_name(path: &str) -> String {
@@ -90,6 +90,9 @@ kernel/drivers/virtio/virtio_mmio.ko: kernel/drivers/virtio/virtio.ko kernel/dri
 kernel/drivers/char/virtio_console.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
 kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
 kernel/arch/x86/crypto/crc32c-intel.ko:
+kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko kernel/drivers/virtio/virtio.ko kernel/drivers/virtio/virtio_ring.ko
+kernel/drivers/net/net_failover.ko: kernel/net/core/failover.ko
+kernel/net/core/failover.ko:
 ";
 
     fn names(paths: &[String]) -> Vec<String> {
@@ -102,7 +105,19 @@ kernel/arch/x86/crypto/crc32c-intel.ko:
         let order = dep.resolve(NEEDED_MODULES).unwrap();
         assert_eq!(
             names(&order),
-            ["virtio_ring", "virtio", "virtio_mmio", "virtio_console", "virtio_blk", "libcrc32c", "erofs", "overlay"]
+            [
+                "virtio_ring",
+                "virtio",
+                "virtio_mmio",
+                "virtio_console",
+                "virtio_blk",
+                "libcrc32c",
+                "erofs",
+                "overlay",
+                "failover",
+                "net_failover",
+                "virtio_net"
+            ]
         );
         assert_eq!(order[0], "kernel/drivers/virtio/virtio_ring.ko");
     }

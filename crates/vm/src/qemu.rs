@@ -109,6 +109,8 @@ pub struct QemuArgs<'a> {
     pub cmdline: &'a str,
     pub paths: &'a VmPaths,
     pub disks: &'a [DiskSpec],
+    /// A virtio-net NIC on QEMU's user-mode (slirp) network; `false`: no NIC at all.
+    pub network: bool,
 }
 
 /// Checks a virtio-blk serial: 1–20 bytes of `[A-Za-z0-9._-]`.
@@ -130,7 +132,12 @@ pub fn qemu_argv(a: &QemuArgs<'_>) -> Result<Vec<OsString>, VmError> {
     }
     let (mem, smp) = (a.memory_mib.to_string(), a.vcpus.to_string());
     push(&["-m", &mem, "-smp", &smp]);
-    push(&["-nodefaults", "-no-reboot", "-display", "none", "-nic", "none"]);
+    push(&["-nodefaults", "-no-reboot", "-display", "none"]);
+    if a.network {
+        push(&["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]);
+    } else {
+        push(&["-nic", "none"]);
+    }
     let p = a.paths;
     let console = format!("file:{}", path_str(&p.console_log)?);
     push(&["-serial", &console]);
@@ -199,6 +206,7 @@ mod tests {
             cmdline: "console=ttyS0",
             paths: &paths,
             disks: &disks,
+            network: false,
         };
         let argv: Vec<String> = qemu_argv(&args).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect();
         let line = argv.join(" ");
@@ -222,6 +230,11 @@ mod tests {
         let kvm = QemuArgs { accel: Accelerator::Kvm, ..args.clone() };
         let line = qemu_argv(&kvm).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect::<Vec<_>>().join(" ");
         assert!(line.contains("-accel kvm -cpu host"));
+        let net = QemuArgs { network: true, ..args.clone() };
+        let line = qemu_argv(&net).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect::<Vec<_>>().join(" ");
+        assert!(line.contains("-netdev user,id=net0 -device virtio-net-device,netdev=net0"), "{line}");
+        assert!(!line.contains("-nic none"), "{line}");
+        assert!(!qemu_argv(&args).unwrap().iter().any(|a| a == "-netdev"));
         let bad = [DiskSpec { path: "/x".into(), serial: "has space".into() }];
         assert!(qemu_argv(&QemuArgs { disks: &bad, ..args }).is_err());
     }

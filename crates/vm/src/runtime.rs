@@ -10,7 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use boxwood_protocol::{
-    FrameDecoder, GuestMessage, Hello, HostMessage, PROTOCOL_VERSION, RootfsSpec, Setup, encode_frame,
+    FrameDecoder, GuestMessage, Hello, HostMessage, NetworkConfig, PROTOCOL_VERSION, RootfsSpec, Setup, SetupReport,
+    encode_frame,
 };
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,9 +36,15 @@ pub struct QemuRuntime {
     cmdline: String,
 }
 
+/// The guest side of QEMU's user-mode network (its built-in defaults).
+fn user_net_config() -> NetworkConfig {
+    NetworkConfig { address: "10.0.2.15/24".into(), gateway: "10.0.2.2".into(), nameserver: "10.0.2.3".into() }
+}
+
 /// A connected channel after a successful handshake.
 struct Handshake {
     hello: Hello,
+    setup_report: SetupReport,
     reader: OwnedReadHalf,
     writer: OwnedWriteHalf,
     decoder: FrameDecoder,
@@ -82,6 +89,7 @@ impl QemuRuntime {
             hostname: "probe".into(),
             memory_mib: Some(128),
             vcpus: Some(1),
+            network: false,
         };
         match self.boot(&spec, Accelerator::Kvm, KVM_PROBE_DEADLINE, false).await {
             Ok(vm) => {
@@ -111,6 +119,7 @@ impl QemuRuntime {
             cmdline: &self.cmdline,
             paths: &paths,
             disks: &spec.disks,
+            network: spec.network,
         })?;
         match fs::create_dir(&paths.dir) {
             Ok(()) => {}
@@ -119,10 +128,11 @@ impl QemuRuntime {
             }
             Err(e) => return Err(VmError::io(format!("create {}", paths.dir.display()), e)),
         }
+        // Removes the dir on failure *and* when this future is dropped mid-boot (a run
+        // cancelled while its VM boots); QEMU itself dies with its kill-on-drop child.
+        let mut guard = DirGuard { dir: paths.dir.clone(), armed: true };
         let result = self.boot_in(spec, &paths, argv, limit, setup).await;
-        if result.is_err() {
-            let _ = fs::remove_dir_all(&paths.dir);
-        }
+        guard.armed = result.is_err();
         result
     }
 
@@ -158,7 +168,7 @@ impl QemuRuntime {
         }
         let deadline = started + limit;
         let handshake = self.handshake(spec, paths, &qemu, deadline, setup).await;
-        let Handshake { hello, reader, writer, decoder } = match handshake {
+        let Handshake { hello, setup_report, reader, writer, decoder } = match handshake {
             Ok(h) => h,
             Err(err) => {
                 qemu.kill();
@@ -176,7 +186,7 @@ impl QemuRuntime {
         tracing::info!(vm = spec.name, accel = accel_name(&argv), boot_ms = boot_duration.as_millis(), "VM booted");
         let shared = Arc::new(Shared::new(paths.clone(), writer, qemu.exit.clone()));
         tokio::spawn(route(shared.clone(), reader, decoder));
-        Ok(QemuVm { name: spec.name.clone(), hello, boot_duration, qemu, shared, finished: false })
+        Ok(QemuVm { name: spec.name.clone(), hello, setup_report, boot_duration, qemu, shared, finished: false })
     }
 
     async fn handshake(
@@ -209,6 +219,7 @@ impl QemuRuntime {
             let why = format!("agent speaks protocol {}, host {PROTOCOL_VERSION}", hello.version);
             return Err(boot_err(&why));
         }
+        let mut setup_report = SetupReport::default();
         if setup {
             let mut entropy = vec![0u8; 64];
             rand::rng().fill(&mut entropy[..]);
@@ -218,16 +229,31 @@ impl QemuRuntime {
                 entropy,
                 hostname: spec.hostname.clone(),
                 rootfs: spec.rootfs.clone(),
+                network: spec.network.then(user_net_config),
             });
             let frame = encode_frame(&msg)?;
             writer.write_all(&frame).await.map_err(|e| boot_err(&format!("sending Setup: {e}")))?;
             match recv(&mut reader, &mut decoder, qemu, deadline).await? {
-                GuestMessage::SetupDone => {}
+                GuestMessage::SetupDone(report) => setup_report = report,
                 GuestMessage::SetupFailed { error } => return Err(VmError::SetupFailed { error }),
                 other => return Err(boot_err(&format!("expected SetupDone, got {other:?}"))),
             }
         }
-        Ok(Handshake { hello, reader, writer, decoder })
+        Ok(Handshake { hello, setup_report, reader, writer, decoder })
+    }
+}
+
+/// Removes a VM dir when dropped armed.
+struct DirGuard {
+    dir: PathBuf,
+    armed: bool,
+}
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        if self.armed {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use boxwood_protocol::{FrameDecoder, GuestMessage, Hello, HostMessage, Spawn, encode_frame};
+use boxwood_protocol::{FrameDecoder, GuestMessage, Hello, HostMessage, SetupReport, Spawn, encode_frame};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -15,7 +15,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::qemu::VmPaths;
-use crate::{Process, ProcessEvent, Vm, VmError};
+use crate::{FileSpec, Process, ProcessEvent, UpperStats, Vm, VmError, transfer};
 
 /// Largest stdin payload put in one frame (well under `MAX_FRAME_BYTES`).
 const STDIN_FRAME: usize = 1 << 20;
@@ -128,45 +128,67 @@ struct Slot {
 }
 
 #[derive(Default)]
-struct State {
+pub(crate) struct State {
     /// Set once the channel is gone; the crash detail.
-    dead: Option<String>,
+    pub dead: Option<String>,
     shutting_down: bool,
     procs: HashMap<u32, Slot>,
+    /// The `put_file` waiting for `FilePut`/`FileFailed` of this path.
+    pub file_waiter: Option<(String, oneshot::Sender<Result<(), VmError>>)>,
+    /// File replies still owed to abandoned `put_file`s; dropped when they arrive.
+    pub stale_file_replies: u32,
+    /// The `export_upper` receiving `UpperChunk`/`UpperDone`/`UpperFailed`. The router takes
+    /// it when it delivers the final message.
+    pub upper: Option<mpsc::Sender<GuestMessage>>,
+    /// Exports abandoned before their final message; their messages are dropped.
+    pub stale_exports: u32,
 }
 
 /// What the VM handle and the router task share.
 pub(crate) struct Shared {
     pub paths: VmPaths,
-    writer: tokio::sync::Mutex<OwnedWriteHalf>,
+    writer: Arc<tokio::sync::Mutex<OwnedWriteHalf>>,
     state: Mutex<State>,
     exit: watch::Receiver<Option<String>>,
+    /// Serialises `put_file` and `export_upper`: one transfer in flight at a time.
+    pub transfers: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Shared {
     pub fn new(paths: VmPaths, writer: OwnedWriteHalf, exit: watch::Receiver<Option<String>>) -> Self {
-        Self { paths, writer: tokio::sync::Mutex::new(writer), state: Mutex::default(), exit }
+        Self {
+            paths,
+            writer: Arc::new(tokio::sync::Mutex::new(writer)),
+            state: Mutex::default(),
+            exit,
+            transfers: Arc::new(tokio::sync::Mutex::new(())),
+        }
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
+    pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn check_alive(&self) -> Result<(), VmError> {
+    pub fn check_alive(&self) -> Result<(), VmError> {
         match &self.state().dead {
             Some(detail) => Err(VmError::Crashed { detail: detail.clone() }),
             None => Ok(()),
         }
     }
 
-    async fn send(&self, msg: &HostMessage) -> Result<(), VmError> {
+    /// Writes one frame. The write runs in its own task, so a caller that is dropped midway
+    /// (a `select!`, a timeout) never leaves half a frame on the channel: once this is first
+    /// polled, the whole frame goes out.
+    pub async fn send(&self, msg: &HostMessage) -> Result<(), VmError> {
         self.check_alive()?;
         let frame = encode_frame(msg)?;
-        let mut writer = self.writer.lock().await;
-        writer
-            .write_all(&frame)
-            .await
-            .map_err(|e| VmError::Crashed { detail: format!("agent channel write failed: {e}") })
+        let writer = self.writer.clone();
+        let write = tokio::spawn(async move { writer.lock().await.write_all(&frame).await });
+        match write.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(VmError::Crashed { detail: format!("agent channel write failed: {e}") }),
+            Err(e) => Err(VmError::Crashed { detail: format!("agent channel write task failed: {e}") }),
+        }
     }
 
     fn dispatch(&self, msg: GuestMessage) {
@@ -197,13 +219,62 @@ impl Shared {
             GuestMessage::Rejected { id, error } => {
                 tracing::warn!(id, error, "agent rejected a request")
             }
+            GuestMessage::FilePut { path } => Self::file_reply(&mut st, path, Ok(())),
+            GuestMessage::FileFailed { path, error } => {
+                let err = VmError::FileFailed { path: path.clone(), error };
+                Self::file_reply(&mut st, path, Err(err));
+            }
             other => tracing::warn!(?other, "unexpected message from the agent"),
+        }
+    }
+
+    fn file_reply(st: &mut State, path: String, result: Result<(), VmError>) {
+        // The agent answers in order, so replies owed to abandoned transfers come first.
+        if st.stale_file_replies > 0 {
+            st.stale_file_replies -= 1;
+            return;
+        }
+        match st.file_waiter.take() {
+            Some((want, tx)) if want == path => {
+                let _ = tx.send(result);
+            }
+            waiter => {
+                st.file_waiter = waiter;
+                tracing::warn!(path, "agent reported an unexpected file result");
+            }
+        }
+    }
+
+    /// Hands an `Upper*` message to the waiting export, waiting for room: the export's disk
+    /// writes pace the channel, so the tar is never held in memory.
+    async fn deliver_upper(&self, msg: GuestMessage) {
+        let last = !matches!(msg, GuestMessage::UpperChunk { .. });
+        let tx = {
+            let mut st = self.state();
+            if st.stale_exports > 0 {
+                if last {
+                    st.stale_exports -= 1;
+                }
+                return;
+            }
+            if last { st.upper.take() } else { st.upper.clone() }
+        };
+        match tx {
+            Some(tx) => {
+                let _ = tx.send(msg).await;
+            }
+            None => tracing::warn!("agent sent export data nobody asked for"),
         }
     }
 
     fn fail_all(&self, detail: String) {
         let mut st = self.state();
         let detail = st.dead.get_or_insert(detail).clone();
+        if let Some((_, tx)) = st.file_waiter.take() {
+            let _ = tx.send(Err(VmError::Crashed { detail: detail.clone() }));
+        }
+        // Dropping the sender ends the export's stream; it then reports `dead`.
+        st.upper = None;
         for (_, slot) in st.procs.drain() {
             let err = VmError::Crashed { detail: detail.clone() };
             match slot.reply {
@@ -224,6 +295,11 @@ pub(crate) async fn route(shared: Arc<Shared>, mut reader: OwnedReadHalf, mut de
     let reason = 'read: loop {
         loop {
             match decoder.next_message::<GuestMessage>() {
+                Ok(Some(
+                    msg @ (GuestMessage::UpperChunk { .. }
+                    | GuestMessage::UpperDone { .. }
+                    | GuestMessage::UpperFailed { .. }),
+                )) => shared.deliver_upper(msg).await,
                 Ok(Some(msg)) => shared.dispatch(msg),
                 Ok(None) => break,
                 Err(e) => break 'read format!("protocol error from the agent: {e}"),
@@ -249,6 +325,7 @@ pub(crate) async fn route(shared: Arc<Shared>, mut reader: OwnedReadHalf, mut de
 pub(crate) struct QemuVm {
     pub name: String,
     pub hello: Hello,
+    pub setup_report: SetupReport,
     pub boot_duration: Duration,
     pub qemu: QemuChild,
     pub shared: Arc<Shared>,
@@ -260,6 +337,10 @@ pub(crate) struct QemuVm {
 impl Vm for QemuVm {
     fn hello(&self) -> &Hello {
         &self.hello
+    }
+
+    fn setup_report(&self) -> &SetupReport {
+        &self.setup_report
     }
 
     fn boot_duration(&self) -> Duration {
@@ -336,6 +417,14 @@ impl Vm for QemuVm {
             return Err(VmError::Rejected(format!("no process {id}")));
         }
         self.shared.send(&HostMessage::Signal { id, signal }).await
+    }
+
+    async fn put_file(&self, file: &FileSpec, source: &Path) -> Result<(), VmError> {
+        transfer::put_file(self.shared.clone(), file, source).await
+    }
+
+    async fn export_upper(&self, dest: &Path) -> Result<UpperStats, VmError> {
+        transfer::export_upper(&self.shared, dest).await
     }
 
     async fn shutdown(mut self: Box<Self>) -> Result<(), VmError> {

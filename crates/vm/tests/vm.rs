@@ -1,178 +1,14 @@
 //! End-to-end tests: real QEMU microVMs (TCG) booting the real agent from
 //! `scripts/build-agent.sh`, with a busybox erofs root filesystem.
 
-use std::os::unix::fs::{PermissionsExt, symlink};
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use boxwood_protocol::{Exit, OutputStream, RootfsSpec, Spawn};
-use boxwood_vm::{
-    Accel, DiskSpec, GuestAssets, ProcessEvent, QemuRuntime, Vm, VmConfig, VmError, VmRuntime, VmSpec,
-    prepare_guest_assets, reap_stale,
-};
-
-const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-const ROOTFS_SERIAL: &str = "rootfs0";
-
-fn agent_binary() -> PathBuf {
-    let path = std::env::var_os("BOXWOOD_AGENT_BIN").map_or_else(
-        || Path::new(WORKSPACE).join("target/x86_64-unknown-linux-gnu/agent/boxwood-agent"),
-        PathBuf::from,
-    );
-    assert!(
-        path.is_file(),
-        "agent binary {} is missing: run scripts/build-agent.sh first (or set BOXWOOD_AGENT_BIN)",
-        path.display()
-    );
-    path
-}
-
-/// Kernel + initramfs, built once per test binary into target/ (reused across runs).
-fn assets() -> &'static GuestAssets {
-    static ASSETS: OnceLock<GuestAssets> = OnceLock::new();
-    ASSETS.get_or_init(|| {
-        let started = Instant::now();
-        let assets = prepare_guest_assets(&agent_binary(), &assets_dir(), None).expect("prepare guest assets");
-        eprintln!("guest assets ready in {:?}: {assets:?}", started.elapsed());
-        assets
-    })
-}
-
-/// A busybox erofs image: `bin/busybox` + applet symlinks, and a script in `/opt/tools`. Built
-/// once into target/ (atomically, so parallel test processes can race) and reused.
-fn rootfs_image() -> &'static Path {
-    static IMAGE: OnceLock<PathBuf> = OnceLock::new();
-    IMAGE.get_or_init(|| {
-        let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static) is needed");
-        // Bump the layout version when the tree below changes.
-        let image = assets_dir().join(format!("test-rootfs-v1-{}.erofs", busybox.len()));
-        if image.is_file() {
-            return image;
-        }
-        std::fs::create_dir_all(assets_dir()).unwrap();
-        let work = tempfile::tempdir_in(assets_dir()).unwrap();
-        let tree = work.path().join("tree");
-        for d in ["bin", "tmp", "opt/tools"] {
-            std::fs::create_dir_all(tree.join(d)).unwrap();
-        }
-        std::fs::write(tree.join("bin/busybox"), &busybox).unwrap();
-        std::fs::set_permissions(tree.join("bin/busybox"), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let applets = [
-            "sh", "echo", "cat", "sleep", "id", "pwd", "env", "od", "date", "head", "wc", "hostname", "true", "false",
-            "ls",
-        ];
-        for applet in applets {
-            symlink("busybox", tree.join("bin").join(applet)).unwrap();
-        }
-        let greet = tree.join("opt/tools/greet");
-        std::fs::write(&greet, "#!/bin/sh\necho greet \"$@\"\n").unwrap();
-        std::fs::set_permissions(&greet, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let tmp_image = work.path().join("rootfs.erofs");
-        let status = Command::new("mkfs.erofs").arg("--quiet").arg(&tmp_image).arg(&tree).status();
-        assert!(status.expect("mkfs.erofs (erofs-utils) is needed").success(), "mkfs.erofs failed");
-        std::fs::rename(&tmp_image, &image).unwrap();
-        image
-    })
-}
-
-fn assets_dir() -> PathBuf {
-    Path::new(WORKSPACE).join("target/boxwood-test-assets")
-}
-
-/// A short run dir (unix socket paths must stay under 108 bytes).
-fn run_dir() -> tempfile::TempDir {
-    tempfile::Builder::new().prefix("bw").tempdir_in("/tmp").unwrap()
-}
-
-async fn runtime(run_dir: &Path, extra_kernel_args: Vec<String>) -> QemuRuntime {
-    let config = VmConfig { accel: Accel::Tcg, boot_timeout_secs: 120, extra_kernel_args, ..VmConfig::default() };
-    let rt = QemuRuntime::new(config, assets().clone(), run_dir.to_path_buf()).await.unwrap();
-    assert_eq!(rt.accel(), "tcg");
-    rt
-}
-
-fn vm_spec(name: &str) -> VmSpec {
-    VmSpec {
-        name: name.into(),
-        disks: vec![DiskSpec { path: rootfs_image().to_path_buf(), serial: ROOTFS_SERIAL.into() }],
-        rootfs: RootfsSpec { lower_serials: vec![ROOTFS_SERIAL.into()], upper_size_bytes: 64 << 20 },
-        hostname: format!("host-{name}"),
-        memory_mib: None,
-        vcpus: None,
-    }
-}
-
-fn spawn_req(id: u32, argv: &[&str]) -> Spawn {
-    Spawn {
-        id,
-        argv: argv.iter().map(|s| s.to_string()).collect(),
-        env: vec![("PATH".into(), "/bin".into())],
-        cwd: "/".into(),
-        uid: 0,
-        gid: 0,
-        stdin: Vec::new(),
-        close_stdin: true,
-        timeout_ms: None,
-        output_limit_bytes: 1 << 20,
-    }
-}
-
-struct Outcome {
-    stdout: Vec<u8>,
-    stderr: Vec<u8>,
-    exit: Exit,
-}
-
-impl Outcome {
-    fn out(&self) -> String {
-        String::from_utf8_lossy(&self.stdout).into_owned()
-    }
-}
-
-async fn collect(mut events: tokio::sync::mpsc::UnboundedReceiver<ProcessEvent>) -> Outcome {
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    while let Some(ev) = events.recv().await {
-        match ev {
-            ProcessEvent::Output { stream: OutputStream::Stdout, data } => stdout.extend(data),
-            ProcessEvent::Output { stream: OutputStream::Stderr, data } => stderr.extend(data),
-            ProcessEvent::Exited(exit) => {
-                assert!(events.recv().await.is_none(), "nothing may follow Exited");
-                return Outcome { stdout, stderr, exit };
-            }
-            ProcessEvent::Lost(e) => panic!("process lost: {e}"),
-        }
-    }
-    panic!("event stream ended without Exited");
-}
-
-async fn run(vm: &dyn Vm, spawn: Spawn) -> Outcome {
-    let argv = spawn.argv.clone();
-    let process = vm.spawn(spawn).await.unwrap_or_else(|e| panic!("spawn {argv:?}: {e}"));
-    assert!(process.pid > 1);
-    collect(process.events).await
-}
-
-fn alive(pid: u32) -> bool {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    !stat.is_empty() && !stat.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
-}
-
-async fn wait_dead(pid: u32) -> bool {
-    for _ in 0..100 {
-        if !alive(pid) {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    false
-}
-
-fn median(mut v: Vec<Duration>) -> Duration {
-    v.sort();
-    v[v.len() / 2]
-}
+use boxwood_protocol::RootfsSpec;
+use boxwood_vm::{Accel, ProcessEvent, QemuRuntime, Vm, VmConfig, VmError, VmRuntime, VmSpec, reap_stale};
+use common::*;
 
 /// Two VMs: distinct randomness and a correct clock; then one VM runs the process checks and
 /// is shut down, the other is crashed with a guest kernel panic.
@@ -386,6 +222,10 @@ async fn tmpfs_root_and_drop_kills_qemu() {
     let mut s = spawn_req(2, &["/nothing"]);
     s.cwd = "relative".into();
     assert!(matches!(vm.spawn(s).await, Err(VmError::SpawnFailed { .. })));
+    // The mount points the agent made in the bare root are not the run's changes.
+    let host = tempfile::tempdir().unwrap();
+    let stats = vm.export_upper(&host.path().join("bare.tar")).await.expect("export");
+    assert_eq!(stats.entries, 0, "{stats:?}");
     let (pid, vm_dir) = (vm.qemu_pid(), vm.dir().to_path_buf());
     drop(vm);
     assert!(wait_dead(pid).await, "dropping the Vm must kill QEMU");

@@ -1,0 +1,137 @@
+//! `ExportUpper`: stop everything, sync, and stream the upper directory's tar to the host as
+//! `UpperChunk`s followed by `UpperDone` (or `UpperFailed`). The tar is produced on a plain
+//! thread that writes frames straight to the port, so at most one chunk is in memory and the
+//! host's pace throttles the walk.
+
+use std::collections::HashSet;
+use std::fs;
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use boxwood_protocol::GuestMessage;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::sync::oneshot;
+
+use crate::channel::PortWriter;
+use crate::reaper::Reaper;
+use crate::tar;
+
+/// Largest `UpperChunk` payload.
+pub const CHUNK_BYTES: usize = 1 << 20;
+/// How long processes may take to disappear before the export goes ahead anyway.
+const KILL_WAIT: Duration = Duration::from_secs(5);
+/// `PF_KTHREAD` in `/proc/PID/stat`'s flags field.
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// What an export needs from Setup.
+pub struct Upper {
+    pub dir: PathBuf,
+    /// Relative paths the agent itself created in the upper layer.
+    pub excluded: HashSet<Vec<u8>>,
+}
+
+/// Runs one export; everything it has to say goes to the port.
+pub async fn run(upper: Option<&Upper>, reaper: &Reaper, port: &PortWriter) {
+    let Some(upper) = upper else {
+        send(port, GuestMessage::UpperFailed { error: "the VM is not set up".into() });
+        return;
+    };
+    if let Err(left) = wait_for_user_processes(reaper).await {
+        crate::log(&format!("export: {left} process(es) survived SIGKILL for {KILL_WAIT:?}; exporting anyway"));
+    }
+    nix::unistd::sync();
+    let (dir, excluded, thread_port) = (upper.dir.clone(), upper.excluded.clone(), port.clone());
+    let (done_tx, done_rx) = oneshot::channel();
+    let spawned = std::thread::Builder::new().name("export".into()).spawn(move || {
+        let mut sink = ChunkSink { port: &thread_port, buf: Vec::with_capacity(CHUNK_BYTES) };
+        let result = tar::write_tree(&dir, &excluded, &mut sink).and_then(|stats| sink.flush().map(|()| stats));
+        let _ = done_tx.send(result);
+    });
+    if let Err(e) = spawned {
+        send(port, GuestMessage::UpperFailed { error: format!("cannot start the export thread: {e}") });
+        return;
+    }
+    let reply = match done_rx.await {
+        Ok(Ok(stats)) => GuestMessage::UpperDone { entries: stats.entries, bytes: stats.bytes },
+        Ok(Err(e)) => GuestMessage::UpperFailed { error: e.to_string() },
+        Err(_) => GuestMessage::UpperFailed { error: "the export thread died".into() },
+    };
+    // The thread has written (or failed to write) every chunk, so this comes after them.
+    send(port, reply);
+}
+
+fn send(port: &PortWriter, msg: GuestMessage) {
+    if let Err(e) = port.send_blocking(&msg) {
+        crate::log(&format!("export: channel write failed: {e}"));
+    }
+}
+
+/// SIGKILLs every process but PID 1 until none exists (zombies included: they are reaped
+/// here). Repeated, so a process forked while the first signal went out dies too.
+async fn wait_for_user_processes(reaper: &Reaper) -> Result<(), usize> {
+    let deadline = Instant::now() + KILL_WAIT;
+    loop {
+        // -1: every process but PID 1 itself (and kernel threads, which ignore it).
+        let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
+        reaper.reap_now();
+        let left = user_processes();
+        if left == 0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(left);
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Processes other than PID 1 and kernel threads.
+fn user_processes() -> usize {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        .filter(|&pid| pid != 1)
+        .filter(|pid| {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            // Fields after the parenthesised name: state ppid pgrp session tty tpgid flags …
+            let flags = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(6)?.parse::<u64>().ok());
+            flags.is_some_and(|f| f & PF_KTHREAD == 0)
+        })
+        .count()
+}
+
+/// Collects the tar stream into chunks of at most [`CHUNK_BYTES`] and sends each as it fills.
+struct ChunkSink<'a> {
+    port: &'a PortWriter,
+    buf: Vec<u8>,
+}
+
+impl ChunkSink<'_> {
+    fn send_buf(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES));
+        self.port.send_blocking(&GuestMessage::UpperChunk { data })
+    }
+}
+
+impl Write for ChunkSink<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = data.len().min(CHUNK_BYTES - self.buf.len());
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() == CHUNK_BYTES {
+            self.send_buf()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send_buf()
+    }
+}

@@ -1,0 +1,383 @@
+//! A POSIX PAX tar of the overlay's upper directory: the format the host unpacks.
+//!
+//! Members are named relative to the upper dir (directories with a trailing `/`), parents
+//! before children, siblings in byte order. Kept: directories, regular files, symlinks, hard
+//! links (later names of an inode already written), FIFOs and 0/0 character devices (overlay
+//! whiteouts); sockets and other device nodes are skipped. Owners are numeric, modes keep all
+//! 07777 bits, xattrs travel as `SCHILY.xattr.*` PAX records (see [`keep_xattr`]). Paths the
+//! agent created itself are left out; such a directory is still written when something the
+//! run put below it is.
+#![allow(unsafe_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::{CString, OsString};
+use std::fs::{self, File, Metadata};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::Path;
+
+const BLOCK: usize = 512;
+/// Largest value of an 11-digit octal field (size, mtime).
+const MAX_OCTAL_11: u64 = 0o777_7777_7777;
+/// Largest value of a 7-digit octal field (uid, gid).
+const MAX_OCTAL_7: u64 = 0o777_7777;
+
+/// What went into the archive.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TarStats {
+    /// Members, not counting PAX headers.
+    pub entries: u64,
+    /// Bytes of tar stream, end-of-archive blocks included.
+    pub bytes: u64,
+}
+
+/// Whether an xattr travels with the export: `user.*`, `security.capability` and
+/// `trusted.overlay.opaque`; every other name (other `trusted.overlay.*` bookkeeping such as
+/// `origin`/`impure`, `security.selinux`, ACLs) is dropped.
+pub fn keep_xattr(name: &[u8]) -> bool {
+    name.starts_with(b"user.") || name == b"security.capability" || name == b"trusted.overlay.opaque"
+}
+
+/// Writes the tar of `dir` to `out`. `excluded` holds relative paths (no trailing slash).
+pub fn write_tree(dir: &Path, excluded: &HashSet<Vec<u8>>, out: impl Write) -> io::Result<TarStats> {
+    let mut w = Walker {
+        out: Counting { inner: out, bytes: 0 },
+        excluded,
+        links: HashMap::new(),
+        pending: Vec::new(),
+        entries: 0,
+    };
+    w.walk(dir, b"")?;
+    w.out.write_all(&[0u8; 2 * BLOCK])?;
+    w.out.flush()?;
+    Ok(TarStats { entries: w.entries, bytes: w.out.bytes })
+}
+
+struct Counting<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for Counting<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// One member's header data.
+struct Member {
+    name: Vec<u8>,
+    kind: u8,
+    meta: Metadata,
+    size: u64,
+    link: Vec<u8>,
+    xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+struct Walker<'a, W> {
+    out: Counting<W>,
+    excluded: &'a HashSet<Vec<u8>>,
+    /// (dev, ino) → first name, for inodes with more than one link.
+    links: HashMap<(u64, u64), Vec<u8>>,
+    /// Excluded ancestor directories not written yet, outermost first.
+    pending: Vec<Member>,
+    entries: u64,
+}
+
+impl<W: Write> Walker<'_, W> {
+    fn walk(&mut self, dir: &Path, rel: &[u8]) -> io::Result<()> {
+        let mut names: Vec<OsString> =
+            fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>()?;
+        names.sort();
+        for name in names {
+            let path = dir.join(&name);
+            let mut child = rel.to_vec();
+            if !child.is_empty() {
+                child.push(b'/');
+            }
+            child.extend_from_slice(name.as_bytes());
+            let meta = fs::symlink_metadata(&path)?;
+            let excluded = self.excluded.contains(&child);
+            let ft = meta.file_type();
+            if ft.is_dir() {
+                let mut member = self.member(&path, &child, b'5', meta)?;
+                member.name.push(b'/');
+                let depth = self.pending.len();
+                if excluded {
+                    self.pending.push(member);
+                } else {
+                    self.emit(member, None)?;
+                }
+                self.walk(&path, &child)?;
+                self.pending.truncate(depth);
+                continue;
+            }
+            if excluded {
+                continue;
+            }
+            let whiteout = ft.is_char_device() && meta.rdev() == 0;
+            if !(ft.is_file() || ft.is_symlink() || ft.is_fifo() || whiteout) {
+                continue; // sockets, real device nodes
+            }
+            if meta.nlink() > 1 && !whiteout {
+                let key = (meta.dev(), meta.ino());
+                if let Some(first) = self.links.get(&key) {
+                    let mut member = self.member(&path, &child, b'1', meta)?;
+                    member.link = first.clone();
+                    member.xattrs.clear();
+                    self.emit(member, None)?;
+                    continue;
+                }
+                self.links.insert(key, child.clone());
+            }
+            if ft.is_file() {
+                let size = meta.len();
+                let mut member = self.member(&path, &child, b'0', meta)?;
+                member.size = size;
+                let file = File::open(&path)?;
+                self.emit(member, Some(file))?;
+            } else if ft.is_symlink() {
+                let mut member = self.member(&path, &child, b'2', meta)?;
+                member.link = fs::read_link(&path)?.into_os_string().into_vec();
+                self.emit(member, None)?;
+            } else {
+                let kind = if whiteout { b'3' } else { b'6' };
+                let member = self.member(&path, &child, kind, meta)?;
+                self.emit(member, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn member(&self, path: &Path, rel: &[u8], kind: u8, meta: Metadata) -> io::Result<Member> {
+        Ok(Member { name: rel.to_vec(), kind, meta, size: 0, link: Vec::new(), xattrs: read_xattrs(path)? })
+    }
+
+    /// Writes `member` (after any excluded ancestors still owed) and its content.
+    fn emit(&mut self, member: Member, content: Option<File>) -> io::Result<()> {
+        for dir in std::mem::take(&mut self.pending) {
+            self.write_member(&dir, None)?;
+        }
+        self.write_member(&member, content)
+    }
+
+    fn write_member(&mut self, m: &Member, content: Option<File>) -> io::Result<()> {
+        let mut records = Vec::new();
+        let mut header = [0u8; BLOCK];
+        if !set_name(&mut header, &m.name) {
+            pax_record(&mut records, b"path", &m.name);
+            put_bytes(&mut header[..100], tail(&m.name, 100));
+        }
+        put_octal(&mut header[100..108], u64::from(m.meta.mode() & 0o7777));
+        for (field, value, key) in [(108..116, m.meta.uid(), &b"uid"[..]), (116..124, m.meta.gid(), &b"gid"[..])] {
+            if u64::from(value) <= MAX_OCTAL_7 {
+                put_octal(&mut header[field], u64::from(value));
+            } else {
+                pax_record(&mut records, key, value.to_string().as_bytes());
+                put_octal(&mut header[field], 0);
+            }
+        }
+        if m.size <= MAX_OCTAL_11 {
+            put_octal(&mut header[124..136], m.size);
+        } else {
+            pax_record(&mut records, b"size", m.size.to_string().as_bytes());
+            put_octal(&mut header[124..136], 0);
+        }
+        match u64::try_from(m.meta.mtime()) {
+            Ok(t) if t <= MAX_OCTAL_11 => put_octal(&mut header[136..148], t),
+            _ => {
+                pax_record(&mut records, b"mtime", m.meta.mtime().to_string().as_bytes());
+                put_octal(&mut header[136..148], 0);
+            }
+        }
+        header[156] = m.kind;
+        if m.link.len() > 100 {
+            pax_record(&mut records, b"linkpath", &m.link);
+            put_bytes(&mut header[157..257], &m.link[..100]);
+        } else {
+            put_bytes(&mut header[157..257], &m.link);
+        }
+        header[257..263].copy_from_slice(b"ustar\0");
+        header[263..265].copy_from_slice(b"00");
+        put_octal(&mut header[329..337], 0);
+        put_octal(&mut header[337..345], 0);
+        for (name, value) in &m.xattrs {
+            let mut key = b"SCHILY.xattr.".to_vec();
+            key.extend_from_slice(name);
+            pax_record(&mut records, &key, value);
+        }
+        if !records.is_empty() {
+            let mut pax = [0u8; BLOCK];
+            let mut pax_name = b"PaxHeaders/".to_vec();
+            pax_name.extend_from_slice(tail(&m.name, 89));
+            put_bytes(&mut pax[..100], &pax_name);
+            put_octal(&mut pax[100..108], 0o644);
+            put_octal(&mut pax[108..116], 0);
+            put_octal(&mut pax[116..124], 0);
+            put_octal(&mut pax[124..136], records.len() as u64);
+            pax[136..148].copy_from_slice(&header[136..148]);
+            pax[156] = b'x';
+            pax[257..263].copy_from_slice(b"ustar\0");
+            pax[263..265].copy_from_slice(b"00");
+            set_checksum(&mut pax);
+            self.out.write_all(&pax)?;
+            self.out.write_all(&records)?;
+            self.pad(records.len() as u64)?;
+        }
+        set_checksum(&mut header);
+        self.out.write_all(&header)?;
+        if let Some(file) = content {
+            self.copy_exactly(file, m.size)?;
+            self.pad(m.size)?;
+        }
+        self.entries += 1;
+        Ok(())
+    }
+
+    /// Copies exactly `size` bytes (the size in the header): a file that shrank is padded
+    /// with zeros, one that grew is cut, so the archive stays well-formed.
+    fn copy_exactly(&mut self, file: File, size: u64) -> io::Result<()> {
+        let copied = io::copy(&mut file.take(size), &mut self.out)?;
+        let mut missing = size - copied;
+        let zeros = [0u8; 64 * 1024];
+        while missing > 0 {
+            let n = usize::try_from(missing.min(zeros.len() as u64)).unwrap_or(zeros.len());
+            self.out.write_all(&zeros[..n])?;
+            missing -= n as u64;
+        }
+        Ok(())
+    }
+
+    fn pad(&mut self, len: u64) -> io::Result<()> {
+        let rem = (len % BLOCK as u64) as usize;
+        if rem != 0 {
+            self.out.write_all(&[0u8; BLOCK][..BLOCK - rem])?;
+        }
+        Ok(())
+    }
+}
+
+/// Puts `name` in the ustar name (and prefix) fields; `false` if it does not fit.
+fn set_name(header: &mut [u8; BLOCK], name: &[u8]) -> bool {
+    if name.len() <= 100 {
+        put_bytes(&mut header[..100], name);
+        return true;
+    }
+    // Split at a slash: prefix ≤ 155 bytes, name ≤ 100 and not empty. A directory's trailing
+    // slash is not a split point.
+    let body = name.strip_suffix(b"/").unwrap_or(name);
+    for (i, _) in body.iter().enumerate().filter(|(_, b)| **b == b'/') {
+        let (prefix, rest) = (&name[..i], &name[i + 1..]);
+        if prefix.len() <= 155 && rest.len() <= 100 && !rest.is_empty() {
+            put_bytes(&mut header[345..500], prefix);
+            put_bytes(&mut header[..100], rest);
+            return true;
+        }
+    }
+    false
+}
+
+fn tail(bytes: &[u8], n: usize) -> &[u8] {
+    &bytes[bytes.len().saturating_sub(n)..]
+}
+
+fn put_bytes(field: &mut [u8], value: &[u8]) {
+    let n = value.len().min(field.len());
+    field[..n].copy_from_slice(&value[..n]);
+}
+
+/// Zero-padded octal digits filling the field but its last byte, which stays NUL.
+fn put_octal(field: &mut [u8], value: u64) {
+    let digits = field.len() - 1;
+    let text = format!("{value:0digits$o}");
+    put_bytes(&mut field[..digits], text.as_bytes());
+}
+
+fn set_checksum(header: &mut [u8; BLOCK]) {
+    header[148..156].fill(b' ');
+    let sum: u64 = header.iter().map(|&b| u64::from(b)).sum();
+    let text = format!("{sum:06o}\0 ");
+    header[148..156].copy_from_slice(text.as_bytes());
+}
+
+/// Appends one PAX record, `"<len> <key>=<value>\n"`, where `len` counts the whole record.
+fn pax_record(out: &mut Vec<u8>, key: &[u8], value: &[u8]) {
+    let base = key.len() + value.len() + 3; // ' ', '=', '\n'
+    let mut len = base + 1;
+    while base + len.to_string().len() != len {
+        len = base + len.to_string().len();
+    }
+    out.extend_from_slice(len.to_string().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(key);
+    out.push(b'=');
+    out.extend_from_slice(value);
+    out.push(b'\n');
+}
+
+/// The kept xattrs of `path` (not following a symlink), sorted by name.
+fn read_xattrs(path: &Path) -> io::Result<Vec<(Vec<u8>, Vec<u8>)>> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    let Some(list) = xattr_call(|buf, len| {
+        // SAFETY: `c` is a valid C string; `buf` is writable for `len` bytes (or null with 0).
+        unsafe { libc::llistxattr(c.as_ptr(), buf.cast(), len) }
+    })?
+    else {
+        return Ok(Vec::new());
+    };
+    let mut out = Vec::new();
+    for name in list.split(|&b| b == 0).filter(|n| !n.is_empty() && keep_xattr(n)) {
+        let cname = CString::new(name).map_err(io::Error::other)?;
+        let value = xattr_call(|buf, len| {
+            // SAFETY: as above, plus `cname` is a valid C string.
+            unsafe { libc::lgetxattr(c.as_ptr(), cname.as_ptr(), buf.cast(), len) }
+        })?;
+        if let Some(value) = value {
+            out.push((name.to_vec(), value));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Runs a size-query-then-fetch xattr call; `None` when the filesystem has no xattrs or the
+/// attribute vanished.
+fn xattr_call(mut call: impl FnMut(*mut u8, usize) -> libc::ssize_t) -> io::Result<Option<Vec<u8>>> {
+    loop {
+        let size = call(std::ptr::null_mut(), 0);
+        if size < 0 {
+            return absent_or(io::Error::last_os_error());
+        }
+        let mut buf = vec![0u8; usize::try_from(size).unwrap_or(0)];
+        if buf.is_empty() {
+            return Ok(Some(buf));
+        }
+        let n = call(buf.as_mut_ptr(), buf.len());
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() == Some(libc::ERANGE) {
+                continue; // grew in between
+            }
+            return absent_or(err);
+        }
+        buf.truncate(usize::try_from(n).unwrap_or(0));
+        return Ok(Some(buf));
+    }
+}
+
+fn absent_or(err: io::Error) -> io::Result<Option<Vec<u8>>> {
+    match err.raw_os_error() {
+        Some(libc::ENOTSUP | libc::ENODATA) => Ok(None),
+        _ => Err(err),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,199 @@
+//! The tar writer against a real directory tree, read back with the `tar` crate.
+
+use std::collections::{BTreeMap, HashSet};
+use std::io::Read;
+use std::os::unix::fs::{PermissionsExt, symlink};
+use std::path::Path;
+
+use super::*;
+
+struct Member {
+    kind: ::tar::EntryType,
+    mode: u32,
+    uid: u64,
+    link: Option<String>,
+    data: Vec<u8>,
+    xattrs: Vec<(String, Vec<u8>)>,
+}
+
+fn read_back(bytes: &[u8]) -> BTreeMap<String, Member> {
+    let mut archive = ::tar::Archive::new(bytes);
+    let mut out = BTreeMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = String::from_utf8(entry.path_bytes().into_owned()).unwrap();
+        let mut xattrs = Vec::new();
+        if let Some(pax) = entry.pax_extensions().unwrap() {
+            for ext in pax {
+                let ext = ext.unwrap();
+                if let Some(n) = ext.key().unwrap().strip_prefix("SCHILY.xattr.") {
+                    xattrs.push((n.to_owned(), ext.value_bytes().to_vec()));
+                }
+            }
+        }
+        let h = entry.header();
+        let (kind, mode, uid) = (h.entry_type(), h.mode().unwrap(), h.uid().unwrap());
+        let link = entry.link_name_bytes().map(|l| String::from_utf8(l.into_owned()).unwrap());
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        out.insert(name, Member { kind, mode, uid, link, data, xattrs });
+    }
+    out
+}
+
+fn mknod(path: &Path, mode: libc::mode_t, dev: libc::dev_t) -> bool {
+    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: `c` is a valid C string for the duration of the call.
+    unsafe { libc::mknod(c.as_ptr(), mode, dev) == 0 }
+}
+
+#[test]
+fn writes_every_kind_parents_first() {
+    let tmp = tempfile_dir();
+    let d = tmp.as_path();
+    fs::create_dir_all(d.join("a/b")).unwrap();
+    fs::write(d.join("a/b/file"), b"hello").unwrap();
+    fs::set_permissions(d.join("a/b/file"), fs::Permissions::from_mode(0o4755)).unwrap();
+    fs::write(d.join("h1"), b"linked").unwrap();
+    fs::hard_link(d.join("h1"), d.join("h2")).unwrap();
+    symlink("../some/where", d.join("a/link")).unwrap();
+    let long_dir = "d".repeat(120);
+    let long_name = format!("{long_dir}/{}", "f".repeat(150));
+    fs::create_dir(d.join(&long_dir)).unwrap();
+    fs::write(d.join(&long_name), b"long").unwrap();
+    let long_target = "t".repeat(200);
+    symlink(&long_target, d.join("longlink")).unwrap();
+    assert!(mknod(&d.join("fifo"), libc::S_IFIFO | 0o640, 0));
+    let root = nix::unistd::geteuid().is_root();
+    if root {
+        assert!(mknod(&d.join("wh"), libc::S_IFCHR, 0));
+        assert!(mknod(&d.join("null"), libc::S_IFCHR | 0o666, libc::makedev(1, 3)));
+    }
+    let _sock = std::os::unix::net::UnixListener::bind(d.join("sock")).unwrap();
+    // Excluded: an empty created dir (left out) and one with run content below (kept lazily).
+    fs::create_dir(d.join("proc")).unwrap();
+    fs::create_dir_all(d.join("etc")).unwrap();
+    fs::write(d.join("etc/resolv.conf"), b"").unwrap();
+    fs::write(d.join("etc/hosts"), b"127.0.0.1 x\n").unwrap();
+    let excluded: HashSet<Vec<u8>> = ["proc", "etc", "etc/resolv.conf"].iter().map(|s| s.as_bytes().to_vec()).collect();
+
+    let mut bytes = Vec::new();
+    let stats = write_tree(d, &excluded, &mut bytes).unwrap();
+    assert_eq!(stats.bytes, bytes.len() as u64);
+    assert_eq!(bytes.len() % BLOCK, 0);
+    if let Some(dump) = std::env::var_os("BOXWOOD_TAR_DUMP") {
+        fs::write(dump, &bytes).unwrap(); // for checking with other readers (GNU tar, bsdtar)
+    }
+    let m = read_back(&bytes);
+    let names: Vec<&str> = m.keys().map(String::as_str).collect();
+    let mut want = vec!["a/", "a/b/", "a/b/file", "a/link", "etc/", "etc/hosts", "fifo", "h1", "h2", "longlink"];
+    let long_dir_member = format!("{long_dir}/");
+    want.push(&long_dir_member);
+    want.push(&long_name);
+    if root {
+        want.push("wh");
+    }
+    want.sort_unstable();
+    assert_eq!(names, want);
+    assert_eq!(stats.entries, want.len() as u64);
+
+    let f = &m["a/b/file"];
+    assert_eq!((f.kind, f.mode, f.data.as_slice()), (::tar::EntryType::Regular, 0o4755, &b"hello"[..]));
+    assert_eq!(f.uid, u64::from(nix::unistd::geteuid().as_raw()));
+    assert_eq!(m["a/link"].link.as_deref(), Some("../some/where"));
+    assert_eq!(m["longlink"].link.as_deref(), Some(long_target.as_str()));
+    assert_eq!(m["h1"].kind, ::tar::EntryType::Regular);
+    assert_eq!((m["h2"].kind, m["h2"].link.as_deref()), (::tar::EntryType::Link, Some("h1")));
+    assert_eq!((m["fifo"].kind, m["fifo"].mode), (::tar::EntryType::Fifo, 0o640));
+    assert_eq!(m[long_name.as_str()].data, b"long");
+    assert_eq!(m["etc/"].kind, ::tar::EntryType::Directory);
+    if root {
+        assert_eq!(m["wh"].kind, ::tar::EntryType::Char);
+    }
+
+    // Parents before children, in the stream's own order.
+    let mut archive = ::tar::Archive::new(&bytes[..]);
+    let order: Vec<String> =
+        archive.entries().unwrap().map(|e| String::from_utf8(e.unwrap().path_bytes().into_owned()).unwrap()).collect();
+    for (i, name) in order.iter().enumerate() {
+        let trimmed = name.trim_end_matches('/');
+        if let Some((parent, _)) = trimmed.rsplit_once('/') {
+            let pos = order.iter().position(|n| n == &format!("{parent}/")).unwrap_or(usize::MAX);
+            assert!(pos < i, "{name} before its parent");
+        }
+    }
+}
+
+#[test]
+fn empty_tree_has_no_entries_and_xattrs_are_filtered() {
+    let tmp = tempfile_dir();
+    let mut bytes = Vec::new();
+    let stats = write_tree(tmp.as_path(), &HashSet::new(), &mut bytes).unwrap();
+    assert_eq!(stats, TarStats { entries: 0, bytes: 1024 });
+    assert!(read_back(&bytes).is_empty());
+
+    // user.* xattrs need a filesystem that supports them (tmpfs ≥ 6.6, ext4, …).
+    let f = tmp.as_path().join("x");
+    fs::write(&f, b"").unwrap();
+    let c = CString::new(f.as_os_str().as_bytes()).unwrap();
+    let value = b"v\0binary";
+    // SAFETY: valid C strings and a buffer of the stated length.
+    let ok = unsafe { libc::setxattr(c.as_ptr(), c"user.k".as_ptr(), value.as_ptr().cast(), value.len(), 0) } == 0;
+    if ok {
+        let mut bytes = Vec::new();
+        write_tree(tmp.as_path(), &HashSet::new(), &mut bytes).unwrap();
+        assert_eq!(read_back(&bytes)["x"].xattrs, [("user.k".to_owned(), value.to_vec())]);
+    } else {
+        eprintln!("skipping the xattr round trip: {}", io::Error::last_os_error());
+    }
+    for (name, keep) in [
+        ("user.mime", true),
+        ("security.capability", true),
+        ("trusted.overlay.opaque", true),
+        ("trusted.overlay.origin", false),
+        ("trusted.overlay.impure", false),
+        ("security.selinux", false),
+    ] {
+        assert_eq!(keep_xattr(name.as_bytes()), keep, "{name}");
+    }
+}
+
+#[test]
+fn pax_record_lengths_count_themselves() {
+    for value_len in [0, 1, 5, 6, 7, 90, 95, 96, 97, 98, 99, 100, 995, 996, 997, 998] {
+        let mut out = Vec::new();
+        pax_record(&mut out, b"path", &vec![b'a'; value_len]);
+        let text = String::from_utf8(out.clone()).unwrap();
+        let (len, _) = text.split_once(' ').unwrap();
+        assert_eq!(len.parse::<usize>().unwrap(), out.len(), "{value_len}");
+    }
+}
+
+/// A scratch dir, on tmpfs when there is one (xattrs, whiteouts behave as in the guest).
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn as_path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempfile_dir() -> TempDir {
+    let base = if Path::new("/dev/shm").is_dir() { Path::new("/dev/shm") } else { Path::new("/tmp") };
+    let dir = base.join(format!("bw-agent-tar-{}-{:x}", std::process::id(), rand_suffix()));
+    fs::create_dir(&dir).unwrap();
+    TempDir(dir)
+}
+
+fn rand_suffix() -> u64 {
+    use std::time::{SystemTime, UNIX_EPOCH};
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64) ^ (n << 48)
+}
