@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
+use boxwood_store::{Store, TokenRecord};
+
 use crate::error::{CoreError, CoreResult};
 
 /// The namespace whose images and tags every caller can read.
@@ -101,6 +103,60 @@ pub struct Authenticator {
 
 pub fn sha256_hex(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+/// The caller of a token created with `boxwood token create` (unknown permission names,
+/// from a newer version, grant nothing).
+pub fn caller_from_record(t: &TokenRecord) -> Caller {
+    let permissions =
+        t.permissions.iter().filter_map(|name| Permission::ALL.into_iter().find(|p| p.as_str() == name)).collect();
+    Caller { token_uuid: t.uuid, namespace: t.namespace.clone(), permissions }
+}
+
+/// Parses permission names (`list,spawn`…); `all` means every permission.
+pub fn parse_permissions(names: &[String]) -> CoreResult<BTreeSet<Permission>> {
+    let mut set = BTreeSet::new();
+    for n in names.iter().flat_map(|n| n.split(',')).map(str::trim).filter(|n| !n.is_empty()) {
+        if n == "all" {
+            set.extend(Permission::ALL);
+            continue;
+        }
+        let p = Permission::ALL
+            .into_iter()
+            .find(|p| p.as_str() == n)
+            .ok_or_else(|| CoreError::bad(format!("unknown permission {n:?}")))?;
+        set.insert(p);
+    }
+    Ok(set)
+}
+
+/// Creates a token in the store and returns its secret (shown once; only its hash is kept).
+pub async fn create_token(
+    store: &dyn Store,
+    namespace: &str,
+    permissions: &BTreeSet<Permission>,
+    description: Option<String>,
+) -> CoreResult<(String, TokenRecord)> {
+    if namespace.is_empty()
+        || namespace == PUBLIC_NAMESPACE
+        || !namespace.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err(CoreError::bad(format!(
+            "invalid namespace {namespace:?}: letters, digits, '-', '_', '.'; not {PUBLIC_NAMESPACE:?}"
+        )));
+    }
+    let secret = format!("bw_{}", hex::encode(rand::random::<[u8; 24]>()));
+    let record = TokenRecord {
+        sha256: sha256_hex(&secret),
+        uuid: Uuid::new_v4(),
+        namespace: namespace.to_owned(),
+        permissions: permissions.iter().map(|p| p.as_str().to_owned()).collect(),
+        description,
+        created_at_us: crate::clock::now_us(),
+        revoked_at_us: None,
+    };
+    store.insert_token(&record).await?;
+    Ok((secret, record))
 }
 
 impl Authenticator {

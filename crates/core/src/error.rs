@@ -13,6 +13,9 @@ pub enum ErrorKind {
     NotFound,
     Conflict,
     Unprocessable,
+    TooLarge,
+    /// Temporarily unable to take the request (shutting down); nothing was done.
+    Unavailable,
     Internal,
 }
 
@@ -32,6 +35,10 @@ pub enum CoreError {
     NotFound(String),
     #[error("{0}")]
     Conflict(String),
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Unavailable(String),
     #[error("metadata store failure")]
     Store(#[from] StoreError),
     #[error("image store failure")]
@@ -49,6 +56,8 @@ impl CoreError {
             CoreError::Forbidden(_) => ErrorKind::Forbidden,
             CoreError::NotFound(_) => ErrorKind::NotFound,
             CoreError::Conflict(_) => ErrorKind::Conflict,
+            CoreError::TooLarge(_) => ErrorKind::TooLarge,
+            CoreError::Unavailable(_) => ErrorKind::Unavailable,
             CoreError::Store(_) | CoreError::Image(_) | CoreError::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -59,3 +68,15 @@ impl CoreError {
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;
+
+/// An error and its sources on one line, for logs and operation error messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(src) = cur {
+        s.push_str(": ");
+        s.push_str(&src.to_string());
+        cur = src.source();
+    }
+    s
+}

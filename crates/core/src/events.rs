@@ -52,7 +52,13 @@ pub(crate) struct EventLog {
 }
 
 impl EventLog {
-    /// Starts (or, after a restart, continues) the log of `op`.
+    /// Starts the log of an operation that has no events yet.
+    pub(crate) fn fresh(store: Arc<dyn Store>, hub: Arc<EventHub>, op: Uuid) -> Self {
+        let notify = hub.register(op, -1);
+        Self { store, hub, op, next_id: 0, notify }
+    }
+
+    /// Continues the log of `op` after its last stored event.
     pub(crate) async fn open(store: Arc<dyn Store>, hub: Arc<EventHub>, op: Uuid) -> CoreResult<Self> {
         let last = store.last_event_id(op).await?;
         let notify = hub.register(op, last.unwrap_or(-1));
@@ -86,6 +92,38 @@ impl Drop for EventLog {
     fn drop(&mut self) {
         self.hub.remove(self.op);
     }
+}
+
+/// The `completion` payload of a terminal operation row.
+pub(crate) fn completion_data(op: &OperationRecord) -> Value {
+    let duration_ms = match (op.started_at_us, op.finished_at_us) {
+        (Some(s), Some(f)) => (f - s).max(0) / 1000,
+        _ => 0,
+    };
+    serde_json::json!({
+        "status": op.status,
+        "duration_ms": duration_ms,
+        "result_image_uuid": op.result_image_uuid.map(|u| u.to_string()),
+        "error": op.error,
+        "image_size_bytes": op.image_size.unwrap_or(0),
+    })
+}
+
+/// Fails an active operation outside its run (after a restart, or when its run hit a store
+/// error): appends `completion` after whatever the log already holds.
+pub(crate) async fn fail_operation(store: Arc<dyn Store>, hub: Arc<EventHub>, op: Uuid, error: &str) -> CoreResult<()> {
+    let Some(mut record) = store.get_operation(op).await? else { return Ok(()) };
+    if Status::parse(&record.status).is_none_or(Status::is_terminal) {
+        return Ok(());
+    }
+    let log = EventLog::open(store, hub, op).await?;
+    record.status = Status::Failed.as_str().into();
+    record.error = Some(error.into());
+    record.finished_at_us = Some(now_us());
+    record.result_image_uuid = None;
+    record.image_size = None;
+    let completion = completion_data(&record);
+    log.complete(&record, completion).await
 }
 
 pub(crate) fn view(ev: &EventRecord) -> EventView {
@@ -124,7 +162,12 @@ impl Follow {
             let rx = if self.follow { self.hub.subscribe(self.op) } else { None };
             let page = match self.store.events(self.op, self.after, None, PAGE).await {
                 Ok(p) => p,
-                Err(e) => return Some(Err(e.into())),
+                Err(e) => {
+                    // The stream ends after reporting the error; the client resumes from its
+                    // last id.
+                    self.done = true;
+                    return Some(Err(e.into()));
+                }
             };
             if !page.is_empty() {
                 self.buffer.extend(page);
@@ -141,13 +184,17 @@ impl Follow {
                 }
                 Ok(None) => return None,
                 Ok(Some(_)) => {}
-                Err(e) => return Some(Err(e.into())),
+                Err(e) => {
+                    self.done = true;
+                    return Some(Err(e.into()));
+                }
             }
             match rx {
                 Some(mut rx) => {
                     let _ = tokio::time::timeout(Duration::from_secs(5), rx.changed()).await;
                 }
-                // Queued but not yet started: nothing to wake us, so poll.
+                // The run's log is gone (it ended between our reads, or it belongs to a
+                // previous server process): poll until the terminal row shows.
                 None => tokio::time::sleep(Duration::from_millis(200)).await,
             }
         }

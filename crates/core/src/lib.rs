@@ -13,5 +13,5 @@ mod runner;
 mod service;
 pub mod spec;
 
-pub use error::{CoreError, CoreResult, ErrorKind};
-pub use service::{CoreConfig, ImageQuery, OperationQuery, Page, Service};
+pub use error::{CoreError, CoreResult, ErrorKind, error_chain};
+pub use service::{Backends, CoreConfig, ImageQuery, OperationQuery, Page, Service};

@@ -192,6 +192,14 @@ pub struct OperationResponse {
     pub result: Option<ResultRef>,
 }
 
+impl OperationResponse {
+    /// Suggested poll interval for an operation that is still active.
+    pub fn retry_after_secs(&self) -> Option<u32> {
+        let terminal = matches!(self.summary.status.as_str(), "SUCCESS" | "FAILED" | "CANCELLED");
+        (!terminal).then_some(1)
+    }
+}
+
 /// `OperationResponse.result`: emitted with both keys at every terminal state.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ResultRef {
@@ -206,6 +214,36 @@ pub struct ImageView {
     pub tag: Option<String>,
     pub created_at: String,
     pub operation_uuid: Option<String>,
+}
+
+/// `FileResponse` (`POST /files`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FileResponse {
+    pub uuid: String,
+    pub sha256: String,
+    pub size: i64,
+}
+
+/// `File`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FileView {
+    pub uuid: String,
+    pub sha256: String,
+    pub size: i64,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+/// Boxwood extension `GET /images/{uuid}/lineage`: where an image comes from and what was
+/// made from it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct LineageView {
+    pub image: ImageView,
+    pub parent: Option<String>,
+    /// Parent first, up to the root.
+    pub ancestors: Vec<ImageView>,
+    /// Direct children, oldest first.
+    pub children: Vec<ImageView>,
 }
 
 /// `WhoAmIResponse`.

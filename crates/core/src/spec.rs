@@ -105,6 +105,92 @@ pub struct ValidSpawn {
     pub preserve_cwd: bool,
     pub max_layer_bytes: u64,
     pub networking: bool,
+    /// Uploaded files to place before the command, sorted by path.
+    pub files: Vec<FileInjection>,
+    files_echo: BTreeMap<String, serde_json::Value>,
+}
+
+/// One entry of the request's `files`: an upload to place at `path`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FileInjection {
+    /// Absolute and normalized (no `.`, `..` or empty components).
+    pub path: String,
+    pub uuid: Uuid,
+    /// Permission bits only (`& 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Parses a file mode as clients send it: `"0644"`, `"644"`, `"0o644"`, `"0o100755"` (type
+/// bits are dropped) or an integer.
+pub fn parse_mode(v: &serde_json::Value) -> CoreResult<u32> {
+    let bad = || CoreError::bad(format!("invalid file mode {v}: expected an octal string like \"0644\" or an integer"));
+    let mode = match v {
+        serde_json::Value::Null => return Ok(0o644),
+        serde_json::Value::Number(n) => n.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(bad)?,
+        serde_json::Value::String(s) => {
+            let digits = s.strip_prefix("0o").or_else(|| s.strip_prefix("0O")).unwrap_or(s);
+            if digits.is_empty() {
+                return Err(bad());
+            }
+            u32::from_str_radix(digits, 8).map_err(|_| bad())?
+        }
+        _ => return Err(bad()),
+    };
+    Ok(mode & 0o7777)
+}
+
+/// An absolute path inside the image, normalized; `..` is refused rather than resolved.
+fn normalize_file_path(path: &str) -> CoreResult<String> {
+    let bad = |why: &str| CoreError::bad(format!("invalid file path {path:?}: {why}"));
+    if !path.starts_with('/') {
+        return Err(bad("must be absolute"));
+    }
+    if path.contains('\0') {
+        return Err(bad("contains NUL"));
+    }
+    let mut parts = Vec::new();
+    for c in path.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => return Err(bad("must not contain `..`")),
+            c => parts.push(c),
+        }
+    }
+    if parts.is_empty() || path.ends_with('/') {
+        return Err(bad("must name a file"));
+    }
+    Ok(format!("/{}", parts.join("/")))
+}
+
+fn parse_files(files: BTreeMap<String, serde_json::Value>) -> CoreResult<Vec<FileInjection>> {
+    let mut out = Vec::with_capacity(files.len());
+    for (raw_path, spec) in files {
+        let path = normalize_file_path(&raw_path)?;
+        let obj = spec.as_object().ok_or_else(|| CoreError::bad(format!("files[{raw_path:?}] must be an object")))?;
+        let uuid = obj
+            .get("uuid")
+            .and_then(serde_json::Value::as_str)
+            .and_then(|u| Uuid::parse_str(u).ok())
+            .ok_or_else(|| CoreError::bad(format!("files[{raw_path:?}].uuid must be a file UUID")))?;
+        let id = |key: &str| -> CoreResult<u32> {
+            match obj.get(key) {
+                None | Some(serde_json::Value::Null) => Ok(0),
+                Some(v) => v
+                    .as_u64()
+                    .and_then(|n| u32::try_from(n).ok())
+                    .ok_or_else(|| CoreError::bad(format!("files[{raw_path:?}].{key} must be a non-negative integer"))),
+            }
+        };
+        let mode = parse_mode(obj.get("mode").unwrap_or(&serde_json::Value::Null))?;
+        out.push(FileInjection { path, uuid, mode, uid: id("uid")?, gid: id("gid")? });
+    }
+    out.sort_by(|a, b| a.path.cmp(&b.path));
+    if out.windows(2).any(|w| w[0].path == w[1].path) {
+        return Err(CoreError::bad("files name the same path twice"));
+    }
+    Ok(out)
 }
 
 /// The process a run starts, after the image's defaults were applied.
@@ -197,11 +283,8 @@ pub fn validate(req: SpawnRequest, limits: &RunLimits) -> CoreResult<ValidSpawn>
     if args.iter().any(|a| a.contains('\0')) {
         return Err(CoreError::bad("args must not contain NUL bytes"));
     }
-    if req.files.as_ref().is_some_and(|f| !f.is_empty()) {
-        return Err(CoreError::Unprocessable(
-            "file injection (`files`) is not supported by this server version".into(),
-        ));
-    }
+    let files_echo = req.files.unwrap_or_default();
+    let files = parse_files(files_echo.clone())?;
     Ok(ValidSpawn {
         image,
         command: req.command,
@@ -221,6 +304,8 @@ pub fn validate(req: SpawnRequest, limits: &RunLimits) -> CoreResult<ValidSpawn>
         preserve_cwd: req.preserve_cwd.unwrap_or(false),
         max_layer_bytes,
         networking: req.networking.and_then(|n| n.enabled).unwrap_or(true),
+        files,
+        files_echo,
     })
 }
 
@@ -245,7 +330,7 @@ impl ValidSpawn {
             preserve_cwd: self.preserve_cwd,
             resources_limits: LimitsEcho { max_layer_bytes: self.max_layer_bytes },
             networking: NetworkingEcho { enabled: self.networking },
-            files: BTreeMap::new(),
+            files: self.files_echo.clone(),
             result: None,
         }
     }
@@ -354,6 +439,49 @@ mod tests {
         );
         assert_eq!(p.cwd, "/srv", "empty cwd takes the image workdir");
         assert_eq!(v.metadata(Uuid::nil()).env.len(), 2, "null values are not echoed");
+    }
+
+    #[test]
+    fn file_modes_and_paths() {
+        use serde_json::json;
+        for (v, want) in [
+            (json!("0644"), 0o644),
+            (json!("0o644"), 0o644),
+            (json!("0o100755"), 0o755),
+            (json!("4755"), 0o4755),
+            (json!(420), 0o644),
+            (json!(null), 0o644),
+        ] {
+            assert_eq!(parse_mode(&v).unwrap(), want, "{v}");
+        }
+        for v in [json!("0o"), json!("9"), json!(-1), json!([1]), json!("rw-r--r--")] {
+            assert!(parse_mode(&v).is_err(), "{v}");
+        }
+        assert_eq!(normalize_file_path("//opt/./in//a.txt").unwrap(), "/opt/in/a.txt");
+        for p in ["rel", "/", "/a/../b", "/dir/", "/a\0b"] {
+            assert!(normalize_file_path(p).is_err(), "{p}");
+        }
+        let u = Uuid::new_v4().to_string();
+        let v = validate(
+            req(json!({"command": "true", "image": "tag:b",
+                "files": {"/b": {"uuid": u, "mode": "0o100755", "uid": 5}, "/a": {"uuid": u}}})),
+            &RunLimits::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            v.files.iter().map(|f| (f.path.as_str(), f.mode, f.uid)).collect::<Vec<_>>(),
+            vec![("/a", 0o644, 0), ("/b", 0o755, 5)]
+        );
+        assert_eq!(v.metadata(Uuid::nil()).files.len(), 2, "files are echoed");
+        for bad in [
+            json!({"/a": {"mode": "0644"}}),
+            json!({"/a": "uuid"}),
+            json!({"/a": {"uuid": u, "uid": -1}}),
+            json!({"/a": {"uuid": u}, "//a": {"uuid": u}}),
+        ] {
+            let r = validate(req(json!({"command": "true", "image": "tag:b", "files": bad})), &RunLimits::default());
+            assert!(matches!(r, Err(CoreError::BadRequest(_))), "{bad}");
+        }
     }
 
     #[test]

@@ -1,0 +1,68 @@
+//! Keeping layer stacks shallow. A VM can mount at most [`MAX_LAYER_DISKS`] layers, and deep
+//! overlay stacks slow every lookup, so once a persisted image's stack reaches [`COMPACT_AT`]
+//! layers, its diff layers (all but the bottom one, the imported or base rootfs) are merged
+//! into one in the background. The image keeps its UUID and content; only its layer list
+//! changes. Merging costs the size of the diffs, never of the base.
+
+use std::sync::Arc;
+
+use boxwood_image::merge_layers;
+use uuid::Uuid;
+
+use super::{MAX_LAYER_DISKS, RunEnv};
+use crate::error::{CoreError, CoreResult};
+
+/// Stack depth at which a new image is compacted in the background (left below
+/// [`MAX_LAYER_DISKS`] so chained runs rarely wait for it).
+pub(crate) const COMPACT_AT: usize = 4;
+
+const _: () = assert!(COMPACT_AT <= MAX_LAYER_DISKS);
+
+impl RunEnv {
+    /// Merges the image's diff layers into one now (waiting for a compaction of the same
+    /// image already under way) and returns the new layer list.
+    pub(crate) async fn compact_now(&self, image: Uuid) -> CoreResult<Vec<String>> {
+        let lock = {
+            let mut map = self.compacting.lock().unwrap_or_else(|e| e.into_inner());
+            map.entry(image).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        let result = self.compact_locked(image).await;
+        self.compacting.lock().unwrap_or_else(|e| e.into_inner()).remove(&image);
+        result
+    }
+
+    async fn compact_locked(&self, image: Uuid) -> CoreResult<Vec<String>> {
+        let record = self.store.get_image(image).await?.ok_or_else(|| CoreError::NotFound(format!("image {image}")))?;
+        if record.layers.len() <= 2 {
+            return Ok(record.layers);
+        }
+        let (diffs, bottom) = record.layers.split_at(record.layers.len() - 1);
+        let trees = diffs.iter().map(|d| self.layers.layer_tree(d)).collect::<Result<Vec<_>, _>>()?;
+        let out = self.layers.staging_dir()?;
+        let merged = out.join("tree");
+        let target = merged.clone();
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&std::path::Path> = trees.iter().map(|t| t.as_path()).collect();
+            merge_layers(&refs, &target, true)
+        })
+        .await
+        .map_err(|e| CoreError::Internal(format!("compaction task failed: {e}")))??;
+        let layer = self.layers.commit_tree(merged).await;
+        let _ = tokio::fs::remove_dir_all(&out).await;
+        let layers = vec![layer?.digest, bottom[0].clone()];
+        self.store.set_image_layers(image, &layers).await?;
+        tracing::info!(%image, from = record.layers.len(), "compacted the image's diff layers");
+        Ok(layers)
+    }
+
+    /// Compacts `image` soon, without holding up the run that made it.
+    pub(crate) fn compact_in_background(self: &Arc<Self>, image: Uuid) {
+        let env = self.clone();
+        self.background.spawn(async move {
+            if let Err(e) = env.compact_now(image).await {
+                tracing::warn!(%image, error = %crate::error::error_chain(&e), "background compaction failed");
+            }
+        });
+    }
+}

@@ -1,0 +1,332 @@
+//! Executes one instance operation: queue → boot a microVM → inject files → run the main
+//! process → stream its output into the event log → save the changes as a new image (unless
+//! disposable) → tear the VM down. Every path ends with a terminal status and a `completion`
+//! event (store failures included: the service retries the failure write), and never leaves
+//! QEMU running.
+
+mod compact;
+mod main_process;
+mod persist;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use boxwood_blob::BlobStore;
+use boxwood_image::{ImageError, LayerStore};
+use boxwood_protocol::{Exit, RootfsSpec};
+use boxwood_store::{ImageRecord, OperationRecord, Store};
+use boxwood_vm::{DiskSpec, FileSpec, Vm, VmRuntime, VmSpec};
+use serde_json::{Value, json};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::clock::{format_ts, now_us};
+use crate::error::{CoreResult, error_chain};
+use crate::events::{EventLog, completion_data};
+use crate::model::InstanceResult;
+use crate::operations::Status;
+use crate::spec::{FileInjection, ValidSpawn};
+
+pub(crate) use main_process::MAIN_SPID;
+
+/// Virtio-mmio slots a microVM has (QEMU's microvm offers eight) minus the agent's serial
+/// port and the network device: the deepest layer stack a VM can mount.
+pub(crate) const MAX_LAYER_DISKS: usize = 6;
+
+/// Why a run was asked to stop early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopReason {
+    Cancelled = 1,
+    Shutdown = 2,
+}
+
+/// Handle the service keeps for a run it may have to stop.
+#[derive(Debug, Default)]
+pub(crate) struct RunControl {
+    pub(crate) token: CancellationToken,
+    reason: AtomicU8,
+}
+
+impl RunControl {
+    pub(crate) fn stop(&self, reason: StopReason) {
+        let _ = self.reason.compare_exchange(0, reason as u8, Ordering::SeqCst, Ordering::SeqCst);
+        self.token.cancel();
+    }
+
+    /// The terminal status and error of a run stopped early.
+    fn stopped_outcome(&self) -> (Status, Option<String>) {
+        if self.reason.load(Ordering::SeqCst) == StopReason::Cancelled as u8 {
+            (Status::Cancelled, Some("operation cancelled".into()))
+        } else {
+            (Status::Failed, Some("the server shut down while the operation was active".into()))
+        }
+    }
+}
+
+/// Shared parts every run uses.
+pub(crate) struct RunEnv {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) blobs: Arc<dyn BlobStore>,
+    pub(crate) layers: Arc<dyn LayerStore>,
+    pub(crate) runtime: Arc<dyn VmRuntime>,
+    pub(crate) slots: Arc<Semaphore>,
+    /// One lock per image being compacted, so an image is never compacted twice at once.
+    compacting: std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    background: TaskTracker,
+}
+
+impl RunEnv {
+    pub(crate) fn new(
+        store: Arc<dyn Store>,
+        blobs: Arc<dyn BlobStore>,
+        layers: Arc<dyn LayerStore>,
+        runtime: Arc<dyn VmRuntime>,
+        slots: Arc<Semaphore>,
+    ) -> Self {
+        Self {
+            store,
+            blobs,
+            layers,
+            runtime,
+            slots,
+            compacting: std::sync::Mutex::new(HashMap::new()),
+            background: TaskTracker::new(),
+        }
+    }
+
+    /// Waits for background compactions (at shutdown).
+    pub(crate) async fn wait_for_background(&self) {
+        self.background.close();
+        self.background.wait().await;
+    }
+}
+
+/// An upload to place in the VM before the command.
+#[derive(Debug, Clone)]
+pub(crate) struct InjectedFile {
+    pub(crate) spec: FileInjection,
+    pub(crate) sha256: String,
+}
+
+pub(crate) struct Run {
+    pub(crate) op: OperationRecord,
+    pub(crate) spec: ValidSpawn,
+    pub(crate) image: ImageRecord,
+    pub(crate) files: Vec<InjectedFile>,
+    pub(crate) log: EventLog,
+    pub(crate) control: Arc<RunControl>,
+    pub(crate) namespace_slots: Arc<Semaphore>,
+}
+
+/// How a run ended.
+pub(crate) struct Ending {
+    status: Status,
+    error: Option<String>,
+    result: Option<InstanceResult>,
+}
+
+impl Ending {
+    fn failed(error: impl Into<String>) -> Self {
+        Self { status: Status::Failed, error: Some(error.into()), result: None }
+    }
+}
+
+impl Run {
+    /// Drives the run to a terminal state. Only store failures are returned (the caller then
+    /// fails the operation itself); everything else becomes the operation's FAILED status.
+    pub(crate) async fn execute(mut self, env: &Arc<RunEnv>) -> CoreResult<()> {
+        let permits = tokio::select! {
+            p = async {
+                let ns = self.namespace_slots.clone().acquire_owned().await.ok()?;
+                let global = env.slots.clone().acquire_owned().await.ok()?;
+                Some((ns, global))
+            } => p,
+            () = self.control.token.cancelled() => None,
+        };
+        let Some(_permits) = permits else {
+            let (status, error) = self.control.stopped_outcome();
+            return self.finish(Ending { status, error, result: None }).await;
+        };
+        self.transition(Status::Assigned, env).await?;
+        self.op.started_at_us = Some(now_us());
+        env.store.update_operation(&self.op).await?;
+
+        if self.image.layers.len() > MAX_LAYER_DISKS {
+            match env.compact_now(self.image.uuid).await {
+                Ok(layers) => self.image.layers = layers,
+                Err(e) => {
+                    return self
+                        .finish(Ending::failed(format!("flattening the image failed: {}", error_chain(&e))))
+                        .await;
+                }
+            }
+        }
+        let disks = match self.disks(env.layers.as_ref()) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(op = %self.op.uuid, error = %error_chain(&e), "image layers unavailable");
+                return self.finish(Ending::failed("Container image not found")).await;
+            }
+        };
+        let vm_spec = VmSpec {
+            name: self.op.uuid.to_string(),
+            rootfs: RootfsSpec {
+                lower_serials: disks.iter().map(|d| d.serial.clone()).collect(),
+                upper_size_bytes: self.spec.max_layer_bytes,
+            },
+            disks,
+            hostname: self.spec.hostname.clone(),
+            memory_mib: None,
+            vcpus: None,
+            network: self.spec.networking,
+        };
+        let started = tokio::select! {
+            vm = env.runtime.start(vm_spec) => Some(vm),
+            () = self.control.token.cancelled() => None,
+        };
+        let vm = match started {
+            None => {
+                let (status, error) = self.control.stopped_outcome();
+                return self.finish(Ending { status, error, result: None }).await;
+            }
+            Some(Err(e)) => {
+                let msg = format!("microVM failed to start: {}", error_chain(&e));
+                tracing::warn!(op = %self.op.uuid, error = %msg, "boot failed");
+                return self.finish(Ending::failed(msg)).await;
+            }
+            Some(Ok(vm)) => vm,
+        };
+        let inside = self.inside_vm(vm.as_ref(), env).await;
+        let logged = match &inside {
+            Ok((_, reason)) => {
+                self.log.append(Some(0), "shutdown", json!({"stopped_at": format_ts(now_us()), "reason": reason})).await
+            }
+            Err(_) => Ok(()),
+        };
+        if let Err(e) = vm.shutdown().await {
+            tracing::warn!(op = %self.op.uuid, error = %error_chain(&e), "VM shutdown was not clean");
+        }
+        logged?;
+        let (ending, _) = inside?;
+        self.finish(ending).await
+    }
+
+    /// Everything that happens while the VM is up. Returns how the run ends and the reason
+    /// for the `shutdown` event.
+    async fn inside_vm(&mut self, vm: &dyn Vm, env: &Arc<RunEnv>) -> CoreResult<(Ending, &'static str)> {
+        self.log_boot(vm).await?;
+        self.transition(Status::Executing, env).await?;
+        if let Err(msg) = self.inject_files(vm, env).await {
+            return Ok((Ending::failed(msg), "spawn_failed"));
+        }
+        let (exit, result) = match self.run_main(vm).await? {
+            main_process::Outcome::Exited(done) => *done,
+            main_process::Outcome::Stopped => {
+                let (status, error) = self.control.stopped_outcome();
+                return Ok((Ending { status, error, result: None }, "signal"));
+            }
+            main_process::Outcome::SpawnFailed(msg) => return Ok((Ending::failed(msg), "spawn_failed")),
+            main_process::Outcome::Timeout(msg) => return Ok((Ending::failed(msg), "timeout")),
+            main_process::Outcome::Crashed(msg) => return Ok((Ending::failed(msg), "vm_crashed")),
+        };
+        self.record_usage(&exit, &result);
+        let reason = if exit.timed_out { "timeout" } else { "job_complete" };
+        if !self.spec.disposable {
+            // The command's exit code does not matter: a failing build step's state is kept.
+            match self.persist(vm, env).await {
+                Ok((image, size)) => {
+                    self.op.result_image_uuid = Some(image);
+                    self.op.image_size = Some(size);
+                }
+                Err(msg) => return Ok((Ending::failed(msg), reason)),
+            }
+        }
+        Ok((Ending { status: Status::Success, error: None, result: Some(result) }, reason))
+    }
+
+    fn disks(&self, layers: &dyn LayerStore) -> Result<Vec<DiskSpec>, ImageError> {
+        self.image
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(i, digest)| Ok(DiskSpec { path: layers.layer_disk(digest)?, serial: format!("layer{i}") }))
+            .collect()
+    }
+
+    async fn log_boot(&mut self, vm: &dyn Vm) -> CoreResult<()> {
+        let hello = vm.hello().clone();
+        let init = json!({
+            "started_at": format_ts(self.op.started_at_us.unwrap_or_else(now_us)),
+            "runtime_path": "/run/boxwood",
+            "verbose": false,
+            "init_pid": 1,
+            "hostname": self.spec.hostname,
+            "kernel": hello.kernel_release,
+            "machine": hello.machine,
+            "boot_id": hello.boot_id,
+        });
+        self.log.append(Some(0), "init", init).await?;
+        if let Some(net) = vm.setup_report().network.clone() {
+            let data = json!({
+                "interfaces": net.interfaces.iter().map(|i| json!({
+                    "name": i.name, "rx_bytes": i.rx_bytes, "rx_packets": i.rx_packets, "rx_errs": i.rx_errs,
+                    "rx_drop": i.rx_drop, "tx_bytes": i.tx_bytes, "tx_packets": i.tx_packets, "tx_errs": i.tx_errs,
+                    "tx_drop": i.tx_drop,
+                })).collect::<Vec<_>>(),
+                "configured": {"ip4": net.configured.address, "ip4_gw": net.configured.gateway,
+                               "nameserver": net.configured.nameserver},
+                "error": net.error,
+            });
+            self.log.append(Some(0), "network", data).await?;
+        }
+        Ok(())
+    }
+
+    /// Places the request's uploads; a failure is the operation's failure message.
+    async fn inject_files(&self, vm: &dyn Vm, env: &RunEnv) -> Result<(), String> {
+        for f in &self.files {
+            let source = match env.blobs.path(&f.sha256) {
+                Ok(Some(p)) => p,
+                _ => return Err(format!("uploaded file {} is missing from the blob store", f.spec.uuid)),
+            };
+            let spec = FileSpec { path: f.spec.path.clone(), mode: f.spec.mode, uid: f.spec.uid, gid: f.spec.gid };
+            let put = tokio::select! {
+                r = vm.put_file(&spec, &source) => r,
+                () = self.control.token.cancelled() => return Err("operation stopped while placing files".into()),
+            };
+            put.map_err(|e| format!("placing {} failed: {}", f.spec.path, error_chain(&e)))?;
+        }
+        Ok(())
+    }
+
+    fn record_usage(&mut self, exit: &Exit, result: &InstanceResult) {
+        self.op.consumed_cpu = Some(result.resources.user_cpu_time + result.resources.system_cpu_time);
+        self.op.consumed_memory = Some(exit.rusage.max_rss_kb as i64);
+    }
+
+    async fn transition(&mut self, next: Status, env: &RunEnv) -> CoreResult<()> {
+        let current = Status::parse(&self.op.status);
+        debug_assert!(current.is_some_and(|c| c.can_become(next)), "{:?} -> {next:?}", self.op.status);
+        self.op.status = next.as_str().into();
+        env.store.update_operation(&self.op).await?;
+        Ok(())
+    }
+
+    async fn finish(mut self, ending: Ending) -> CoreResult<()> {
+        let Ending { status, error, result } = ending;
+        self.op.status = status.as_str().into();
+        self.op.error = error;
+        self.op.finished_at_us = Some(now_us());
+        if status != Status::Success {
+            self.op.result_image_uuid = None;
+            self.op.image_size = None;
+        }
+        self.op.result = result.map(|r| serde_json::to_value(r).unwrap_or(Value::Null));
+        let completion = completion_data(&self.op);
+        tracing::info!(op = %self.op.uuid, status = status.as_str(), error = ?self.op.error, "operation finished");
+        self.log.complete(&self.op, completion).await
+    }
+}

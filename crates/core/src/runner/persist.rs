@@ -1,0 +1,92 @@
+//! Saving a run's filesystem changes as a new image: the guest streams its overlay upper
+//! directory (the diff) as a tar, the host unpacks it into a new layer on top of the source
+//! image's stack. Costs the changed bytes only; the source image is never copied.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use boxwood_image::unpack_layer;
+use boxwood_store::ImageRecord;
+use boxwood_vm::Vm;
+use uuid::Uuid;
+
+use super::{Run, RunEnv, compact::COMPACT_AT};
+use crate::clock::now_us;
+use crate::error::error_chain;
+
+impl Run {
+    /// Saves the run's changes; returns the result image (the source image when nothing
+    /// changed) and the bytes written. `Err` is the operation's failure message.
+    pub(super) async fn persist(&mut self, vm: &dyn Vm, env: &Arc<RunEnv>) -> Result<(Uuid, i64), String> {
+        let fail = |what: &str, e: &dyn std::error::Error| {
+            format!("saving the result image failed: {what}: {}", error_chain(e))
+        };
+        let staging = env.layers.staging_dir().map_err(|e| fail("staging", &e))?;
+        let result = self.persist_in(vm, env, &staging).await;
+        if let Err(e) = tokio::fs::remove_dir_all(&staging).await {
+            tracing::warn!(path = %staging.display(), error = %e, "could not remove a staging dir");
+        }
+        result.map_err(|(what, e)| fail(what, e.as_ref()))
+    }
+
+    async fn persist_in(
+        &mut self,
+        vm: &dyn Vm,
+        env: &Arc<RunEnv>,
+        staging: &std::path::Path,
+    ) -> Result<(Uuid, i64), (&'static str, Box<dyn std::error::Error + Send + Sync>)> {
+        let tar = staging.join("upper.tar");
+        let stats = vm.export_upper(&tar).await.map_err(|e| ("exporting changes", e.into()))?;
+        let source = &self.image;
+        let env_vars = if self.spec.preserve_env { self.merged_env() } else { source.env.clone() };
+        let workdir = if self.spec.preserve_cwd { Some(self.spec.process(source).cwd) } else { source.workdir.clone() };
+        if stats.entries == 0 && env_vars == source.env && workdir == source.workdir {
+            return Ok((source.uuid, 0));
+        }
+        let mut layers = source.layers.clone();
+        let mut written = 0i64;
+        if stats.entries > 0 {
+            let tree = staging.join("tree");
+            let (tar_path, tree_path) = (tar.clone(), tree.clone());
+            let unpacked = tokio::task::spawn_blocking(move || {
+                std::fs::create_dir(&tree_path)?;
+                unpack_layer(&tar_path, &tree_path).map_err(std::io::Error::other)
+            })
+            .await
+            .map_err(|e| ("unpacking changes", e.into()))?
+            .map_err(|e| ("unpacking changes", e.into()))?;
+            let layer = env.layers.commit_tree(tree).await.map_err(|e| ("publishing the layer", e.into()))?;
+            layers.insert(0, layer.digest);
+            written = i64::try_from(unpacked.content_bytes).unwrap_or(i64::MAX);
+        }
+        let image = ImageRecord {
+            uuid: Uuid::now_v7(),
+            namespace: self.op.namespace.clone(),
+            parent_uuid: Some(source.uuid),
+            operation_uuid: Some(self.op.uuid),
+            layers,
+            env: env_vars,
+            workdir,
+            size_bytes: source.size_bytes.saturating_add(written),
+            created_at_us: now_us(),
+        };
+        env.store.insert_image(&image).await.map_err(|e| ("recording the image", e.into()))?;
+        if image.layers.len() >= COMPACT_AT {
+            env.compact_in_background(image.uuid);
+        }
+        Ok((image.uuid, written))
+    }
+
+    /// `preserve_env`: the image env with the request env on top; an empty or null value
+    /// removes the variable.
+    fn merged_env(&self) -> BTreeMap<String, String> {
+        let mut env = self.image.env.clone();
+        for (k, v) in &self.spec.env {
+            match v.as_deref() {
+                Some(v) if !v.is_empty() => env.insert(k.clone(), v.to_owned()),
+                _ => env.remove(k),
+            };
+        }
+        env
+    }
+}

@@ -1,0 +1,72 @@
+//! Uploaded files: content-addressed per namespace (the same bytes give the same uuid).
+
+use boxwood_blob::{BlobError, normalize_sha256};
+use boxwood_store::{FileFilter, FileRecord};
+use tokio::io::AsyncRead;
+
+use super::{Page, Service};
+use crate::auth::{Caller, Permission};
+use crate::clock::{format_ts, now_us};
+use crate::error::{CoreError, CoreResult};
+use crate::model::{FileResponse, FileView};
+
+fn view(f: &FileRecord) -> FileView {
+    FileView {
+        uuid: f.uuid.to_string(),
+        sha256: f.sha256.clone(),
+        size: f.size,
+        created_at: format_ts(f.created_at_us),
+        updated_at: format_ts(f.updated_at_us),
+    }
+}
+
+impl Service {
+    /// `POST /files`: streams the body into the blob store; uploading is part of preparing a
+    /// run, so it takes a spawn permission.
+    pub async fn upload_file(
+        &self,
+        caller: &Caller,
+        body: &mut (dyn AsyncRead + Send + Unpin),
+    ) -> CoreResult<FileResponse> {
+        if !caller.permissions.contains(&Permission::SpawnDisposable) {
+            caller.require(Permission::Spawn)?;
+        }
+        let limit = self.inner.config.max_upload_bytes;
+        let blob = self.inner.blobs.put(body, limit).await.map_err(|e| match e {
+            BlobError::TooLarge { limit } => CoreError::TooLarge(format!("uploads are limited to {limit} bytes")),
+            BlobError::Source(e) => CoreError::bad(format!("reading the upload failed: {e}")),
+            other => CoreError::Internal(other.to_string()),
+        })?;
+        let size = i64::try_from(blob.size).unwrap_or(i64::MAX);
+        let record = self.inner.store.upsert_file(&caller.namespace, &blob.sha256, size, now_us()).await?;
+        Ok(FileResponse { uuid: record.uuid.to_string(), sha256: record.sha256, size: record.size })
+    }
+
+    /// `GET`/`HEAD /files/{sha256}`.
+    pub async fn get_file(&self, caller: &Caller, sha256: &str) -> CoreResult<FileView> {
+        caller.require(Permission::List)?;
+        let sha = normalize_sha256(sha256).map_err(|_| CoreError::bad(format!("invalid sha256 {sha256:?}")))?;
+        match self.inner.store.file_by_sha256(&caller.namespace, &sha).await? {
+            Some(f) => Ok(view(&f)),
+            None => Err(CoreError::NotFound(format!("file {sha}"))),
+        }
+    }
+
+    pub async fn list_files(
+        &self,
+        caller: &Caller,
+        since_us: Option<i64>,
+        until_us: Option<i64>,
+        page: Page,
+    ) -> CoreResult<Vec<FileView>> {
+        caller.require(Permission::List)?;
+        let filter = FileFilter {
+            namespace: caller.namespace.clone(),
+            since_us,
+            until_us,
+            limit: page.limit,
+            offset: page.offset,
+        };
+        Ok(self.inner.store.list_files(&filter).await?.iter().map(view).collect())
+    }
+}

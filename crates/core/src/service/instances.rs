@@ -1,0 +1,80 @@
+//! Starting instance operations.
+
+use std::sync::Arc;
+
+use boxwood_store::OperationRecord;
+use uuid::Uuid;
+
+use super::Service;
+use crate::auth::{Caller, Permission};
+use crate::clock::now_us;
+use crate::error::{CoreError, CoreResult};
+use crate::events::{EventLog, fail_operation};
+use crate::model::{SpawnRequest, SpawnResponse};
+use crate::operations::{KIND_INSTANCE, Status};
+use crate::runner::{InjectedFile, Run, RunControl};
+use crate::spec::{ImageRef, validate};
+
+impl Service {
+    pub async fn spawn_instance(&self, caller: &Caller, req: SpawnRequest) -> CoreResult<SpawnResponse> {
+        let spec = validate(req, &self.inner.config.limits)?;
+        caller.require(if spec.disposable { Permission::SpawnDisposable } else { Permission::Spawn })?;
+        let image_uuid = match &spec.image {
+            ImageRef::Uuid(u) => *u,
+            ImageRef::Tag(t) => self.lookup_tag(caller, t).await?,
+        };
+        let image = self.visible_image(caller, image_uuid).await?;
+        let mut files = Vec::with_capacity(spec.files.len());
+        for f in &spec.files {
+            let record = match self.inner.store.file_by_uuid(f.uuid).await? {
+                Some(r) if r.namespace == caller.namespace => r,
+                _ => return Err(CoreError::NotFound(format!("file {} (for {})", f.uuid, f.path))),
+            };
+            files.push(InjectedFile { spec: f.clone(), sha256: record.sha256 });
+        }
+        let metadata = spec.metadata(image.uuid);
+        let op = OperationRecord {
+            uuid: Uuid::now_v7(),
+            namespace: caller.namespace.clone(),
+            kind: KIND_INSTANCE.into(),
+            status: Status::Pending.as_str().into(),
+            error: None,
+            created_at_us: now_us(),
+            started_at_us: None,
+            finished_at_us: None,
+            image_uuid: Some(image.uuid),
+            result_image_uuid: None,
+            result_tag: None,
+            image_size: None,
+            consumed_cpu: None,
+            consumed_memory: None,
+            metadata: serde_json::to_value(&metadata).map_err(|e| CoreError::Internal(e.to_string()))?,
+            result: None,
+        };
+        let log = EventLog::fresh(self.inner.store.clone(), self.inner.hub.clone(), op.uuid);
+        let response = SpawnResponse { uuid: op.uuid.to_string(), metadata };
+        let run = Run {
+            namespace_slots: self.namespace_slots(&caller.namespace),
+            control: Arc::new(RunControl::default()),
+            op,
+            spec,
+            image,
+            files,
+            log,
+        };
+        // Refuse before anything is written when shutting down, so a 503 never hides a run.
+        if self.inner.runs.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            return Err(CoreError::Unavailable("the server is shutting down".into()));
+        }
+        let uuid = run.op.uuid;
+        self.inner.store.insert_operation(&run.op).await?;
+        if let Err(e) = self.launch(run) {
+            // Shutdown began in between: the operation must not stay PENDING.
+            let _ =
+                fail_operation(self.inner.store.clone(), self.inner.hub.clone(), uuid, "the server is shutting down")
+                    .await;
+            return Err(e);
+        }
+        Ok(response)
+    }
+}

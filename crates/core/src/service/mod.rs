@@ -1,0 +1,262 @@
+//! [`Service`]: the one interface every transport (HTTP, MCP, tests) drives. It owns
+//! authorization, resolution of images, the run queue and the operation lifecycle. The
+//! methods are grouped by resource in the submodules.
+
+mod files;
+mod images;
+mod instances;
+mod operations;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use boxwood_blob::BlobStore;
+use boxwood_image::LayerStore;
+use boxwood_store::Store;
+use boxwood_vm::VmRuntime;
+use serde::Deserialize;
+use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::auth::{Authenticator, Caller, Permission, TokenConfig, caller_from_record, sha256_hex};
+use crate::error::{CoreError, CoreResult, error_chain};
+use crate::events::{EventHub, fail_operation};
+use crate::model::WhoAmI;
+use crate::runner::{Run, RunControl, RunEnv, StopReason};
+use crate::spec::RunLimits;
+
+/// Settings of the core service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CoreConfig {
+    /// Instance runs executing at once on this server; more wait as PENDING.
+    pub max_concurrent_runs: usize,
+    /// Instance runs executing at once per namespace (defaults to `max_concurrent_runs`).
+    pub max_concurrent_runs_per_namespace: Option<usize>,
+    /// Largest accepted upload, in bytes.
+    pub max_upload_bytes: u64,
+    pub limits: RunLimits,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        Self {
+            max_concurrent_runs: 2 * cores,
+            max_concurrent_runs_per_namespace: None,
+            max_upload_bytes: 16 << 30,
+            limits: RunLimits::default(),
+        }
+    }
+}
+
+impl CoreConfig {
+    fn per_namespace(&self) -> usize {
+        self.max_concurrent_runs_per_namespace.unwrap_or(self.max_concurrent_runs).max(1)
+    }
+}
+
+/// Paging of a listing request.
+#[derive(Debug, Clone, Copy)]
+pub struct Page {
+    pub limit: i64,
+    pub offset: i64,
+}
+
+impl Page {
+    /// Checks the contract's bounds: `limit` 1..=1000 (default 100), `offset` ≥ 0.
+    pub fn new(limit: Option<i64>, offset: Option<i64>) -> CoreResult<Self> {
+        let limit = limit.unwrap_or(100);
+        if !(1..=1000).contains(&limit) {
+            return Err(CoreError::bad("limit must be between 1 and 1000"));
+        }
+        let offset = offset.unwrap_or(0);
+        if offset < 0 {
+            return Err(CoreError::bad("offset must be non-negative"));
+        }
+        Ok(Self { limit, offset })
+    }
+}
+
+/// `GET /images` filters.
+#[derive(Debug, Clone, Default)]
+pub struct ImageQuery {
+    pub tagged: bool,
+    pub tag_prefix: Option<String>,
+    pub uuid: Option<Uuid>,
+    pub since_us: Option<i64>,
+    pub until_us: Option<i64>,
+}
+
+/// `GET /operations` filters.
+#[derive(Debug, Clone, Default)]
+pub struct OperationQuery {
+    pub status: Option<String>,
+    pub kind: Option<String>,
+    pub since_us: Option<i64>,
+    pub until_us: Option<i64>,
+}
+
+struct Inner {
+    store: Arc<dyn Store>,
+    blobs: Arc<dyn BlobStore>,
+    auth: Authenticator,
+    config: CoreConfig,
+    hub: Arc<EventHub>,
+    env: Arc<RunEnv>,
+    /// Run slots per namespace, created on first use.
+    namespace_slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Active runs; `None` once shutdown began (no run may start after the stop sweep).
+    runs: Mutex<Option<HashMap<Uuid, Arc<RunControl>>>>,
+    tasks: TaskTracker,
+}
+
+/// The parts the service is built from.
+pub struct Backends {
+    pub store: Arc<dyn Store>,
+    pub blobs: Arc<dyn BlobStore>,
+    pub layers: Arc<dyn LayerStore>,
+    pub runtime: Arc<dyn VmRuntime>,
+}
+
+/// The core service; cheap to clone.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+impl Service {
+    /// Builds the service and reconciles state left by a previous process: operations that
+    /// were active when it died are failed (their `completion` written).
+    pub async fn start(config: CoreConfig, tokens: &[TokenConfig], backends: Backends) -> CoreResult<Self> {
+        let auth = Authenticator::new(tokens)?;
+        let hub = Arc::new(EventHub::default());
+        let slots = Arc::new(Semaphore::new(config.max_concurrent_runs.max(1)));
+        let Backends { store, blobs, layers, runtime } = backends;
+        let env = Arc::new(RunEnv::new(store.clone(), blobs.clone(), layers, runtime, slots));
+        let svc = Service {
+            inner: Arc::new(Inner {
+                store,
+                blobs,
+                auth,
+                config,
+                hub,
+                env,
+                namespace_slots: Mutex::new(HashMap::new()),
+                runs: Mutex::new(Some(HashMap::new())),
+                tasks: TaskTracker::new(),
+            }),
+        };
+        svc.fail_orphans().await?;
+        Ok(svc)
+    }
+
+    async fn fail_orphans(&self) -> CoreResult<()> {
+        let inner = &self.inner;
+        for op in inner.store.unfinished_operations().await? {
+            tracing::warn!(op = %op.uuid, status = %op.status, "failing operation interrupted by a server restart");
+            let error = "the server restarted while the operation was active";
+            fail_operation(inner.store.clone(), inner.hub.clone(), op.uuid, error).await?;
+        }
+        Ok(())
+    }
+
+    /// Registers a run and starts its task, unless the server is shutting down.
+    fn launch(&self, run: Run) -> CoreResult<()> {
+        let uuid = run.op.uuid;
+        {
+            let mut runs = self.inner.runs.lock().unwrap_or_else(|e| e.into_inner());
+            let Some(runs) = runs.as_mut() else {
+                return Err(CoreError::Unavailable("the server is shutting down".into()));
+            };
+            runs.insert(uuid, run.control.clone());
+        }
+        let inner = self.inner.clone();
+        self.inner.tasks.spawn(async move {
+            if let Err(e) = run.execute(&inner.env).await {
+                tracing::error!(op = %uuid, error = %error_chain(&e), "run hit a store failure; failing the operation");
+                // The operation must still end: retry writing its failure until the store
+                // recovers (or the server stops; the next start then fails it).
+                let mut delay = std::time::Duration::from_millis(200);
+                while let Err(e) = fail_operation(
+                    inner.store.clone(),
+                    inner.hub.clone(),
+                    uuid,
+                    "internal error: metadata store failure",
+                )
+                .await
+                {
+                    tracing::error!(op = %uuid, error = %error_chain(&e), "cannot record the operation's failure yet");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                }
+            }
+            if let Some(runs) = inner.runs.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                runs.remove(&uuid);
+            }
+        });
+        Ok(())
+    }
+
+    /// The stop handle of an active run.
+    fn run_control(&self, uuid: Uuid) -> Option<Arc<RunControl>> {
+        self.inner.runs.lock().unwrap_or_else(|e| e.into_inner()).as_ref().and_then(|r| r.get(&uuid).cloned())
+    }
+
+    /// The caller behind a bearer token: configured tokens first, then those created with
+    /// `boxwood token create` (checked on every request, so a revocation is immediate).
+    pub async fn authenticate(&self, bearer: Option<&str>) -> CoreResult<Caller> {
+        match self.inner.auth.authenticate(bearer) {
+            Err(CoreError::Unauthorized) => {}
+            other => return other,
+        }
+        let secret = bearer.filter(|s| !s.is_empty()).ok_or(CoreError::Unauthorized)?;
+        let record = self.inner.store.active_token(&sha256_hex(secret)).await?.ok_or(CoreError::Unauthorized)?;
+        Ok(caller_from_record(&record))
+    }
+
+    pub fn whoami(&self, caller: &Caller) -> WhoAmI {
+        let c = &self.inner.config;
+        WhoAmI {
+            token_uuid: caller.token_uuid.to_string(),
+            token_expiration: None,
+            permissions: Permission::ALL
+                .iter()
+                .map(|p| (p.as_str().to_owned(), caller.permissions.contains(p)))
+                .collect(),
+            limits: BTreeMap::from([
+                ("instance_max_timeout".to_owned(), c.limits.max_timeout_secs as i64),
+                ("instance_max_concurrency".to_owned(), c.per_namespace() as i64),
+                ("instance_max_layer_bytes".to_owned(), c.limits.max_layer_bytes as i64),
+            ]),
+            operations_stat: BTreeMap::new(),
+        }
+    }
+
+    /// Refuses new runs, stops every active one (each ends FAILED with its completion
+    /// written) and waits for their VMs to be gone and background work to finish.
+    pub async fn shutdown(&self) {
+        let controls: Vec<_> = self
+            .inner
+            .runs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+            .map(|runs| runs.into_values().collect())
+            .unwrap_or_default();
+        for c in controls {
+            c.stop(StopReason::Shutdown);
+        }
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
+        self.inner.env.wait_for_background().await;
+    }
+
+    fn namespace_slots(&self, namespace: &str) -> Arc<Semaphore> {
+        let mut map = self.inner.namespace_slots.lock().unwrap_or_else(|e| e.into_inner());
+        map.entry(namespace.to_owned())
+            .or_insert_with(|| Arc::new(Semaphore::new(self.inner.config.per_namespace())))
+            .clone()
+    }
+}
