@@ -4,7 +4,7 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use boxwood_core::{CoreError, ErrorKind};
+use boxwood_core::{CoreError, ErrorKind, error_chain};
 use serde_json::json;
 
 /// An error on its way to the client.
@@ -33,17 +33,12 @@ impl From<CoreError> for ApiError {
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
+            ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
-        if status.is_server_error() {
-            let mut chain = e.to_string();
-            let mut cur = std::error::Error::source(&e);
-            while let Some(s) = cur {
-                chain.push_str(": ");
-                chain.push_str(&s.to_string());
-                cur = s.source();
-            }
-            tracing::error!(error = %chain, "request failed");
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!(error = %error_chain(&e), "request failed");
             return Self::new(status, "internal server error");
         }
         Self::new(status, e.to_string())

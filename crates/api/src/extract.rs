@@ -21,7 +21,7 @@ impl FromRequestParts<Service> for Auth {
 
     async fn from_request_parts(parts: &mut Parts, svc: &Service) -> Result<Self, ApiError> {
         let bearer = bearer_token(&parts.headers);
-        Ok(Auth(svc.authenticate(bearer)?))
+        Ok(Auth(svc.authenticate(bearer).await?))
     }
 }
 

@@ -4,6 +4,7 @@ use std::convert::Infallible;
 use std::time::Duration;
 
 use axum::Json;
+use axum::body::Body;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -11,7 +12,8 @@ use axum::response::{IntoResponse, Response};
 use boxwood_core::clock::{now_us, parse_time_filter};
 use boxwood_core::model::SpawnRequest;
 use boxwood_core::{ImageQuery, OperationQuery, Page, Service};
-use futures::{Stream, StreamExt};
+use futures::{Stream, StreamExt, TryStreamExt};
+use tokio_util::io::StreamReader;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, JsonBody, QueryPairs, parse_uuid};
@@ -35,11 +37,9 @@ pub async fn whoami(State(svc): State<Service>, Auth(caller): Auth) -> impl Into
 
 pub async fn list_images(State(svc): State<Service>, Auth(caller): Auth, q: QueryPairs) -> ApiResult<Response> {
     let uuid = q.text("uuid").map(|u| parse_uuid("image", &u)).transpose()?;
-    // contree-mcp strips trailing separators itself; an empty prefix means none.
-    let tag_prefix = q.text("tag");
     let query = ImageQuery {
-        tagged: q.flag("tagged")? || tag_prefix.is_some(),
-        tag_prefix,
+        tagged: q.flag("tagged")?,
+        tag_prefix: q.text("tag"),
         uuid,
         since_us: time_filter(&q, "since")?,
         until_us: time_filter(&q, "until")?,
@@ -60,7 +60,7 @@ pub async fn spawn_instance(
 
 pub async fn list_operations(State(svc): State<Service>, Auth(caller): Auth, q: QueryPairs) -> ApiResult<Response> {
     let query = OperationQuery {
-        status: q.text("status").map(|s| s.to_ascii_uppercase()),
+        status: q.text("status"),
         kind: q.text("kind"),
         since_us: time_filter(&q, "since")?,
         until_us: time_filter(&q, "until")?,
@@ -78,8 +78,8 @@ pub async fn get_operation(
     let uuid = parse_uuid("operation", &id)?;
     let op = svc.get_operation(&caller, uuid, q.flag("inflight")?).await?;
     let mut resp = Json(&op).into_response();
-    if !matches!(op.summary.status.as_str(), "SUCCESS" | "FAILED" | "CANCELLED") {
-        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    if let Some(secs) = op.retry_after_secs() {
+        resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     }
     Ok(resp)
 }
@@ -161,4 +161,58 @@ pub async fn inspect_image(
 ) -> ApiResult<Response> {
     let uuid = parse_uuid("image", &id)?;
     Ok(Json(svc.get_image(&caller, uuid).await?).into_response())
+}
+
+/// `POST /files`: the raw body, chunked or not, streamed to disk.
+pub async fn upload_file(State(svc): State<Service>, Auth(caller): Auth, body: Body) -> ApiResult<Response> {
+    let stream = body.into_data_stream().map_err(std::io::Error::other);
+    let mut reader = StreamReader::new(stream);
+    let file = svc.upload_file(&caller, &mut reader).await?;
+    Ok((StatusCode::CREATED, Json(file)).into_response())
+}
+
+pub async fn list_files(State(svc): State<Service>, Auth(caller): Auth, q: QueryPairs) -> ApiResult<Response> {
+    let files = svc.list_files(&caller, time_filter(&q, "since")?, time_filter(&q, "until")?, page(&q)?).await?;
+    Ok(Json(serde_json::json!({ "files": files })).into_response())
+}
+
+/// `GET` and (through axum's HEAD handling, body stripped) `HEAD /files/{sha256}`.
+pub async fn get_file(State(svc): State<Service>, Auth(caller): Auth, Path(sha): Path<String>) -> ApiResult<Response> {
+    Ok(Json(svc.get_file(&caller, &sha).await?).into_response())
+}
+
+#[derive(serde::Deserialize)]
+pub struct TagBody {
+    tag: String,
+}
+
+pub async fn set_image_tag(
+    State(svc): State<Service>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+    JsonBody(body): JsonBody<TagBody>,
+) -> ApiResult<Response> {
+    let uuid = parse_uuid("image", &id)?;
+    Ok(Json(svc.set_image_tag(&caller, uuid, &body.tag).await?).into_response())
+}
+
+pub async fn delete_image_tag(
+    State(svc): State<Service>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+    q: QueryPairs,
+) -> ApiResult<StatusCode> {
+    let uuid = parse_uuid("image", &id)?;
+    svc.delete_image_tag(&caller, uuid, q.text("tag").as_deref()).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Boxwood extension: an image's ancestors and children.
+pub async fn image_lineage(
+    State(svc): State<Service>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let uuid = parse_uuid("image", &id)?;
+    Ok(Json(svc.image_lineage(&caller, uuid).await?).into_response())
 }

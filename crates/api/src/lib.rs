@@ -7,11 +7,12 @@ mod handlers;
 
 use std::any::Any;
 
+use axum::Router;
 use axum::extract::DefaultBodyLimit;
 use axum::http::{Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Router, routing::post};
+use axum::routing::{patch, post};
 use boxwood_core::Service;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
@@ -28,6 +29,10 @@ pub fn router(service: Service) -> Router {
     let v1 = Router::new()
         .route("/whoami", get(whoami))
         .route("/images", get(list_images))
+        .route("/images/{id}/tag", patch(set_image_tag).delete(delete_image_tag))
+        .route("/images/{id}/lineage", get(image_lineage))
+        .route("/files", get(list_files).post(upload_file))
+        .route("/files/{sha256}", get(get_file))
         .route("/instances", post(spawn_instance))
         .route("/operations", get(list_operations))
         .route("/operations/{id}", get(get_operation).delete(cancel_operation))
