@@ -45,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
             hostname: "bench".into(),
             memory_mib: None,
             vcpus: None,
+            network: false,
         };
         let t0 = Instant::now();
         let vm = runtime.start(spec).await?;

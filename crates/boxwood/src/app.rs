@@ -8,10 +8,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use boxwood_core::Service;
+use boxwood_blob::FsBlobStore;
 use boxwood_core::auth::{PUBLIC_NAMESPACE, Permission, TokenConfig};
 use boxwood_core::clock::now_us;
 use boxwood_core::spec::DEFAULT_PATH;
+use boxwood_core::{Backends, Service};
 use boxwood_image::{FsLayerStore, LayerStore, build_busybox_tree};
 use boxwood_store::{ImageRecord, SqliteStore};
 use boxwood_vm::{QemuRuntime, VmRuntime, prepare_guest_assets, reap_stale};
@@ -49,8 +50,9 @@ impl App {
             None
         };
 
-        let store = Arc::new(SqliteStore::open(&state.join("boxwood.db")).await.context("opening the database")?);
+        let store = open_store(&state).await?;
         let layers = Arc::new(FsLayerStore::open(&state.join("images")).context("opening the image store")?);
+        let blobs = Arc::new(FsBlobStore::open(&state.join("blobs")).context("opening the blob store")?);
         let agent = config.agent_path()?;
         let guest_dir = state.join("guest");
         let release = config.kernel_release.clone();
@@ -64,8 +66,8 @@ impl App {
         }
         let runtime = QemuRuntime::new(config.vm.clone(), assets, run_dir).await.context("starting the VM runtime")?;
         let accel = runtime.accel().to_owned();
-        let service =
-            Service::start(config.core.clone(), &config.tokens, store, layers.clone(), Arc::new(runtime)).await?;
+        let backends = Backends { store, blobs, layers: layers.clone(), runtime: Arc::new(runtime) };
+        let service = Service::start(config.core.clone(), &config.tokens, backends).await?;
         seed_base_image(&service, layers.as_ref(), &config.busybox).await?;
         let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         Ok(Self { service, listener, bootstrap_token, accel })
@@ -93,6 +95,12 @@ impl App {
             .await
             .context("serving HTTP")
     }
+}
+
+/// Opens (creating or migrating) the metadata database under the state dir.
+pub async fn open_store(state_dir: &Path) -> anyhow::Result<Arc<SqliteStore>> {
+    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    Ok(Arc::new(SqliteStore::open(&state_dir.join("boxwood.db")).await.context("opening the database")?))
 }
 
 /// Reads the bootstrap token, creating it (0600) on first start.

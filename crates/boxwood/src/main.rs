@@ -38,6 +38,36 @@ enum Command {
     },
     /// Print the SHA-256 to put in a `[[tokens]]` entry instead of the secret.
     HashToken { secret: String },
+    /// Manage API tokens kept in the server's database (only their hashes are stored).
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+        /// TOML configuration file (for its state_dir).
+        #[arg(long, short, global = true)]
+        config: Option<PathBuf>,
+        /// State directory (overrides config and BOXWOOD_STATE_DIR).
+        #[arg(long, global = true)]
+        state_dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Create a token and print its secret (shown only this once).
+    Create {
+        /// Namespace the token's images, files and operations belong to.
+        #[arg(long)]
+        namespace: String,
+        /// Comma-separated: list, spawn, spawn_disposable, import, cancel, set_image_tag, or all.
+        #[arg(long, value_delimiter = ',', default_value = "all")]
+        permissions: Vec<String>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// List tokens (never their secrets).
+    List,
+    /// Revoke a token by its UUID; it stops working at once.
+    Revoke { uuid: uuid::Uuid },
 }
 
 #[tokio::main]
@@ -50,6 +80,11 @@ async fn main() -> anyhow::Result<()> {
         Command::HashToken { secret } => {
             println!("{}", boxwood_core::auth::sha256_hex(&secret));
             Ok(())
+        }
+        Command::Token { action, config, state_dir } => {
+            let flags = Overrides { state_dir, ..Overrides::default() };
+            let cfg = Config::load(config.as_deref(), Overrides::from_env()?, flags)?;
+            token_command(action, &cfg).await
         }
         Command::Serve { config, listen, state_dir, accel, agent } => {
             let flags = Overrides { listen, state_dir, accel, agent_binary: agent };
@@ -65,6 +100,33 @@ async fn main() -> anyhow::Result<()> {
             app.serve(shutdown_signal()).await
         }
     }
+}
+
+async fn token_command(action: TokenAction, cfg: &Config) -> anyhow::Result<()> {
+    let store = boxwood::app::open_store(&cfg.state_dir).await?;
+    match action {
+        TokenAction::Create { namespace, permissions, description } => {
+            let perms = boxwood_core::auth::parse_permissions(&permissions)?;
+            let (secret, record) =
+                boxwood_core::auth::create_token(store.as_ref(), &namespace, &perms, description).await?;
+            println!("token {} in namespace {} with {}", record.uuid, record.namespace, record.permissions.join(","));
+            println!("BOXWOOD_TOKEN={secret}");
+        }
+        TokenAction::List => {
+            for t in boxwood_store::Store::list_tokens(store.as_ref()).await? {
+                let state = if t.revoked_at_us.is_some() { "revoked" } else { "active" };
+                let desc = t.description.unwrap_or_default();
+                println!("{}  {state:7}  {:12}  {}  {desc}", t.uuid, t.namespace, t.permissions.join(","));
+            }
+        }
+        TokenAction::Revoke { uuid } => {
+            if !boxwood_store::Store::revoke_token(store.as_ref(), uuid, boxwood_core::clock::now_us()).await? {
+                anyhow::bail!("no active token {uuid}");
+            }
+            println!("revoked {uuid}");
+        }
+    }
+    Ok(())
 }
 
 async fn shutdown_signal() {

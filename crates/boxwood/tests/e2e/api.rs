@@ -59,7 +59,11 @@ async fn malformed_requests_get_4xx_envelopes() {
         ),
         (
             json!({"command": "true", "image": "tag:busybox:latest", "files": {"/a": {"uuid": unknown}}}),
-            StatusCode::UNPROCESSABLE_ENTITY,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            json!({"command": "true", "image": "tag:busybox:latest", "files": {"relative": {"uuid": unknown}}}),
+            StatusCode::BAD_REQUEST,
         ),
     ];
     for (body, want) in cases {

@@ -49,7 +49,7 @@ impl TestServer {
         tweak(&mut cfg);
         let app = App::start(cfg).await.expect("server starts (build the agent with scripts/build-agent.sh)");
         let addr = app.local_addr().unwrap();
-        let token = app.bootstrap_token.clone().expect("bootstrap token");
+        let token = app.bootstrap_token.clone().unwrap_or_else(|| "alpha-secret".into());
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(app.serve(async move {
             let _ = rx.await;
@@ -82,7 +82,25 @@ impl TestServer {
     }
 
     pub fn req(&self, method: Method, path: &str) -> RequestBuilder {
-        self.client.request(method, format!("{}/v1{path}", self.url)).bearer_auth(&self.token)
+        self.req_as(&self.token, method, path)
+    }
+
+    /// A request with another token.
+    pub fn req_as(&self, token: &str, method: Method, path: &str) -> RequestBuilder {
+        self.client.request(method, format!("{}/v1{path}", self.url)).bearer_auth(token)
+    }
+
+    /// Uploads bytes with `POST /files`; returns the `FileResponse`.
+    pub async fn upload(&self, bytes: Vec<u8>) -> Value {
+        let r = self
+            .req(Method::POST, "/files")
+            .header("Content-Type", "application/octet-stream")
+            .body(bytes)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), StatusCode::CREATED);
+        r.json().await.unwrap()
     }
 
     pub async fn get_json(&self, path: &str) -> (StatusCode, Value) {

@@ -78,10 +78,26 @@ async fn inflight_output_cancel_and_queueing() {
     let (_, listed) = s.get_json("/operations?status=PENDING").await;
     assert_eq!(listed.as_array().unwrap().len(), 1);
 
+    // A follower attached while the operation is still queued sees it through to the end.
+    let follower = {
+        let (client, url, token, id) = (s.client.clone(), s.url.clone(), s.token.clone(), queued.clone());
+        tokio::spawn(async move {
+            let r = client
+                .get(format!("{url}/v1/operations/{id}/events?follow=1"))
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap();
+            crate::harness::parse_sse(&r.text().await.unwrap())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
     for id in [&queued, &running] {
         let r = s.req(Method::DELETE, &format!("/operations/{id}")).send().await.unwrap();
         assert_eq!(r.status(), StatusCode::ACCEPTED);
     }
+    let followed = tokio::time::timeout(Duration::from_secs(60), follower).await.unwrap().unwrap();
+    assert_eq!(followed.last().map(|f| f.data["data"]["status"].clone()), Some(json!("CANCELLED")));
     for id in [&queued, &running] {
         let (op, frames) = s.wait(id).await;
         assert_eq!(op["status"], "CANCELLED", "{op}");
@@ -90,6 +106,22 @@ async fn inflight_output_cancel_and_queueing() {
     let r = s.req(Method::DELETE, &format!("/operations/{running}")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::CONFLICT, "cancelling a finished operation");
     assert!(qemu_processes_with(&running).is_empty());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn cancel_during_boot_leaves_nothing_behind() {
+    let s = TestServer::start().await;
+    let id = s.start_run(json!({"command": "echo never", "shell": true, "disposable": true})).await;
+    s.wait_status(&id, "ASSIGNED", Duration::from_secs(30)).await;
+    let r = s.req(Method::DELETE, &format!("/operations/{id}")).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::ACCEPTED);
+    let (op, frames) = s.wait(&id).await;
+    assert_eq!(op["status"], "CANCELLED", "{op}");
+    assert!(frames.iter().all(|f| f.event != "stdout"), "the command never ran");
+    assert!(qemu_processes_with(&id).is_empty());
+    let run_dir = s.state.as_ref().unwrap().path().join("run").join(&id);
+    assert!(!run_dir.exists(), "the VM scratch dir of a cancelled boot is removed");
     s.stop().await;
 }
 

@@ -1,6 +1,9 @@
 //! End-to-end tests: a real server, real QEMU microVMs (TCG), HTTP as the clients speak it.
 
 mod api;
+mod files;
 mod harness;
+mod images;
+mod isolation;
 mod lifecycle;
 mod runs;
