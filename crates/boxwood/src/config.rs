@@ -115,11 +115,18 @@ impl Config {
         }
         let exe = std::env::current_exe().context("locating the boxwood executable")?;
         let dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut candidates = vec![dir.join("boxwood-agent")];
-        // target/{debug,release}/boxwood → target/x86_64-unknown-linux-gnu/agent/boxwood-agent;
-        // target/debug/deps/<test> → the same, one level further up.
-        for up in [dir.parent(), dir.parent().and_then(Path::parent)].into_iter().flatten() {
-            candidates.push(up.join("x86_64-unknown-linux-gnu/agent/boxwood-agent"));
+        // In a checkout, the static build of scripts/build-agent.sh
+        // (target/{debug,release}/boxwood → target/x86_64-unknown-linux-gnu/agent/boxwood-agent;
+        // target/debug/deps/<test> one level further down). Not target/debug/boxwood-agent:
+        // that is the workspace's dynamically linked host build, which cannot be /init.
+        let mut candidates: Vec<PathBuf> = [dir.parent(), dir.parent().and_then(Path::parent)]
+            .into_iter()
+            .flatten()
+            .map(|up| up.join("x86_64-unknown-linux-gnu/agent/boxwood-agent"))
+            .collect();
+        // An installed layout: the agent next to the server binary.
+        if dir.file_name().is_none_or(|n| n != "debug" && n != "release" && n != "deps") {
+            candidates.push(dir.join("boxwood-agent"));
         }
         candidates.into_iter().find(|p| p.is_file()).with_context(|| {
             "the guest agent binary was not found; build it with scripts/build-agent.sh or set agent_binary / BOXWOOD_AGENT_BIN"

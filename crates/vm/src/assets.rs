@@ -41,7 +41,32 @@ pub fn prepare_guest_assets(
     out_dir: &Path,
     kernel_release: Option<&str>,
 ) -> Result<GuestAssets, VmError> {
+    let image = fs::read(agent_binary).map_err(|e| VmError::io(format!("read {}", agent_binary.display()), e))?;
+    if !is_static_elf(&image) {
+        // The initramfs has no dynamic loader: such a /init panics the guest kernel.
+        return Err(VmError::Assets(format!(
+            "{} is not a statically linked x86-64 ELF; build the agent with scripts/build-agent.sh",
+            agent_binary.display()
+        )));
+    }
     prepare_from(agent_binary, out_dir, kernel_release, Path::new("/boot"), Path::new("/lib/modules"))
+}
+
+/// Whether `elf` is a 64-bit little-endian x86-64 ELF with no program interpreter
+/// (`PT_INTERP`), i.e. it runs without a dynamic loader.
+pub fn is_static_elf(elf: &[u8]) -> bool {
+    let u16_at = |o: usize| elf.get(o..o + 2).map(|b| u16::from_le_bytes([b[0], b[1]]));
+    let u32_at = |o: usize| elf.get(o..o + 4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+    let u64_at = |o: usize| elf.get(o..o + 8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes);
+    // ELFCLASS64, ELFDATA2LSB, EM_X86_64
+    if elf.get(..6) != Some(&[0x7f, b'E', b'L', b'F', 2, 1][..]) || u16_at(18) != Some(62) {
+        return false;
+    }
+    let (Some(phoff), Some(entsize), Some(count)) = (u64_at(32), u16_at(54), u16_at(56)) else { return false };
+    (0..usize::from(count)).all(|i| {
+        let at = usize::try_from(phoff).unwrap_or(usize::MAX).saturating_add(i * usize::from(entsize));
+        u32_at(at).is_some_and(|kind| kind != 3)
+    })
 }
 
 pub(crate) fn prepare_from(
@@ -200,6 +225,20 @@ pub(crate) fn write_atomic(path: &Path, data: &[u8]) -> Result<(), VmError> {
         let _ = fs::remove_file(&tmp);
     }
     result.map_err(|e| VmError::io(format!("write {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod elf_tests {
+    use super::is_static_elf;
+
+    #[test]
+    fn tells_static_from_dynamic_executables() {
+        // /bin/busybox of busybox-static is static; /bin/sh (dash) needs ld.so.
+        assert!(is_static_elf(&std::fs::read("/bin/busybox").unwrap()));
+        assert!(!is_static_elf(&std::fs::read("/bin/sh").unwrap()));
+        assert!(!is_static_elf(b"#!/bin/sh\n"));
+        assert!(!is_static_elf(&[0x7f, b'E', b'L', b'F', 2, 1, 1, 0]), "truncated header");
+    }
 }
 
 #[cfg(test)]

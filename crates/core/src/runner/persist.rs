@@ -36,7 +36,9 @@ impl Run {
         staging: &std::path::Path,
     ) -> Result<(Uuid, i64), (&'static str, Box<dyn std::error::Error + Send + Sync>)> {
         let tar = staging.join("upper.tar");
+        let t0 = std::time::Instant::now();
         let stats = vm.export_upper(&tar).await.map_err(|e| ("exporting changes", e.into()))?;
+        let exported = t0.elapsed();
         let source = &self.image;
         let env_vars = if self.spec.preserve_env { self.merged_env() } else { source.env.clone() };
         let workdir = if self.spec.preserve_cwd { Some(self.spec.process(source).cwd) } else { source.workdir.clone() };
@@ -55,7 +57,15 @@ impl Run {
             .await
             .map_err(|e| ("unpacking changes", e.into()))?
             .map_err(|e| ("unpacking changes", e.into()))?;
+            let unpacked_at = t0.elapsed();
             let layer = env.layers.commit_tree(tree).await.map_err(|e| ("publishing the layer", e.into()))?;
+            tracing::debug!(
+                export_ms = exported.as_secs_f64() * 1e3,
+                unpack_ms = (unpacked_at - exported).as_secs_f64() * 1e3,
+                publish_ms = (t0.elapsed() - unpacked_at).as_secs_f64() * 1e3,
+                entries = stats.entries,
+                "persist phases"
+            );
             layers.insert(0, layer.digest);
             written = i64::try_from(unpacked.content_bytes).unwrap_or(i64::MAX);
         }
