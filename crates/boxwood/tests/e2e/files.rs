@@ -64,3 +64,37 @@ async fn uploads_are_content_addressed_and_injected_into_runs() {
     assert_eq!(status, StatusCode::BAD_REQUEST);
     s.stop().await;
 }
+
+fn peak_rss_kb() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .unwrap()
+        .trim()
+        .trim_end_matches(" kB")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Uploads stream to disk: 256 MiB in 1 MiB chunks moves the (in-process) server's peak RSS
+/// by far less than the upload's size.
+#[tokio::test]
+async fn large_uploads_stream_without_buffering() {
+    let s = TestServer::start().await;
+    let before = peak_rss_kb();
+    let chunks = (0..256u32).map(|i| Ok::<_, std::io::Error>(vec![(i % 251) as u8; 1 << 20]));
+    let r = s
+        .req(Method::POST, "/files")
+        .body(reqwest::Body::wrap_stream(futures::stream::iter(chunks)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["size"], 256u64 << 20);
+    let grown_mb = (peak_rss_kb().saturating_sub(before)) / 1024;
+    assert!(grown_mb < 64, "peak RSS grew by {grown_mb} MiB for a 256 MiB upload");
+    s.stop().await;
+}

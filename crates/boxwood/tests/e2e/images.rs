@@ -111,6 +111,24 @@ async fn twenty_step_chain_keeps_every_change() {
     want_lines.sort();
     assert_eq!(got_lines, want_lines, "the tree after 20 persisted steps");
     assert_eq!(got_last, want_last, "a directory removed and recreated holds only its new content");
+
+    // 21 generations deep, the stack a VM mounts stays shallow: compaction keeps it within the
+    // VM's disk slots, and soon down to base + one merged diff.
+    let db = boxwood_store::SqliteStore::open(&s.state.as_ref().unwrap().path().join("boxwood.db")).await.unwrap();
+    let uuid: uuid::Uuid = image.parse().unwrap();
+    let depth = |db: boxwood_store::SqliteStore| async move {
+        boxwood_store::Store::get_image(&db, uuid).await.unwrap().unwrap().layers.len()
+    };
+    assert!(depth(db.clone()).await <= 6, "stack depth after 21 generations");
+    let mut settled = depth(db.clone()).await;
+    for _ in 0..100 {
+        if settled <= 3 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        settled = depth(db.clone()).await;
+    }
+    assert!(settled <= 3, "background compaction flattened the diffs (depth {settled})");
     s.stop().await;
 }
 
