@@ -421,29 +421,21 @@ impl Store for SqliteStore {
     }
 
     async fn insert_operation(&self, op: &OperationRecord) -> StoreResult<()> {
+        // One transaction: the row never exists without its mutable columns.
+        let mut tx = self.pool.begin().await?;
         sqlx::query(
-            "INSERT INTO operations (uuid, namespace, kind, status, error, created_at, started_at, finished_at, \
-             image_uuid, result_image_uuid, result_tag, image_size, consumed_cpu, consumed_memory, metadata, result) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO operations (uuid, namespace, kind, status, created_at, metadata) VALUES (?, ?, ?, ?, ?, ?)",
         )
         .bind(op.uuid.to_string())
         .bind(&op.namespace)
         .bind(&op.kind)
         .bind(&op.status)
-        .bind(&op.error)
         .bind(op.created_at_us)
-        .bind(op.started_at_us)
-        .bind(op.finished_at_us)
-        .bind(op.image_uuid.map(|u| u.to_string()))
-        .bind(op.result_image_uuid.map(|u| u.to_string()))
-        .bind(&op.result_tag)
-        .bind(op.image_size)
-        .bind(op.consumed_cpu)
-        .bind(op.consumed_memory)
         .bind(op.metadata.to_string())
-        .bind(op.result.as_ref().map(|r| r.to_string()))
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await?;
+        write_operation(&mut *tx, op).await?;
+        tx.commit().await?;
         Ok(())
     }
 
