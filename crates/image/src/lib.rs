@@ -19,11 +19,16 @@
 
 mod base;
 mod fsutil;
+mod inspect;
 mod merge;
 mod store;
 mod unpack;
 
 pub use base::build_busybox_tree;
+pub use inspect::{
+    DirectoryList, Entry, FileItem, GrepCase, GrepLineKind, GrepMatch, GrepRequest, GrepResult, GrepSubmatch,
+    ImageView, format_listing,
+};
 pub use merge::merge_layers;
 pub use store::{FsLayerStore, LayerInfo};
 pub use unpack::{UnpackStats, unpack_layer};
@@ -49,6 +54,23 @@ pub enum ImageError {
     /// A tree argument that is not what the operation needs (e.g. a non-empty target).
     #[error("invalid tree {path}: {reason}")]
     InvalidTree { path: PathBuf, reason: String },
+    /// Inspection: no such entry in the image (a missing name, a dangling symlink, a parent
+    /// that is not a directory). HTTP 404.
+    #[error("{path}: no such file or directory in the image")]
+    NotFound { path: String },
+    /// Inspection: the entry exists but is not a directory (listing a file). HTTP 422.
+    #[error("{path}: not a directory")]
+    NotDirectory { path: String },
+    /// Inspection: the entry exists but is not a regular file (downloading a directory), or
+    /// not a regular file nor a directory (archiving a FIFO). HTTP 422.
+    #[error("{path}: not a regular file")]
+    NotRegular { path: String },
+    /// Inspection: more than 40 symlinks followed while resolving (a loop). HTTP 422.
+    #[error("{path}: too many levels of symbolic links")]
+    SymlinkLoop { path: String },
+    /// Inspection: a malformed request (bad path, pattern, glob or limit). HTTP 400.
+    #[error("invalid request: {0}")]
+    BadRequest(String),
 }
 
 pub type ImageResult<T> = Result<T, ImageError>;

@@ -2,6 +2,7 @@
 //! hand-built layer trees, and a snapshot of a tree to compare entry by entry.
 #![allow(dead_code)]
 
+pub mod random;
 pub mod scenario;
 
 use std::collections::BTreeMap;
