@@ -99,6 +99,11 @@ impl QueryPairs {
         self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
+    /// Every value of a repeated parameter, in order.
+    pub fn all(&self, key: &str) -> Vec<String> {
+        self.0.iter().filter(|(k, _)| k == key).map(|(_, v)| v.clone()).collect()
+    }
+
     /// A contract flag: present without a value, `1` or `true` mean true; absent, `0` or
     /// `false` mean false.
     pub fn flag(&self, key: &str) -> Result<bool, ApiError> {

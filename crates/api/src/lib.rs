@@ -4,6 +4,7 @@
 mod error;
 mod extract;
 mod handlers;
+mod inspect;
 
 use std::any::Any;
 
@@ -40,7 +41,11 @@ pub fn router(service: Service) -> Router {
         .route("/inspect", get(inspect_root_redirect))
         .route("/inspect/", get(find_image_by_tag))
         .route("/inspect/{id}", get(inspect_image_redirect))
-        .route("/inspect/{id}/", get(inspect_image));
+        .route("/inspect/{id}/", get(inspect_image))
+        .route("/inspect/{id}/list", get(inspect::list))
+        .route("/inspect/{id}/download", get(inspect::download).head(inspect::head_download))
+        .route("/inspect/{id}/archive", get(inspect::archive).head(inspect::head_archive))
+        .route("/inspect/{id}/grep", get(inspect::grep));
     Router::new()
         .nest("/v1", v1)
         .fallback(not_found)

@@ -41,7 +41,8 @@ pub enum CoreError {
     Unavailable(String),
     #[error("metadata store failure")]
     Store(#[from] StoreError),
-    #[error("image store failure")]
+    /// Image reads and layer work; client-facing for the path errors of inspection.
+    #[error("{0}")]
     Image(#[from] ImageError),
     #[error("{0}")]
     Internal(String),
@@ -58,6 +59,12 @@ impl CoreError {
             CoreError::Conflict(_) => ErrorKind::Conflict,
             CoreError::TooLarge(_) => ErrorKind::TooLarge,
             CoreError::Unavailable(_) => ErrorKind::Unavailable,
+            // Reading an image: the request named something the image does not have.
+            CoreError::Image(ImageError::NotFound { .. }) => ErrorKind::NotFound,
+            CoreError::Image(
+                ImageError::NotDirectory { .. } | ImageError::NotRegular { .. } | ImageError::SymlinkLoop { .. },
+            ) => ErrorKind::Unprocessable,
+            CoreError::Image(ImageError::BadRequest(_)) => ErrorKind::BadRequest,
             CoreError::Store(_) | CoreError::Image(_) | CoreError::Internal(_) => ErrorKind::Internal,
         }
     }

@@ -13,5 +13,10 @@ mod runner;
 mod service;
 pub mod spec;
 
+/// Shapes of image inspection (owned by the image crate, served as they are).
+pub mod inspect {
+    pub use boxwood_image::{DirectoryList, FileItem, GrepCase, GrepMatch, GrepRequest, GrepResult};
+}
+
 pub use error::{CoreError, CoreResult, ErrorKind, error_chain};
 pub use service::{Backends, CoreConfig, ImageQuery, OperationQuery, Page, Service};

@@ -4,6 +4,7 @@
 
 mod files;
 mod images;
+mod inspect;
 mod instances;
 mod operations;
 
