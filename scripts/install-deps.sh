@@ -8,7 +8,9 @@ set -euo pipefail
 
 need_root() { [[ $(id -u) == 0 ]] || { echo "install-deps: run as root" >&2; exit 1; }; }
 
-packages=(busybox-static erofs-utils lz4 linux-image-cloud-amd64 ca-certificates)
+# docker-registry, skopeo, umoci, apache2-utils (htpasswd): boxwood-oci's image-import tests.
+packages=(busybox-static erofs-utils lz4 linux-image-cloud-amd64 ca-certificates
+  docker-registry skopeo umoci apache2-utils)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -1,0 +1,75 @@
+//! [`OciError`]: every way an image import can fail, worded for the person who typed the source.
+
+use std::path::{Path, PathBuf};
+
+/// Why resolving or importing an image failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    /// The source string could not be parsed.
+    #[error("invalid image source {input:?}: {reason}")]
+    InvalidSource { input: String, reason: String },
+    /// The registry could not be reached (unknown host, connection refused, TLS failure, timeout).
+    #[error("cannot reach registry at {url}: {reason}")]
+    Connect { url: String, reason: String },
+    /// The registry answered 401: credentials are missing, or were rejected.
+    #[error("{}", unauthorized_message(registry, *credentials_given, detail))]
+    Unauthorized { registry: String, credentials_given: bool, detail: String },
+    /// The registry answered 403: the credentials are valid but may not pull this repository.
+    #[error("access to {repository} on {registry} denied: {detail}")]
+    Denied { registry: String, repository: String, detail: String },
+    /// The manifest, tag, repository or blob does not exist.
+    #[error("{what} not found on {registry} ({detail})")]
+    NotFound { registry: String, what: String, detail: String },
+    /// An image index without a linux/amd64 image.
+    #[error("image index has no linux/amd64 image (available: {})", if available.is_empty() { "none".to_string() } else { available.join(", ") })]
+    NoPlatform { available: Vec<String> },
+    /// A manifest, config or layer of a kind this importer cannot handle.
+    #[error("unsupported media type {media_type:?} for {what}")]
+    UnsupportedMediaType { media_type: String, what: String },
+    /// Content whose sha256 (or size) does not match what the manifest promised.
+    #[error("digest mismatch for {what}: expected {expected}, got {actual}")]
+    DigestMismatch { what: String, expected: String, actual: String },
+    /// A manifest, index or config that is not valid JSON of the expected shape.
+    #[error("invalid {what}: {reason}")]
+    InvalidManifest { what: String, reason: String },
+    /// A layer that cannot be decompressed or is not a valid tar.
+    #[error("corrupt layer {digest}: {reason}")]
+    CorruptLayer { digest: String, reason: String },
+    /// A layer member refused because it would write outside the tree or is otherwise unsafe.
+    #[error("refusing member {member:?} of layer {digest}: {reason}")]
+    HostileLayer { digest: String, member: String, reason: String },
+    /// An OCI layout or archive on disk that does not hold what the source asked for.
+    #[error("cannot use image at {path}: {reason}")]
+    LocalSource { path: PathBuf, reason: String },
+    /// The target tree is not an existing empty directory.
+    #[error("invalid target tree {path}: {reason}")]
+    InvalidTree { path: PathBuf, reason: String },
+    /// Any other unexpected registry answer.
+    #[error("registry {url} answered {status}: {detail}")]
+    Registry { url: String, status: u16, detail: String },
+    /// A transfer that broke off or was malformed after the connection was made.
+    #[error("transfer from {url} failed: {reason}")]
+    Transfer { url: String, reason: String },
+    /// A local file-system operation failed.
+    #[error("i/o error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    /// The import was cancelled (its future dropped) while layers were being applied.
+    #[error("import cancelled")]
+    Cancelled,
+}
+
+fn unauthorized_message(registry: &str, credentials_given: bool, detail: &str) -> String {
+    if credentials_given {
+        format!("registry {registry} rejected the credentials (401): {detail}")
+    } else {
+        format!("registry {registry} requires credentials (401) and none were given: {detail}")
+    }
+}
+
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OciError + '_ {
+    move |source| OciError::Io { path: path.to_owned(), source }
+}
+
+pub(crate) fn invalid(what: impl Into<String>, reason: impl std::fmt::Display) -> OciError {
+    OciError::InvalidManifest { what: what.into(), reason: reason.to_string() }
+}
