@@ -216,3 +216,14 @@ pub async fn image_lineage(
     let uuid = parse_uuid("image", &id)?;
     Ok(Json(svc.image_lineage(&caller, uuid).await?).into_response())
 }
+
+/// `POST /images/import`: 201 with the operation id; clients poll the operation.
+pub async fn import_image(
+    State(svc): State<Service>,
+    Auth(caller): Auth,
+    JsonBody(req): JsonBody<boxwood_core::model::ImportRequest>,
+) -> ApiResult<Response> {
+    let created = svc.import_image(&caller, req).await?;
+    let loc = location(&format!("/v1/operations/{}", created.uuid));
+    Ok((StatusCode::CREATED, [(header::LOCATION, loc)], Json(created)).into_response())
+}

@@ -30,6 +30,7 @@ pub fn router(service: Service) -> Router {
     let v1 = Router::new()
         .route("/whoami", get(whoami))
         .route("/images", get(list_images))
+        .route("/images/import", post(import_image))
         .route("/images/{id}/tag", patch(set_image_tag).delete(delete_image_tag))
         .route("/images/{id}/lineage", get(image_lineage))
         .route("/files", get(list_files).post(upload_file))

@@ -66,7 +66,8 @@ impl App {
         }
         let runtime = QemuRuntime::new(config.vm.clone(), assets, run_dir).await.context("starting the VM runtime")?;
         let accel = runtime.accel().to_owned();
-        let backends = Backends { store, blobs, layers: layers.clone(), runtime: Arc::new(runtime) };
+        let importer = Arc::new(boxwood_oci::Importer::new(config.registry.clone(), state.join("imports")));
+        let backends = Backends { store, blobs, layers: layers.clone(), runtime: Arc::new(runtime), importer };
         let service = Service::start(config.core.clone(), &config.tokens, backends).await?;
         seed_base_image(&service, layers.as_ref(), &config.busybox).await?;
         let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;

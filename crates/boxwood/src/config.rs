@@ -26,6 +26,8 @@ pub struct Config {
     pub kernel_release: Option<String>,
     pub vm: VmConfig,
     pub core: CoreConfig,
+    /// Registry mirrors and plain-http registries for image imports.
+    pub registry: boxwood_oci::RegistryConfig,
     /// API tokens. With none configured, the server creates one bootstrap token with every
     /// permission (kept in `<state_dir>/bootstrap-token`) and prints it at start.
     pub tokens: Vec<TokenConfig>,
@@ -41,6 +43,7 @@ impl Default for Config {
             kernel_release: None,
             vm: VmConfig::default(),
             core: CoreConfig::default(),
+            registry: boxwood_oci::RegistryConfig::default(),
             tokens: Vec::new(),
         }
     }

@@ -216,6 +216,35 @@ pub struct ImageView {
     pub operation_uuid: Option<String>,
 }
 
+/// `POST /images/import` body.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ImportRequest {
+    pub registry: RegistrySpec,
+    #[serde(default)]
+    pub tag: Option<String>,
+    #[serde(default)]
+    pub timeout: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RegistrySpec {
+    pub url: String,
+    #[serde(default)]
+    pub credentials: Option<RegistryCredentials>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct RegistryCredentials {
+    pub username: String,
+    pub password: String,
+}
+
+/// `{"uuid": <operation>}`, the answer to an import request.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OperationCreated {
+    pub uuid: String,
+}
+
 /// `FileResponse` (`POST /files`).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FileResponse {

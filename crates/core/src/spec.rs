@@ -27,6 +27,10 @@ pub struct RunLimits {
     pub default_truncate_output_at: u64,
     /// Writable-layer cap when the request gives none, and the largest one accepted.
     pub max_layer_bytes: u64,
+    /// Import timeout when the request gives none.
+    pub default_import_timeout_secs: u64,
+    /// Larger requested import timeouts are clamped to this.
+    pub max_import_timeout_secs: u64,
 }
 
 impl Default for RunLimits {
@@ -36,6 +40,8 @@ impl Default for RunLimits {
             max_timeout_secs: 3600,
             default_truncate_output_at: 1024 * 1024,
             max_layer_bytes: 12 * 1024 * 1024 * 1024,
+            default_import_timeout_secs: 300,
+            max_import_timeout_secs: 3600,
         }
     }
 }

@@ -4,6 +4,7 @@ mod api;
 mod files;
 mod harness;
 mod images;
+mod import;
 mod inspect;
 mod isolation;
 mod lifecycle;

@@ -57,7 +57,7 @@ impl RunControl {
     }
 
     /// The terminal status and error of a run stopped early.
-    fn stopped_outcome(&self) -> (Status, Option<String>) {
+    pub(crate) fn stopped_outcome(&self) -> (Status, Option<String>) {
         if self.reason.load(Ordering::SeqCst) == StopReason::Cancelled as u8 {
             (Status::Cancelled, Some("operation cancelled".into()))
         } else {

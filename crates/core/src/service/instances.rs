@@ -9,7 +9,7 @@ use super::Service;
 use crate::auth::{Caller, Permission};
 use crate::clock::now_us;
 use crate::error::{CoreError, CoreResult};
-use crate::events::{EventLog, fail_operation};
+use crate::events::EventLog;
 use crate::model::{SpawnRequest, SpawnResponse};
 use crate::operations::{KIND_INSTANCE, Status};
 use crate::runner::{InjectedFile, Run, RunControl};
@@ -62,19 +62,8 @@ impl Service {
             files,
             log,
         };
-        // Refuse before anything is written when shutting down, so a 503 never hides a run.
-        if self.inner.runs.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
-            return Err(CoreError::Unavailable("the server is shutting down".into()));
-        }
-        let uuid = run.op.uuid;
-        self.inner.store.insert_operation(&run.op).await?;
-        if let Err(e) = self.launch(run) {
-            // Shutdown began in between: the operation must not stay PENDING.
-            let _ =
-                fail_operation(self.inner.store.clone(), self.inner.hub.clone(), uuid, "the server is shutting down")
-                    .await;
-            return Err(e);
-        }
+        let (op, control, env) = (run.op.clone(), run.control.clone(), self.inner.env.clone());
+        self.start_operation(&op, control, async move { run.execute(&env).await }).await?;
         Ok(response)
     }
 }

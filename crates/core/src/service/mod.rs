@@ -4,6 +4,7 @@
 
 mod files;
 mod images;
+mod imports;
 mod inspect;
 mod instances;
 mod operations;
@@ -13,7 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use boxwood_blob::BlobStore;
 use boxwood_image::LayerStore;
-use boxwood_store::Store;
+use boxwood_store::{OperationRecord, Store};
 use boxwood_vm::VmRuntime;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
@@ -24,7 +25,7 @@ use crate::auth::{Authenticator, Caller, Permission, TokenConfig, caller_from_re
 use crate::error::{CoreError, CoreResult, error_chain};
 use crate::events::{EventHub, fail_operation};
 use crate::model::WhoAmI;
-use crate::runner::{Run, RunControl, RunEnv, StopReason};
+use crate::runner::{RunControl, RunEnv, StopReason};
 use crate::spec::RunLimits;
 
 /// Settings of the core service.
@@ -37,6 +38,8 @@ pub struct CoreConfig {
     pub max_concurrent_runs_per_namespace: Option<usize>,
     /// Largest accepted upload, in bytes.
     pub max_upload_bytes: u64,
+    /// Image imports running at once; more wait as PENDING.
+    pub max_concurrent_imports: usize,
     pub limits: RunLimits,
 }
 
@@ -47,6 +50,7 @@ impl Default for CoreConfig {
             max_concurrent_runs: 2 * cores,
             max_concurrent_runs_per_namespace: None,
             max_upload_bytes: 16 << 30,
+            max_concurrent_imports: 2,
             limits: RunLimits::default(),
         }
     }
@@ -111,6 +115,7 @@ struct Inner {
     /// Active runs; `None` once shutdown began (no run may start after the stop sweep).
     runs: Mutex<Option<HashMap<Uuid, Arc<RunControl>>>>,
     tasks: TaskTracker,
+    imports: Arc<imports::ImportEnv>,
 }
 
 /// The parts the service is built from.
@@ -119,6 +124,7 @@ pub struct Backends {
     pub blobs: Arc<dyn BlobStore>,
     pub layers: Arc<dyn LayerStore>,
     pub runtime: Arc<dyn VmRuntime>,
+    pub importer: Arc<boxwood_oci::Importer>,
 }
 
 /// The core service; cheap to clone.
@@ -134,7 +140,11 @@ impl Service {
         let auth = Authenticator::new(tokens)?;
         let hub = Arc::new(EventHub::default());
         let slots = Arc::new(Semaphore::new(config.max_concurrent_runs.max(1)));
-        let Backends { store, blobs, layers, runtime } = backends;
+        let Backends { store, blobs, layers, runtime, importer } = backends;
+        let imports = Arc::new(imports::ImportEnv {
+            importer,
+            slots: Arc::new(Semaphore::new(config.max_concurrent_imports.max(1))),
+        });
         let env = Arc::new(RunEnv::new(store.clone(), blobs.clone(), layers, runtime, slots));
         let svc = Service {
             inner: Arc::new(Inner {
@@ -147,6 +157,7 @@ impl Service {
                 namespace_slots: Mutex::new(HashMap::new()),
                 runs: Mutex::new(Some(HashMap::new())),
                 tasks: TaskTracker::new(),
+                imports,
             }),
         };
         svc.fail_orphans().await?;
@@ -163,20 +174,36 @@ impl Service {
         Ok(())
     }
 
-    /// Registers a run and starts its task, unless the server is shutting down.
-    fn launch(&self, run: Run) -> CoreResult<()> {
-        let uuid = run.op.uuid;
-        {
-            let mut runs = self.inner.runs.lock().unwrap_or_else(|e| e.into_inner());
-            let Some(runs) = runs.as_mut() else {
-                return Err(CoreError::Unavailable("the server is shutting down".into()));
-            };
-            runs.insert(uuid, run.control.clone());
+    /// Records a new operation and starts its task, unless the server is shutting down (then
+    /// nothing is written and the caller gets 503). `work` must end the operation itself; if it
+    /// fails on the store instead, the operation is failed here once the store recovers.
+    async fn start_operation(
+        &self,
+        op: &OperationRecord,
+        control: Arc<RunControl>,
+        work: impl Future<Output = CoreResult<()>> + Send + 'static,
+    ) -> CoreResult<()> {
+        let shutting_down = || CoreError::Unavailable("the server is shutting down".into());
+        if self.inner.runs.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+            return Err(shutting_down());
+        }
+        self.inner.store.insert_operation(op).await?;
+        let uuid = op.uuid;
+        let registered = match self.inner.runs.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some(runs) => runs.insert(uuid, control).is_none(),
+            None => false,
+        };
+        if !registered {
+            // Shutdown began in between: the operation must not stay PENDING.
+            let _ =
+                fail_operation(self.inner.store.clone(), self.inner.hub.clone(), uuid, "the server is shutting down")
+                    .await;
+            return Err(shutting_down());
         }
         let inner = self.inner.clone();
         self.inner.tasks.spawn(async move {
-            if let Err(e) = run.execute(&inner.env).await {
-                tracing::error!(op = %uuid, error = %error_chain(&e), "run hit a store failure; failing the operation");
+            if let Err(e) = work.await {
+                tracing::error!(op = %uuid, error = %error_chain(&e), "operation hit a store failure; failing it");
                 // The operation must still end: retry writing its failure until the store
                 // recovers (or the server stops; the next start then fails it).
                 let mut delay = std::time::Duration::from_millis(200);
@@ -230,6 +257,8 @@ impl Service {
                 ("instance_max_timeout".to_owned(), c.limits.max_timeout_secs as i64),
                 ("instance_max_concurrency".to_owned(), c.per_namespace() as i64),
                 ("instance_max_layer_bytes".to_owned(), c.limits.max_layer_bytes as i64),
+                ("images_import_max_concurrency".to_owned(), c.max_concurrent_imports as i64),
+                ("images_import_max_timeout".to_owned(), c.limits.max_import_timeout_secs as i64),
             ]),
             operations_stat: BTreeMap::new(),
         }

@@ -1,0 +1,203 @@
+//! Importing OCI/Docker images (`POST /images/import`): an `image_import` operation that
+//! pulls (or reads an archive), flattens the layers into one rootfs layer and records an image.
+//! Re-importing unchanged content is free: the image UUID is derived from the namespace and
+//! the image config digest, so the second import finds the first one's image.
+
+use std::sync::Arc;
+
+use boxwood_image::LayerStore;
+use boxwood_oci::{Credentials, ImageSource, Importer, parse_source};
+use boxwood_store::{ImageRecord, OperationRecord, Store};
+use serde_json::json;
+use tokio::sync::Semaphore;
+use uuid::Uuid;
+
+use super::Service;
+use crate::auth::{Caller, Permission};
+use crate::clock::now_us;
+use crate::error::{CoreError, CoreResult, error_chain};
+use crate::events::{EventLog, completion_data};
+use crate::model::{ImportRequest, OperationCreated};
+use crate::operations::{KIND_IMAGE_IMPORT, Status};
+use crate::runner::RunControl;
+use crate::spec::is_valid_tag;
+
+/// Namespace of the name-based image UUIDs of imports.
+const IMPORT_UUID_NAMESPACE: Uuid = Uuid::from_u128(0x6f0b_1e55_b0c5_4d1e_9a0d_ba5e_1a7e_0c1d);
+
+/// What an import needs besides its request.
+pub(crate) struct ImportEnv {
+    pub(crate) importer: Arc<Importer>,
+    pub(crate) slots: Arc<Semaphore>,
+}
+
+impl Service {
+    pub async fn import_image(&self, caller: &Caller, req: ImportRequest) -> CoreResult<OperationCreated> {
+        caller.require(Permission::Import)?;
+        let source = parse_source(&req.registry.url).map_err(|e| CoreError::bad(format!("registry.url: {e}")))?;
+        if let Some(tag) = &req.tag
+            && !is_valid_tag(tag)
+        {
+            return Err(CoreError::bad(format!("invalid tag {tag:?}")));
+        }
+        let limits = &self.inner.config.limits;
+        let timeout = match req.timeout {
+            None => limits.default_import_timeout_secs.min(limits.max_import_timeout_secs),
+            Some(t) if t <= 0 => {
+                return Err(CoreError::bad(format!("timeout must be a positive number of seconds, got {t}")));
+            }
+            Some(t) => (t as u64).min(limits.max_import_timeout_secs),
+        };
+        let mut registry = json!({"url": req.registry.url});
+        // Omitted rather than null when absent (the SDK rejects null); the password never shows.
+        if let Some(c) = &req.registry.credentials {
+            registry["credentials"] = json!({"username": c.username, "password": "<MASKED>"});
+        }
+        let op = OperationRecord {
+            uuid: Uuid::now_v7(),
+            namespace: caller.namespace.clone(),
+            kind: KIND_IMAGE_IMPORT.into(),
+            status: Status::Pending.as_str().into(),
+            error: None,
+            created_at_us: now_us(),
+            started_at_us: None,
+            finished_at_us: None,
+            image_uuid: None,
+            result_image_uuid: None,
+            result_tag: None,
+            image_size: None,
+            consumed_cpu: None,
+            consumed_memory: None,
+            metadata: json!({"registry": registry, "tag": req.tag, "timeout": timeout}),
+            result: None,
+        };
+        let creds = req.registry.credentials.map(|c| Credentials { username: c.username, password: c.password });
+        let job = ImportJob {
+            log: EventLog::fresh(self.inner.store.clone(), self.inner.hub.clone(), op.uuid),
+            control: Arc::new(RunControl::default()),
+            op,
+            source,
+            creds,
+            tag: req.tag,
+            timeout: std::time::Duration::from_secs(timeout),
+        };
+        let uuid = job.op.uuid;
+        let control = job.control.clone();
+        let store = self.inner.store.clone();
+        let layers = self.inner.env.layers.clone();
+        let imports = self.inner.imports.clone();
+        self.start_operation(&job.op.clone(), control, async move { job.execute(store, layers, imports).await })
+            .await?;
+        Ok(OperationCreated { uuid: uuid.to_string() })
+    }
+}
+
+struct ImportJob {
+    op: OperationRecord,
+    source: ImageSource,
+    creds: Option<Credentials>,
+    tag: Option<String>,
+    timeout: std::time::Duration,
+    log: EventLog,
+    control: Arc<RunControl>,
+}
+
+impl ImportJob {
+    async fn execute(
+        mut self,
+        store: Arc<dyn Store>,
+        layers: Arc<dyn LayerStore>,
+        env: Arc<ImportEnv>,
+    ) -> CoreResult<()> {
+        let permit = tokio::select! {
+            p = env.slots.clone().acquire_owned() => p.ok(),
+            () = self.control.token.cancelled() => None,
+        };
+        let Some(_permit) = permit else {
+            let (status, error) = self.control.stopped_outcome();
+            return self.finish(status, error).await;
+        };
+        self.op.status = Status::Assigned.as_str().into();
+        self.op.started_at_us = Some(now_us());
+        store.update_operation(&self.op).await?;
+        self.op.status = Status::Executing.as_str().into();
+        store.update_operation(&self.op).await?;
+        let work = self.import(&store, &layers, &env.importer);
+        let outcome = tokio::select! {
+            r = tokio::time::timeout(self.timeout, work) => Some(r),
+            () = self.control.token.cancelled() => None,
+        };
+        let (status, error) = match outcome {
+            None => self.control.stopped_outcome(),
+            Some(Err(_)) => (Status::Failed, Some(format!("import timed out after {}s", self.timeout.as_secs()))),
+            Some(Ok(Err(msg))) => (Status::Failed, Some(msg)),
+            Some(Ok(Ok((image, size)))) => {
+                self.op.result_image_uuid = Some(image);
+                self.op.result_tag = self.tag.clone();
+                self.op.image_size = Some(size);
+                (Status::Success, None)
+            }
+        };
+        self.finish(status, error).await
+    }
+
+    /// Resolves, then imports unless this namespace already has the image; tags it. `Err` is
+    /// the operation's failure message.
+    async fn import(
+        &self,
+        store: &Arc<dyn Store>,
+        layers: &Arc<dyn LayerStore>,
+        importer: &Arc<Importer>,
+    ) -> Result<(Uuid, i64), String> {
+        let creds = self.creds.as_ref();
+        let resolved = importer.resolve(&self.source, creds).await.map_err(|e| error_chain(&e))?;
+        let name = format!("{}/{}", self.op.namespace, resolved.config_digest);
+        let uuid = Uuid::new_v5(&IMPORT_UUID_NAMESPACE, name.as_bytes());
+        let store_err = |e: boxwood_store::StoreError| format!("recording the image failed: {}", error_chain(&e));
+        let mut written = 0;
+        if store.get_image(uuid).await.map_err(store_err)?.is_none() {
+            let staging = layers.staging_dir().map_err(|e| error_chain(&e))?;
+            let tree = staging.join("rootfs");
+            let result = async {
+                std::fs::create_dir(&tree).map_err(|e| format!("staging: {e}"))?;
+                let imported = importer.import(&self.source, creds, &tree).await.map_err(|e| error_chain(&e))?;
+                let layer = layers.commit_tree(tree.clone()).await.map_err(|e| error_chain(&e))?;
+                Ok::<_, String>((imported, layer))
+            }
+            .await;
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+            let (imported, layer) = result?;
+            written = i64::try_from(imported.content_bytes).unwrap_or(i64::MAX);
+            let image = ImageRecord {
+                uuid,
+                namespace: self.op.namespace.clone(),
+                parent_uuid: None,
+                operation_uuid: Some(self.op.uuid),
+                layers: vec![layer.digest],
+                env: imported.env,
+                workdir: None,
+                size_bytes: written,
+                created_at_us: now_us(),
+            };
+            store.insert_image(&image).await.map_err(store_err)?;
+        }
+        if let Some(tag) = &self.tag {
+            store.set_tag(&self.op.namespace, tag, uuid, now_us()).await.map_err(store_err)?;
+        }
+        Ok((uuid, written))
+    }
+
+    async fn finish(mut self, status: Status, error: Option<String>) -> CoreResult<()> {
+        self.op.status = status.as_str().into();
+        self.op.error = error;
+        self.op.finished_at_us = Some(now_us());
+        if status != Status::Success {
+            self.op.result_image_uuid = None;
+            self.op.result_tag = None;
+            self.op.image_size = None;
+        }
+        tracing::info!(op = %self.op.uuid, status = status.as_str(), error = ?self.op.error, "import finished");
+        let completion = completion_data(&self.op);
+        self.log.complete(&self.op, completion).await
+    }
+}
