@@ -102,10 +102,18 @@ impl LayerStore for FsLayerStore {
 /// identical layer is already published).
 fn publish(root: &Path, staged: &Path, tree: &Path) -> ImageResult<LayerInfo> {
     let file = File::open(staged).map_err(io_err(staged))?;
-    file.sync_all().map_err(io_err(staged))?;
     let disk_bytes = file.metadata().map_err(io_err(staged))?.len();
-    let hex = sha256_file(file).map_err(io_err(staged))?;
-    let content_bytes = tree_bytes(tree)?;
+    // Flushing the image to disk, hashing it (from the page cache) and sizing the tree are
+    // independent; all three finish before anything is renamed into place.
+    let (synced, hashed, content_bytes) = std::thread::scope(|s| {
+        let synced = s.spawn(|| file.sync_all());
+        let hashed = s.spawn(|| File::open(staged).and_then(sha256_file));
+        let content_bytes = tree_bytes(tree);
+        (synced.join(), hashed.join(), content_bytes)
+    });
+    joined(synced).map_err(io_err(staged))?;
+    let hex = joined(hashed).map_err(io_err(staged))?;
+    let content_bytes = content_bytes?;
     let digest = format!("sha256:{hex}");
     let disk = root.join("layers").join(format!("{hex}.erofs"));
     let tree_dst = root.join("trees").join(&hex);
@@ -124,6 +132,10 @@ fn publish(root: &Path, staged: &Path, tree: &Path) -> ImageResult<LayerInfo> {
         }
     }
     Ok(LayerInfo { digest, disk_bytes, content_bytes })
+}
+
+fn joined<T>(r: std::thread::Result<std::io::Result<T>>) -> std::io::Result<T> {
+    r.unwrap_or_else(|_| Err(std::io::Error::other("publishing thread panicked")))
 }
 
 fn sha256_file(mut file: File) -> std::io::Result<String> {

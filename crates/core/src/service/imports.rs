@@ -150,6 +150,7 @@ impl ImportJob {
         importer: &Arc<Importer>,
     ) -> Result<(Uuid, i64), String> {
         let creds = self.creds.as_ref();
+        let started = std::time::Instant::now();
         let resolved = importer.resolve(&self.source, creds).await.map_err(|e| error_chain(&e))?;
         let name = format!("{}/{}", self.op.namespace, resolved.config_digest);
         let uuid = Uuid::new_v5(&IMPORT_UUID_NAMESPACE, name.as_bytes());
@@ -161,7 +162,14 @@ impl ImportJob {
             let result = async {
                 std::fs::create_dir(&tree).map_err(|e| format!("staging: {e}"))?;
                 let imported = importer.import(&self.source, creds, &tree).await.map_err(|e| error_chain(&e))?;
+                let unpacked = started.elapsed();
                 let layer = layers.commit_tree(tree.clone()).await.map_err(|e| error_chain(&e))?;
+                tracing::debug!(
+                    op = %self.op.uuid,
+                    fetch_and_unpack_ms = unpacked.as_millis() as u64,
+                    publish_ms = (started.elapsed() - unpacked).as_millis() as u64,
+                    "import phases"
+                );
                 Ok::<_, String>((imported, layer))
             }
             .await;
