@@ -22,6 +22,7 @@ mod fsutil;
 mod inspect;
 mod merge;
 mod store;
+pub mod tarname;
 mod unpack;
 
 pub use base::build_busybox_tree;

@@ -29,6 +29,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tar::EntryType;
 
+use boxwood_image::tarname::{member_path, pax_time};
+
 use crate::fsutil::{self, remove_any};
 use crate::local::BlobLoc;
 use crate::{OciError, io_err};
@@ -393,27 +395,6 @@ fn set_xattrs(path: &Path, xattrs: &[(String, Vec<u8>)]) -> Result<(), OciError>
     xattrs.iter().try_for_each(|(name, value)| fsutil::set_xattr(path, name, value))
 }
 
-/// A member name as a relative path of normal components: `.` and empty components dropped
-/// (`./a//b/` is `a/b`, `./` is the root); absolute names and `..` refused.
-pub(crate) fn member_path(raw: &[u8]) -> Result<PathBuf, String> {
-    if raw.first() == Some(&b'/') {
-        return Err("absolute path".into());
-    }
-    if raw.contains(&0) {
-        return Err("NUL byte in path".into());
-    }
-    let mut rel = PathBuf::new();
-    for component in Path::new(OsStr::from_bytes(raw)).components() {
-        match component {
-            Component::Normal(part) => rel.push(part),
-            Component::CurDir => {}
-            Component::ParentDir => return Err("`..` component in path".into()),
-            Component::RootDir | Component::Prefix(_) => return Err("absolute path".into()),
-        }
-    }
-    Ok(rel)
-}
-
 fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, digest: &str) -> Result<Meta, String> {
     let header = entry.header();
     let uid = header.uid().map_err(|e| format!("bad uid: {e}"))?;
@@ -442,38 +423,4 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, digest: &str) -> Result<Met
         }
     }
     Ok(Meta { uid, gid, mode, mtime, xattrs })
-}
-
-/// A PAX time `[-]secs[.frac]` as (seconds, nanoseconds ≥ 0).
-fn pax_time(value: &str) -> Option<(i64, u32)> {
-    let (secs, frac) = value.split_once('.').unwrap_or((value, ""));
-    let negative = secs.starts_with('-');
-    let secs: i64 = secs.parse().ok()?;
-    if !frac.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    let digits: String = frac.chars().chain(std::iter::repeat('0')).take(9).collect();
-    let nanos: u32 = digits.parse().ok()?;
-    if negative && nanos > 0 { Some((secs - 1, 1_000_000_000 - nanos)) } else { Some((secs, nanos)) }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn member_names_are_normalised_or_refused() {
-        assert_eq!(member_path(b"./a//b/").unwrap(), PathBuf::from("a/b"));
-        assert_eq!(member_path(b"./").unwrap(), PathBuf::new());
-        assert!(member_path(b"/etc/passwd").is_err());
-        assert!(member_path(b"a/../../x").is_err());
-        assert!(member_path(b"a\0b").is_err());
-    }
-
-    #[test]
-    fn pax_times_parse() {
-        assert_eq!(pax_time("1700000000.5"), Some((1_700_000_000, 500_000_000)));
-        assert_eq!(pax_time("-1.25"), Some((-2, 750_000_000)));
-        assert_eq!(pax_time("12x"), None);
-    }
 }
