@@ -34,8 +34,18 @@ pub async fn list(
     Ok(Json(svc.inspect_list(&caller, uuid, path).await?).into_response())
 }
 
-fn content_type(q: &QueryPairs) -> ApiResult<&'static str> {
-    Ok(if q.flag("text")? { "text/plain; charset=utf-8" } else { "application/octet-stream" })
+/// Headers of `download` and its HEAD check.
+fn file_headers(q: &QueryPairs, size: u64) -> ApiResult<[(header::HeaderName, HeaderValue); 2]> {
+    let kind = if q.flag("text")? { "text/plain; charset=utf-8" } else { "application/octet-stream" };
+    Ok([(header::CONTENT_TYPE, HeaderValue::from_static(kind)), (header::CONTENT_LENGTH, HeaderValue::from(size))])
+}
+
+/// Headers of `archive` and its HEAD check.
+fn tar_headers(path: &str) -> [(header::HeaderName, HeaderValue); 2] {
+    [
+        (header::CONTENT_TYPE, HeaderValue::from_static("application/x-tar")),
+        (header::CONTENT_DISPOSITION, disposition(path)),
+    ]
 }
 
 /// A file's bytes, streamed from the layer on disk.
@@ -48,14 +58,7 @@ pub async fn download(
     let uuid = parse_uuid("image", &id)?;
     let (file, size) = svc.inspect_open(&caller, uuid, image_path(&q)?).await?;
     let body = Body::from_stream(ReaderStream::new(tokio::fs::File::from_std(file)));
-    Ok((
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static(content_type(&q)?)),
-            (header::CONTENT_LENGTH, HeaderValue::from(size)),
-        ],
-        body,
-    )
-        .into_response())
+    Ok((file_headers(&q, size)?, body).into_response())
 }
 
 pub async fn head_download(
@@ -66,14 +69,7 @@ pub async fn head_download(
 ) -> ApiResult<Response> {
     let uuid = parse_uuid("image", &id)?;
     let (_, size) = svc.inspect_open(&caller, uuid, image_path(&q)?).await?;
-    Ok((
-        StatusCode::OK,
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static(content_type(&q)?)),
-            (header::CONTENT_LENGTH, HeaderValue::from(size)),
-        ],
-    )
-        .into_response())
+    Ok((StatusCode::OK, file_headers(&q, size)?).into_response())
 }
 
 /// `attachment; filename="etc.tar"` for `/etc`, `bin_true.tar` for `/bin/true`.
@@ -96,11 +92,7 @@ pub async fn archive(
     let path = image_path(&q)?;
     let rx = svc.inspect_archive(&caller, uuid, path.clone()).await?;
     let stream = tokio_stream::wrappers::ReceiverStream::new(rx).map(|chunk| chunk.map(Bytes::from));
-    let headers = [
-        (header::CONTENT_TYPE, HeaderValue::from_static("application/x-tar")),
-        (header::CONTENT_DISPOSITION, disposition(&path)),
-    ];
-    Ok((headers, Body::from_stream(stream)).into_response())
+    Ok((tar_headers(&path), Body::from_stream(stream)).into_response())
 }
 
 pub async fn head_archive(
@@ -112,14 +104,7 @@ pub async fn head_archive(
     let uuid = parse_uuid("image", &id)?;
     let path = image_path(&q)?;
     svc.inspect_check_archive(&caller, uuid, path.clone()).await?;
-    Ok((
-        StatusCode::OK,
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static("application/x-tar")),
-            (header::CONTENT_DISPOSITION, disposition(&path)),
-        ],
-    )
-        .into_response())
+    Ok((StatusCode::OK, tar_headers(&path)).into_response())
 }
 
 pub async fn grep(

@@ -24,9 +24,6 @@ pub enum CoreError {
     /// The request is malformed or a value is out of range.
     #[error("{0}")]
     BadRequest(String),
-    /// Well-formed, but asks for something this server does not do.
-    #[error("{0}")]
-    Unprocessable(String),
     #[error("missing or invalid bearer token")]
     Unauthorized,
     #[error("token lacks the `{0}` permission")]
@@ -52,7 +49,6 @@ impl CoreError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             CoreError::BadRequest(_) => ErrorKind::BadRequest,
-            CoreError::Unprocessable(_) => ErrorKind::Unprocessable,
             CoreError::Unauthorized => ErrorKind::Unauthorized,
             CoreError::Forbidden(_) => ErrorKind::Forbidden,
             CoreError::NotFound(_) => ErrorKind::NotFound,

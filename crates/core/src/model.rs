@@ -308,6 +308,16 @@ pub fn encode_stream(bytes: &[u8]) -> (String, &'static str) {
     }
 }
 
+/// The bytes of an event's `{value, encoding}` (the inverse of [`encode_stream`]).
+pub fn decode_stream(data: &Value) -> Vec<u8> {
+    use base64::Engine as _;
+    let value = data.get("value").and_then(Value::as_str).unwrap_or("");
+    match data.get("encoding").and_then(Value::as_str) {
+        Some("base64") => base64::engine::general_purpose::STANDARD.decode(value).unwrap_or_default(),
+        _ => value.as_bytes().to_vec(),
+    }
+}
+
 impl StreamRepr {
     pub fn of(bytes: &[u8], truncated: bool) -> Self {
         let (value, encoding) = encode_stream(bytes);
@@ -325,5 +335,8 @@ mod tests {
         assert_eq!(encode_stream("é".as_bytes()), ("w6k=".into(), "base64"));
         assert_eq!(encode_stream(b"\x00"), ("AA==".into(), "base64"));
         assert_eq!(encode_stream(b""), ("".into(), "ascii"));
+        let bytes = [0u8, 200, 10];
+        let (value, encoding) = encode_stream(&bytes);
+        assert_eq!(decode_stream(&serde_json::json!({"value": value, "encoding": encoding})), bytes);
     }
 }

@@ -139,6 +139,21 @@ fn event_from_row(row: &SqliteRow) -> StoreResult<EventRecord> {
     })
 }
 
+/// ` AND <col> >= since AND <col> <= until` (each when given).
+fn push_time_range(q: &mut QueryBuilder<Sqlite>, col: &str, since: Option<i64>, until: Option<i64>) {
+    if let Some(since) = since {
+        q.push(format!(" AND {col} >= ")).push_bind(since);
+    }
+    if let Some(until) = until {
+        q.push(format!(" AND {col} <= ")).push_bind(until);
+    }
+}
+
+/// ` ORDER BY <order> LIMIT … OFFSET …`.
+fn push_page(q: &mut QueryBuilder<Sqlite>, order: &str, limit: i64, offset: i64) {
+    q.push(format!(" ORDER BY {order} LIMIT ")).push_bind(limit).push(" OFFSET ").push_bind(offset);
+}
+
 async fn write_operation<'e, E>(exec: E, op: &OperationRecord) -> StoreResult<()>
 where
     E: sqlx::Executor<'e, Database = Sqlite>,
@@ -370,13 +385,8 @@ impl Store for SqliteStore {
     async fn list_files(&self, f: &FileFilter) -> StoreResult<Vec<FileRecord>> {
         let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM files WHERE namespace = ");
         q.push_bind(&f.namespace);
-        if let Some(since) = f.since_us {
-            q.push(" AND created_at >= ").push_bind(since);
-        }
-        if let Some(until) = f.until_us {
-            q.push(" AND created_at <= ").push_bind(until);
-        }
-        q.push(" ORDER BY created_at DESC, uuid LIMIT ").push_bind(f.limit).push(" OFFSET ").push_bind(f.offset);
+        push_time_range(&mut q, "created_at", f.since_us, f.until_us);
+        push_page(&mut q, "created_at DESC, uuid", f.limit, f.offset);
         let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter().map(file_from_row).collect()
     }
@@ -468,13 +478,8 @@ impl Store for SqliteStore {
         if let Some(kind) = &f.kind {
             q.push(" AND kind = ").push_bind(kind);
         }
-        if let Some(since) = f.since_us {
-            q.push(" AND created_at >= ").push_bind(since);
-        }
-        if let Some(until) = f.until_us {
-            q.push(" AND created_at <= ").push_bind(until);
-        }
-        q.push(" ORDER BY created_at DESC, uuid LIMIT ").push_bind(f.limit).push(" OFFSET ").push_bind(f.offset);
+        push_time_range(&mut q, "created_at", f.since_us, f.until_us);
+        push_page(&mut q, "created_at DESC, uuid", f.limit, f.offset);
         let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter().map(operation_from_row).collect()
     }

@@ -11,6 +11,7 @@ use crate::error::{CoreError, CoreResult};
 use crate::events;
 use crate::model::{
     EventView, InstanceResult, OperationResponse, OperationSummary, ResultResources, ResultState, StreamRepr,
+    decode_stream,
 };
 use crate::operations::{self, KIND_INSTANCE, Status};
 use crate::runner::{MAIN_SPID, StopReason};
@@ -136,14 +137,5 @@ impl Service {
         }
         self.visible_operation(caller, uuid).await?;
         Ok(events::follow(self.inner.store.clone(), self.inner.hub.clone(), uuid, since, spid, follow))
-    }
-}
-
-fn decode_stream(data: &Value) -> Vec<u8> {
-    use base64::Engine as _;
-    let value = data.get("value").and_then(Value::as_str).unwrap_or("");
-    match data.get("encoding").and_then(Value::as_str) {
-        Some("base64") => base64::engine::general_purpose::STANDARD.decode(value).unwrap_or_default(),
-        _ => value.as_bytes().to_vec(),
     }
 }
