@@ -159,8 +159,8 @@ pub trait Vm: Send + Sync {
     /// [`VmError::ExportFailed`]; on any error `dest` is removed.
     async fn export_upper(&self, dest: &Path) -> Result<UpperStats, VmError>;
     /// Asks the agent to power off, waits up to a few seconds, then SIGKILLs QEMU; always reaps
-    /// QEMU and removes the scratch dir.
-    async fn shutdown(self: Box<Self>) -> Result<(), VmError>;
+    /// QEMU and removes the scratch dir. Later calls do nothing.
+    async fn shutdown(&self) -> Result<(), VmError>;
 }
 
 /// A started process.

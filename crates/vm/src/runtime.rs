@@ -6,6 +6,7 @@ use std::fs::{self, File};
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
@@ -93,7 +94,7 @@ impl QemuRuntime {
         };
         match self.boot(&spec, Accelerator::Kvm, KVM_PROBE_DEADLINE, false).await {
             Ok(vm) => {
-                let _ = Box::new(vm).shutdown().await;
+                let _ = vm.shutdown().await;
                 tracing::info!("using KVM: the probe VM booted");
                 Accelerator::Kvm
             }
@@ -161,7 +162,7 @@ impl QemuRuntime {
         }
         let started = Instant::now();
         let child = cmd.spawn().map_err(|e| VmError::io(format!("spawn {}", self.config.qemu_binary.display()), e))?;
-        let mut qemu = QemuChild::start(child)?;
+        let qemu = QemuChild::start(child)?;
         if let Err(e) = fs::write(&paths.pid_file, qemu.pid.to_string()) {
             qemu.kill();
             return Err(VmError::io("write qemu.pid", e));
@@ -186,7 +187,15 @@ impl QemuRuntime {
         tracing::info!(vm = spec.name, accel = accel_name(&argv), boot_ms = boot_duration.as_millis(), "VM booted");
         let shared = Arc::new(Shared::new(paths.clone(), writer, qemu.exit.clone()));
         tokio::spawn(route(shared.clone(), reader, decoder));
-        Ok(QemuVm { name: spec.name.clone(), hello, setup_report, boot_duration, qemu, shared, finished: false })
+        Ok(QemuVm {
+            name: spec.name.clone(),
+            hello,
+            setup_report,
+            boot_duration,
+            qemu,
+            shared,
+            finished: AtomicBool::new(false),
+        })
     }
 
     async fn handshake(

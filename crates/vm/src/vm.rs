@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ const CONSOLE_TAIL_LINES: usize = 20;
 pub(crate) struct QemuChild {
     pub pid: u32,
     /// Send (or drop) to SIGKILL QEMU.
-    pub kill: Option<oneshot::Sender<()>>,
+    kill: Mutex<Option<oneshot::Sender<()>>>,
     /// QEMU's exit status once it has been reaped.
     pub exit: watch::Receiver<Option<String>>,
 }
@@ -50,11 +51,11 @@ impl QemuChild {
             };
             let _ = exit_tx.send(Some(text));
         });
-        Ok(Self { pid, kill: Some(kill_tx), exit: exit_rx })
+        Ok(Self { pid, kill: Mutex::new(Some(kill_tx)), exit: exit_rx })
     }
 
-    pub fn kill(&mut self) {
-        if let Some(tx) = self.kill.take() {
+    pub fn kill(&self) {
+        if let Some(tx) = self.kill.lock().unwrap_or_else(PoisonError::into_inner).take() {
             let _ = tx.send(());
         }
     }
@@ -330,7 +331,7 @@ pub(crate) struct QemuVm {
     pub qemu: QemuChild,
     pub shared: Arc<Shared>,
     /// `shutdown` ran; `Drop` has nothing left to do.
-    pub finished: bool,
+    pub finished: AtomicBool,
 }
 
 #[async_trait]
@@ -427,8 +428,10 @@ impl Vm for QemuVm {
         transfer::export_upper(&self.shared, dest).await
     }
 
-    async fn shutdown(mut self: Box<Self>) -> Result<(), VmError> {
-        self.finished = true;
+    async fn shutdown(&self) -> Result<(), VmError> {
+        if self.finished.swap(true, Ordering::SeqCst) {
+            return Ok(());
+        }
         self.shared.state().shutting_down = true;
         if self.qemu.exited().is_none() {
             let _ = tokio::time::timeout(Duration::from_secs(1), self.shared.send(&HostMessage::Shutdown)).await;
@@ -451,7 +454,7 @@ impl Vm for QemuVm {
 
 impl Drop for QemuVm {
     fn drop(&mut self) {
-        if self.finished {
+        if *self.finished.get_mut() {
             return;
         }
         self.shared.state().shutting_down = true;
