@@ -2,7 +2,7 @@
 //! `{"error": …, "status": N}`; 5xx bodies say nothing about internals (the cause is logged).
 
 use axum::Json;
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use boxwood_core::{CoreError, ErrorKind, error_chain};
 use serde_json::json;
@@ -32,6 +32,8 @@ impl From<CoreError> for ApiError {
             ErrorKind::Forbidden => StatusCode::FORBIDDEN,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
             ErrorKind::Conflict => StatusCode::CONFLICT,
+            ErrorKind::Gone => StatusCode::GONE,
+            ErrorKind::TooEarly => StatusCode::TOO_EARLY,
             ErrorKind::Unprocessable => StatusCode::UNPROCESSABLE_ENTITY,
             ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
@@ -48,7 +50,12 @@ impl From<CoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(json!({"error": self.message, "status": self.status.as_u16()}));
-        (self.status, body).into_response()
+        let mut response = (self.status, body).into_response();
+        if matches!(self.status, StatusCode::GONE | StatusCode::TOO_EARLY) {
+            // Clients with a retry policy wait this many seconds before trying again.
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
     }
 }
 

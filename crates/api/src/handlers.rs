@@ -1,18 +1,14 @@
 //! Route handlers: each parses its request, makes one core call and shapes the response.
 
-use std::convert::Infallible;
-use std::time::Duration;
-
 use axum::Json;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use boxwood_core::clock::{now_us, parse_time_filter};
 use boxwood_core::model::SpawnRequest;
 use boxwood_core::{ImageQuery, OperationQuery, Page, Service};
-use futures::{Stream, StreamExt, TryStreamExt};
+use futures::TryStreamExt;
 use tokio_util::io::StreamReader;
 
 use crate::error::{ApiError, ApiResult};
@@ -27,7 +23,7 @@ fn time_filter(q: &QueryPairs, key: &str) -> ApiResult<Option<i64>> {
     Ok(q.get(key).filter(|v| !v.is_empty()).map(|v| parse_time_filter(key, v, now)).transpose()?)
 }
 
-fn location(value: &str) -> HeaderValue {
+pub(crate) fn location(value: &str) -> HeaderValue {
     HeaderValue::from_str(value).unwrap_or_else(|_| HeaderValue::from_static("/"))
 }
 
@@ -96,47 +92,6 @@ pub async fn cancel_operation(
 
 /// SSE event log. Frames are `id`/`event`/`data` with the event JSON on one line; a failure
 /// after the 200 ends the stream with the contract's `sse_error` frame.
-pub async fn operation_events(
-    State(svc): State<Service>,
-    Auth(caller): Auth,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    q: QueryPairs,
-) -> ApiResult<Sse<impl Stream<Item = Result<Event, Infallible>>>> {
-    let uuid = parse_uuid("operation", &id)?;
-    let non_negative = |key: &str, v: Option<i64>| match v {
-        Some(n) if n < 0 => Err(ApiError::bad_request(format!("{key} must be >= 0"))),
-        v => Ok(v),
-    };
-    let mut since = non_negative("since", q.int("since")?)?;
-    if let Some(h) = headers.get("last-event-id") {
-        let v = h.to_str().ok().and_then(|s| s.trim().parse::<i64>().ok());
-        since = Some(
-            non_negative("Last-Event-Id", v)?
-                .ok_or_else(|| ApiError::bad_request("Last-Event-Id must be an integer"))?,
-        );
-    }
-    let spid = non_negative("spid", q.int("spid")?)?;
-    let events = svc.events(&caller, uuid, since, spid, q.flag("follow")?).await?;
-    let frames = events.flat_map(|item| {
-        let frames = match item {
-            Ok(ev) => {
-                let data = serde_json::to_string(&ev).unwrap_or_default();
-                vec![Event::default().id(ev.id.to_string()).event(ev.kind.as_str()).data(data)]
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "event stream failed");
-                vec![
-                    Event::default().comment("stream ended with error, retry since last event id"),
-                    Event::default().event("sse_error").data("event log read failed"),
-                ]
-            }
-        };
-        futures::stream::iter(frames.into_iter().map(Ok))
-    });
-    Ok(Sse::new(frames).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)).text("keepalive")))
-}
-
 pub async fn inspect_root_redirect() -> Response {
     (StatusCode::TEMPORARY_REDIRECT, [(header::LOCATION, location("/v1/inspect/"))]).into_response()
 }

@@ -5,6 +5,8 @@ mod error;
 mod extract;
 mod handlers;
 mod inspect;
+mod processes;
+mod sse;
 
 use std::any::Any;
 
@@ -17,6 +19,7 @@ use axum::routing::{patch, post};
 use boxwood_core::Service;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
+use tower_http::compression::predicate::NotForContentType;
 use tower_http::trace::TraceLayer;
 
 pub use error::{ApiError, ApiResult};
@@ -38,7 +41,10 @@ pub fn router(service: Service) -> Router {
         .route("/instances", post(spawn_instance))
         .route("/operations", get(list_operations))
         .route("/operations/{id}", get(get_operation).delete(cancel_operation))
-        .route("/operations/{id}/events", get(operation_events))
+        .route("/operations/{id}/events", get(sse::operation_events))
+        .route("/operations/{id}/subprocesses", post(processes::create))
+        .route("/operations/{id}/subprocesses/{spid}", get(processes::get).delete(processes::signal))
+        .route("/operations/{id}/subprocesses/{spid}/stdin", post(processes::stdin))
         .route("/inspect", get(inspect_root_redirect))
         .route("/inspect/", get(find_image_by_tag))
         .route("/inspect/{id}", get(inspect_image_redirect))
@@ -53,9 +59,9 @@ pub fn router(service: Service) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(service)
         .layer(DefaultBodyLimit::max(MAX_JSON_BODY))
-        // The default predicate leaves `text/event-stream` uncompressed, so SSE frames are
-        // never held back in a compressor's buffer.
-        .layer(CompressionLayer::new().gzip(true))
+        // Every response is gzipped when the client accepts it; SSE is compressed by its
+        // handler instead, flushed frame by frame (a buffering compressor would stall it).
+        .layer(CompressionLayer::new().gzip(true).compress_when(NotForContentType::const_new("text/event-stream")))
         .layer(CatchPanicLayer::custom(on_panic))
         .layer(TraceLayer::new_for_http())
 }

@@ -12,6 +12,10 @@ pub enum ErrorKind {
     Forbidden,
     NotFound,
     Conflict,
+    /// The thing existed but is finished for good (an instance that ended).
+    Gone,
+    /// Not ready yet; the same request may succeed shortly (a VM still booting).
+    TooEarly,
     Unprocessable,
     TooLarge,
     /// Temporarily unable to take the request (shutting down); nothing was done.
@@ -33,6 +37,10 @@ pub enum CoreError {
     #[error("{0}")]
     Conflict(String),
     #[error("{0}")]
+    Gone(String),
+    #[error("{0}")]
+    TooEarly(String),
+    #[error("{0}")]
     TooLarge(String),
     #[error("{0}")]
     Unavailable(String),
@@ -53,6 +61,8 @@ impl CoreError {
             CoreError::Forbidden(_) => ErrorKind::Forbidden,
             CoreError::NotFound(_) => ErrorKind::NotFound,
             CoreError::Conflict(_) => ErrorKind::Conflict,
+            CoreError::Gone(_) => ErrorKind::Gone,
+            CoreError::TooEarly(_) => ErrorKind::TooEarly,
             CoreError::TooLarge(_) => ErrorKind::TooLarge,
             CoreError::Unavailable(_) => ErrorKind::Unavailable,
             // Reading an image: the request named something the image does not have.

@@ -42,53 +42,120 @@ impl EventHub {
     }
 }
 
-/// Appends events to one operation's log.
+/// Kinds of events that carry process streams; the log size cap applies to them only.
+const STREAM_KINDS: [&str; 3] = ["stdin", "stdout", "stderr"];
+
+/// Appends events to one operation's log. Clones share one writer, so the main process,
+/// subprocesses and the run's service events interleave with strictly increasing ids.
+#[derive(Clone)]
 pub(crate) struct EventLog {
+    inner: Arc<tokio::sync::Mutex<LogWriter>>,
+}
+
+struct LogWriter {
     store: Arc<dyn Store>,
     hub: Arc<EventHub>,
     op: Uuid,
     next_id: i64,
     notify: watch::Sender<i64>,
+    /// Bytes of stream payloads logged so far, and the cap past which they are dropped.
+    stream_bytes: u64,
+    cap_bytes: u64,
+    capped: bool,
+    /// `completion` was written: nothing may follow it.
+    completed: bool,
 }
 
 impl EventLog {
-    /// Starts the log of an operation that has no events yet.
-    pub(crate) fn fresh(store: Arc<dyn Store>, hub: Arc<EventHub>, op: Uuid) -> Self {
+    /// Starts the log of an operation that has no events yet; stream events past
+    /// `cap_bytes` in total are dropped after one `size_cap` event.
+    pub(crate) fn fresh(store: Arc<dyn Store>, hub: Arc<EventHub>, op: Uuid, cap_bytes: u64) -> Self {
         let notify = hub.register(op, -1);
-        Self { store, hub, op, next_id: 0, notify }
+        Self::wrap(LogWriter {
+            store,
+            hub,
+            op,
+            next_id: 0,
+            notify,
+            stream_bytes: 0,
+            cap_bytes,
+            capped: false,
+            completed: false,
+        })
     }
 
     /// Continues the log of `op` after its last stored event.
     pub(crate) async fn open(store: Arc<dyn Store>, hub: Arc<EventHub>, op: Uuid) -> CoreResult<Self> {
         let last = store.last_event_id(op).await?;
         let notify = hub.register(op, last.unwrap_or(-1));
-        Ok(Self { store, hub, op, next_id: last.map_or(0, |l| l + 1), notify })
+        Ok(Self::wrap(LogWriter {
+            store,
+            hub,
+            op,
+            next_id: last.map_or(0, |l| l + 1),
+            notify,
+            stream_bytes: 0,
+            cap_bytes: u64::MAX,
+            capped: false,
+            completed: false,
+        }))
     }
 
+    fn wrap(w: LogWriter) -> Self {
+        Self { inner: Arc::new(tokio::sync::Mutex::new(w)) }
+    }
+
+    /// Appends one event. Stream events past the log's size cap are dropped (the first one
+    /// dropped adds `size_cap`); anything after `completion` is dropped.
+    pub(crate) async fn append(&self, spid: Option<i64>, kind: &str, data: Value) -> CoreResult<()> {
+        let mut w = self.inner.lock().await;
+        if w.completed {
+            return Ok(());
+        }
+        if STREAM_KINDS.contains(&kind) {
+            if w.capped {
+                return Ok(());
+            }
+            let size = data.get("value").and_then(Value::as_str).map_or(0, str::len) as u64;
+            if w.stream_bytes.saturating_add(size) > w.cap_bytes {
+                w.capped = true;
+                let file_size = w.stream_bytes;
+                let cap = serde_json::json!({"limit_bytes": w.cap_bytes, "file_size": file_size});
+                return w.write(Some(0), "size_cap", cap).await;
+            }
+            w.stream_bytes += size;
+        }
+        w.write(spid, kind, data).await
+    }
+
+    /// Persists the terminal operation row together with its `completion` event, the last
+    /// event of every log.
+    pub(crate) async fn complete(&self, op: &OperationRecord, completion: Value) -> CoreResult<()> {
+        let mut w = self.inner.lock().await;
+        let ev = w.record(None, "completion", completion);
+        w.store.finish_operation(op, &ev).await?;
+        w.completed = true;
+        w.notify.send_replace(ev.id);
+        Ok(())
+    }
+}
+
+impl LogWriter {
     fn record(&mut self, spid: Option<i64>, kind: &str, data: Value) -> EventRecord {
         let id = self.next_id;
         self.next_id += 1;
         EventRecord { operation_uuid: self.op, id, ts_us: now_us(), spid, kind: kind.into(), data }
     }
 
-    pub(crate) async fn append(&mut self, spid: Option<i64>, kind: &str, data: Value) -> CoreResult<()> {
+    async fn write(&mut self, spid: Option<i64>, kind: &str, data: Value) -> CoreResult<()> {
         let ev = self.record(spid, kind, data);
         self.store.append_event(&ev).await?;
         self.notify.send_replace(ev.id);
         Ok(())
     }
-
-    /// Persists the terminal operation row together with its `completion` event, the last
-    /// event of every log.
-    pub(crate) async fn complete(mut self, op: &OperationRecord, completion: Value) -> CoreResult<()> {
-        let ev = self.record(None, "completion", completion);
-        self.store.finish_operation(op, &ev).await?;
-        self.notify.send_replace(ev.id);
-        Ok(())
-    }
 }
 
-impl Drop for EventLog {
+impl Drop for LogWriter {
     fn drop(&mut self) {
         self.hub.remove(self.op);
     }

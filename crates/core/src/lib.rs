@@ -9,6 +9,7 @@ mod error;
 mod events;
 pub mod model;
 pub mod operations;
+mod process;
 mod runner;
 mod service;
 pub mod spec;

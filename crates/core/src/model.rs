@@ -46,6 +46,29 @@ pub struct SpawnRequest {
     pub files: Option<BTreeMap<String, Value>>,
 }
 
+/// `ExecSpec`: the body of `POST /operations/{id}/subprocesses`. VM-level fields of a spawn
+/// request (`image`, `timeout`, `files`, …) are ignored like any unknown field.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct ExecRequest {
+    pub command: String,
+    #[serde(default)]
+    pub args: Option<Vec<String>>,
+    #[serde(default)]
+    pub shell: Option<bool>,
+    #[serde(default)]
+    pub env: Option<BTreeMap<String, Option<String>>>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    #[serde(default)]
+    pub uid: Option<i64>,
+    #[serde(default)]
+    pub gid: Option<i64>,
+    #[serde(default)]
+    pub stdin: Option<StdinRequest>,
+    #[serde(default)]
+    pub truncate_output_at: Option<i64>,
+}
+
 /// `ClosableStreamRepr` (a `StreamRepr` without `close` is accepted too).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StdinRequest {

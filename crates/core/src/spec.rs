@@ -9,7 +9,7 @@ use serde::Deserialize;
 use uuid::Uuid;
 
 use crate::error::{CoreError, CoreResult};
-use crate::model::{InstanceMetadata, LimitsEcho, NetworkingEcho, SpawnRequest, StdinEcho};
+use crate::model::{ExecRequest, InstanceMetadata, LimitsEcho, NetworkingEcho, SpawnRequest, StdinEcho, StdinRequest};
 
 /// `PATH` set when the environment has none (the contract's default).
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -31,6 +31,9 @@ pub struct RunLimits {
     pub default_import_timeout_secs: u64,
     /// Larger requested import timeouts are clamped to this.
     pub max_import_timeout_secs: u64,
+    /// Bytes of stdin/stdout/stderr an operation's event log keeps; later chunks are dropped
+    /// after one `size_cap` event.
+    pub max_event_log_bytes: u64,
 }
 
 impl Default for RunLimits {
@@ -42,6 +45,7 @@ impl Default for RunLimits {
             max_layer_bytes: 12 * 1024 * 1024 * 1024,
             default_import_timeout_secs: 300,
             max_import_timeout_secs: 3600,
+            max_event_log_bytes: 100 * 1024 * 1024,
         }
     }
 }
@@ -93,19 +97,10 @@ pub fn parse_image_ref(s: &str) -> CoreResult<ImageRef> {
 #[derive(Debug, Clone)]
 pub struct ValidSpawn {
     pub image: ImageRef,
-    pub command: String,
-    pub args: Vec<String>,
-    pub shell: bool,
-    /// The request's env; `None` values unset a variable inherited from the image.
-    pub env: BTreeMap<String, Option<String>>,
-    pub cwd: String,
-    pub uid: u32,
-    pub gid: u32,
+    /// The main process.
+    pub process: ProcessSpec,
     pub hostname: String,
-    pub stdin: Vec<u8>,
-    pub stdin_echo: StdinEcho,
     pub timeout_secs: u64,
-    pub truncate_output_at: u64,
     pub disposable: bool,
     pub preserve_env: bool,
     pub preserve_cwd: bool,
@@ -114,6 +109,23 @@ pub struct ValidSpawn {
     /// Uploaded files to place before the command, sorted by path.
     pub files: Vec<FileInjection>,
     files_echo: BTreeMap<String, serde_json::Value>,
+}
+
+/// A validated process: the fields a spawn request (main process) and an exec request
+/// (subprocess) share.
+#[derive(Debug, Clone)]
+pub struct ProcessSpec {
+    pub command: String,
+    pub args: Vec<String>,
+    pub shell: bool,
+    /// The request's env; `None` values unset a variable inherited from the image.
+    pub env: BTreeMap<String, Option<String>>,
+    pub cwd: String,
+    pub uid: u32,
+    pub gid: u32,
+    pub stdin: Vec<u8>,
+    pub stdin_echo: StdinEcho,
+    pub truncate_output_at: u64,
 }
 
 /// One entry of the request's `files`: an upload to place at `path`.
@@ -220,9 +232,25 @@ fn is_valid_hostname(h: &str) -> bool {
     !h.is_empty() && h.len() <= 64 && h.bytes().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_'))
 }
 
-/// Checks every field of a spawn request and fills in defaults.
-pub fn validate(req: SpawnRequest, limits: &RunLimits) -> CoreResult<ValidSpawn> {
-    let image = parse_image_ref(&req.image)?;
+/// Decodes a `ClosableStreamRepr`: `ascii` values may carry any Unicode text (the SDK labels
+/// every str ascii) and are sent as UTF-8; `close` defaults to true.
+pub fn decode_stdin(s: Option<StdinRequest>) -> CoreResult<(Vec<u8>, StdinEcho)> {
+    let Some(s) = s else {
+        return Ok((Vec::new(), StdinEcho { value: String::new(), encoding: "ascii".into(), close: true }));
+    };
+    let encoding = s.encoding.unwrap_or_else(|| "ascii".into());
+    let bytes = match encoding.as_str() {
+        "ascii" => s.value.clone().into_bytes(),
+        "base64" => base64::engine::general_purpose::STANDARD
+            .decode(s.value.as_bytes())
+            .map_err(|_| CoreError::bad("stdin.value is not valid base64"))?,
+        other => return Err(CoreError::bad(format!("stdin.encoding must be ascii or base64, got {other:?}"))),
+    };
+    Ok((bytes, StdinEcho { value: s.value, encoding, close: s.close.unwrap_or(true) }))
+}
+
+/// Checks the process fields of a spawn or exec request and fills in defaults.
+pub fn validate_process(req: ExecRequest, limits: &RunLimits) -> CoreResult<ProcessSpec> {
     let shell = req.shell.unwrap_or(false);
     if !shell && req.command.is_empty() {
         return Err(CoreError::bad("command must not be empty when shell is false"));
@@ -234,17 +262,6 @@ pub fn validate(req: SpawnRequest, limits: &RunLimits) -> CoreResult<ValidSpawn>
     if !is_valid_cwd(&cwd) {
         return Err(CoreError::bad(format!("cwd must be an absolute path or empty, got {cwd:?}")));
     }
-    let hostname = req.hostname.unwrap_or_else(|| DEFAULT_HOSTNAME.into());
-    if !is_valid_hostname(&hostname) {
-        return Err(CoreError::bad(format!("invalid hostname {hostname:?}: 1-64 of [A-Za-z0-9._-]")));
-    }
-    let timeout_secs = match req.timeout {
-        None => limits.default_timeout_secs,
-        Some(t) if t <= 0 => {
-            return Err(CoreError::bad(format!("timeout must be a positive number of seconds, got {t}")));
-        }
-        Some(t) => (t as u64).min(limits.max_timeout_secs),
-    };
     let truncate_output_at = match req.truncate_output_at {
         None => limits.default_truncate_output_at,
         Some(t) if t < 0 || t as u64 > MAX_TRUNCATE_OUTPUT_AT => {
@@ -254,28 +271,7 @@ pub fn validate(req: SpawnRequest, limits: &RunLimits) -> CoreResult<ValidSpawn>
         }
         Some(t) => t as u64,
     };
-    let max_layer_bytes = match req.resources_limits.as_ref().and_then(|l| l.max_layer_bytes) {
-        None => limits.max_layer_bytes,
-        Some(b) if b < 1 => {
-            return Err(CoreError::bad(format!("resources_limits.max_layer_bytes must be at least 1, got {b}")));
-        }
-        Some(b) => (b as u64).min(limits.max_layer_bytes),
-    };
-    let (stdin, stdin_echo) = match req.stdin {
-        None => (Vec::new(), StdinEcho { value: String::new(), encoding: "ascii".into(), close: true }),
-        Some(s) => {
-            let encoding = s.encoding.unwrap_or_else(|| "ascii".into());
-            let bytes = match encoding.as_str() {
-                // "ascii" values may carry any Unicode text (the SDK labels every str ascii).
-                "ascii" => s.value.clone().into_bytes(),
-                "base64" => base64::engine::general_purpose::STANDARD
-                    .decode(s.value.as_bytes())
-                    .map_err(|_| CoreError::bad("stdin.value is not valid base64"))?,
-                other => return Err(CoreError::bad(format!("stdin.encoding must be ascii or base64, got {other:?}"))),
-            };
-            (bytes, StdinEcho { value: s.value, encoding, close: s.close.unwrap_or(true) })
-        }
-    };
+    let (stdin, stdin_echo) = decode_stdin(req.stdin)?;
     let env = req.env.unwrap_or_default();
     for key in env.keys() {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
@@ -289,10 +285,7 @@ pub fn validate(req: SpawnRequest, limits: &RunLimits) -> CoreResult<ValidSpawn>
     if args.iter().any(|a| a.contains('\0')) {
         return Err(CoreError::bad("args must not contain NUL bytes"));
     }
-    let files_echo = req.files.unwrap_or_default();
-    let files = parse_files(files_echo.clone())?;
-    Ok(ValidSpawn {
-        image,
+    Ok(ProcessSpec {
         command: req.command,
         args,
         shell,
@@ -300,11 +293,54 @@ pub fn validate(req: SpawnRequest, limits: &RunLimits) -> CoreResult<ValidSpawn>
         cwd,
         uid: id_field("uid", req.uid)?,
         gid: id_field("gid", req.gid)?,
-        hostname,
         stdin,
         stdin_echo,
-        timeout_secs,
         truncate_output_at,
+    })
+}
+
+/// Checks every field of a spawn request and fills in defaults.
+pub fn validate(req: SpawnRequest, limits: &RunLimits) -> CoreResult<ValidSpawn> {
+    let image = parse_image_ref(&req.image)?;
+    let hostname = req.hostname.unwrap_or_else(|| DEFAULT_HOSTNAME.into());
+    if !is_valid_hostname(&hostname) {
+        return Err(CoreError::bad(format!("invalid hostname {hostname:?}: 1-64 of [A-Za-z0-9._-]")));
+    }
+    let timeout_secs = match req.timeout {
+        None => limits.default_timeout_secs,
+        Some(t) if t <= 0 => {
+            return Err(CoreError::bad(format!("timeout must be a positive number of seconds, got {t}")));
+        }
+        Some(t) => (t as u64).min(limits.max_timeout_secs),
+    };
+    let max_layer_bytes = match req.resources_limits.as_ref().and_then(|l| l.max_layer_bytes) {
+        None => limits.max_layer_bytes,
+        Some(b) if b < 1 => {
+            return Err(CoreError::bad(format!("resources_limits.max_layer_bytes must be at least 1, got {b}")));
+        }
+        Some(b) => (b as u64).min(limits.max_layer_bytes),
+    };
+    let files_echo = req.files.unwrap_or_default();
+    let files = parse_files(files_echo.clone())?;
+    let process = validate_process(
+        ExecRequest {
+            command: req.command,
+            args: req.args,
+            shell: req.shell,
+            env: req.env,
+            cwd: req.cwd,
+            uid: req.uid,
+            gid: req.gid,
+            stdin: req.stdin,
+            truncate_output_at: req.truncate_output_at,
+        },
+        limits,
+    )?;
+    Ok(ValidSpawn {
+        image,
+        process,
+        hostname,
+        timeout_secs,
         disposable: req.disposable.unwrap_or(false),
         preserve_env: req.preserve_env.unwrap_or(false),
         preserve_cwd: req.preserve_cwd.unwrap_or(false),
@@ -318,19 +354,20 @@ pub fn validate(req: SpawnRequest, limits: &RunLimits) -> CoreResult<ValidSpawn>
 impl ValidSpawn {
     /// The `metadata` echo, with the image resolved.
     pub fn metadata(&self, image: Uuid) -> InstanceMetadata {
+        let p = &self.process;
         InstanceMetadata {
-            command: self.command.clone(),
+            command: p.command.clone(),
             image: image.to_string(),
-            args: self.args.clone(),
-            shell: self.shell,
-            env: self.env.iter().filter_map(|(k, v)| Some((k.clone(), v.clone()?))).collect(),
-            cwd: self.cwd.clone(),
-            uid: self.uid,
-            gid: self.gid,
+            args: p.args.clone(),
+            shell: p.shell,
+            env: p.env.iter().filter_map(|(k, v)| Some((k.clone(), v.clone()?))).collect(),
+            cwd: p.cwd.clone(),
+            uid: p.uid,
+            gid: p.gid,
             hostname: self.hostname.clone(),
-            stdin: self.stdin_echo.clone(),
+            stdin: p.stdin_echo.clone(),
             timeout: self.timeout_secs,
-            truncate_output_at: self.truncate_output_at,
+            truncate_output_at: p.truncate_output_at,
             disposable: self.disposable,
             preserve_env: self.preserve_env,
             preserve_cwd: self.preserve_cwd,
@@ -340,12 +377,14 @@ impl ValidSpawn {
             result: None,
         }
     }
+}
 
+impl ProcessSpec {
     /// Applies the image's env and workdir. With `shell`, the image env is inherited and the
     /// request wins (a null value removes a variable); without, only the request env counts.
-    /// `PATH` defaults to [`DEFAULT_PATH`]. With `shell`, `args` are ignored, as the contract
-    /// says (contree-cli `-I` sends some anyway).
-    pub fn process(&self, image: &ImageRecord) -> ProcessPlan {
+    /// `PATH` defaults to [`DEFAULT_PATH`]. With `shell`, `args` become the script's `$0…`
+    /// (the contract forbids them there, but contree-cli `-I` sends some).
+    pub fn plan(&self, image: &ImageRecord) -> ProcessPlan {
         let mut env: BTreeMap<String, String> = if self.shell { image.env.clone() } else { BTreeMap::new() };
         for (k, v) in &self.env {
             match v {
@@ -356,7 +395,7 @@ impl ValidSpawn {
         env.entry("PATH".into()).or_insert_with(|| DEFAULT_PATH.into());
         let argv = if self.shell {
             let sh = env.get("SHELL").filter(|s| !s.is_empty()).cloned().unwrap_or_else(|| "/bin/sh".into());
-            vec![sh, "-c".into(), self.command.clone()]
+            [sh, "-c".into(), self.command.clone()].into_iter().chain(self.args.iter().cloned()).collect()
         } else {
             std::iter::once(self.command.clone()).chain(self.args.iter().cloned()).collect()
         };
@@ -409,7 +448,7 @@ mod tests {
         let l = RunLimits::default();
         let v = validate(req(serde_json::json!({"command": "true", "image": "tag:busybox"})), &l).unwrap();
         assert_eq!(
-            (v.timeout_secs, v.truncate_output_at, v.hostname.as_str(), v.disposable),
+            (v.timeout_secs, v.process.truncate_output_at, v.hostname.as_str(), v.disposable),
             (60, 1 << 20, "linuxkit", false)
         );
         let big =
@@ -433,12 +472,12 @@ mod tests {
         let l = RunLimits::default();
         let v = validate(
             req(serde_json::json!({"command": "echo $A", "image": "tag:b", "shell": true,
-                "env": {"A": "1", "LANG": null, "SHELL": "/bin/ash"}, "args": ["ignored"]})),
+                "env": {"A": "1", "LANG": null, "SHELL": "/bin/ash"}, "args": ["zero", "one"]})),
             &l,
         )
         .unwrap();
-        let p = v.process(&image());
-        assert_eq!(p.argv, vec!["/bin/ash", "-c", "echo $A"]);
+        let p = v.process.plan(&image());
+        assert_eq!(p.argv, vec!["/bin/ash", "-c", "echo $A", "zero", "one"], "args become $0, $1 (contree-cli -I)");
         assert_eq!(
             p.env,
             vec![("A".into(), "1".into()), ("PATH".into(), "/bin".into()), ("SHELL".into(), "/bin/ash".into())]
@@ -498,10 +537,10 @@ mod tests {
             &RunLimits::default(),
         )
         .unwrap();
-        let p = v.process(&image());
+        let p = v.process.plan(&image());
         assert_eq!(p.argv, vec!["echo", "a", "b"]);
         assert_eq!(p.env, vec![("PATH".into(), DEFAULT_PATH.into())]);
         assert_eq!(p.cwd, "/w");
-        assert_eq!(v.stdin, b"hi");
+        assert_eq!(v.process.stdin, b"hi");
     }
 }

@@ -5,6 +5,7 @@
 //! QEMU running.
 
 mod compact;
+mod live;
 mod main_process;
 mod persist;
 
@@ -30,6 +31,7 @@ use crate::model::InstanceResult;
 use crate::operations::Status;
 use crate::spec::{FileInjection, ValidSpawn};
 
+pub(crate) use live::Live;
 pub(crate) use main_process::MAIN_SPID;
 
 /// Virtio-mmio slots a microVM has (QEMU's microvm offers eight) minus the agent's serial
@@ -76,6 +78,8 @@ pub(crate) struct RunEnv {
     /// One lock per image being compacted, so an image is never compacted twice at once.
     compacting: std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
     background: TaskTracker,
+    /// Instances whose VM is up, for subprocess, stdin and signal requests.
+    live: std::sync::Mutex<HashMap<Uuid, Arc<Live>>>,
 }
 
 impl RunEnv {
@@ -94,13 +98,44 @@ impl RunEnv {
             slots,
             compacting: std::sync::Mutex::new(HashMap::new()),
             background: TaskTracker::new(),
+            live: std::sync::Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The live phase of an instance operation, if its VM is up and its main process runs.
+    pub(crate) fn live(&self, op: Uuid) -> Option<Arc<Live>> {
+        self.live_map().get(&op).cloned()
+    }
+
+    fn live_map(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<Live>>> {
+        self.live.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Waits for background compactions (at shutdown).
     pub(crate) async fn wait_for_background(&self) {
         self.background.close();
         self.background.wait().await;
+    }
+}
+
+/// Removes an instance from the live registry when its live phase ends, however it ends.
+struct LiveGuard<'a> {
+    env: &'a RunEnv,
+    op: Uuid,
+    live: Arc<Live>,
+}
+
+impl LiveGuard<'_> {
+    /// Stops accepting requests and kills the remaining subprocesses.
+    async fn close(self) {
+        self.env.live_map().remove(&self.op);
+        self.live.close().await;
+    }
+}
+
+impl Drop for LiveGuard<'_> {
+    fn drop(&mut self) {
+        self.env.live_map().remove(&self.op);
     }
 }
 
@@ -197,9 +232,9 @@ impl Run {
                 tracing::warn!(op = %self.op.uuid, error = %msg, "boot failed");
                 return self.finish(Ending::failed(msg)).await;
             }
-            Some(Ok(vm)) => vm,
+            Some(Ok(vm)) => Arc::<dyn Vm>::from(vm),
         };
-        let inside = self.inside_vm(vm.as_ref(), env).await;
+        let inside = self.inside_vm(&vm, env).await;
         let logged = match &inside {
             Ok((_, reason)) => {
                 self.log.append(Some(0), "shutdown", json!({"stopped_at": format_ts(now_us()), "reason": reason})).await
@@ -216,13 +251,20 @@ impl Run {
 
     /// Everything that happens while the VM is up. Returns how the run ends and the reason
     /// for the `shutdown` event.
-    async fn inside_vm(&mut self, vm: &dyn Vm, env: &Arc<RunEnv>) -> CoreResult<(Ending, &'static str)> {
-        self.log_boot(vm).await?;
-        self.transition(Status::Executing, env).await?;
-        if let Err(msg) = self.inject_files(vm, env).await {
+    async fn inside_vm(&mut self, vm: &Arc<dyn Vm>, env: &Arc<RunEnv>) -> CoreResult<(Ending, &'static str)> {
+        self.log_boot(vm.as_ref()).await?;
+        if let Err(msg) = self.inject_files(vm.as_ref(), env).await {
             return Ok((Ending::failed(msg), "spawn_failed"));
         }
-        let (exit, result) = match self.run_main(vm).await? {
+        let live = Arc::new(Live::new(vm.clone(), self.log.clone(), self.image.clone(), self.spec.timeout_secs));
+        env.live_map().insert(self.op.uuid, live.clone());
+        // Subprocess requests are accepted from here on (EXECUTING), until the main process
+        // is done; `LiveGuard` withdraws them on every path out.
+        let guard = LiveGuard { env, op: self.op.uuid, live };
+        self.transition(Status::Executing, env).await?;
+        let outcome = self.run_main(&guard.live).await;
+        guard.close().await;
+        let (exit, result) = match outcome? {
             main_process::Outcome::Exited(done) => *done,
             main_process::Outcome::Stopped => {
                 let (status, error) = self.control.stopped_outcome();
@@ -236,7 +278,7 @@ impl Run {
         let reason = if exit.timed_out { "timeout" } else { "job_complete" };
         if !self.spec.disposable {
             // The command's exit code does not matter: a failing build step's state is kept.
-            match self.persist(vm, env).await {
+            match self.persist(vm.as_ref(), env).await {
                 Ok((image, size)) => {
                     self.op.result_image_uuid = Some(image);
                     self.op.image_size = Some(size);

@@ -41,7 +41,8 @@ impl Run {
         let exported = t0.elapsed();
         let source = &self.image;
         let env_vars = if self.spec.preserve_env { self.merged_env() } else { source.env.clone() };
-        let workdir = if self.spec.preserve_cwd { Some(self.spec.process(source).cwd) } else { source.workdir.clone() };
+        let workdir =
+            if self.spec.preserve_cwd { Some(self.spec.process.plan(source).cwd) } else { source.workdir.clone() };
         if stats.entries == 0 && env_vars == source.env && workdir == source.workdir {
             return Ok((source.uuid, 0));
         }
@@ -91,7 +92,7 @@ impl Run {
     /// removes the variable.
     fn merged_env(&self) -> BTreeMap<String, String> {
         let mut env = self.image.env.clone();
-        for (k, v) in &self.spec.env {
+        for (k, v) in &self.spec.process.env {
             match v.as_deref() {
                 Some(v) if !v.is_empty() => env.insert(k.clone(), v.to_owned()),
                 _ => env.remove(k),

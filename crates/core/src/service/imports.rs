@@ -73,7 +73,7 @@ impl Service {
         };
         let creds = req.registry.credentials.map(|c| Credentials { username: c.username, password: c.password });
         let job = ImportJob {
-            log: EventLog::fresh(self.inner.store.clone(), self.inner.hub.clone(), op.uuid),
+            log: EventLog::fresh(self.inner.store.clone(), self.inner.hub.clone(), op.uuid, u64::MAX),
             control: Arc::new(RunControl::default()),
             op,
             source,

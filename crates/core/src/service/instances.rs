@@ -51,7 +51,8 @@ impl Service {
             metadata: serde_json::to_value(&metadata).map_err(|e| CoreError::Internal(e.to_string()))?,
             result: None,
         };
-        let log = EventLog::fresh(self.inner.store.clone(), self.inner.hub.clone(), op.uuid);
+        let cap = self.inner.config.limits.max_event_log_bytes;
+        let log = EventLog::fresh(self.inner.store.clone(), self.inner.hub.clone(), op.uuid, cap);
         let response = SpawnResponse { uuid: op.uuid.to_string(), metadata };
         let run = Run {
             namespace_slots: self.namespace_slots(&caller.namespace),

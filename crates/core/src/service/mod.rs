@@ -8,6 +8,7 @@ mod imports;
 mod inspect;
 mod instances;
 mod operations;
+mod processes;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};

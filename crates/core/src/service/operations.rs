@@ -9,15 +9,12 @@ use super::{OperationQuery, Page, Service};
 use crate::auth::{Caller, Permission};
 use crate::error::{CoreError, CoreResult};
 use crate::events;
-use crate::model::{
-    EventView, InstanceResult, OperationResponse, OperationSummary, ResultResources, ResultState, StreamRepr,
-    decode_stream,
-};
+use crate::model::{EventView, OperationResponse, OperationSummary};
 use crate::operations::{self, KIND_INSTANCE, Status};
 use crate::runner::{MAIN_SPID, StopReason};
 
 impl Service {
-    async fn visible_operation(&self, caller: &Caller, uuid: Uuid) -> CoreResult<OperationRecord> {
+    pub(super) async fn visible_operation(&self, caller: &Caller, uuid: Uuid) -> CoreResult<OperationRecord> {
         match self.inner.store.get_operation(uuid).await? {
             Some(op) if op.namespace == caller.namespace => Ok(op),
             _ => Err(CoreError::NotFound(format!("operation {uuid}"))),
@@ -37,42 +34,9 @@ impl Service {
 
     /// Partial output of a running main process, folded from its event log.
     async fn inflight_result(&self, op: &OperationRecord) -> CoreResult<Value> {
-        let cap = op.metadata.get("truncate_output_at").and_then(Value::as_u64).unwrap_or(u64::MAX) as usize;
-        let (mut out, mut err, mut pid) = (Vec::new(), Vec::new(), 0);
-        let mut after = None;
-        loop {
-            let page = self.inner.store.events(op.uuid, after, Some(i64::from(MAIN_SPID)), 1000).await?;
-            let Some(last) = page.last() else { break };
-            after = Some(last.id);
-            for ev in &page {
-                let buf = match ev.kind.as_str() {
-                    "stdout" => &mut out,
-                    "stderr" => &mut err,
-                    "spawn" => {
-                        pid = ev.data.get("pid").and_then(Value::as_u64).unwrap_or(0) as u32;
-                        continue;
-                    }
-                    _ => continue,
-                };
-                buf.extend(decode_stream(&ev.data));
-                buf.truncate(cap);
-            }
-        }
-        let result = InstanceResult {
-            resources: ResultResources::default(),
-            state: ResultState {
-                continued: false,
-                core_dump: false,
-                exit_code: -1,
-                pid,
-                signal: -1,
-                stopped: false,
-                timed_out: false,
-            },
-            stdout: StreamRepr::of(&out, false),
-            stderr: StreamRepr::of(&err, false),
-        };
-        serde_json::to_value(result).map_err(|e| CoreError::Internal(e.to_string()))
+        let cap = op.metadata.get("truncate_output_at").and_then(Value::as_u64).unwrap_or(u64::MAX);
+        let fold = self.fold_process(op.uuid, i64::from(MAIN_SPID), cap).await?;
+        serde_json::to_value(fold.result()).map_err(|e| CoreError::Internal(e.to_string()))
     }
 
     pub async fn list_operations(
