@@ -8,4 +8,5 @@ mod import;
 mod inspect;
 mod isolation;
 mod lifecycle;
+mod live;
 mod runs;

@@ -206,16 +206,17 @@ impl Live {
                 p.stdin_open = false;
             }
         }
-        match self.vm.write_stdin(spid, data.clone(), close).await {
-            Ok(()) => {}
+        // Logged first, so the event precedes any output the input causes.
+        self.log_stdin(spid, &data, close).await?;
+        match self.vm.write_stdin(spid, data, close).await {
+            Ok(()) => Ok(()),
             // It exited between our check and the write.
-            Err(VmError::Rejected(e)) => return Err(CoreError::Conflict(e)),
-            Err(e) => return Err(CoreError::Gone(format!("the instance's VM is gone: {}", error_chain(&e)))),
+            Err(VmError::Rejected(e)) => Err(CoreError::Conflict(e)),
+            Err(e) => Err(CoreError::Gone(format!("the instance's VM is gone: {}", error_chain(&e)))),
         }
-        self.log_stdin(spid, &data, close).await
     }
 
-    /// Logs written stdin as `stdin` events, capped per stream; at close, `truncated` if the
+    /// Logs stdin as `stdin` events, capped per stream; at close, `truncated` if the
     /// cap was crossed.
     async fn log_stdin(&self, spid: u32, data: &[u8], close: bool) -> CoreResult<()> {
         let (keep, truncated) = {
