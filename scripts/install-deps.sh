@@ -9,8 +9,9 @@ set -euo pipefail
 need_root() { [[ $(id -u) == 0 ]] || { echo "install-deps: run as root" >&2; exit 1; }; }
 
 # docker-registry, skopeo, umoci, apache2-utils (htpasswd): boxwood-oci's image-import tests.
+# python3-venv, curl: the conformance runs with the published Python clients.
 packages=(busybox-static erofs-utils lz4 linux-image-cloud-amd64 ca-certificates
-  docker-registry skopeo umoci apache2-utils)
+  docker-registry skopeo umoci apache2-utils python3-venv curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
