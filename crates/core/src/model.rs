@@ -10,28 +10,14 @@ use serde_json::Value;
 /// `POST /instances` body. Unknown fields are ignored, as the contract requires.
 #[derive(Debug, Clone, Deserialize)]
 pub struct SpawnRequest {
-    pub command: String,
     pub image: String,
-    #[serde(default)]
-    pub args: Option<Vec<String>>,
-    #[serde(default)]
-    pub shell: Option<bool>,
-    #[serde(default)]
-    pub env: Option<BTreeMap<String, Option<String>>>,
-    #[serde(default)]
-    pub cwd: Option<String>,
-    #[serde(default)]
-    pub uid: Option<i64>,
-    #[serde(default)]
-    pub gid: Option<i64>,
+    /// The main process: the fields an `ExecSpec` has too.
+    #[serde(flatten)]
+    pub process: ExecRequest,
     #[serde(default)]
     pub hostname: Option<String>,
     #[serde(default)]
-    pub stdin: Option<StdinRequest>,
-    #[serde(default)]
     pub timeout: Option<i64>,
-    #[serde(default)]
-    pub truncate_output_at: Option<i64>,
     #[serde(default)]
     pub disposable: Option<bool>,
     #[serde(default)]

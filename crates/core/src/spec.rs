@@ -322,20 +322,7 @@ pub fn validate(req: SpawnRequest, limits: &RunLimits) -> CoreResult<ValidSpawn>
     };
     let files_echo = req.files.unwrap_or_default();
     let files = parse_files(files_echo.clone())?;
-    let process = validate_process(
-        ExecRequest {
-            command: req.command,
-            args: req.args,
-            shell: req.shell,
-            env: req.env,
-            cwd: req.cwd,
-            uid: req.uid,
-            gid: req.gid,
-            stdin: req.stdin,
-            truncate_output_at: req.truncate_output_at,
-        },
-        limits,
-    )?;
+    let process = validate_process(req.process, limits)?;
     Ok(ValidSpawn {
         image,
         process,
