@@ -21,6 +21,8 @@ use crate::inroot::{self, RootPath};
 const RESOLV_CONF: &str = "/run/boxwood/resolv.conf";
 /// How long the NIC may take to appear after its driver loaded.
 const NIC_WAIT: Duration = Duration::from_secs(3);
+/// How long a NIC that is up may take to report its carrier.
+const CARRIER_WAIT: Duration = Duration::from_secs(2);
 
 /// Brings `lo` up (the kernel gives it 127.0.0.1/8 when it comes up).
 pub fn loopback_up() -> Result<(), String> {
@@ -39,6 +41,7 @@ pub fn configure(cfg: &NetworkConfig, created: &mut Vec<String>) -> Result<Netwo
     set_addr(&sock, &nic, libc::SIOCSIFADDR, address)?;
     set_addr(&sock, &nic, libc::SIOCSIFNETMASK, netmask(prefix))?;
     set_up(&sock, &nic)?;
+    wait_for_carrier(&nic, CARRIER_WAIT);
     add_default_route(&sock, &nic, gateway)?;
     resolv_conf(nameserver, created)?;
     let (interfaces, error) = match counters() {
@@ -63,6 +66,18 @@ pub fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8), String> {
 pub fn netmask(prefix: u8) -> Ipv4Addr {
     let bits = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
     Ipv4Addr::from(bits)
+}
+
+/// Waits (at most `limit`) until `nic` reports a carrier. A clone's NIC comes from a template
+/// whose link was down; the host raises it just before `Setup`, and the guest learns of it
+/// asynchronously. Packets sent before that would be dropped (a TCP SYN then costs a 1 s
+/// retransmission), so wait briefly; on timeout carry on, the link may still come.
+fn wait_for_carrier(nic: &str, limit: Duration) {
+    let path = format!("/sys/class/net/{nic}/carrier");
+    let deadline = Instant::now() + limit;
+    while fs::read_to_string(&path).map(|c| c.trim() != "1").unwrap_or(true) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// The first interface that is not `lo` (`eth0` on these VMs), once the driver created it.
