@@ -237,7 +237,8 @@ async fn tmpfs_root_and_drop_kills_qemu() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_accel_probe_cleans_up() {
     let dir = run_dir();
-    let config = VmConfig { accel: Accel::Auto, ..VmConfig::default() };
+    // Without fast start: a template build would add its own scratch dir to the run dir.
+    let config = VmConfig { accel: Accel::Auto, snapshot: false, ..VmConfig::default() };
     let started = Instant::now();
     let rt = QemuRuntime::new(config, assets().clone(), dir.path().to_path_buf()).await.unwrap();
     eprintln!("accel probe chose {} in {:?}", rt.accel(), started.elapsed());
