@@ -166,6 +166,7 @@ async fn run(shared: Arc<Shared>) {
     let _ = shared.template.set(template.clone());
     shared.settled.store(true, Ordering::SeqCst);
     let mut failures = 0u32;
+    let mut announced = false;
     loop {
         if shared.draining.load(Ordering::SeqCst) {
             return;
@@ -182,7 +183,15 @@ async fn run(shared: Arc<Shared>) {
                 if shared.draining.load(Ordering::SeqCst) {
                     return;
                 }
-                shared.idle().push_back(clone);
+                let idle = {
+                    let mut idle = shared.idle();
+                    idle.push_back(clone);
+                    idle.len()
+                };
+                if idle >= shared.size && !announced {
+                    announced = true;
+                    tracing::info!(size = shared.size, "warm pool ready");
+                }
             }
             Err(e) => {
                 failures += 1;
