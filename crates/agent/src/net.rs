@@ -31,8 +31,10 @@ pub fn loopback_up() -> Result<(), String> {
 }
 
 /// Configures the NIC per `cfg`. Paths of placeholders created inside the root (relative,
-/// to be left out of exports) are pushed onto `created`.
-pub fn configure(cfg: &NetworkConfig, created: &mut Vec<String>) -> Result<NetworkReport, String> {
+/// to be left out of exports) are pushed onto `created`. Configuring an already configured
+/// NIC again (a warmed-up clone) is fine. `carrier`: wait briefly for the link (not during a
+/// warm-up, when the host keeps it down).
+pub fn configure(cfg: &NetworkConfig, created: &mut Vec<String>, carrier: bool) -> Result<NetworkReport, String> {
     let (address, prefix) = parse_cidr(&cfg.address)?;
     let gateway: Ipv4Addr = cfg.gateway.parse().map_err(|_| format!("bad gateway {:?}", cfg.gateway))?;
     let nameserver: Ipv4Addr = cfg.nameserver.parse().map_err(|_| format!("bad nameserver {:?}", cfg.nameserver))?;
@@ -41,7 +43,9 @@ pub fn configure(cfg: &NetworkConfig, created: &mut Vec<String>) -> Result<Netwo
     set_addr(&sock, &nic, libc::SIOCSIFADDR, address)?;
     set_addr(&sock, &nic, libc::SIOCSIFNETMASK, netmask(prefix))?;
     set_up(&sock, &nic)?;
-    wait_for_carrier(&nic, CARRIER_WAIT);
+    if carrier {
+        wait_for_carrier(&nic, CARRIER_WAIT);
+    }
     add_default_route(&sock, &nic, gateway)?;
     resolv_conf(nameserver, created)?;
     let (interfaces, error) = match counters() {
@@ -134,9 +138,13 @@ fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
 }
 
 fn ioctl(sock: &OwnedFd, request: libc::c_ulong, arg: *mut libc::c_void, what: &str) -> Result<(), String> {
+    raw_ioctl(sock, request, arg).map_err(|e| format!("{what}: {e}"))
+}
+
+fn raw_ioctl(sock: &OwnedFd, request: libc::c_ulong, arg: *mut libc::c_void) -> std::io::Result<()> {
     // SAFETY: callers pass a pointer to a live struct of the type `request` expects.
     if unsafe { libc::ioctl(sock.as_raw_fd(), request, arg) } != 0 {
-        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -166,7 +174,20 @@ fn add_default_route(sock: &OwnedFd, nic: &str, gateway: Ipv4Addr) -> Result<(),
     rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
     rt.rt_dev = dev.as_ptr().cast_mut();
     // `dev` outlives the call; the kernel only reads the name.
-    ioctl(sock, libc::SIOCADDRT, (&raw mut rt).cast(), &format!("default route via {gateway}"))
+    let what = format!("default route via {gateway}");
+    match raw_ioctl(sock, libc::SIOCADDRT, (&raw mut rt).cast()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            // Left by the warm-up, possibly via another gateway: replace it.
+            rt.rt_gateway = sockaddr(Ipv4Addr::UNSPECIFIED);
+            rt.rt_flags = libc::RTF_UP;
+            ioctl(sock, libc::SIOCDELRT, (&raw mut rt).cast(), "remove the old default route")?;
+            rt.rt_gateway = sockaddr(gateway);
+            rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+            ioctl(sock, libc::SIOCADDRT, (&raw mut rt).cast(), &what)
+        }
+        Err(e) => Err(format!("{what}: {e}")),
+    }
 }
 
 /// Makes the root's `/etc/resolv.conf` name `nameserver` by bind-mounting a file kept outside

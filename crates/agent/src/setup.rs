@@ -57,7 +57,7 @@ pub fn apply(setup: &Setup, no_net_ns: Option<&OwnedFd>) -> Result<(Sandbox, Set
     let mut created = build_root(&setup.rootfs)?;
     net::loopback_up()?;
     let network = match &setup.network {
-        Some(cfg) => Some(net::configure(cfg, &mut created).map_err(|e| format!("network: {e}"))?),
+        Some(cfg) => Some(net::configure(cfg, &mut created, true).map_err(|e| format!("network: {e}"))?),
         None => None,
     };
     let upper =
@@ -124,10 +124,13 @@ const INNER: [(&str, &str, &str, MsFlags); 5] = [
     ("dev/shm", "tmpfs", "mode=1777", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV)),
 ];
 
-/// Unmounts what [`build_root`] mounted for `lowers` layers (the warm-up's root), so `Setup`
-/// can build the run's root in the same place. Not-mounted targets are skipped.
+/// Unmounts what [`build_root`] (and `net::configure`) mounted for `lowers` layers (the
+/// warm-up's root), so `Setup` can build the run's root in the same place. Targets that are
+/// not mount points are skipped.
 pub fn teardown_root(lowers: usize) -> Result<(), String> {
     let mut targets: Vec<PathBuf> = INNER.iter().rev().map(|(dir, ..)| Path::new(ROOT).join(dir)).collect();
+    // The network's bind mount, if any.
+    targets.push(Path::new(ROOT).join("etc/resolv.conf"));
     targets.push(PathBuf::from(ROOT));
     targets.push(PathBuf::from(RW));
     targets.extend((0..lowers).map(|n| PathBuf::from(LOWER).join(n.to_string())));

@@ -35,7 +35,13 @@ pub async fn run(
         }
     }
     match setup::build_root(&warm.rootfs) {
-        Ok(_) => {
+        Ok(mut created) => {
+            if let Some(cfg) = &warm.network
+                && has_nic()
+                && let Err(e) = net::configure(cfg, &mut created, false)
+            {
+                problems.push(format!("network: {e}"));
+            }
             let spawn = Spawn {
                 id: WARMUP_ID,
                 argv: warm.argv.clone(),
@@ -61,6 +67,11 @@ pub async fn run(
         problems.push(e);
     }
     (!problems.is_empty()).then(|| problems.join("; "))
+}
+
+/// Whether the VM has a NIC (a template has; a cold-booted VM without networking has not).
+fn has_nic() -> bool {
+    std::fs::read_dir("/sys/class/net").is_ok_and(|d| d.flatten().any(|e| e.file_name() != "lo"))
 }
 
 /// A new network namespace holding only `lo` (up), kept open by the returned fd. Made on a

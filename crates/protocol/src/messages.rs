@@ -26,7 +26,7 @@ pub enum HostMessage {
     /// run's changes) as a tar: `UpperChunk`s, then `UpperDone` (or `UpperFailed`).
     ExportUpper,
     /// Before `Setup` only: run through the code paths a run takes without any run content:
-    /// build a root from `rootfs` (as `Setup` would), spawn `argv` in it with id
+    /// build a root from `rootfs` (as `Setup` would), configure the network, spawn `argv` in it with id
     /// [`crate::WARMUP_ID`] (its `Spawned`/`Output`/`Exited` are sent as for any process), then
     /// take the root down again; also prepares the empty network namespace runs without
     /// networking use. Under TCG, QEMU translates guest code again after every restore, so a
@@ -110,6 +110,9 @@ pub struct Warmup {
     pub rootfs: RootfsSpec,
     /// Run chrooted in that root, as root, with an empty environment.
     pub argv: Vec<String>,
+    /// Configure the NIC (if the VM has one) as a later `Setup` with this network would; it
+    /// stays configured, in the namespace runs with networking use.
+    pub network: Option<NetworkConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -12,7 +12,9 @@ use tokio::time::Instant;
 
 use crate::qemu::{Devices, SLOTS, VmPaths, check_serial, slot_nodes, slot_serial};
 use crate::qmp::{Qmp, is_migration_status};
-use crate::runtime::{Base, BootChannel, DirGuard, boot_err, check_hostname, check_name, fail_boot, into_vm};
+use crate::runtime::{
+    Base, BootChannel, DirGuard, boot_err, check_hostname, check_name, fail_boot, foreground, into_vm,
+};
 use crate::stale::ORIGIN_FILE;
 use crate::template::{SLOT_BYTES, Template, shell_quote};
 use crate::vm::{QemuChild, QemuVm};
@@ -28,14 +30,18 @@ pub(crate) struct Restored {
     template: Arc<Template>,
     /// Removes the scratch dir if the clone is dropped unused.
     guard: DirGuard,
+    /// QEMU runs at background priority.
+    background: bool,
 }
 
 /// Starts a clone of `template` named `name` (its scratch dir), returning once the guest runs.
+/// `background`: a pool refill, run at low CPU priority until assigned.
 pub(crate) async fn restore(
     base: &Base,
     template: Arc<Template>,
     name: &str,
     limit: Duration,
+    background: bool,
 ) -> Result<Restored, VmError> {
     let (paths, guard) = base.create_vm_dir(name)?;
     let devices = Devices::Fixed {
@@ -46,7 +52,7 @@ pub(crate) async fn restore(
         incoming: true,
     };
     let argv = base.argv(base.accel, &paths, template.memory_mib, template.vcpus, devices)?;
-    let qemu = base.spawn_qemu(argv, &paths)?;
+    let qemu = base.spawn_qemu(argv, &paths, background)?;
     let deadline = Instant::now() + limit;
     let loaded = async {
         // The agent socket is connected before the device state loads, so the restored guest
@@ -75,7 +81,7 @@ pub(crate) async fn restore(
         Ok::<_, VmError>((chan, qmp))
     };
     match loaded.await {
-        Ok((chan, qmp)) => Ok(Restored { paths, qemu, chan, qmp, template, guard }),
+        Ok((chan, qmp)) => Ok(Restored { paths, qemu, chan, qmp, template, guard, background }),
         Err(e) => Err(fail_boot(e, &paths, &qemu).await),
     }
 }
@@ -162,6 +168,9 @@ impl Restored {
         started: Instant,
     ) -> Result<QemuVm, VmError> {
         check_hostname(&spec.hostname)?;
+        if self.background {
+            foreground(self.qemu.pid);
+        }
         self.adopt_name(&spec.name)?;
         let deadline = Instant::now() + limit;
         self.qmp.set_deadline(deadline);

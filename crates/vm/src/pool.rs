@@ -106,7 +106,7 @@ impl FastStart {
                 self.shared.taken.notify_one();
                 clone
             }
-            None => match restore(&self.shared.base, template.clone(), &spec.name, limit).await {
+            None => match restore(&self.shared.base, template.clone(), &spec.name, limit, false).await {
                 Ok(clone) => clone,
                 Err(e) => {
                     tracing::warn!(vm = spec.name, "restoring a template clone failed, cold-booting: {e}");
@@ -207,7 +207,7 @@ async fn fresh_clone(shared: &Shared, template: &Arc<Template>) -> Result<Restor
     let id = shared.next_id.fetch_add(1, Ordering::SeqCst);
     let name = format!("pool-{}-{id}", std::process::id());
     let started = Instant::now();
-    let mut clone = restore(&shared.base, template.clone(), &name, shared.limit()).await?;
+    let mut clone = restore(&shared.base, template.clone(), &name, shared.limit(), true).await?;
     let restored = started.elapsed();
     clone.warm_up(shared.limit()).await?;
     tracing::debug!(vm = name, restore_ms = restored.as_millis(), total_ms = started.elapsed().as_millis(), "pooled");

@@ -27,6 +27,10 @@ use crate::template::WARM_BINARY;
 use crate::vm::{QemuChild, QemuVm, Shared, describe, route};
 use crate::{Accel, GuestAssets, Vm, VmConfig, VmError, VmRuntime, VmSpec};
 
+/// Nice value of QEMUs doing background work (template build, pool refill): under load they
+/// yield the CPU to VMs that serve runs.
+pub(crate) const BACKGROUND_NICE: i32 = 10;
+
 /// How long the KVM probe may take to reach the agent's Hello.
 const KVM_PROBE_DEADLINE: Duration = Duration::from_secs(5);
 
@@ -130,12 +134,14 @@ impl BootChannel {
         Ok(hello)
     }
 
-    /// Sends `Warmup` (the warm-up image in slot 0, its `/warm` run) and waits for
+    /// Sends `Warmup` (the warm-up image in slot 0, its `/warm` run, the NIC configured as
+    /// runs with networking have it) and waits for
     /// `WarmedUp`, passing over the warm-up process's own messages. Returns what the agent
     /// said did not work.
     pub async fn warm_up(&mut self, qemu: &QemuChild, deadline: Instant) -> Result<Option<String>, VmError> {
         let rootfs = RootfsSpec { lower_serials: vec![slot_serial(0)], upper_size_bytes: 16 << 20 };
-        self.send(&HostMessage::Warmup(Warmup { rootfs, argv: vec![WARM_BINARY.into()] })).await?;
+        let warmup = Warmup { rootfs, argv: vec![WARM_BINARY.into()], network: Some(user_net_config()) };
+        self.send(&HostMessage::Warmup(warmup)).await?;
         loop {
             match self.recv(qemu, deadline).await? {
                 GuestMessage::WarmedUp { error } => return Ok(error),
@@ -200,19 +206,30 @@ impl Base {
 
     /// Spawns QEMU (stderr to `qemu.log`, pid in `qemu.pid`). It gets SIGKILL when the
     /// spawning thread dies (`PR_SET_PDEATHSIG`): call this from a runtime worker thread, never
-    /// from a `spawn_blocking` thread, which may end while QEMU still runs.
-    pub fn spawn_qemu(&self, argv: Vec<std::ffi::OsString>, paths: &VmPaths) -> Result<QemuChild, VmError> {
+    /// from a `spawn_blocking` thread, which may end while QEMU still runs. `background`: QEMU
+    /// runs at [`BACKGROUND_NICE`] (template builds and pool refills take only spare CPU;
+    /// [`foreground`] undoes it when a run gets the VM).
+    pub fn spawn_qemu(
+        &self,
+        argv: Vec<std::ffi::OsString>,
+        paths: &VmPaths,
+        background: bool,
+    ) -> Result<QemuChild, VmError> {
         let log = File::create(&paths.qemu_log).map_err(|e| VmError::io("create qemu.log", e))?;
         let mut cmd = tokio::process::Command::new(&self.config.qemu_binary);
         cmd.args(&argv).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
         let parent = nix::unistd::getpid();
-        // SAFETY: runs in the forked child before exec; prctl and getppid are async-signal-safe
-        // and nothing is allocated.
+        // SAFETY: runs in the forked child before exec; prctl, getppid and setpriority are
+        // async-signal-safe and nothing is allocated.
         unsafe {
             cmd.pre_exec(move || {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
                 if nix::unistd::getppid() != parent {
                     return Err(std::io::Error::other("parent exited"));
+                }
+                // Every thread QEMU starts inherits it. Failure only costs priority.
+                if background {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE);
                 }
                 Ok(())
             });
@@ -262,7 +279,7 @@ impl Base {
         // The guard removes the dir on failure *and* when this future is dropped mid-boot (a
         // run cancelled while its VM boots); QEMU itself dies with its kill-on-drop child.
         let started = Instant::now();
-        let qemu = self.spawn_qemu(argv, &paths)?;
+        let qemu = self.spawn_qemu(argv, &paths, false)?;
         let deadline = started + limit;
         let handshake = async {
             let mut chan = BootChannel::connect(&paths, &qemu, deadline).await?;
@@ -285,6 +302,27 @@ impl Base {
         tracing::info!(vm = spec.name, accel = accel.as_str(), boot_ms = boot_duration.as_millis(), "VM booted");
         guard.armed = false;
         Ok(into_vm(spec.name.clone(), hello, setup_report, boot_duration, qemu, paths, chan, false))
+    }
+}
+
+/// Gives every thread of QEMU `pid` this process's own nice value again (a background clone
+/// handed to a run). Raising priority may need `CAP_SYS_NICE`: without it the VM keeps the
+/// background priority, which costs only speed under load.
+pub(crate) fn foreground(pid: u32) {
+    // SAFETY: getpriority/setpriority only read and write scheduler attributes of the named
+    // threads; errno is reset first because -1 is a valid getpriority result.
+    let own = unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, 0)
+    };
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<libc::id_t>().ok()) else { continue };
+        // SAFETY: see above.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, own) } != 0 {
+            tracing::debug!(pid, tid, "cannot raise a VM's priority: {}", std::io::Error::last_os_error());
+            return;
+        }
     }
 }
 

@@ -199,7 +199,7 @@ async fn snapshot(base: &Base, build_dir: &Path, tag: &str) -> Result<(), VmErro
         incoming: false,
     };
     let argv = base.argv(base.accel, &paths, base.config.memory_mib, base.config.vcpus, devices)?;
-    let qemu = base.spawn_qemu(argv, &paths)?;
+    let qemu = base.spawn_qemu(argv, &paths, true)?;
     let deadline = Instant::now() + Duration::from_secs(base.config.boot_timeout_secs);
     let result = async {
         let mut chan = BootChannel::connect(&paths, &qemu, deadline).await?;

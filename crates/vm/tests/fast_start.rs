@@ -147,13 +147,16 @@ async fn clone_network_on_and_off() {
     let url = format!("http://10.0.2.2:{port}/");
 
     let off = rt.start(vm_spec("net-off")).await.expect("clone");
+    eprintln!("START without network {:?}", off.boot_duration());
     assert_eq!(off.setup_report().network, None);
     let r = sh(off.as_ref(), 1, &format!("ls /sys/class/net; cat /proc/net/dev | wc -l; wget -q -T 2 -O- {url}")).await;
     assert_eq!(r.out(), "lo\n3\n", "only loopback, and no route out: {}", String::from_utf8_lossy(&r.stderr));
     assert_ne!(r.exit.code, 0);
     off.shutdown().await.unwrap();
 
+    assert!(rt.wait_ready(Duration::from_secs(60)).await);
     let on = rt.start(VmSpec { network: true, ..vm_spec("net-on") }).await.expect("clone");
+    eprintln!("START with network {:?}", on.boot_duration());
     let report = on.setup_report().network.clone().expect("network report");
     assert_eq!(report.configured.address, "10.0.2.15/24");
     let started = Instant::now();
