@@ -20,6 +20,10 @@ use crate::{VmError, VmSpec};
 
 /// Longest pause between refill attempts after failures.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A refill starts only once no VM was asked for during this long: a run's first
+/// milliseconds (Setup, its first command) then have the CPU to themselves, and under
+/// sustained load runs restore clones on demand, which costs less CPU than restore + warm-up.
+const REFILL_QUIET: Duration = Duration::from_millis(300);
 
 /// Templates and the warm pool of one runtime. Dropping it kills the pooled clones.
 pub(crate) struct FastStart {
@@ -38,6 +42,8 @@ struct Shared {
     taken: Notify,
     draining: AtomicBool,
     next_id: AtomicU64,
+    /// When a VM was last asked for.
+    last_demand: Mutex<Instant>,
 }
 
 impl Shared {
@@ -89,6 +95,7 @@ impl FastStart {
             taken: Notify::new(),
             draining: AtomicBool::new(false),
             next_id: AtomicU64::new(0),
+            last_demand: Mutex::new(Instant::now()),
         });
         let task = tokio::spawn(run(shared.clone()));
         Self { shared, task }
@@ -100,6 +107,7 @@ impl FastStart {
         let Some(template) = self.shared.template.get() else { return Ok(None) };
         let Some(rootfs) = clone_plan(spec, template)? else { return Ok(None) };
         let started = Instant::now();
+        *self.shared.last_demand.lock().unwrap_or_else(PoisonError::into_inner) = started;
         let limit = self.shared.limit();
         let clone = match self.shared.take() {
             Some(clone) => {
@@ -175,6 +183,11 @@ async fn run(shared: Arc<Shared>) {
             // `notify_one` keeps a permit when nobody waits, so a take between the check and
             // here is not missed.
             shared.taken.notified().await;
+            continue;
+        }
+        let quiet_since = *shared.last_demand.lock().unwrap_or_else(PoisonError::into_inner);
+        if quiet_since.elapsed() < REFILL_QUIET {
+            tokio::time::sleep_until(quiet_since + REFILL_QUIET).await;
             continue;
         }
         match fresh_clone(&shared, &template).await {
