@@ -117,12 +117,13 @@ pub(crate) fn clone_plan(spec: &VmSpec, template: &Template) -> Result<Option<Ro
 }
 
 impl Restored {
-    /// Runs `Warmup` in the guest; what did not work there is logged, the clone stays usable.
+    /// Runs `Warmup` in the guest. A warm-up that did not fully work fails: the clone might
+    /// not be in the state a run's `Setup` expects (its root still mounted, say).
     pub async fn warm_up(&mut self, limit: Duration) -> Result<(), VmError> {
-        if let Some(error) = self.chan.warm_up(&self.qemu, Instant::now() + limit).await? {
-            tracing::warn!(dir = %self.paths.dir.display(), error, "warm-up incomplete");
+        match self.chan.warm_up(&self.qemu, Instant::now() + limit).await? {
+            None => Ok(()),
+            Some(error) => Err(VmError::Boot { reason: format!("warm-up failed: {error}"), detail: String::new() }),
         }
-        Ok(())
     }
 
     /// Moves a pooled clone's scratch dir to `run_dir/<name>`, where a VM of that name is
