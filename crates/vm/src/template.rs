@@ -101,12 +101,12 @@ pub(crate) async fn prepare(base: &Base) -> Result<Template, VmError> {
     let root = templates_root(base);
     fs::create_dir_all(&root).map_err(io(format!("create {}", root.display())))?;
     let dir = root.join(&key);
-    let template = match load(&dir, &key, base) {
+    let template = match load(&dir, &key, base, None) {
         Ok(t) => t,
         Err(_) => {
             let started = std::time::Instant::now();
-            build(base, &root, &key).await?;
-            let t = load(&dir, &key, base)?;
+            let lock = build(base, &root, &key).await?;
+            let t = load(&dir, &key, base, lock)?;
             tracing::info!(key, ms = started.elapsed().as_millis(), "built a VM template");
             t
         }
@@ -127,10 +127,20 @@ async fn qemu_version(binary: &Path) -> Result<String, VmError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-fn load(dir: &Path, key: &str, base: &Base) -> Result<Template, VmError> {
-    let lock = File::open(dir.join("lock")).map_err(io(format!("open {}/lock", dir.display())))?;
-    let lock = Flock::lock(lock, FlockArg::LockSharedNonblock)
-        .map_err(|(_, e)| VmError::Template(format!("lock {}: {e}", dir.display())))?;
+/// `lock`: the builder's exclusive lock on the dir's `lock`, downgraded here, so no other
+/// process can take the fresh template for a stale one in between.
+fn load(dir: &Path, key: &str, base: &Base, lock: Option<Flock<File>>) -> Result<Template, VmError> {
+    let lock_err = |e: nix::errno::Errno| VmError::Template(format!("lock {}: {e}", dir.display()));
+    let lock = match lock {
+        Some(lock) => {
+            lock.relock(FlockArg::LockShared).map_err(lock_err)?;
+            lock
+        }
+        None => {
+            let file = File::open(dir.join("lock")).map_err(io(format!("open {}/lock", dir.display())))?;
+            Flock::lock(file, FlockArg::LockSharedNonblock).map_err(|(_, e)| lock_err(e))?
+        }
+    };
     let hello_path = dir.join("hello.json");
     let text = fs::read_to_string(&hello_path).map_err(io(format!("read {}", hello_path.display())))?;
     let hello: Hello = serde_json::from_str(&text).map_err(|e| VmError::Template(format!("bad hello.json: {e}")))?;
@@ -154,7 +164,9 @@ fn load(dir: &Path, key: &str, base: &Base) -> Result<Template, VmError> {
 }
 
 /// Boots the template VM in `.build-<key>-…`, snapshots it and renames the dir to `<key>`.
-async fn build(base: &Base, root: &Path, key: &str) -> Result<(), VmError> {
+/// Returns the exclusive lock on the published dir, or `None` if another process published
+/// the same key first.
+async fn build(base: &Base, root: &Path, key: &str) -> Result<Option<Flock<File>>, VmError> {
     let tag = format!("{}-{:08x}", std::process::id(), rand::random::<u32>());
     let build_dir = root.join(format!(".build-{key}-{tag}"));
     fs::create_dir(&build_dir).map_err(io(format!("create {}", build_dir.display())))?;
@@ -162,16 +174,15 @@ async fn build(base: &Base, root: &Path, key: &str) -> Result<(), VmError> {
     let lock = File::create(build_dir.join("lock")).map_err(io("create lock"))?;
     let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock)
         .map_err(|(_, e)| VmError::Template(format!("lock {}: {e}", build_dir.display())))?;
-    let result = snapshot(base, &build_dir, &tag).await;
-    let result = match result {
+    let result = match snapshot(base, &build_dir, &tag).await {
         Ok(()) => publish(&build_dir, &root.join(key)),
         Err(e) => Err(e),
     };
-    drop(lock);
     if result.is_err() || build_dir.exists() {
         let _ = fs::remove_dir_all(&build_dir);
     }
-    result
+    // Still there: ours was not renamed into place (another process won).
+    Ok(result?.then_some(lock))
 }
 
 /// Boot → `Hello` → `Warmup` → settle → link down → migrate (RAM stays in the shared file)
@@ -247,18 +258,19 @@ async fn snapshot(base: &Base, build_dir: &Path, tag: &str) -> Result<(), VmErro
     Ok(())
 }
 
-fn publish(build_dir: &Path, dest: &Path) -> Result<(), VmError> {
+/// Renames the build dir to `dest`; `false` if another process published the same key first
+/// (theirs is as good as ours).
+fn publish(build_dir: &Path, dest: &Path) -> Result<bool, VmError> {
     File::open(build_dir).and_then(|d| d.sync_all()).map_err(io("sync the template dir"))?;
-    match fs::rename(build_dir, dest) {
-        Ok(()) => {}
-        // Another process published the same key first; theirs is as good as ours.
-        Err(_) if dest.join("hello.json").is_file() => {}
+    let published = match fs::rename(build_dir, dest) {
+        Ok(()) => true,
+        Err(_) if dest.join("hello.json").is_file() => false,
         Err(e) => return Err(VmError::io(format!("rename to {}", dest.display()), e)),
-    }
+    };
     if let Some(parent) = dest.parent() {
         File::open(parent).and_then(|d| d.sync_all()).map_err(io("sync the templates dir"))?;
     }
-    Ok(())
+    Ok(published)
 }
 
 /// Removes every template dir (and abandoned build dir) but `keep` that no process holds.
@@ -381,6 +393,25 @@ mod tests {
         assert_eq!((info["format"].as_str(), info["virtual-size"].as_u64()), (Some("qcow2"), Some(SLOT_BYTES)));
         let check = std::process::Command::new("qemu-img").arg("check").arg(&path).output().unwrap();
         assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stdout));
+    }
+
+    #[test]
+    fn stale_templates_go_unless_someone_holds_them() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = |name: &str| {
+            let d = root.path().join(name);
+            std::fs::create_dir(&d).unwrap();
+            File::create(d.join("lock")).unwrap();
+            d
+        };
+        let (keep, held, building, free) = (dir("keep"), dir("held"), dir(".build-x"), dir("free"));
+        std::fs::create_dir(root.path().join("no-lock-file")).unwrap();
+        let _held = Flock::lock(File::open(held.join("lock")).unwrap(), FlockArg::LockSharedNonblock).unwrap();
+        let _building =
+            Flock::lock(File::open(building.join("lock")).unwrap(), FlockArg::LockExclusiveNonblock).unwrap();
+        remove_stale(root.path(), "keep");
+        assert!(keep.is_dir() && held.is_dir() && building.is_dir());
+        assert!(!free.exists() && !root.path().join("no-lock-file").exists());
     }
 
     #[test]
