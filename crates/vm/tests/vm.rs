@@ -274,6 +274,13 @@ fn reap_stale_kills_leftover_qemu() {
         .expect("qemu-system-x86_64");
     std::fs::write(pooled.join("qemu.pid"), clone.id().to_string()).unwrap();
     std::fs::write(pooled.join("origin"), pooled.to_str().unwrap()).unwrap();
+    // Renamed once QEMU listens, as a pooled clone's dir is.
+    for _ in 0..200 {
+        if pooled.join("qmp.sock").exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     std::fs::rename(&pooled, dir.path().join("stale4")).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert!(qemu.try_wait().unwrap().is_none(), "QEMU should be running");
