@@ -88,6 +88,7 @@ pub fn hello() -> Hello {
         Ok(u) => (u.release().to_string_lossy().into_owned(), u.machine().to_string_lossy().into_owned()),
         Err(_) => (String::new(), String::new()),
     };
-    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
-    Hello { version: PROTOCOL_VERSION, kernel_release, machine, boot_id: boot_id.trim().to_owned() }
+    // No boot id here: the kernel makes it on first read, and a template snapshotted after
+    // Hello would hand the same id to every clone. `Setup` reads it after re-seeding the RNG.
+    Hello { version: PROTOCOL_VERSION, kernel_release, machine, boot_id: String::new() }
 }

@@ -18,6 +18,7 @@ mod server;
 mod setup;
 mod spawn;
 mod tar;
+mod warmup;
 
 use std::time::Duration;
 

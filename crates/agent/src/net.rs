@@ -21,6 +21,8 @@ use crate::inroot::{self, RootPath};
 const RESOLV_CONF: &str = "/run/boxwood/resolv.conf";
 /// How long the NIC may take to appear after its driver loaded.
 const NIC_WAIT: Duration = Duration::from_secs(3);
+/// How long a NIC that is up may take to report its carrier.
+const CARRIER_WAIT: Duration = Duration::from_secs(2);
 
 /// Brings `lo` up (the kernel gives it 127.0.0.1/8 when it comes up).
 pub fn loopback_up() -> Result<(), String> {
@@ -29,8 +31,10 @@ pub fn loopback_up() -> Result<(), String> {
 }
 
 /// Configures the NIC per `cfg`. Paths of placeholders created inside the root (relative,
-/// to be left out of exports) are pushed onto `created`.
-pub fn configure(cfg: &NetworkConfig, created: &mut Vec<String>) -> Result<NetworkReport, String> {
+/// to be left out of exports) are pushed onto `created`. Configuring an already configured
+/// NIC again (a warmed-up clone) is fine. `carrier`: wait briefly for the link (not during a
+/// warm-up, when the host keeps it down).
+pub fn configure(cfg: &NetworkConfig, created: &mut Vec<String>, carrier: bool) -> Result<NetworkReport, String> {
     let (address, prefix) = parse_cidr(&cfg.address)?;
     let gateway: Ipv4Addr = cfg.gateway.parse().map_err(|_| format!("bad gateway {:?}", cfg.gateway))?;
     let nameserver: Ipv4Addr = cfg.nameserver.parse().map_err(|_| format!("bad nameserver {:?}", cfg.nameserver))?;
@@ -39,6 +43,9 @@ pub fn configure(cfg: &NetworkConfig, created: &mut Vec<String>) -> Result<Netwo
     set_addr(&sock, &nic, libc::SIOCSIFADDR, address)?;
     set_addr(&sock, &nic, libc::SIOCSIFNETMASK, netmask(prefix))?;
     set_up(&sock, &nic)?;
+    if carrier {
+        wait_for_carrier(&nic, CARRIER_WAIT);
+    }
     add_default_route(&sock, &nic, gateway)?;
     resolv_conf(nameserver, created)?;
     let (interfaces, error) = match counters() {
@@ -63,6 +70,18 @@ pub fn parse_cidr(cidr: &str) -> Result<(Ipv4Addr, u8), String> {
 pub fn netmask(prefix: u8) -> Ipv4Addr {
     let bits = if prefix == 0 { 0 } else { u32::MAX << (32 - u32::from(prefix)) };
     Ipv4Addr::from(bits)
+}
+
+/// Waits (at most `limit`) until `nic` reports a carrier. A clone's NIC comes from a template
+/// whose link was down; the host raises it just before `Setup`, and the guest learns of it
+/// asynchronously. Packets sent before that would be dropped (a TCP SYN then costs a 1 s
+/// retransmission), so wait briefly; on timeout carry on, the link may still come.
+fn wait_for_carrier(nic: &str, limit: Duration) {
+    let path = format!("/sys/class/net/{nic}/carrier");
+    let deadline = Instant::now() + limit;
+    while fs::read_to_string(&path).map(|c| c.trim() != "1").unwrap_or(true) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(1));
+    }
 }
 
 /// The first interface that is not `lo` (`eth0` on these VMs), once the driver created it.
@@ -119,9 +138,13 @@ fn sockaddr(ip: Ipv4Addr) -> libc::sockaddr {
 }
 
 fn ioctl(sock: &OwnedFd, request: libc::c_ulong, arg: *mut libc::c_void, what: &str) -> Result<(), String> {
+    raw_ioctl(sock, request, arg).map_err(|e| format!("{what}: {e}"))
+}
+
+fn raw_ioctl(sock: &OwnedFd, request: libc::c_ulong, arg: *mut libc::c_void) -> std::io::Result<()> {
     // SAFETY: callers pass a pointer to a live struct of the type `request` expects.
     if unsafe { libc::ioctl(sock.as_raw_fd(), request, arg) } != 0 {
-        return Err(format!("{what}: {}", std::io::Error::last_os_error()));
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -151,7 +174,20 @@ fn add_default_route(sock: &OwnedFd, nic: &str, gateway: Ipv4Addr) -> Result<(),
     rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
     rt.rt_dev = dev.as_ptr().cast_mut();
     // `dev` outlives the call; the kernel only reads the name.
-    ioctl(sock, libc::SIOCADDRT, (&raw mut rt).cast(), &format!("default route via {gateway}"))
+    let what = format!("default route via {gateway}");
+    match raw_ioctl(sock, libc::SIOCADDRT, (&raw mut rt).cast()) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+            // Left by the warm-up, possibly via another gateway: replace it.
+            rt.rt_gateway = sockaddr(Ipv4Addr::UNSPECIFIED);
+            rt.rt_flags = libc::RTF_UP;
+            ioctl(sock, libc::SIOCDELRT, (&raw mut rt).cast(), "remove the old default route")?;
+            rt.rt_gateway = sockaddr(gateway);
+            rt.rt_flags = libc::RTF_UP | libc::RTF_GATEWAY;
+            ioctl(sock, libc::SIOCADDRT, (&raw mut rt).cast(), &what)
+        }
+        Err(e) => Err(format!("{what}: {e}")),
+    }
 }
 
 /// Makes the root's `/etc/resolv.conf` name `nameserver` by bind-mounting a file kept outside

@@ -9,7 +9,7 @@ use crate::files::Files;
 use crate::reaper::Reaper;
 use crate::setup::Sandbox;
 use crate::spawn::Table;
-use crate::{channel, export, init, setup, spawn};
+use crate::{channel, export, init, setup, spawn, warmup};
 
 /// Runs until `Shutdown` (which powers off) or a fatal error (returned).
 pub async fn run() -> io::Result<()> {
@@ -23,6 +23,7 @@ pub async fn run() -> io::Result<()> {
     let table = Table::default();
     let mut sandbox: Option<Sandbox> = None;
     let mut files = Files::default();
+    let mut no_net_ns = None;
 
     while let Some(msg) = inbox.recv().await {
         match msg {
@@ -30,7 +31,7 @@ pub async fn run() -> io::Result<()> {
                 let reply = if sandbox.is_some() {
                     GuestMessage::SetupFailed { error: "already set up".into() }
                 } else {
-                    match setup::apply(&s) {
+                    match setup::apply(&s, no_net_ns.as_ref()) {
                         Ok((sb, report)) => {
                             sandbox = Some(sb);
                             GuestMessage::SetupDone(report)
@@ -62,6 +63,14 @@ pub async fn run() -> io::Result<()> {
                 }
             }
             HostMessage::ExportUpper => export::run(sandbox.as_ref().map(|s| &s.upper), &reaper, &writer).await,
+            HostMessage::Warmup(w) => {
+                let error = if sandbox.is_some() {
+                    Some("already set up".into())
+                } else {
+                    warmup::run(&w, &mut no_net_ns, &table, &reaper, &out).await
+                };
+                let _ = out.send(GuestMessage::WarmedUp { error }).await;
+            }
             HostMessage::Shutdown => {
                 table.kill_all();
                 // Orphans too: -1 is every process but PID 1 itself.

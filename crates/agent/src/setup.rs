@@ -5,12 +5,12 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use boxwood_protocol::{RootfsSpec, Setup, SetupReport};
-use nix::mount::{MsFlags, mount};
+use nix::mount::{MntFlags, MsFlags, mount};
 use nix::sys::time::TimeSpec;
 use nix::time::{ClockId, clock_settime};
 
@@ -24,14 +24,21 @@ const RW: &str = "/run/boxwood/rw";
 
 /// `RNDADDENTROPY` = `_IOW('R', 0x03, int[2])`.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG` = `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+/// `BLKFLSBUF` = `_IO(0x12, 97)`.
+const BLKFLSBUF: libc::c_ulong = 0x1261;
 
 /// What Setup leaves behind for later requests.
 pub struct Sandbox {
     pub upper: Upper,
 }
 
-/// Applies `setup`; the error text goes back to the host as `SetupFailed`.
-pub fn apply(setup: &Setup) -> Result<(Sandbox, SetupReport), String> {
+/// Applies `setup`; the error text goes back to the host as `SetupFailed`. `no_net_ns`: the
+/// empty network namespace a warmed-up clone keeps for runs without networking (see
+/// [`crate::warmup`]); the agent's thread joins it before the root's `/sys` is mounted, so the
+/// run's processes see only `lo` although the VM has a NIC.
+pub fn apply(setup: &Setup, no_net_ns: Option<&OwnedFd>) -> Result<(Sandbox, SetupReport), String> {
     let secs = setup.wall_clock_unix_ns / 1_000_000_000;
     let nanos = setup.wall_clock_unix_ns % 1_000_000_000;
     let ts = TimeSpec::new(
@@ -41,18 +48,29 @@ pub fn apply(setup: &Setup) -> Result<(Sandbox, SetupReport), String> {
     clock_settime(ClockId::CLOCK_REALTIME, ts).map_err(|e| format!("set clock: {e}"))?;
     add_entropy(&setup.entropy)?;
     nix::unistd::sethostname(&setup.hostname).map_err(|e| format!("sethostname: {e}"))?;
+    if setup.network.is_none()
+        && let Some(ns) = no_net_ns
+    {
+        // Processes are forked from this (the runtime) thread, so they inherit it.
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
+    }
     let mut created = build_root(&setup.rootfs)?;
     net::loopback_up()?;
     let network = match &setup.network {
-        Some(cfg) => Some(net::configure(cfg, &mut created).map_err(|e| format!("network: {e}"))?),
+        Some(cfg) => Some(net::configure(cfg, &mut created, true).map_err(|e| format!("network: {e}"))?),
         None => None,
     };
     let upper =
         Upper { dir: Path::new(RW).join("upper"), excluded: created.into_iter().map(String::into_bytes).collect() };
-    Ok((Sandbox { upper }, SetupReport { network }))
+    // Read only now, after the re-seed: the kernel makes the id on first read.
+    let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_owned();
+    Ok((Sandbox { upper }, SetupReport { network, boot_id }))
 }
 
-/// Mixes `bytes` into the kernel pool and credits them, so VMs never share RNG state.
+/// Mixes `bytes` into the kernel pool, credits them and re-seeds the CRNG from the pool, so
+/// VMs never share RNG state. The re-seed matters for clones of one snapshot: their CRNG is
+/// already initialised (identically), and crediting alone does not re-key it until the next
+/// periodic re-seed.
 fn add_entropy(bytes: &[u8]) -> Result<(), String> {
     if bytes.is_empty() {
         return Ok(());
@@ -76,16 +94,63 @@ fn add_entropy(bytes: &[u8]) -> Result<(), String> {
     if rc != 0 {
         return Err(format!("RNDADDENTROPY: {}", std::io::Error::last_os_error()));
     }
+    // SAFETY: an argument-less ioctl on an open fd.
+    let rc = unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG) };
+    if rc != 0 {
+        return Err(format!("RNDRESEEDCRNG: {}", std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Drops the guest's cached blocks of `dev`. A clone's disk was probed (partition scan) while
+/// it still held the template's empty placeholder; the run's layer is attached behind the same
+/// device later, and those stale pages would otherwise hide its first blocks (the superblock).
+fn flush_buffers(dev: &Path) -> Result<(), String> {
+    let f = File::open(dev).map_err(|e| format!("open {}: {e}", dev.display()))?;
+    // SAFETY: an argument-less ioctl on an open block device fd.
+    let rc = unsafe { libc::ioctl(f.as_raw_fd(), BLKFLSBUF, 0) };
+    if rc != 0 {
+        return Err(format!("BLKFLSBUF {}: {}", dev.display(), std::io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Mount points inside the root, in mount order.
+const INNER: [(&str, &str, &str, MsFlags); 5] = [
+    ("proc", "proc", "", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC)),
+    ("sys", "sysfs", "", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV).union(MsFlags::MS_NOEXEC)),
+    ("dev", "devtmpfs", "mode=0755", MsFlags::MS_NOSUID),
+    ("dev/pts", "devpts", "newinstance,ptmxmode=0666,mode=0620", MsFlags::MS_NOSUID),
+    ("dev/shm", "tmpfs", "mode=1777", MsFlags::MS_NOSUID.union(MsFlags::MS_NODEV)),
+];
+
+/// Unmounts what [`build_root`] (and `net::configure`) mounted for `lowers` layers (the
+/// warm-up's root), so `Setup` can build the run's root in the same place. Targets that are
+/// not mount points are skipped.
+pub fn teardown_root(lowers: usize) -> Result<(), String> {
+    let mut targets: Vec<PathBuf> = INNER.iter().rev().map(|(dir, ..)| Path::new(ROOT).join(dir)).collect();
+    // The network's bind mount, if any.
+    targets.push(Path::new(ROOT).join("etc/resolv.conf"));
+    targets.push(PathBuf::from(ROOT));
+    targets.push(PathBuf::from(RW));
+    targets.extend((0..lowers).map(|n| PathBuf::from(LOWER).join(n.to_string())));
+    for target in targets {
+        match nix::mount::umount2(&target, MntFlags::empty()) {
+            Ok(()) | Err(nix::errno::Errno::EINVAL | nix::errno::Errno::ENOENT) => {}
+            Err(e) => return Err(format!("umount {}: {e}", target.display())),
+        }
+    }
     Ok(())
 }
 
 /// Mounts the root; returns the paths (relative) it had to create inside it.
-fn build_root(spec: &RootfsSpec) -> Result<Vec<String>, String> {
+pub fn build_root(spec: &RootfsSpec) -> Result<Vec<String>, String> {
     let disks = find_disks(&spec.lower_serials, Duration::from_secs(3))?;
     let mut lowers = Vec::new();
     for (n, dev) in disks.iter().enumerate() {
         let target = PathBuf::from(LOWER).join(n.to_string());
         mkdirs(&target)?;
+        flush_buffers(dev)?;
         do_mount(dev, &target, "erofs", MsFlags::MS_RDONLY, "")?;
         lowers.push(target.display().to_string());
     }
@@ -110,15 +175,8 @@ fn build_root(spec: &RootfsSpec) -> Result<Vec<String>, String> {
         );
         do_mount(Path::new("overlay"), Path::new(ROOT), "overlay", MsFlags::empty(), &opts)?;
     }
-    let inner: [(&str, &str, &str, MsFlags); 5] = [
-        ("proc", "proc", "", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC),
-        ("sys", "sysfs", "", MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC),
-        ("dev", "devtmpfs", "mode=0755", MsFlags::MS_NOSUID),
-        ("dev/pts", "devpts", "newinstance,ptmxmode=0666,mode=0620", MsFlags::MS_NOSUID),
-        ("dev/shm", "tmpfs", "mode=1777", MsFlags::MS_NOSUID | MsFlags::MS_NODEV),
-    ];
     let mut created = Vec::new();
-    for (dir, fstype, opts, flags) in inner {
+    for (dir, fstype, opts, flags) in INNER {
         let target = Path::new(ROOT).join(dir);
         match fs::symlink_metadata(&target) {
             Ok(m) if m.is_dir() => {}

@@ -54,6 +54,11 @@ impl Table {
         f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
+    /// Whether `id` is spawned and has not been reported `Exited` yet.
+    pub fn contains(&self, id: u32) -> bool {
+        self.with(|procs| procs.contains_key(&id))
+    }
+
     /// Queues stdin bytes for `id`.
     pub fn stdin(&self, id: u32, data: Vec<u8>, close: bool) -> Result<(), String> {
         self.with(|procs| {

@@ -18,6 +18,10 @@
 //!    [`HostMessage::ExportUpper`] streams the run's filesystem changes back as a tar.
 //! 5. [`HostMessage::Shutdown`] makes the agent sync and power the VM off.
 //!
+//! A VM restored from a snapshot taken right after `Hello` (a fast-start clone) skips step 1:
+//! the host already has the template's `Hello`, may send [`HostMessage::Warmup`] before
+//! `Setup`, and `Setup` re-seeds the clone's RNG and clock.
+//!
 //! The protocol is versioned by [`PROTOCOL_VERSION`]; the host refuses a `Hello` whose version
 //! differs, because both ends are built from the same workspace.
 
@@ -28,7 +32,11 @@ pub use codec::{FrameDecoder, ProtocolError, encode_frame};
 pub use messages::*;
 
 /// Version carried in [`Hello`]; bump on any incompatible message change.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
+
+/// Process id of the process [`HostMessage::Warmup`] spawns (never a run's: runs count up
+/// from 0).
+pub const WARMUP_ID: u32 = u32::MAX;
 
 /// Name of the virtio-serial port (`virtserialport,name=…`) the agent talks on.
 pub const PORT_NAME: &str = "boxwood.agent";

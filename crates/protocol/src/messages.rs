@@ -25,6 +25,14 @@ pub enum HostMessage {
     /// Kill every process but the agent, sync, and stream the overlay's upper directory (the
     /// run's changes) as a tar: `UpperChunk`s, then `UpperDone` (or `UpperFailed`).
     ExportUpper,
+    /// Before `Setup` only: run through the code paths a run takes without any run content:
+    /// build a root from `rootfs` (as `Setup` would), configure the network, spawn `argv` in it with id
+    /// [`crate::WARMUP_ID`] (its `Spawned`/`Output`/`Exited` are sent as for any process), then
+    /// take the root down again; also prepares the empty network namespace runs without
+    /// networking use. Under TCG, QEMU translates guest code again after every restore, so a
+    /// freshly restored VM runs this once before it is handed to a run. Answered with
+    /// `WarmedUp`.
+    Warmup(Warmup),
 }
 
 /// Guest → host.
@@ -78,6 +86,10 @@ pub enum GuestMessage {
     UpperFailed {
         error: String,
     },
+    /// `Warmup` is done; `error` says what did not work (the VM is still usable).
+    WarmedUp {
+        error: Option<String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -87,8 +99,20 @@ pub struct Hello {
     pub kernel_release: String,
     /// `uname -m`.
     pub machine: String,
-    /// `/proc/sys/kernel/random/boot_id`.
+    /// Empty: the agent reads `/proc/sys/kernel/random/boot_id` only after `Setup` re-seeded
+    /// the RNG (the kernel makes the id on first read), so VMs restored from one snapshot get
+    /// distinct ids; see [`SetupReport::boot_id`].
     pub boot_id: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Warmup {
+    pub rootfs: RootfsSpec,
+    /// Run chrooted in that root, as root, with an empty environment.
+    pub argv: Vec<String>,
+    /// Configure the NIC (if the VM has one) as a later `Setup` with this network would; it
+    /// stays configured, in the namespace runs with networking use.
+    pub network: Option<NetworkConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -117,6 +141,8 @@ pub struct NetworkConfig {
 pub struct SetupReport {
     /// Present when networking was configured.
     pub network: Option<NetworkReport>,
+    /// `/proc/sys/kernel/random/boot_id`, read after the RNG was re-seeded.
+    pub boot_id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

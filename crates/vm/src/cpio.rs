@@ -1,4 +1,5 @@
-//! A minimal writer for uncompressed "newc" cpio archives, the Linux initramfs format.
+//! A minimal writer (and a lookup) for uncompressed "newc" cpio archives, the Linux
+//! initramfs format.
 
 /// Regular-file, directory and char-device type bits of `st_mode`.
 pub const S_IFREG: u32 = 0o100_000;
@@ -72,6 +73,36 @@ impl CpioWriter {
     }
 }
 
+/// The data of the regular file `path` in a newc archive (the first entry of that name), or
+/// `None` if absent or the archive is malformed.
+pub fn find_file<'a>(mut archive: &'a [u8], path: &str) -> Option<&'a [u8]> {
+    let total = archive.len();
+    loop {
+        let header = archive.get(..110)?;
+        if &header[..6] != b"070701" {
+            return None;
+        }
+        let field = |i: usize| -> Option<usize> {
+            let hex = std::str::from_utf8(header.get(6 + i * 8..14 + i * 8)?).ok()?;
+            usize::try_from(u32::from_str_radix(hex, 16).ok()?).ok()
+        };
+        let (mode, size, namesize) = (field(1)?, field(6)?, field(11)?);
+        // Offsets are aligned relative to the start of the archive.
+        let here = total - archive.len();
+        let name = archive.get(110..110 + namesize.checked_sub(1)?)?;
+        let data_start = (here + 110 + namesize).next_multiple_of(4) - here;
+        let data = archive.get(data_start..data_start + size)?;
+        if name == b"TRAILER!!!" {
+            return None;
+        }
+        if name == path.as_bytes() && u32::try_from(mode).ok()? & 0o170_000 == S_IFREG {
+            return Some(data);
+        }
+        let next = (here + data_start + size).next_multiple_of(4) - here;
+        archive = archive.get(next..)?;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +154,20 @@ mod tests {
                 ("dev/console".into(), S_IFCHR | 0o600, 5, 1, vec![]),
             ]
         );
+    }
+
+    #[test]
+    fn finds_files() {
+        let mut w = CpioWriter::new();
+        w.dir("init.d", 0o755);
+        w.file("lib/x", 0o644, b"odd");
+        w.file("init", 0o755, b"the agent");
+        let a = w.finish();
+        assert_eq!(find_file(&a, "init"), Some(&b"the agent"[..]));
+        assert_eq!(find_file(&a, "lib/x"), Some(&b"odd"[..]));
+        assert_eq!(find_file(&a, "init.d"), None, "not a regular file");
+        assert_eq!(find_file(&a, "missing"), None);
+        assert_eq!(find_file(&a[..200], "init"), None, "truncated");
     }
 
     #[test]

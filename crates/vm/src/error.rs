@@ -40,6 +40,12 @@ pub enum VmError {
     Rejected(String),
     #[error("protocol error: {0}")]
     Protocol(#[from] ProtocolError),
+    /// QEMU's monitor (QMP) failed or refused a command.
+    #[error("QEMU monitor: {0}")]
+    Qmp(String),
+    /// Building or loading a fast-start template failed.
+    #[error("VM template: {0}")]
+    Template(String),
 }
 
 impl VmError {

@@ -3,19 +3,25 @@
 //!
 //! - [`prepare_guest_assets`] turns an installed Debian cloud kernel plus the agent binary into
 //!   a bootable `vmlinux` + uncompressed initramfs.
-//! - [`QemuRuntime`] implements [`VmRuntime`]: it boots a VM per [`VmSpec`] and returns a
+//! - [`QemuRuntime`] implements [`VmRuntime`]: it starts a VM per [`VmSpec`] and returns a
 //!   [`Vm`], which spawns processes through the agent and streams their [`ProcessEvent`]s.
+//!   VMs start as clones of a snapshotted template VM, most of them taken from a warm pool
+//!   (see `docs/ARCHITECTURE.md`, "Fast start"); without a template they cold-boot.
 //! - Before a run, [`Vm::put_file`] injects files; after it, [`Vm::export_upper`] fetches the
 //!   run's filesystem changes as a tar.
 //! - [`reap_stale`] cleans up after a crashed server.
 
 mod assets;
+mod clone;
 mod cpio;
 mod error;
 mod modules;
+mod pool;
 mod qemu;
+mod qmp;
 mod runtime;
 mod stale;
+mod template;
 mod transfer;
 mod vm;
 
@@ -57,6 +63,13 @@ pub struct VmConfig {
     /// Guest TSC frequency for `tsc_early_khz=`; `None` reads the host's "cpu MHz".
     pub tsc_khz: Option<u32>,
     pub extra_kernel_args: Vec<String>,
+    /// Fast start: boot a template VM once, snapshot it, and start every VM as a
+    /// copy-on-write clone of it. `false`: every VM cold-boots.
+    pub snapshot: bool,
+    /// Restored, warmed clones kept waiting for runs (with `snapshot`). `None`: sized to the
+    /// machine (2 per CPU, at most 16, and at most one per 4 × `memory_mib` of available memory); `0`:
+    /// no pool, each VM is restored when asked for.
+    pub pool_size: Option<usize>,
 }
 
 impl Default for VmConfig {
@@ -69,6 +82,8 @@ impl Default for VmConfig {
             boot_timeout_secs: 60,
             tsc_khz: None,
             extra_kernel_args: Vec::new(),
+            snapshot: true,
+            pool_size: None,
         }
     }
 }
@@ -121,8 +136,9 @@ pub struct UpperStats {
 /// Something that can boot VMs.
 #[async_trait]
 pub trait VmRuntime: Send + Sync {
-    /// Boots a VM, waits for the agent's Hello, sends Setup (host wall clock, 64 random bytes
-    /// from the host, hostname, rootfs, network) and waits for SetupDone.
+    /// Starts a VM (a pooled or freshly restored template clone, or a cold boot), attaches the
+    /// spec's disks and network, sends Setup (host wall clock and 64 random bytes from the host,
+    /// both taken now, hostname, rootfs, network) and waits for SetupDone.
     async fn start(&self, spec: VmSpec) -> Result<Box<dyn Vm>, VmError>;
     /// The accelerator actually in use ("kvm" or "tcg").
     fn accel(&self) -> &str;
@@ -134,7 +150,8 @@ pub trait Vm: Send + Sync {
     fn hello(&self) -> &Hello;
     /// What the agent reported after Setup (network configuration and counters).
     fn setup_report(&self) -> &SetupReport;
-    /// QEMU spawn → SetupDone.
+    /// QEMU spawn → SetupDone for a cold boot; for a clone, the call to
+    /// [`VmRuntime::start`] → SetupDone (a pooled clone was restored earlier).
     fn boot_duration(&self) -> Duration;
     /// The VM's name (its [`VmSpec::name`]).
     fn name(&self) -> &str;

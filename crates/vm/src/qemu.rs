@@ -108,9 +108,48 @@ pub struct QemuArgs<'a> {
     pub initramfs: &'a Path,
     pub cmdline: &'a str,
     pub paths: &'a VmPaths,
-    pub disks: &'a [DiskSpec],
-    /// A virtio-net NIC on QEMU's user-mode (slirp) network; `false`: no NIC at all.
-    pub network: bool,
+    pub devices: Devices<'a>,
+}
+
+/// The devices behind the agent port: a cold boot gets exactly the run's, a template and its
+/// clones get the fixed [`crate::template`] layout (a clone must have the same device set as
+/// the template it restores, and the template cannot know the run).
+#[derive(Debug, Clone)]
+pub enum Devices<'a> {
+    Cold {
+        disks: &'a [DiskSpec],
+        /// A virtio-net NIC on QEMU's user-mode (slirp) network; `false`: no NIC at all.
+        network: bool,
+    },
+    Fixed {
+        /// Guest RAM as a file: written through (`share=on`) by the template, mapped
+        /// copy-on-write (`share=off`) by its clones.
+        ram_file: &'a Path,
+        shared_ram: bool,
+        /// The empty qcow2 every slot starts out with, and the small erofs image it is
+        /// backed by until a run's layer replaces it (what the warm-up mounts).
+        slot_image: &'a Path,
+        warm_image: &'a Path,
+        /// Start paused, waiting for `migrate-incoming` (a clone).
+        incoming: bool,
+    },
+}
+
+/// Disk slots in the fixed layout: microvm's eight virtio-mmio transports minus the agent
+/// port and the NIC.
+pub const SLOTS: usize = 6;
+
+/// Node name of the warm-up erofs image behind every slot.
+pub const WARM_NODE: &str = "warm";
+
+/// Virtio serial of fixed-layout slot `i` (what the guest sees in `/sys/block/vdX/serial`).
+pub fn slot_serial(i: usize) -> String {
+    format!("bwslot{i}")
+}
+
+/// Node names of slot `i`: the qcow2 format node the device uses and its `file` child.
+pub fn slot_nodes(i: usize) -> (String, String) {
+    (format!("slot{i}"), format!("slot{i}f"))
 }
 
 /// Checks a virtio-blk serial: 1–20 bytes of `[A-Za-z0-9._-]`.
@@ -125,15 +164,27 @@ pub fn check_serial(serial: &str) -> Result<(), VmError> {
 pub fn qemu_argv(a: &QemuArgs<'_>) -> Result<Vec<OsString>, VmError> {
     let mut v: Vec<OsString> = Vec::new();
     let mut push = |args: &[&str]| v.extend(args.iter().map(OsString::from));
-    push(&["-M", "microvm"]);
+    let (mem, smp) = (a.memory_mib.to_string(), a.vcpus.to_string());
+    match &a.devices {
+        Devices::Cold { .. } => push(&["-M", "microvm"]),
+        Devices::Fixed { ram_file, shared_ram, .. } => {
+            let share = if *shared_ram { "on" } else { "off" };
+            let ram = format!(
+                "memory-backend-file,id=mem,size={mem}M,mem-path={},share={share}",
+                opt_escape(path_str(ram_file)?)
+            );
+            push(&["-M", "microvm,memory-backend=mem", "-object", &ram]);
+        }
+    }
     match a.accel {
         Accelerator::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max,-erms,-fsrm"]),
         Accelerator::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
     }
-    let (mem, smp) = (a.memory_mib.to_string(), a.vcpus.to_string());
     push(&["-m", &mem, "-smp", &smp]);
     push(&["-nodefaults", "-no-reboot", "-display", "none"]);
-    if a.network {
+    // A clone always has the NIC (the template's device set); its link is down unless the run
+    // wants networking (see `template`).
+    if matches!(a.devices, Devices::Fixed { .. } | Devices::Cold { network: true, .. }) {
         push(&["-netdev", "user,id=net0", "-device", "virtio-net-device,netdev=net0"]);
     } else {
         push(&["-nic", "none"]);
@@ -147,12 +198,34 @@ pub fn qemu_argv(a: &QemuArgs<'_>) -> Result<Vec<OsString>, VmError> {
     push(&["-device", &port]);
     let qmp = format!("unix:{},server=on,wait=off", path_str(&p.qmp_sock)?);
     push(&["-qmp", &qmp]);
-    for (n, disk) in a.disks.iter().enumerate() {
-        check_serial(&disk.serial)?;
-        let file = opt_escape(path_str(&disk.path)?);
-        let drive = format!("file={file},if=none,id=d{n},format=raw,readonly=on");
-        let dev = format!("virtio-blk-device,drive=d{n},serial={}", disk.serial);
-        push(&["-drive", &drive, "-device", &dev]);
+    match &a.devices {
+        Devices::Cold { disks, .. } => {
+            for (n, disk) in disks.iter().enumerate() {
+                check_serial(&disk.serial)?;
+                let file = opt_escape(path_str(&disk.path)?);
+                let drive = format!("file={file},if=none,id=d{n},format=raw,readonly=on");
+                let dev = format!("virtio-blk-device,drive=d{n},serial={}", disk.serial);
+                push(&["-drive", &drive, "-device", &dev]);
+            }
+        }
+        Devices::Fixed { slot_image, warm_image, incoming, .. } => {
+            let image = opt_escape(path_str(slot_image)?);
+            let warm = format!(
+                "driver=file,node-name={WARM_NODE},filename={},read-only=on",
+                opt_escape(path_str(warm_image)?)
+            );
+            push(&["-blockdev", &warm]);
+            for i in 0..SLOTS {
+                let (node, file_node) = slot_nodes(i);
+                let file = format!("driver=file,node-name={file_node},filename={image},read-only=on");
+                let fmt = format!("driver=qcow2,node-name={node},file={file_node},backing={WARM_NODE},read-only=on");
+                let dev = format!("virtio-blk-device,drive={node},serial={}", slot_serial(i));
+                push(&["-blockdev", &file, "-blockdev", &fmt, "-device", &dev]);
+            }
+            if *incoming {
+                push(&["-incoming", "defer"]);
+            }
+        }
     }
     push(&["-append", a.cmdline]);
     v.push("-kernel".into());
@@ -205,8 +278,7 @@ mod tests {
             initramfs: Path::new("/k/init.cpio"),
             cmdline: "console=ttyS0",
             paths: &paths,
-            disks: &disks,
-            network: false,
+            devices: Devices::Cold { disks: &disks, network: false },
         };
         let argv: Vec<String> = qemu_argv(&args).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect();
         let line = argv.join(" ");
@@ -230,12 +302,63 @@ mod tests {
         let kvm = QemuArgs { accel: Accelerator::Kvm, ..args.clone() };
         let line = qemu_argv(&kvm).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect::<Vec<_>>().join(" ");
         assert!(line.contains("-accel kvm -cpu host"));
-        let net = QemuArgs { network: true, ..args.clone() };
+        let net = QemuArgs { devices: Devices::Cold { disks: &disks, network: true }, ..args.clone() };
         let line = qemu_argv(&net).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect::<Vec<_>>().join(" ");
         assert!(line.contains("-netdev user,id=net0 -device virtio-net-device,netdev=net0"), "{line}");
         assert!(!line.contains("-nic none"), "{line}");
         assert!(!qemu_argv(&args).unwrap().iter().any(|a| a == "-netdev"));
         let bad = [DiskSpec { path: "/x".into(), serial: "has space".into() }];
-        assert!(qemu_argv(&QemuArgs { disks: &bad, ..args }).is_err());
+        assert!(qemu_argv(&QemuArgs { devices: Devices::Cold { disks: &bad, network: false }, ..args }).is_err());
+    }
+
+    #[test]
+    fn argv_for_a_clone() {
+        let paths = VmPaths::new(PathBuf::from("/run/bw/c1")).unwrap();
+        let args = QemuArgs {
+            accel: Accelerator::Tcg,
+            memory_mib: 256,
+            vcpus: 1,
+            kernel: Path::new("/k/vmlinux"),
+            initramfs: Path::new("/k/init.cpio"),
+            cmdline: "console=ttyS0",
+            paths: &paths,
+            devices: Devices::Fixed {
+                ram_file: Path::new("/t/k/ram"),
+                shared_ram: false,
+                slot_image: Path::new("/t/k/slot.qcow2"),
+                warm_image: Path::new("/t/k/warm.erofs"),
+                incoming: true,
+            },
+        };
+        let line =
+            qemu_argv(&args).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect::<Vec<_>>().join(" ");
+        for want in [
+            "-M microvm,memory-backend=mem -object memory-backend-file,id=mem,size=256M,mem-path=/t/k/ram,share=off",
+            "-netdev user,id=net0 -device virtio-net-device,netdev=net0",
+            "-blockdev driver=file,node-name=warm,filename=/t/k/warm.erofs,read-only=on \
+             -blockdev driver=file,node-name=slot0f,filename=/t/k/slot.qcow2,read-only=on \
+             -blockdev driver=qcow2,node-name=slot0,file=slot0f,backing=warm,read-only=on \
+             -device virtio-blk-device,drive=slot0,serial=bwslot0",
+            "-device virtio-blk-device,drive=slot5,serial=bwslot5",
+            "-incoming defer",
+        ] {
+            let want = want.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert!(line.contains(&want), "missing {want:?} in {line}");
+        }
+        assert!(!line.contains("slot6"));
+        // Template and clone differ only in how RAM is mapped and whether QEMU waits.
+        let template = QemuArgs {
+            devices: Devices::Fixed {
+                ram_file: Path::new("/t/k/ram"),
+                shared_ram: true,
+                slot_image: Path::new("/t/k/slot.qcow2"),
+                warm_image: Path::new("/t/k/warm.erofs"),
+                incoming: false,
+            },
+            ..args.clone()
+        };
+        let t =
+            qemu_argv(&template).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect::<Vec<_>>().join(" ");
+        assert_eq!(t.replace("share=on", "share=off"), line.replace(" -incoming defer", ""));
     }
 }

@@ -1,5 +1,6 @@
-//! [`QemuRuntime`]: accelerator choice and the boot sequence (QEMU spawn → agent Hello →
-//! Setup → SetupDone).
+//! [`QemuRuntime`]: accelerator choice and how a VM gets started: a warm pooled clone of the
+//! template, a clone restored on demand, or a cold boot (QEMU spawn → agent Hello → Setup →
+//! SetupDone) when no template is available.
 #![allow(unsafe_code)]
 
 use std::fs::{self, File};
@@ -12,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use boxwood_protocol::{
     FrameDecoder, GuestMessage, Hello, HostMessage, NetworkConfig, PROTOCOL_VERSION, RootfsSpec, Setup, SetupReport,
-    encode_frame,
+    WARMUP_ID, Warmup, encode_frame,
 };
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -20,40 +21,346 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
 
-use crate::qemu::{Accelerator, QemuArgs, VmPaths, host_tsc_khz, kernel_cmdline, qemu_argv};
+use crate::pool::FastStart;
+use crate::qemu::{Accelerator, Devices, QemuArgs, VmPaths, host_tsc_khz, kernel_cmdline, qemu_argv, slot_serial};
+use crate::template::WARM_BINARY;
 use crate::vm::{QemuChild, QemuVm, Shared, describe, route};
 use crate::{Accel, GuestAssets, Vm, VmConfig, VmError, VmRuntime, VmSpec};
+
+/// Nice value of QEMUs doing background work (template build, pool refill): under load they
+/// yield the CPU to VMs that serve runs.
+pub(crate) const BACKGROUND_NICE: i32 = 10;
 
 /// How long the KVM probe may take to reach the agent's Hello.
 const KVM_PROBE_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Boots VMs with QEMU (microvm machine type).
-#[derive(Debug)]
+/// Starts VMs with QEMU (microvm machine type).
 pub struct QemuRuntime {
-    config: VmConfig,
-    assets: GuestAssets,
-    run_dir: PathBuf,
-    accel: Accelerator,
-    cmdline: String,
+    base: Arc<Base>,
+    /// Templates and the warm pool; `None` with `snapshot = false`.
+    fast: Option<FastStart>,
+}
+
+impl std::fmt::Debug for QemuRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QemuRuntime").field("base", &self.base).field("fast_start", &self.fast.is_some()).finish()
+    }
+}
+
+/// What every way of starting a VM needs.
+#[derive(Debug, Clone)]
+pub(crate) struct Base {
+    pub config: VmConfig,
+    pub assets: GuestAssets,
+    pub run_dir: PathBuf,
+    pub accel: Accelerator,
+    pub cmdline: String,
 }
 
 /// The guest side of QEMU's user-mode network (its built-in defaults).
-fn user_net_config() -> NetworkConfig {
+pub(crate) fn user_net_config() -> NetworkConfig {
     NetworkConfig { address: "10.0.2.15/24".into(), gateway: "10.0.2.2".into(), nameserver: "10.0.2.3".into() }
 }
 
-/// A connected channel after a successful handshake.
-struct Handshake {
+/// The agent channel while a VM is being brought up (before the router task owns it).
+pub(crate) struct BootChannel {
+    pub reader: OwnedReadHalf,
+    pub writer: OwnedWriteHalf,
+    pub decoder: FrameDecoder,
+}
+
+impl BootChannel {
+    /// Connects to the agent socket, retrying until QEMU listens.
+    pub async fn connect(paths: &VmPaths, qemu: &QemuChild, deadline: Instant) -> Result<Self, VmError> {
+        let stream = loop {
+            match UnixStream::connect(&paths.agent_sock).await {
+                Ok(s) => break s,
+                Err(_) if qemu.exited().is_some() => {
+                    return Err(boot_err("QEMU exited before it listened"));
+                }
+                Err(_) if Instant::now() >= deadline => {
+                    return Err(boot_err("timed out waiting for QEMU's socket"));
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            }
+        };
+        let (reader, writer) = stream.into_split();
+        Ok(Self { reader, writer, decoder: FrameDecoder::new() })
+    }
+
+    pub async fn send(&mut self, msg: &HostMessage) -> Result<(), VmError> {
+        let frame = encode_frame(msg)?;
+        self.writer.write_all(&frame).await.map_err(|e| boot_err(&format!("agent channel write failed: {e}")))
+    }
+
+    /// Reads the next guest message, bounded by `deadline` and QEMU's life.
+    pub async fn recv(&mut self, qemu: &QemuChild, deadline: Instant) -> Result<GuestMessage, VmError> {
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut exit = qemu.exit.clone();
+        loop {
+            if let Some(msg) = self.decoder.next_message()? {
+                return Ok(msg);
+            }
+            let read = tokio::select! {
+                r = tokio::time::timeout_at(deadline, self.reader.read(&mut buf)) => Some(r),
+                _ = exit.wait_for(Option::is_some) => None,
+            };
+            match read {
+                None => return Err(boot_err("QEMU exited during boot")),
+                Some(Err(_)) => return Err(boot_err("timed out waiting for the agent")),
+                Some(Ok(Ok(0))) => {
+                    let why = match qemu.wait(Duration::from_secs(2)).await {
+                        Some(_) => "QEMU exited during boot",
+                        None => "the agent channel closed during boot",
+                    };
+                    return Err(boot_err(why));
+                }
+                Some(Ok(Ok(n))) => self.decoder.push(&buf[..n]),
+                Some(Ok(Err(e))) => return Err(boot_err(&format!("agent channel read failed: {e}"))),
+            }
+        }
+    }
+
+    /// Waits for the agent's `Hello` and checks its protocol version.
+    pub async fn hello(&mut self, qemu: &QemuChild, deadline: Instant) -> Result<Hello, VmError> {
+        let hello = match self.recv(qemu, deadline).await? {
+            GuestMessage::Hello(h) => h,
+            other => return Err(boot_err(&format!("expected Hello, got {other:?}"))),
+        };
+        if hello.version != PROTOCOL_VERSION {
+            let why = format!("agent speaks protocol {}, host {PROTOCOL_VERSION}", hello.version);
+            return Err(boot_err(&why));
+        }
+        Ok(hello)
+    }
+
+    /// Sends `Warmup` (the warm-up image in slot 0, its `/warm` run, the NIC configured as
+    /// runs with networking have it) and waits for
+    /// `WarmedUp`, passing over the warm-up process's own messages. Returns what the agent
+    /// said did not work.
+    pub async fn warm_up(&mut self, qemu: &QemuChild, deadline: Instant) -> Result<Option<String>, VmError> {
+        let rootfs = RootfsSpec { lower_serials: vec![slot_serial(0)], upper_size_bytes: 16 << 20 };
+        let warmup = Warmup { rootfs, argv: vec![WARM_BINARY.into()], network: Some(user_net_config()) };
+        self.send(&HostMessage::Warmup(warmup)).await?;
+        loop {
+            match self.recv(qemu, deadline).await? {
+                GuestMessage::WarmedUp { error } => return Ok(error),
+                GuestMessage::Spawned { id, .. }
+                | GuestMessage::Output { id, .. }
+                | GuestMessage::Exited(boxwood_protocol::Exit { id, .. })
+                | GuestMessage::SpawnFailed { id, .. }
+                    if id == WARMUP_ID => {}
+                other => return Err(boot_err(&format!("expected WarmedUp, got {other:?}"))),
+            }
+        }
+    }
+
+    /// Sends `Setup` (the host's wall clock and 64 fresh random bytes, taken now) and waits
+    /// for `SetupDone`.
+    pub async fn setup(
+        &mut self,
+        spec: &VmSpec,
+        rootfs: RootfsSpec,
+        qemu: &QemuChild,
+        deadline: Instant,
+    ) -> Result<SetupReport, VmError> {
+        let mut entropy = vec![0u8; 64];
+        rand::rng().fill(&mut entropy[..]);
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+        let msg = HostMessage::Setup(Setup {
+            wall_clock_unix_ns: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
+            entropy,
+            hostname: spec.hostname.clone(),
+            rootfs,
+            network: spec.network.then(user_net_config),
+        });
+        self.send(&msg).await?;
+        match self.recv(qemu, deadline).await? {
+            GuestMessage::SetupDone(report) => Ok(report),
+            GuestMessage::SetupFailed { error } => Err(VmError::SetupFailed { error }),
+            other => Err(boot_err(&format!("expected SetupDone, got {other:?}"))),
+        }
+    }
+}
+
+impl Base {
+    pub fn argv(
+        &self,
+        accel: Accelerator,
+        paths: &VmPaths,
+        memory_mib: u32,
+        vcpus: u32,
+        devices: Devices<'_>,
+    ) -> Result<Vec<std::ffi::OsString>, VmError> {
+        qemu_argv(&QemuArgs {
+            accel,
+            memory_mib,
+            vcpus,
+            kernel: &self.assets.kernel,
+            initramfs: &self.assets.initramfs,
+            cmdline: &self.cmdline,
+            paths,
+            devices,
+        })
+    }
+
+    /// Spawns QEMU (stderr to `qemu.log`, pid in `qemu.pid`). It gets SIGKILL when the
+    /// spawning thread dies (`PR_SET_PDEATHSIG`): call this from a runtime worker thread, never
+    /// from a `spawn_blocking` thread, which may end while QEMU still runs. `background`: QEMU
+    /// runs at [`BACKGROUND_NICE`] (template builds and pool refills take only spare CPU;
+    /// [`foreground`] undoes it when a run gets the VM).
+    pub fn spawn_qemu(
+        &self,
+        argv: Vec<std::ffi::OsString>,
+        paths: &VmPaths,
+        background: bool,
+    ) -> Result<QemuChild, VmError> {
+        let log = File::create(&paths.qemu_log).map_err(|e| VmError::io("create qemu.log", e))?;
+        let mut cmd = tokio::process::Command::new(&self.config.qemu_binary);
+        cmd.args(&argv).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
+        let parent = nix::unistd::getpid();
+        // SAFETY: runs in the forked child before exec; prctl, getppid and setpriority are
+        // async-signal-safe and nothing is allocated.
+        unsafe {
+            cmd.pre_exec(move || {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                if nix::unistd::getppid() != parent {
+                    return Err(std::io::Error::other("parent exited"));
+                }
+                // Every thread QEMU starts inherits it. Failure only costs priority.
+                if background {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE);
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| VmError::io(format!("spawn {}", self.config.qemu_binary.display()), e))?;
+        let qemu = QemuChild::start(child)?;
+        if let Err(e) = fs::write(&paths.pid_file, qemu.pid.to_string()) {
+            qemu.kill();
+            return Err(VmError::io("write qemu.pid", e));
+        }
+        Ok(qemu)
+    }
+
+    /// Creates the scratch dir of a new VM; the guard removes it unless disarmed.
+    pub fn create_vm_dir(&self, name: &str) -> Result<(VmPaths, DirGuard), VmError> {
+        check_name(name)?;
+        let paths = VmPaths::new(self.run_dir.join(name))?;
+        match fs::create_dir(&paths.dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                return Err(VmError::Invalid(format!("VM dir {} already exists", paths.dir.display())));
+            }
+            Err(e) => return Err(VmError::io(format!("create {}", paths.dir.display()), e)),
+        }
+        let guard = DirGuard { dir: paths.dir.clone(), armed: true };
+        Ok((paths, guard))
+    }
+
+    /// Boots a VM from scratch with exactly the spec's devices.
+    pub async fn cold_boot(
+        &self,
+        spec: &VmSpec,
+        accel: Accelerator,
+        limit: Duration,
+        setup: bool,
+    ) -> Result<QemuVm, VmError> {
+        check_hostname(&spec.hostname)?;
+        let (paths, mut guard) = self.create_vm_dir(&spec.name)?;
+        let devices = Devices::Cold { disks: &spec.disks, network: spec.network };
+        let argv = self.argv(
+            accel,
+            &paths,
+            spec.memory_mib.unwrap_or(self.config.memory_mib),
+            spec.vcpus.unwrap_or(self.config.vcpus),
+            devices,
+        )?;
+        // The guard removes the dir on failure *and* when this future is dropped mid-boot (a
+        // run cancelled while its VM boots); QEMU itself dies with its kill-on-drop child.
+        let started = Instant::now();
+        let qemu = self.spawn_qemu(argv, &paths, false)?;
+        let deadline = started + limit;
+        let handshake = async {
+            let mut chan = BootChannel::connect(&paths, &qemu, deadline).await?;
+            let hello = chan.hello(&qemu, deadline).await?;
+            let report = if setup {
+                chan.setup(spec, spec.rootfs.clone(), &qemu, deadline).await?
+            } else {
+                SetupReport::default()
+            };
+            Ok::<_, VmError>((chan, hello, report))
+        };
+        let (chan, mut hello, setup_report) = match handshake.await {
+            Ok(h) => h,
+            Err(err) => return Err(fail_boot(err, &paths, &qemu).await),
+        };
+        if hello.boot_id.is_empty() {
+            hello.boot_id.clone_from(&setup_report.boot_id);
+        }
+        let boot_duration = started.elapsed();
+        tracing::info!(vm = spec.name, accel = accel.as_str(), boot_ms = boot_duration.as_millis(), "VM booted");
+        guard.armed = false;
+        Ok(into_vm(spec.name.clone(), hello, setup_report, boot_duration, qemu, paths, chan, false))
+    }
+}
+
+/// Gives every thread of QEMU `pid` this process's own nice value again (a background clone
+/// handed to a run). Raising priority may need `CAP_SYS_NICE`: without it the VM keeps the
+/// background priority, which costs only speed under load.
+pub(crate) fn foreground(pid: u32) {
+    // SAFETY: getpriority/setpriority only read and write scheduler attributes of the named
+    // threads; errno is reset first because -1 is a valid getpriority result.
+    let own = unsafe {
+        *libc::__errno_location() = 0;
+        libc::getpriority(libc::PRIO_PROCESS, 0)
+    };
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else { return };
+    for task in tasks.flatten() {
+        let Some(tid) = task.file_name().to_str().and_then(|t| t.parse::<libc::id_t>().ok()) else { continue };
+        // SAFETY: see above.
+        if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, own) } != 0 {
+            tracing::debug!(pid, tid, "cannot raise a VM's priority: {}", std::io::Error::last_os_error());
+            return;
+        }
+    }
+}
+
+/// Kills a QEMU whose start failed and turns a boot error into one carrying the diagnosis.
+pub(crate) async fn fail_boot(err: VmError, paths: &VmPaths, qemu: &QemuChild) -> VmError {
+    qemu.kill();
+    let status = qemu.wait(Duration::from_secs(5)).await;
+    match err {
+        VmError::Boot { reason, .. } => {
+            let detail = describe(paths, status.as_deref(), &reason);
+            VmError::Boot { reason, detail }
+        }
+        other => other,
+    }
+}
+
+/// Hands a set-up VM's channel to the router task and wraps it as a [`QemuVm`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn into_vm(
+    name: String,
     hello: Hello,
     setup_report: SetupReport,
-    reader: OwnedReadHalf,
-    writer: OwnedWriteHalf,
-    decoder: FrameDecoder,
+    boot_duration: Duration,
+    qemu: QemuChild,
+    paths: VmPaths,
+    chan: BootChannel,
+    fast_teardown: bool,
+) -> QemuVm {
+    let shared = Arc::new(Shared::new(paths, chan.writer, qemu.exit.clone()));
+    tokio::spawn(route(shared.clone(), chan.reader, chan.decoder));
+    QemuVm { name, hello, setup_report, boot_duration, qemu, shared, fast_teardown, finished: AtomicBool::new(false) }
 }
 
 impl QemuRuntime {
     /// `run_dir`: per-VM scratch dirs go in `run_dir/<name>/`. With [`Accel::Auto`], a
-    /// throwaway VM is booted with KVM once; on any failure TCG is used.
+    /// throwaway VM is booted with KVM once; on any failure TCG is used. With
+    /// [`VmConfig::snapshot`] (the default) a template is built (or reused) in the background
+    /// and a warm pool of its clones kept; until it is ready VMs cold-boot.
     pub async fn new(config: VmConfig, assets: GuestAssets, run_dir: PathBuf) -> Result<Self, VmError> {
         if config.memory_mib < 64 || config.vcpus == 0 {
             return Err(VmError::Invalid("memory_mib must be ≥ 64 and vcpus ≥ 1".into()));
@@ -68,194 +375,76 @@ impl QemuRuntime {
             }
         };
         let cmdline = kernel_cmdline(tsc_khz, &config.extra_kernel_args);
-        let mut rt = Self { config, assets, run_dir, accel: Accelerator::Tcg, cmdline };
-        rt.accel = match rt.config.accel {
+        let mut base = Base { config, assets, run_dir, accel: Accelerator::Tcg, cmdline };
+        base.accel = match base.config.accel {
             Accel::Tcg => Accelerator::Tcg,
             Accel::Kvm => Accelerator::Kvm,
-            Accel::Auto => rt.probe_kvm().await,
+            Accel::Auto => probe_kvm(&base).await,
         };
-        tracing::info!(accel = rt.accel.as_str(), kernel = %rt.assets.kernel.display(), "VM runtime ready");
-        Ok(rt)
+        tracing::info!(accel = base.accel.as_str(), kernel = %base.assets.kernel.display(), "VM runtime ready");
+        let base = Arc::new(base);
+        let fast = if base.config.snapshot {
+            Some(FastStart::launch(base.clone()))
+        } else {
+            tracing::info!("fast start is off (vm.snapshot = false): every VM cold-boots");
+            None
+        };
+        Ok(Self { base, fast })
     }
 
-    async fn probe_kvm(&self) -> Accelerator {
-        if let Err(e) = File::options().read(true).write(true).open("/dev/kvm") {
-            tracing::info!("using TCG: /dev/kvm is not usable: {e}");
-            return Accelerator::Tcg;
-        }
-        let spec = VmSpec {
-            name: format!("kvm-probe-{}-{:08x}", std::process::id(), rand::random::<u32>()),
-            disks: Vec::new(),
-            rootfs: RootfsSpec { lower_serials: Vec::new(), upper_size_bytes: 0 },
-            hostname: "probe".into(),
-            memory_mib: Some(128),
-            vcpus: Some(1),
-            network: false,
-        };
-        match self.boot(&spec, Accelerator::Kvm, KVM_PROBE_DEADLINE, false).await {
-            Ok(vm) => {
-                let _ = vm.shutdown().await;
-                tracing::info!("using KVM: the probe VM booted");
-                Accelerator::Kvm
-            }
-            Err(e) => {
-                tracing::info!("using TCG: the KVM probe VM failed: {e}");
-                Accelerator::Tcg
-            }
+    /// Waits until the template is ready (or known to be unavailable) and the warm pool is
+    /// full. Returns whether fast start is in use. For tests and benchmarks.
+    pub async fn wait_ready(&self, limit: Duration) -> bool {
+        match &self.fast {
+            Some(fast) => fast.wait_ready(limit).await,
+            None => false,
         }
     }
 
-    async fn boot(&self, spec: &VmSpec, accel: Accelerator, limit: Duration, setup: bool) -> Result<QemuVm, VmError> {
-        check_name(&spec.name)?;
-        if spec.hostname.is_empty() || spec.hostname.len() > 64 {
-            return Err(VmError::Invalid(format!("bad hostname {:?}", spec.hostname)));
+    /// Kills the pooled clones and stops refilling the pool (also done on drop).
+    pub fn drain(&self) {
+        if let Some(fast) = &self.fast {
+            fast.drain();
         }
-        let paths = VmPaths::new(self.run_dir.join(&spec.name))?;
-        let argv = qemu_argv(&QemuArgs {
-            accel,
-            memory_mib: spec.memory_mib.unwrap_or(self.config.memory_mib),
-            vcpus: spec.vcpus.unwrap_or(self.config.vcpus),
-            kernel: &self.assets.kernel,
-            initramfs: &self.assets.initramfs,
-            cmdline: &self.cmdline,
-            paths: &paths,
-            disks: &spec.disks,
-            network: spec.network,
-        })?;
-        match fs::create_dir(&paths.dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                return Err(VmError::Invalid(format!("VM dir {} already exists", paths.dir.display())));
-            }
-            Err(e) => return Err(VmError::io(format!("create {}", paths.dir.display()), e)),
-        }
-        // Removes the dir on failure *and* when this future is dropped mid-boot (a run
-        // cancelled while its VM boots); QEMU itself dies with its kill-on-drop child.
-        let mut guard = DirGuard { dir: paths.dir.clone(), armed: true };
-        let result = self.boot_in(spec, &paths, argv, limit, setup).await;
-        guard.armed = result.is_err();
-        result
     }
 
-    async fn boot_in(
-        &self,
-        spec: &VmSpec,
-        paths: &VmPaths,
-        argv: Vec<std::ffi::OsString>,
-        limit: Duration,
-        setup: bool,
-    ) -> Result<QemuVm, VmError> {
-        let log = File::create(&paths.qemu_log).map_err(|e| VmError::io("create qemu.log", e))?;
-        let mut cmd = tokio::process::Command::new(&self.config.qemu_binary);
-        cmd.args(&argv).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
-        let parent = nix::unistd::getpid();
-        // SAFETY: runs in the forked child before exec; prctl and getppid are async-signal-safe
-        // and nothing is allocated.
-        unsafe {
-            cmd.pre_exec(move || {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-                if nix::unistd::getppid() != parent {
-                    return Err(std::io::Error::other("parent exited"));
-                }
-                Ok(())
-            });
-        }
-        let started = Instant::now();
-        let child = cmd.spawn().map_err(|e| VmError::io(format!("spawn {}", self.config.qemu_binary.display()), e))?;
-        let qemu = QemuChild::start(child)?;
-        if let Err(e) = fs::write(&paths.pid_file, qemu.pid.to_string()) {
-            qemu.kill();
-            return Err(VmError::io("write qemu.pid", e));
-        }
-        let deadline = started + limit;
-        let handshake = self.handshake(spec, paths, &qemu, deadline, setup).await;
-        let Handshake { hello, setup_report, reader, writer, decoder } = match handshake {
-            Ok(h) => h,
-            Err(err) => {
-                qemu.kill();
-                let status = qemu.wait(Duration::from_secs(5)).await;
-                return Err(match err {
-                    VmError::Boot { reason, .. } => {
-                        let detail = describe(paths, status.as_deref(), &reason);
-                        VmError::Boot { reason, detail }
-                    }
-                    other => other,
-                });
-            }
-        };
-        let boot_duration = started.elapsed();
-        tracing::info!(vm = spec.name, accel = accel_name(&argv), boot_ms = boot_duration.as_millis(), "VM booted");
-        let shared = Arc::new(Shared::new(paths.clone(), writer, qemu.exit.clone()));
-        tokio::spawn(route(shared.clone(), reader, decoder));
-        Ok(QemuVm {
-            name: spec.name.clone(),
-            hello,
-            setup_report,
-            boot_duration,
-            qemu,
-            shared,
-            finished: AtomicBool::new(false),
-        })
+    /// QEMU pids of the idle pooled clones (for measurements such as PSS).
+    pub fn pooled_pids(&self) -> Vec<u32> {
+        self.fast.as_ref().map(FastStart::pooled_pids).unwrap_or_default()
     }
+}
 
-    async fn handshake(
-        &self,
-        spec: &VmSpec,
-        paths: &VmPaths,
-        qemu: &QemuChild,
-        deadline: Instant,
-        setup: bool,
-    ) -> Result<Handshake, VmError> {
-        let stream = loop {
-            match UnixStream::connect(&paths.agent_sock).await {
-                Ok(s) => break s,
-                Err(_) if qemu.exited().is_some() => {
-                    return Err(boot_err("QEMU exited before it listened"));
-                }
-                Err(_) if Instant::now() >= deadline => {
-                    return Err(boot_err("timed out waiting for QEMU's socket"));
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(5)).await,
-            }
-        };
-        let (mut reader, mut writer) = stream.into_split();
-        let mut decoder = FrameDecoder::new();
-        let hello = match recv(&mut reader, &mut decoder, qemu, deadline).await? {
-            GuestMessage::Hello(h) => h,
-            other => return Err(boot_err(&format!("expected Hello, got {other:?}"))),
-        };
-        if hello.version != PROTOCOL_VERSION {
-            let why = format!("agent speaks protocol {}, host {PROTOCOL_VERSION}", hello.version);
-            return Err(boot_err(&why));
+async fn probe_kvm(base: &Base) -> Accelerator {
+    if let Err(e) = File::options().read(true).write(true).open("/dev/kvm") {
+        tracing::info!("using TCG: /dev/kvm is not usable: {e}");
+        return Accelerator::Tcg;
+    }
+    let spec = VmSpec {
+        name: format!("kvm-probe-{}-{:08x}", std::process::id(), rand::random::<u32>()),
+        disks: Vec::new(),
+        rootfs: RootfsSpec { lower_serials: Vec::new(), upper_size_bytes: 0 },
+        hostname: "probe".into(),
+        memory_mib: Some(128),
+        vcpus: Some(1),
+        network: false,
+    };
+    match base.cold_boot(&spec, Accelerator::Kvm, KVM_PROBE_DEADLINE, false).await {
+        Ok(vm) => {
+            let _ = vm.shutdown().await;
+            tracing::info!("using KVM: the probe VM booted");
+            Accelerator::Kvm
         }
-        let mut setup_report = SetupReport::default();
-        if setup {
-            let mut entropy = vec![0u8; 64];
-            rand::rng().fill(&mut entropy[..]);
-            let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-            let msg = HostMessage::Setup(Setup {
-                wall_clock_unix_ns: u64::try_from(now.as_nanos()).unwrap_or(u64::MAX),
-                entropy,
-                hostname: spec.hostname.clone(),
-                rootfs: spec.rootfs.clone(),
-                network: spec.network.then(user_net_config),
-            });
-            let frame = encode_frame(&msg)?;
-            writer.write_all(&frame).await.map_err(|e| boot_err(&format!("sending Setup: {e}")))?;
-            match recv(&mut reader, &mut decoder, qemu, deadline).await? {
-                GuestMessage::SetupDone(report) => setup_report = report,
-                GuestMessage::SetupFailed { error } => return Err(VmError::SetupFailed { error }),
-                other => return Err(boot_err(&format!("expected SetupDone, got {other:?}"))),
-            }
+        Err(e) => {
+            tracing::info!("using TCG: the KVM probe VM failed: {e}");
+            Accelerator::Tcg
         }
-        Ok(Handshake { hello, setup_report, reader, writer, decoder })
     }
 }
 
 /// Removes a VM dir when dropped armed.
-struct DirGuard {
-    dir: PathBuf,
-    armed: bool,
+pub(crate) struct DirGuard {
+    pub dir: PathBuf,
+    pub armed: bool,
 }
 
 impl Drop for DirGuard {
@@ -266,49 +455,12 @@ impl Drop for DirGuard {
     }
 }
 
-fn boot_err(reason: &str) -> VmError {
+pub(crate) fn boot_err(reason: &str) -> VmError {
     VmError::Boot { reason: reason.to_owned(), detail: String::new() }
 }
 
-fn accel_name(argv: &[std::ffi::OsString]) -> &'static str {
-    if argv.iter().any(|a| a == "kvm") { "kvm" } else { "tcg" }
-}
-
-/// Reads the next guest message during boot, bounded by `deadline` and QEMU's life.
-async fn recv(
-    reader: &mut OwnedReadHalf,
-    decoder: &mut FrameDecoder,
-    qemu: &QemuChild,
-    deadline: Instant,
-) -> Result<GuestMessage, VmError> {
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut exit = qemu.exit.clone();
-    loop {
-        if let Some(msg) = decoder.next_message()? {
-            return Ok(msg);
-        }
-        let read = tokio::select! {
-            r = tokio::time::timeout_at(deadline, reader.read(&mut buf)) => Some(r),
-            _ = exit.wait_for(Option::is_some) => None,
-        };
-        match read {
-            None => return Err(boot_err("QEMU exited during boot")),
-            Some(Err(_)) => return Err(boot_err("timed out waiting for the agent")),
-            Some(Ok(Ok(0))) => {
-                let why = match qemu.wait(Duration::from_secs(2)).await {
-                    Some(_) => "QEMU exited during boot",
-                    None => "the agent channel closed during boot",
-                };
-                return Err(boot_err(why));
-            }
-            Some(Ok(Ok(n))) => decoder.push(&buf[..n]),
-            Some(Ok(Err(e))) => return Err(boot_err(&format!("agent channel read failed: {e}"))),
-        }
-    }
-}
-
 /// VM names become directory names: `[A-Za-z0-9._-]`, 1–64 bytes, not starting with `.`.
-fn check_name(name: &str) -> Result<(), VmError> {
+pub(crate) fn check_name(name: &str) -> Result<(), VmError> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && !name.starts_with('.')
@@ -316,15 +468,27 @@ fn check_name(name: &str) -> Result<(), VmError> {
     if ok { Ok(()) } else { Err(VmError::Invalid(format!("bad VM name {name:?}"))) }
 }
 
+pub(crate) fn check_hostname(hostname: &str) -> Result<(), VmError> {
+    if hostname.is_empty() || hostname.len() > 64 {
+        return Err(VmError::Invalid(format!("bad hostname {hostname:?}")));
+    }
+    Ok(())
+}
+
 #[async_trait]
 impl VmRuntime for QemuRuntime {
     async fn start(&self, spec: VmSpec) -> Result<Box<dyn Vm>, VmError> {
-        let limit = Duration::from_secs(self.config.boot_timeout_secs);
-        Ok(Box::new(self.boot(&spec, self.accel, limit, true).await?))
+        if let Some(fast) = &self.fast
+            && let Some(vm) = fast.start(&spec).await?
+        {
+            return Ok(Box::new(vm));
+        }
+        let limit = Duration::from_secs(self.base.config.boot_timeout_secs);
+        Ok(Box::new(self.base.cold_boot(&spec, self.base.accel, limit, true).await?))
     }
 
     fn accel(&self) -> &str {
-        self.accel.as_str()
+        self.base.accel.as_str()
     }
 }
 
@@ -345,10 +509,13 @@ mod tests {
         let c = VmConfig::default();
         assert_eq!((c.memory_mib, c.vcpus, c.boot_timeout_secs, c.accel), (256, 1, 60, Accel::Auto));
         assert_eq!(c.qemu_binary, PathBuf::from("qemu-system-x86_64"));
+        assert!(c.snapshot && c.pool_size.is_none(), "fast start is on by default, pool sized to the machine");
         let c: VmConfig = serde_json::from_str(r#"{"accel": "tcg", "memory_mib": 512, "tsc_khz": 2100000}"#).unwrap();
         assert_eq!((c.accel, c.memory_mib, c.vcpus, c.tsc_khz), (Accel::Tcg, 512, 1, Some(2_100_000)));
         let c: VmConfig = serde_json::from_str(r#"{"accel": "kvm"}"#).unwrap();
         assert_eq!(c.accel, Accel::Kvm);
+        let c: VmConfig = serde_json::from_str(r#"{"snapshot": false, "pool_size": 0}"#).unwrap();
+        assert_eq!((c.snapshot, c.pool_size), (false, Some(0)));
         assert!(serde_json::from_str::<VmConfig>(r#"{"memroy_mib": 1}"#).is_err(), "unknown fields are rejected");
         assert!(serde_json::from_str::<VmConfig>(r#"{"accel": "KVM"}"#).is_err());
     }

@@ -9,9 +9,13 @@ use nix::unistd::Pid;
 
 use crate::VmError;
 
+/// In a VM dir that was renamed after QEMU started (a pooled clone given to a run): the path
+/// QEMU was started with.
+pub(crate) const ORIGIN_FILE: &str = "origin";
+
 /// For every dir in `run_dir`: if its `qemu.pid` names a live process whose
-/// `/proc/PID/cmdline` mentions that dir, SIGKILL it; then remove the dir. Returns the names
-/// cleaned. A missing `run_dir` is not an error.
+/// `/proc/PID/cmdline` mentions that dir (or the dir's `origin`), SIGKILL it; then remove the
+/// dir. Returns the names cleaned. A missing `run_dir` is not an error.
 pub fn reap_stale(run_dir: &Path) -> Result<Vec<String>, VmError> {
     let entries = match fs::read_dir(run_dir) {
         Ok(e) => e,
@@ -44,8 +48,10 @@ fn owning_qemu(dir: &Path) -> Option<i32> {
     }
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    let origin = fs::read_to_string(dir.join(ORIGIN_FILE)).ok().filter(|o| !o.is_empty());
     let dir = dir.to_str()?;
-    (cmdline.contains(dir) && !is_zombie(pid)).then_some(pid)
+    let mentioned = cmdline.contains(dir) || origin.is_some_and(|o| cmdline.contains(&format!("{o}/")));
+    (mentioned && !is_zombie(pid)).then_some(pid)
 }
 
 fn is_zombie(pid: i32) -> bool {

@@ -237,7 +237,8 @@ async fn tmpfs_root_and_drop_kills_qemu() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_accel_probe_cleans_up() {
     let dir = run_dir();
-    let config = VmConfig { accel: Accel::Auto, ..VmConfig::default() };
+    // Without fast start: a template build would add its own scratch dir to the run dir.
+    let config = VmConfig { accel: Accel::Auto, snapshot: false, ..VmConfig::default() };
     let started = Instant::now();
     let rt = QemuRuntime::new(config, assets().clone(), dir.path().to_path_buf()).await.unwrap();
     eprintln!("accel probe chose {} in {:?}", rt.accel(), started.elapsed());
@@ -245,7 +246,8 @@ async fn auto_accel_probe_cleans_up() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "probe VM dir left behind");
 }
 
-/// `reap_stale` kills a leftover QEMU that mentions its dir and removes every dir.
+/// `reap_stale` kills a leftover QEMU that mentions its dir (or the dir's `origin`) and
+/// removes every dir.
 #[test]
 fn reap_stale_kills_leftover_qemu() {
     let dir = run_dir();
@@ -262,13 +264,33 @@ fn reap_stale_kills_leftover_qemu() {
     std::fs::create_dir(&other).unwrap();
     std::fs::write(other.join("qemu.pid"), std::process::id().to_string()).unwrap();
     std::fs::create_dir(dir.path().join("stale3")).unwrap();
+    // A pooled clone renamed after QEMU started: its command line names the old dir (`origin`).
+    let pooled = dir.path().join("pool-1-0");
+    std::fs::create_dir(&pooled).unwrap();
+    let qmp = format!("unix:{}/qmp.sock,server=on,wait=off", pooled.display());
+    let mut clone = Command::new("qemu-system-x86_64")
+        .args(["-M", "microvm", "-S", "-nodefaults", "-display", "none", "-qmp", &qmp])
+        .spawn()
+        .expect("qemu-system-x86_64");
+    std::fs::write(pooled.join("qemu.pid"), clone.id().to_string()).unwrap();
+    std::fs::write(pooled.join("origin"), pooled.to_str().unwrap()).unwrap();
+    // Renamed once QEMU listens, as a pooled clone's dir is.
+    for _ in 0..200 {
+        if pooled.join("qmp.sock").exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::fs::rename(&pooled, dir.path().join("stale4")).unwrap();
     std::thread::sleep(Duration::from_millis(200));
     assert!(qemu.try_wait().unwrap().is_none(), "QEMU should be running");
 
     let cleaned = reap_stale(dir.path()).unwrap();
-    assert_eq!(cleaned, ["stale1", "stale2", "stale3"]);
+    assert_eq!(cleaned, ["stale1", "stale2", "stale3", "stale4"]);
     let status = qemu.wait().unwrap();
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9));
+    let status = clone.wait().unwrap();
+    assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "found through its origin");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     assert_eq!(reap_stale(&dir.path().join("missing")).unwrap(), Vec::<String>::new());
 }

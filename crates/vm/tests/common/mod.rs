@@ -132,10 +132,25 @@ pub fn run_dir() -> tempfile::TempDir {
     tempfile::Builder::new().prefix("bw").tempdir_in("/tmp").unwrap()
 }
 
+/// TCG, generous timeouts, fast start on with a pool of one (the machine has two cores).
+pub fn test_config(extra_kernel_args: Vec<String>) -> VmConfig {
+    VmConfig { accel: Accel::Tcg, boot_timeout_secs: 120, extra_kernel_args, pool_size: Some(1), ..VmConfig::default() }
+}
+
+/// A runtime whose VMs are template clones (the default), once its template is ready. With
+/// kernel arguments that keep the template from booting, its VMs cold-boot.
 pub async fn runtime(run_dir: &Path, extra_kernel_args: Vec<String>) -> QemuRuntime {
-    let config = VmConfig { accel: Accel::Tcg, boot_timeout_secs: 120, extra_kernel_args, ..VmConfig::default() };
-    let rt = QemuRuntime::new(config, assets().clone(), run_dir.to_path_buf()).await.unwrap();
+    let rt = QemuRuntime::new(test_config(extra_kernel_args), assets().clone(), run_dir.to_path_buf()).await.unwrap();
     assert_eq!(rt.accel(), "tcg");
+    rt.wait_ready(Duration::from_secs(180)).await;
+    rt
+}
+
+/// A runtime whose VMs always cold-boot (`snapshot = false`).
+pub async fn cold_runtime(run_dir: &Path, extra_kernel_args: Vec<String>) -> QemuRuntime {
+    let config = VmConfig { snapshot: false, ..test_config(extra_kernel_args) };
+    let rt = QemuRuntime::new(config, assets().clone(), run_dir.to_path_buf()).await.unwrap();
+    assert!(!rt.wait_ready(Duration::from_secs(1)).await);
     rt
 }
 

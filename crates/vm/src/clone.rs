@@ -1,0 +1,265 @@
+//! Template clones: restoring one (QEMU with `-incoming defer`, guest RAM mapped copy-on-write
+//! from the template's file, device state loaded over QMP), warming it up, and assigning it
+//! to a run: the run's layers go behind the disk slots, the NIC's link comes up only if the run
+//! wants networking, then `Setup` brings a fresh clock, entropy and the root filesystem.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use boxwood_protocol::RootfsSpec;
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use crate::qemu::{Devices, SLOTS, VmPaths, check_serial, slot_nodes, slot_serial};
+use crate::qmp::{Qmp, is_migration_status};
+use crate::runtime::{
+    Base, BootChannel, DirGuard, boot_err, check_hostname, check_name, fail_boot, foreground, into_vm,
+};
+use crate::stale::ORIGIN_FILE;
+use crate::template::{SLOT_BYTES, Template, shell_quote};
+use crate::vm::{QemuChild, QemuVm};
+use crate::{VmError, VmSpec};
+
+/// A running clone that has not been given to a run yet.
+pub(crate) struct Restored {
+    pub paths: VmPaths,
+    /// Dropping it SIGKILLs QEMU.
+    pub qemu: QemuChild,
+    chan: BootChannel,
+    qmp: Qmp,
+    template: Arc<Template>,
+    /// Removes the scratch dir if the clone is dropped unused.
+    guard: DirGuard,
+    /// QEMU runs at background priority.
+    background: bool,
+}
+
+/// Starts a clone of `template` named `name` (its scratch dir), returning once the guest runs.
+/// `background`: a pool refill, run at low CPU priority until assigned.
+pub(crate) async fn restore(
+    base: &Base,
+    template: Arc<Template>,
+    name: &str,
+    limit: Duration,
+    background: bool,
+) -> Result<Restored, VmError> {
+    let (paths, guard) = base.create_vm_dir(name)?;
+    let devices = Devices::Fixed {
+        ram_file: &template.ram,
+        shared_ram: false,
+        slot_image: &template.slot_image,
+        warm_image: &template.warm_image,
+        incoming: true,
+    };
+    let argv = base.argv(base.accel, &paths, template.memory_mib, template.vcpus, devices)?;
+    let qemu = base.spawn_qemu(argv, &paths, background)?;
+    let deadline = Instant::now() + limit;
+    let loaded = async {
+        // The agent socket is connected before the device state loads, so the restored guest
+        // finds its port's host side connected, as it was when the template was saved.
+        let (chan, qmp) = tokio::join!(
+            BootChannel::connect(&paths, &qemu, deadline),
+            Qmp::connect(&paths.qmp_sock, deadline, || qemu.exited().is_none())
+        );
+        let (chan, mut qmp) = (chan?, qmp?);
+        // `x-ignore-shared` must be set on this side too (QEMU 7.2 has no command-line way),
+        // or the load fails; `events` gives the MIGRATION events waited for below.
+        let caps = json!({"capabilities": [
+            {"capability": "x-ignore-shared", "state": true},
+            {"capability": "events", "state": true},
+        ]});
+        let uri = format!("exec:cat {}", shell_quote(&template.state));
+        qmp.execute_batch(&[("migrate-set-capabilities", Some(caps)), ("migrate-incoming", Some(json!({"uri": uri})))])
+            .await?;
+        let ev = qmp.wait_event(|e| is_migration_status(e, &["completed", "failed", "cancelled"])).await?;
+        if !is_migration_status(&ev, &["completed"]) {
+            return Err(boot_err(&format!("restoring the template failed: {ev}")));
+        }
+        // The template was running when saved, so QEMU resumes the clone by itself; RESUME
+        // comes after the block nodes are active again, which `assign` needs.
+        qmp.wait_event(|e| e.get("event").and_then(Value::as_str) == Some("RESUME")).await?;
+        Ok::<_, VmError>((chan, qmp))
+    };
+    match loaded.await {
+        Ok((chan, qmp)) => Ok(Restored { paths, qemu, chan, qmp, template, guard, background }),
+        Err(e) => Err(fail_boot(e, &paths, &qemu).await),
+    }
+}
+
+/// How a spec's disks map onto the template's slots: the rootfs to send in `Setup` (serials
+/// replaced by slot serials). `None` when the spec cannot run in a clone (more disks than
+/// slots, a disk larger than a slot, other memory or vCPUs than the template): it cold-boots.
+pub(crate) fn clone_plan(spec: &VmSpec, template: &Template) -> Result<Option<RootfsSpec>, VmError> {
+    if spec.disks.len() > SLOTS
+        || spec.memory_mib.is_some_and(|m| m != template.memory_mib)
+        || spec.vcpus.is_some_and(|v| v != template.vcpus)
+    {
+        return Ok(None);
+    }
+    for disk in &spec.disks {
+        check_serial(&disk.serial)?;
+        // A missing file cold-boots too, so the error reads as it always has.
+        match std::fs::metadata(&disk.path) {
+            Ok(m) if m.is_file() && m.len() <= SLOT_BYTES => {}
+            _ => return Ok(None),
+        }
+    }
+    let mut lower_serials = Vec::with_capacity(spec.rootfs.lower_serials.len());
+    for serial in &spec.rootfs.lower_serials {
+        let slot = spec
+            .disks
+            .iter()
+            .position(|d| &d.serial == serial)
+            .ok_or_else(|| VmError::Invalid(format!("rootfs layer {serial:?} is not among the disks")))?;
+        lower_serials.push(slot_serial(slot));
+    }
+    Ok(Some(RootfsSpec { lower_serials, upper_size_bytes: spec.rootfs.upper_size_bytes }))
+}
+
+impl Restored {
+    /// Runs `Warmup` in the guest. A warm-up that did not fully work fails: the clone might
+    /// not be in the state a run's `Setup` expects (its root still mounted, say).
+    pub async fn warm_up(&mut self, limit: Duration) -> Result<(), VmError> {
+        match self.chan.warm_up(&self.qemu, Instant::now() + limit).await? {
+            None => Ok(()),
+            Some(error) => Err(VmError::Boot { reason: format!("warm-up failed: {error}"), detail: String::new() }),
+        }
+    }
+
+    /// Moves a pooled clone's scratch dir to `run_dir/<name>`, where a VM of that name is
+    /// expected (and `reap_stale` finds it). The sockets are connected and the logs open, so
+    /// QEMU does not notice; `origin` keeps the old path, which QEMU's command line mentions.
+    fn adopt_name(&mut self, name: &str) -> Result<(), VmError> {
+        check_name(name)?;
+        let run_dir = self.paths.dir.parent().unwrap_or(std::path::Path::new("/"));
+        let target = VmPaths::new(run_dir.join(name))?;
+        if target.dir == self.paths.dir {
+            return Ok(());
+        }
+        let origin = self.paths.dir.as_os_str().as_encoded_bytes().to_vec();
+        std::fs::write(self.paths.dir.join(ORIGIN_FILE), origin).map_err(|e| VmError::io("write origin", e))?;
+        let renamed = nix::fcntl::renameat2(
+            nix::fcntl::AT_FDCWD,
+            &self.paths.dir,
+            nix::fcntl::AT_FDCWD,
+            &target.dir,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        );
+        match renamed {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EEXIST) => {
+                return Err(VmError::Invalid(format!("VM dir {} already exists", target.dir.display())));
+            }
+            Err(e) => return Err(VmError::io(format!("rename to {}", target.dir.display()), e.into())),
+        }
+        self.guard.dir.clone_from(&target.dir);
+        self.paths = target;
+        Ok(())
+    }
+
+    /// Gives the clone to `spec`'s run: attaches its disks behind the slots (each slot's qcow2
+    /// gets the layer file as its backing file; the virtual size, all the guest knows of a
+    /// disk, stays the same), brings the NIC's link up if the run wants networking, and sends
+    /// `Setup`. `started`: when the caller asked for the VM.
+    pub async fn assign(
+        mut self,
+        spec: &VmSpec,
+        rootfs: RootfsSpec,
+        limit: Duration,
+        started: Instant,
+    ) -> Result<QemuVm, VmError> {
+        check_hostname(&spec.hostname)?;
+        if self.background {
+            foreground(self.qemu.pid);
+        }
+        self.adopt_name(&spec.name)?;
+        let deadline = Instant::now() + limit;
+        self.qmp.set_deadline(deadline);
+        let mut commands: Vec<(&str, Option<Value>)> = Vec::new();
+        let mut reopen = Vec::new();
+        for (i, disk) in spec.disks.iter().enumerate() {
+            let layer = format!("layer{i}");
+            let filename = disk.path.to_str().ok_or_else(|| VmError::Invalid(format!("path {:?}", disk.path)))?;
+            commands.push((
+                "blockdev-add",
+                Some(json!({"driver": "file", "node-name": layer, "filename": filename, "read-only": true})),
+            ));
+            let (node, file_node) = slot_nodes(i);
+            reopen.push(json!({"driver": "qcow2", "node-name": node, "file": file_node, "backing": layer,
+                               "read-only": true}));
+        }
+        if !reopen.is_empty() {
+            commands.push(("blockdev-reopen", Some(json!({"options": reopen}))));
+        }
+        if spec.network {
+            commands.push(("set_link", Some(json!({"name": "net0", "up": true}))));
+        }
+        let result = async {
+            if !commands.is_empty() {
+                self.qmp.execute_batch(&commands).await?;
+            }
+            self.chan.setup(spec, rootfs, &self.qemu, deadline).await
+        }
+        .await;
+        let report = match result {
+            Ok(r) => r,
+            Err(e) => return Err(fail_boot(e, &self.paths, &self.qemu).await),
+        };
+        let mut hello = self.template.hello.clone();
+        hello.boot_id.clone_from(&report.boot_id);
+        let boot_duration = started.elapsed();
+        tracing::info!(vm = spec.name, template = self.template.key, ms = boot_duration.as_millis(), "VM cloned");
+        self.guard.armed = false;
+        Ok(into_vm(spec.name.clone(), hello, report, boot_duration, self.qemu, self.paths, self.chan, true))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::DiskSpec;
+
+    fn template(dir: &std::path::Path) -> Template {
+        crate::template::test_template(dir, 256, 1)
+    }
+
+    #[test]
+    fn plans_map_serials_to_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = template(dir.path());
+        let (a, b) = (dir.path().join("a.erofs"), dir.path().join("b.erofs"));
+        std::fs::write(&a, b"a").unwrap();
+        std::fs::write(&b, b"b").unwrap();
+        let mut spec = VmSpec {
+            name: "x".into(),
+            disks: vec![
+                DiskSpec { path: a.clone(), serial: "layer0".into() },
+                DiskSpec { path: b.clone(), serial: "layer1".into() },
+            ],
+            rootfs: RootfsSpec { lower_serials: vec!["layer1".into(), "layer0".into()], upper_size_bytes: 7 },
+            hostname: "h".into(),
+            memory_mib: None,
+            vcpus: None,
+            network: false,
+        };
+        let plan = clone_plan(&spec, &t).unwrap().unwrap();
+        assert_eq!(plan, RootfsSpec { lower_serials: vec!["bwslot1".into(), "bwslot0".into()], upper_size_bytes: 7 });
+
+        spec.rootfs.lower_serials.push("nope".into());
+        assert!(clone_plan(&spec, &t).is_err(), "a layer that is not a disk");
+        spec.rootfs.lower_serials.pop();
+        for other in [Some(512), Some(256)] {
+            let s = VmSpec { memory_mib: other, ..spec.clone() };
+            assert_eq!(clone_plan(&s, &t).unwrap().is_some(), other == Some(256));
+        }
+        let s = VmSpec { vcpus: Some(2), ..spec.clone() };
+        assert!(clone_plan(&s, &t).unwrap().is_none(), "other vCPUs cold-boot");
+        let mut s = spec.clone();
+        s.disks = (0..7).map(|i| DiskSpec { path: a.clone(), serial: format!("l{i}") }).collect();
+        s.rootfs.lower_serials.clear();
+        assert!(clone_plan(&s, &t).unwrap().is_none(), "more disks than slots cold-boot");
+        let mut s = spec.clone();
+        s.disks[0].path = dir.path().join("missing");
+        assert!(clone_plan(&s, &t).unwrap().is_none(), "a missing file cold-boots (and fails as before)");
+    }
+}
