@@ -201,16 +201,50 @@ pub fn stream_bytes(repr: &Value) -> Vec<u8> {
     }
 }
 
-/// Live QEMU processes whose command line mentions `needle`.
-pub fn qemu_processes_with(needle: &str) -> Vec<u32> {
+/// Live QEMU processes whose command line mentions `needle`, with their scratch dir (the
+/// directory of their QMP socket).
+pub fn qemu_processes_with(needle: &str) -> Vec<(u32, std::path::PathBuf)> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("qemu-system") && cmd.contains(needle) {
-            found.push(pid);
+        let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if !args.first().is_some_and(|a| a.contains("qemu-system")) || !args.iter().any(|a| a.contains(needle)) {
+            continue;
         }
+        let qmp = args.iter().skip_while(|a| *a != "-qmp").nth(1).cloned().unwrap_or_default();
+        let sock = qmp.trim_start_matches("unix:").split(',').next().unwrap_or_default().to_owned();
+        let dir = std::path::Path::new(&sock).parent().map(|p| p.to_owned()).unwrap_or_default();
+        found.push((pid, dir));
     }
     found
+}
+
+/// QEMU processes of the server on `state` that serve (or served) a run: everything but the
+/// template build and the idle clones waiting in the warm pool. A pooled clone's scratch dir
+/// is renamed away from `run/pool-…` when a run takes it, so a taken clone counts here until
+/// it is gone; a cold-booted VM's command line names its run dir directly.
+pub fn run_vms(state: &std::path::Path) -> Vec<u32> {
+    let state = state.to_string_lossy();
+    qemu_processes_with(&state)
+        .into_iter()
+        .filter(|(_, dir)| {
+            let name = dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let idle_pooled = name.starts_with("pool-") && dir.exists();
+            !idle_pooled && !name.starts_with("template-")
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// Waits (up to 5 s: teardown may trail the terminal status by a moment) until `check` finds
+/// no process; returns what it found last.
+pub async fn until_gone(check: impl Fn() -> Vec<u32>) -> Vec<u32> {
+    for _ in 0..50 {
+        if check().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    check()
 }

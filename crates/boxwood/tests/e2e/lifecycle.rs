@@ -8,7 +8,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::harness::{TestServer, qemu_processes_with};
+use crate::harness::{TestServer, qemu_processes_with, run_vms, until_gone};
 
 #[tokio::test]
 async fn spawn_failure_and_guest_crash_end_failed_with_completion() {
@@ -27,7 +27,8 @@ async fn spawn_failure_and_guest_crash_end_failed_with_completion() {
     let error = op["error"].as_str().unwrap();
     assert!(error.contains("crash") && error.contains("Kernel panic"), "the error explains the crash: {error}");
     assert_eq!(frames.last().unwrap().data["data"]["error"], error);
-    assert!(qemu_processes_with(&id).is_empty(), "no QEMU outlives a crashed guest");
+    let state = s.state.as_ref().unwrap().path().to_owned();
+    assert_eq!(until_gone(|| run_vms(&state)).await, Vec::<u32>::new(), "no QEMU outlives a crashed guest");
     s.stop().await;
 }
 
@@ -105,7 +106,8 @@ async fn inflight_output_cancel_and_queueing() {
     }
     let r = s.req(Method::DELETE, &format!("/operations/{running}")).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::CONFLICT, "cancelling a finished operation");
-    assert!(qemu_processes_with(&running).is_empty());
+    let state = s.state.as_ref().unwrap().path().to_owned();
+    assert_eq!(until_gone(|| run_vms(&state)).await, Vec::<u32>::new(), "the runs' VMs are gone");
     s.stop().await;
 }
 
@@ -119,7 +121,8 @@ async fn cancel_during_boot_leaves_nothing_behind() {
     let (op, frames) = s.wait(&id).await;
     assert_eq!(op["status"], "CANCELLED", "{op}");
     assert!(frames.iter().all(|f| f.event != "stdout"), "the command never ran");
-    assert!(qemu_processes_with(&id).is_empty());
+    let state = s.state.as_ref().unwrap().path().to_owned();
+    assert_eq!(until_gone(|| run_vms(&state)).await, Vec::<u32>::new());
     let run_dir = s.state.as_ref().unwrap().path().join("run").join(&id);
     assert!(!run_dir.exists(), "the VM scratch dir of a cancelled boot is removed");
     s.stop().await;
@@ -130,8 +133,11 @@ async fn graceful_shutdown_fails_active_runs_and_stops_their_vms() {
     let s = TestServer::start().await;
     let id = s.start_run(json!({"command": "sleep 120", "shell": true, "disposable": true, "timeout": 300})).await;
     s.wait_status(&id, "EXECUTING", Duration::from_secs(120)).await;
+    assert_eq!(run_vms(s.state.as_ref().unwrap().path()).len(), 1, "the run's VM is found while it runs");
     let state = s.stop().await.unwrap();
-    assert!(qemu_processes_with(&id).is_empty(), "shutdown leaves no QEMU behind");
+    let path = state.path().to_string_lossy().into_owned();
+    let left = until_gone(|| qemu_processes_with(&path).into_iter().map(|(pid, _)| pid).collect()).await;
+    assert_eq!(left, Vec::<u32>::new(), "shutdown leaves no QEMU behind, pooled clones included");
     let s = TestServer::start_in(state, |_| {}).await;
     let (op, frames) = s.wait(&id).await;
     assert_eq!(op["status"], "FAILED");
@@ -151,13 +157,9 @@ async fn restart_after_a_crash_fails_interrupted_operations() {
     s.wait_status(&id, "EXECUTING", Duration::from_secs(120)).await;
     child.kill().await.unwrap();
     let _ = child.wait().await;
-    for _ in 0..50 {
-        if qemu_processes_with(&id).is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(qemu_processes_with(&id).is_empty(), "QEMU does not outlive a killed server");
+    let path = state.path().to_string_lossy().into_owned();
+    let left = until_gone(|| qemu_processes_with(&path).into_iter().map(|(pid, _)| pid).collect()).await;
+    assert_eq!(left, Vec::<u32>::new(), "no QEMU (pooled clones included) outlives a killed server");
 
     let (mut child, url, token) = spawn_server(state.path()).await;
     let s = TestServer::attach(url, token);
