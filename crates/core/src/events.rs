@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::clock::{format_ts, now_us};
 use crate::error::CoreResult;
 use crate::model::EventView;
-use crate::operations::Status;
+use crate::operations::{self, Status};
 
 /// Live operations' newest event ids, for waking followers.
 #[derive(Debug, Default)]
@@ -130,9 +130,9 @@ impl EventLog {
 
     /// Persists the terminal operation row together with its `completion` event, the last
     /// event of every log.
-    pub(crate) async fn complete(&self, op: &OperationRecord, completion: Value) -> CoreResult<()> {
+    pub(crate) async fn complete(&self, op: &OperationRecord) -> CoreResult<()> {
         let mut w = self.inner.lock().await;
-        let ev = w.record(None, "completion", completion);
+        let ev = w.record(None, "completion", completion_data(op));
         w.store.finish_operation(op, &ev).await?;
         w.completed = true;
         w.notify.send_replace(ev.id);
@@ -162,7 +162,7 @@ impl Drop for LogWriter {
 }
 
 /// The `completion` payload of a terminal operation row.
-pub(crate) fn completion_data(op: &OperationRecord) -> Value {
+fn completion_data(op: &OperationRecord) -> Value {
     let duration_ms = match (op.started_at_us, op.finished_at_us) {
         (Some(s), Some(f)) => (f - s).max(0) / 1000,
         _ => 0,
@@ -184,13 +184,8 @@ pub(crate) async fn fail_operation(store: Arc<dyn Store>, hub: Arc<EventHub>, op
         return Ok(());
     }
     let log = EventLog::open(store, hub, op).await?;
-    record.status = Status::Failed.as_str().into();
-    record.error = Some(error.into());
-    record.finished_at_us = Some(now_us());
-    record.result_image_uuid = None;
-    record.image_size = None;
-    let completion = completion_data(&record);
-    log.complete(&record, completion).await
+    operations::conclude(&mut record, Status::Failed, Some(error.into()));
+    log.complete(&record).await
 }
 
 pub(crate) fn view(ev: &EventRecord) -> EventView {

@@ -8,6 +8,7 @@
 
 use boxwood_store::OperationRecord;
 use serde_json::Value;
+use uuid::Uuid;
 
 use crate::clock::{format_ts, now_us};
 use crate::model::{OperationResponse, OperationSummary, ResultRef};
@@ -64,6 +65,41 @@ impl Status {
 
 pub const KIND_INSTANCE: &str = "instance";
 pub const KIND_IMAGE_IMPORT: &str = "image_import";
+
+/// A new PENDING operation of `kind` in `namespace`.
+pub(crate) fn pending(namespace: &str, kind: &str, image_uuid: Option<Uuid>, metadata: Value) -> OperationRecord {
+    OperationRecord {
+        uuid: Uuid::now_v7(),
+        namespace: namespace.to_owned(),
+        kind: kind.into(),
+        status: Status::Pending.as_str().into(),
+        error: None,
+        created_at_us: now_us(),
+        started_at_us: None,
+        finished_at_us: None,
+        image_uuid,
+        result_image_uuid: None,
+        result_tag: None,
+        image_size: None,
+        consumed_cpu: None,
+        consumed_memory: None,
+        metadata,
+        result: None,
+    }
+}
+
+/// Puts `op` in its terminal `status`: only a SUCCESS keeps a result image, tag and size.
+pub(crate) fn conclude(op: &mut OperationRecord, status: Status, error: Option<String>) {
+    debug_assert!(status.is_terminal(), "{status:?}");
+    op.status = status.as_str().into();
+    op.error = error;
+    op.finished_at_us = Some(now_us());
+    if status != Status::Success {
+        op.result_image_uuid = None;
+        op.result_tag = None;
+        op.image_size = None;
+    }
+}
 
 /// Seconds the operation has run: 0 before it started, growing while it runs.
 fn duration_secs(op: &OperationRecord) -> f64 {

@@ -110,6 +110,12 @@ impl ResultFold {
         }
     }
 
+    /// Records the pid of a process started without a stored `spawn` event to fold.
+    pub(crate) fn started(&mut self, pid: u32) {
+        self.spawned = true;
+        self.pid = pid;
+    }
+
     /// Adds output bytes of stdout (`true`) or stderr.
     pub(crate) fn push_output(&mut self, stdout: bool, bytes: &[u8]) {
         let (buf, cut) =

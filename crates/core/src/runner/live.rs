@@ -15,8 +15,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::{CoreError, CoreResult, error_chain};
 use crate::events::EventLog;
-use crate::process::{exit_data, spawn_data, stream_data};
-use crate::spec::{ProcessPlan, ProcessSpec};
+use crate::process::{ResultFold, exit_data, spawn_data, stream_data};
+use crate::spec::ProcessSpec;
 
 /// The first spid handed to a subprocess (0 is the agent, 1 the main process).
 const FIRST_SUBPROCESS_SPID: u32 = 2;
@@ -87,7 +87,7 @@ impl Live {
     /// Starts `spec` as process `spid`: sends Spawn, then logs `spawn` and the initial stdin.
     /// The process is registered before its `spawn` event is visible, so a client reacting
     /// to that event can already write to its stdin.
-    pub(crate) async fn start(&self, spid: u32, spec: &ProcessSpec) -> Result<(Process, ProcessPlan), StartError> {
+    pub(crate) async fn start(&self, spid: u32, spec: &ProcessSpec) -> Result<Process, StartError> {
         let plan = spec.plan(&self.image);
         let spawn = Spawn {
             id: spid,
@@ -119,7 +119,7 @@ impl Live {
         let spid_field = Some(i64::from(spid));
         self.log.append(spid_field, "spawn", spawn_data(process.pid, &plan, spec, self.timeout_secs)).await?;
         self.log_stdin(spid, &spec.stdin, spec.stdin_echo.close).await?;
-        Ok((process, plan))
+        Ok(process)
     }
 
     /// Starts a subprocess and pumps its events into the log until it exits.
@@ -128,7 +128,7 @@ impl Live {
             return Err(CoreError::Conflict("the instance is finishing".into()));
         }
         let spid = self.next_spid.fetch_add(1, Ordering::SeqCst);
-        let (mut process, _) = match self.start(spid, &spec).await {
+        let mut process = match self.start(spid, &spec).await {
             Ok(p) => p,
             Err(StartError::Spawn(e)) => return Err(CoreError::bad(format!("cannot start the process: {e}"))),
             Err(StartError::Vm(e)) => {
@@ -140,7 +140,7 @@ impl Live {
         self.pumps.spawn(async move {
             while let Some(event) = process.events.recv().await {
                 let done = matches!(event, ProcessEvent::Exited(_) | ProcessEvent::Lost(_));
-                if let Err(e) = live.on_event(spid, event).await {
+                if let Err(e) = live.on_event(spid, event, None).await {
                     tracing::warn!(spid, error = %error_chain(&e), "subprocess event not logged");
                 }
                 if done {
@@ -152,8 +152,13 @@ impl Live {
         Ok(spid)
     }
 
-    /// Logs one event of process `spid`.
-    pub(crate) async fn on_event(&self, spid: u32, event: ProcessEvent) -> CoreResult<()> {
+    /// Logs one event of process `spid`, folding it into `fold` (the main process's result) too.
+    pub(crate) async fn on_event(
+        &self,
+        spid: u32,
+        event: ProcessEvent,
+        mut fold: Option<&mut ResultFold>,
+    ) -> CoreResult<()> {
         let spid_field = Some(i64::from(spid));
         match event {
             ProcessEvent::Output { stream, data } => {
@@ -161,14 +166,24 @@ impl Live {
                     OutputStream::Stdout => "stdout",
                     OutputStream::Stderr => "stderr",
                 };
+                if let Some(f) = fold {
+                    f.push_output(stream == OutputStream::Stdout, &data);
+                }
                 self.log.append(spid_field, name, stream_data(&data)).await
             }
             ProcessEvent::Exited(exit) => {
                 self.mark_exited(spid);
-                self.log.append(spid_field, "exit", exit_data(&exit)).await?;
+                let data = exit_data(&exit);
+                if let Some(f) = fold.as_deref_mut() {
+                    f.feed("exit", &data);
+                }
+                self.log.append(spid_field, "exit", data).await?;
                 for (name, t) in [("stdout", exit.stdout), ("stderr", exit.stderr)] {
                     if t.dropped > 0 {
                         let data = json!({"stream": name, "bytes_emitted": t.emitted, "bytes_dropped": t.dropped});
+                        if let Some(f) = fold.as_deref_mut() {
+                            f.feed("truncated", &data);
+                        }
                         self.log.append(spid_field, "truncated", data).await?;
                     }
                 }

@@ -3,15 +3,13 @@
 
 use std::time::{Duration, Instant};
 
-use boxwood_protocol::{Exit, OutputStream};
 use boxwood_vm::ProcessEvent;
-use serde_json::json;
 
 use super::Run;
 use super::live::{Live, StartError};
 use crate::error::{CoreResult, error_chain};
 use crate::model::InstanceResult;
-use crate::process::{ResultFold, exit_data, stream_data};
+use crate::process::{ResultFold, stream_data};
 
 /// The spid of a run's main process.
 pub(crate) const MAIN_SPID: u32 = 1;
@@ -21,7 +19,7 @@ const HOST_GRACE: Duration = Duration::from_secs(30);
 
 /// How the main process ended, as far as the host could tell.
 pub(super) enum Outcome {
-    Exited(Box<(Exit, InstanceResult)>),
+    Exited(Box<InstanceResult>),
     /// Cancelled or stopped by a server shutdown.
     Stopped,
     SpawnFailed(String),
@@ -41,7 +39,7 @@ impl Run {
             () = tokio::time::sleep_until(deadline.into()) => return Ok(host_timeout()),
         };
         let mut process = match started {
-            Ok((p, _)) => p,
+            Ok(p) => p,
             Err(StartError::Spawn(error)) => {
                 let msg = format!("spawn failed: {error}");
                 self.log.append(Some(0), "stderr", stream_data(format!("{msg}\n").as_bytes())).await?;
@@ -51,7 +49,7 @@ impl Run {
             Err(StartError::Core(e)) => return Err(e),
         };
         let mut fold = ResultFold::new(self.spec.process.truncate_output_at);
-        fold.feed("spawn", &json!({"pid": process.pid}));
+        fold.started(process.pid);
         loop {
             let event = tokio::select! {
                 ev = process.events.recv() => ev,
@@ -59,19 +57,10 @@ impl Run {
                 () = tokio::time::sleep_until(deadline.into()) => return Ok(host_timeout()),
             };
             match event {
-                Some(ProcessEvent::Output { stream, data }) => {
-                    fold.push_output(stream == OutputStream::Stdout, &data);
-                    live.on_event(MAIN_SPID, ProcessEvent::Output { stream, data }).await?;
-                }
-                Some(ProcessEvent::Exited(exit)) => {
-                    fold.feed("exit", &exit_data(&exit));
-                    for (name, t) in [("stdout", exit.stdout), ("stderr", exit.stderr)] {
-                        if t.dropped > 0 {
-                            fold.feed("truncated", &json!({"stream": name}));
-                        }
-                    }
-                    live.on_event(MAIN_SPID, ProcessEvent::Exited(exit.clone())).await?;
-                    return Ok(Outcome::Exited(Box::new((exit, fold.result()))));
+                Some(ev @ ProcessEvent::Output { .. }) => live.on_event(MAIN_SPID, ev, Some(&mut fold)).await?,
+                Some(ev @ ProcessEvent::Exited(_)) => {
+                    live.on_event(MAIN_SPID, ev, Some(&mut fold)).await?;
+                    return Ok(Outcome::Exited(Box::new(fold.result())));
                 }
                 Some(ProcessEvent::Lost(e)) => {
                     live.mark_exited(MAIN_SPID);

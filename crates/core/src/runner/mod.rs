@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use boxwood_blob::BlobStore;
 use boxwood_image::{ImageError, LayerStore};
-use boxwood_protocol::{Exit, RootfsSpec};
+use boxwood_protocol::RootfsSpec;
 use boxwood_store::{ImageRecord, OperationRecord, Store};
 use boxwood_vm::{DiskSpec, FileSpec, Vm, VmRuntime, VmSpec};
 use serde_json::{Value, json};
@@ -26,9 +26,9 @@ use uuid::Uuid;
 
 use crate::clock::{format_ts, now_us};
 use crate::error::{CoreResult, error_chain};
-use crate::events::{EventLog, completion_data};
+use crate::events::EventLog;
 use crate::model::InstanceResult;
-use crate::operations::Status;
+use crate::operations::{self, Status};
 use crate::spec::{FileInjection, ValidSpawn};
 
 pub(crate) use live::Live;
@@ -264,8 +264,8 @@ impl Run {
         self.transition(Status::Executing, env).await?;
         let outcome = self.run_main(&guard.live).await;
         guard.close().await;
-        let (exit, result) = match outcome? {
-            main_process::Outcome::Exited(done) => *done,
+        let result = match outcome? {
+            main_process::Outcome::Exited(result) => *result,
             main_process::Outcome::Stopped => {
                 let (status, error) = self.control.stopped_outcome();
                 return Ok((Ending { status, error, result: None }, "signal"));
@@ -274,8 +274,8 @@ impl Run {
             main_process::Outcome::Timeout(msg) => return Ok((Ending::failed(msg), "timeout")),
             main_process::Outcome::Crashed(msg) => return Ok((Ending::failed(msg), "vm_crashed")),
         };
-        self.record_usage(&exit, &result);
-        let reason = if exit.timed_out { "timeout" } else { "job_complete" };
+        self.record_usage(&result);
+        let reason = if result.state.timed_out { "timeout" } else { "job_complete" };
         if !self.spec.disposable {
             // The command's exit code does not matter: a failing build step's state is kept.
             match self.persist(vm.as_ref(), env).await {
@@ -344,9 +344,9 @@ impl Run {
         Ok(())
     }
 
-    fn record_usage(&mut self, exit: &Exit, result: &InstanceResult) {
+    fn record_usage(&mut self, result: &InstanceResult) {
         self.op.consumed_cpu = Some(result.resources.user_cpu_time + result.resources.system_cpu_time);
-        self.op.consumed_memory = Some(exit.rusage.max_rss_kb as i64);
+        self.op.consumed_memory = Some(result.resources.max_rss as i64);
     }
 
     async fn transition(&mut self, next: Status, env: &RunEnv) -> CoreResult<()> {
@@ -359,16 +359,9 @@ impl Run {
 
     async fn finish(mut self, ending: Ending) -> CoreResult<()> {
         let Ending { status, error, result } = ending;
-        self.op.status = status.as_str().into();
-        self.op.error = error;
-        self.op.finished_at_us = Some(now_us());
-        if status != Status::Success {
-            self.op.result_image_uuid = None;
-            self.op.image_size = None;
-        }
+        operations::conclude(&mut self.op, status, error);
         self.op.result = result.map(|r| serde_json::to_value(r).unwrap_or(Value::Null));
-        let completion = completion_data(&self.op);
         tracing::info!(op = %self.op.uuid, status = status.as_str(), error = ?self.op.error, "operation finished");
-        self.log.complete(&self.op, completion).await
+        self.log.complete(&self.op).await
     }
 }

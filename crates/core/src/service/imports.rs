@@ -16,9 +16,9 @@ use super::Service;
 use crate::auth::{Caller, Permission};
 use crate::clock::now_us;
 use crate::error::{CoreError, CoreResult, error_chain};
-use crate::events::{EventLog, completion_data};
+use crate::events::EventLog;
 use crate::model::{ImportRequest, OperationCreated};
-use crate::operations::{KIND_IMAGE_IMPORT, Status};
+use crate::operations::{self, KIND_IMAGE_IMPORT, Status};
 use crate::runner::RunControl;
 use crate::spec::is_valid_tag;
 
@@ -53,24 +53,8 @@ impl Service {
         if let Some(c) = &req.registry.credentials {
             registry["credentials"] = json!({"username": c.username, "password": "<MASKED>"});
         }
-        let op = OperationRecord {
-            uuid: Uuid::now_v7(),
-            namespace: caller.namespace.clone(),
-            kind: KIND_IMAGE_IMPORT.into(),
-            status: Status::Pending.as_str().into(),
-            error: None,
-            created_at_us: now_us(),
-            started_at_us: None,
-            finished_at_us: None,
-            image_uuid: None,
-            result_image_uuid: None,
-            result_tag: None,
-            image_size: None,
-            consumed_cpu: None,
-            consumed_memory: None,
-            metadata: json!({"registry": registry, "tag": req.tag, "timeout": timeout}),
-            result: None,
-        };
+        let metadata = json!({"registry": registry, "tag": req.tag, "timeout": timeout});
+        let op = operations::pending(&caller.namespace, KIND_IMAGE_IMPORT, None, metadata);
         let creds = req.registry.credentials.map(|c| Credentials { username: c.username, password: c.password });
         let job = ImportJob {
             log: EventLog::fresh(self.inner.store.clone(), self.inner.hub.clone(), op.uuid, u64::MAX),
@@ -196,16 +180,8 @@ impl ImportJob {
     }
 
     async fn finish(mut self, status: Status, error: Option<String>) -> CoreResult<()> {
-        self.op.status = status.as_str().into();
-        self.op.error = error;
-        self.op.finished_at_us = Some(now_us());
-        if status != Status::Success {
-            self.op.result_image_uuid = None;
-            self.op.result_tag = None;
-            self.op.image_size = None;
-        }
+        operations::conclude(&mut self.op, status, error);
         tracing::info!(op = %self.op.uuid, status = status.as_str(), error = ?self.op.error, "import finished");
-        let completion = completion_data(&self.op);
-        self.log.complete(&self.op, completion).await
+        self.log.complete(&self.op).await
     }
 }

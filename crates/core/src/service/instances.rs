@@ -2,16 +2,12 @@
 
 use std::sync::Arc;
 
-use boxwood_store::OperationRecord;
-use uuid::Uuid;
-
 use super::Service;
 use crate::auth::{Caller, Permission};
-use crate::clock::now_us;
 use crate::error::{CoreError, CoreResult};
 use crate::events::EventLog;
 use crate::model::{SpawnRequest, SpawnResponse};
-use crate::operations::{KIND_INSTANCE, Status};
+use crate::operations::{self, KIND_INSTANCE};
 use crate::runner::{InjectedFile, Run, RunControl};
 use crate::spec::{ImageRef, validate};
 
@@ -33,24 +29,8 @@ impl Service {
             files.push(InjectedFile { spec: f.clone(), sha256: record.sha256 });
         }
         let metadata = spec.metadata(image.uuid);
-        let op = OperationRecord {
-            uuid: Uuid::now_v7(),
-            namespace: caller.namespace.clone(),
-            kind: KIND_INSTANCE.into(),
-            status: Status::Pending.as_str().into(),
-            error: None,
-            created_at_us: now_us(),
-            started_at_us: None,
-            finished_at_us: None,
-            image_uuid: Some(image.uuid),
-            result_image_uuid: None,
-            result_tag: None,
-            image_size: None,
-            consumed_cpu: None,
-            consumed_memory: None,
-            metadata: serde_json::to_value(&metadata).map_err(|e| CoreError::Internal(e.to_string()))?,
-            result: None,
-        };
+        let echo = serde_json::to_value(&metadata).map_err(|e| CoreError::Internal(e.to_string()))?;
+        let op = operations::pending(&caller.namespace, KIND_INSTANCE, Some(image.uuid), echo);
         let cap = self.inner.config.limits.max_event_log_bytes;
         let log = EventLog::fresh(self.inner.store.clone(), self.inner.hub.clone(), op.uuid, cap);
         let response = SpawnResponse { uuid: op.uuid.to_string(), metadata };
