@@ -43,6 +43,9 @@ pub enum VmError {
     /// QEMU's monitor (QMP) failed or refused a command.
     #[error("QEMU monitor: {0}")]
     Qmp(String),
+    /// The guest egress filter could not be installed or removed.
+    #[error("guest egress filter: {0}")]
+    Egress(String),
     /// Building or loading a fast-start template failed.
     #[error("VM template: {0}")]
     Template(String),

@@ -14,6 +14,7 @@
 mod assets;
 mod clone;
 mod cpio;
+pub mod egress;
 mod error;
 mod modules;
 mod pool;
