@@ -58,7 +58,7 @@ pub fn apply_layers(layers: &[PathBuf], tree: &Path) -> Result<u64, OciError> {
     let mut locs = Vec::new();
     for path in layers {
         let len = path.metadata().map_err(io_err(path))?.len();
-        locs.push((BlobLoc { path: path.clone(), offset: 0, len }, path.display().to_string()));
+        locs.push((BlobLoc { path: path.clone(), offset: 0, len, keep: None }, path.display().to_string()));
     }
     apply_all(&locs, tree, &AtomicBool::new(false))
 }

@@ -38,6 +38,15 @@ pub enum OciError {
     /// A layer member refused because it would write outside the tree or is otherwise unsafe.
     #[error("refusing member {member:?} of layer {digest}: {reason}")]
     HostileLayer { digest: String, member: String, reason: String },
+    /// The server imports nothing from its own file system (no `registry.local_dirs`).
+    #[error("local image sources (oci:, oci-archive:, docker-archive:) are disabled on this server")]
+    LocalDisabled,
+    /// A local path outside the allowed directories, missing, a symlink, or not a regular
+    /// file (or directory, for `oci:`): one answer for all, so nothing about the host leaks.
+    #[error(
+        "no usable image archive or layout at that path (local sources must be regular files, or layout directories, inside the server's registry.local_dirs)"
+    )]
+    LocalRefused,
     /// An OCI layout or archive on disk that does not hold what the source asked for.
     #[error("cannot use image at {path}: {reason}")]
     LocalSource { path: PathBuf, reason: String },
@@ -53,6 +62,12 @@ pub enum OciError {
     /// A local file-system operation failed.
     #[error("i/o error on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    /// The registry host is, or resolves only to, an address imports may not reach (the
+    /// host itself, loopback, link-local, private ranges) and is not an allowed host.
+    #[error(
+        "registry host {host:?} is not reachable from this server: it is an internal address (allow it with registry.allow_hosts)"
+    )]
+    Blocked { host: String },
     /// The import was cancelled (its future dropped) while layers were being applied.
     #[error("import cancelled")]
     Cancelled,

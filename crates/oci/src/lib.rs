@@ -13,10 +13,12 @@
 //! listed as insecure and for loopback.
 
 mod apply;
+mod confine;
 mod error;
 mod fsutil;
 mod local;
 mod manifest;
+mod netguard;
 mod registry;
 mod scratch;
 mod source;
@@ -27,10 +29,12 @@ pub use source::{DOCKER_HUB, ImageSource, Reference, parse_source};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use futures::{StreamExt, TryStreamExt};
 use serde::Deserialize;
 
+use crate::confine::open_source;
 use crate::error::io_err;
 use crate::local::{BlobLoc, LocalPlan};
 use crate::manifest::{Document, ImageConfig, ImageManifest};
@@ -49,6 +53,13 @@ pub struct RegistryConfig {
     pub mirrors: BTreeMap<String, Vec<String>>,
     /// Registry hosts (`host[:port]`) spoken to over plain http. Loopback hosts always are.
     pub insecure: Vec<String>,
+    /// Hosts (names or IP literals, no port) imports may reach even though they are, or
+    /// resolve to, the host itself, loopback, link-local or private addresses. Mirrors'
+    /// hosts are always allowed; nothing else is by default.
+    pub allow_hosts: Vec<String>,
+    /// Directories `oci:`, `oci-archive:` and `docker-archive:` sources may name files in.
+    /// Empty (the default): local imports are disabled.
+    pub local_dirs: Vec<PathBuf>,
 }
 
 /// Registry credentials, used for Basic auth and for the Bearer token exchange.
@@ -90,6 +101,7 @@ pub struct Imported {
 pub struct Importer {
     client: RegistryClient,
     work_dir: PathBuf,
+    local_dirs: Arc<Vec<PathBuf>>,
 }
 
 /// A registry image located on one endpoint.
@@ -103,7 +115,8 @@ impl Importer {
     /// `work_dir` holds per-import scratch directories (downloaded layers); it is created if
     /// missing and may be shared by several importers and processes.
     pub fn new(config: RegistryConfig, work_dir: PathBuf) -> Self {
-        Self { client: RegistryClient::new(config), work_dir }
+        let local_dirs = Arc::new(config.local_dirs.clone());
+        Self { client: RegistryClient::new(config), work_dir, local_dirs }
     }
 
     /// Cheap: resolves the manifest (and config digest) without downloading layers, so
@@ -113,7 +126,7 @@ impl Importer {
             ImageSource::Registry { host, repository, reference } => {
                 Ok(self.resolve_remote(host, repository, reference, creds).await?.resolved)
             }
-            _ => Ok(plan_local(src.clone()).await?.resolved),
+            _ => Ok(plan_local(src.clone(), self.local_dirs.clone()).await?.resolved),
         }
     }
 
@@ -143,7 +156,7 @@ impl Importer {
                 (plan.resolved, config, layers)
             }
             _ => {
-                let plan = plan_local(src.clone()).await?;
+                let plan = plan_local(src.clone(), self.local_dirs.clone()).await?;
                 check_architecture(&plan.config)?;
                 let layers = blocking(move || {
                     plan.layers.iter().try_for_each(local::verify_layer)?;
@@ -242,7 +255,7 @@ impl Importer {
         for l in &plan.manifest.layers {
             let path = path_of(&l.digest);
             let len = std::fs::metadata(&path).map_err(io_err(&path))?.len();
-            out.push((BlobLoc { path, offset: 0, len }, l.digest.clone()));
+            out.push((BlobLoc { path, offset: 0, len, keep: None }, l.digest.clone()));
         }
         Ok(out)
     }
@@ -256,11 +269,11 @@ fn check_architecture(config: &ImageConfig) -> Result<(), OciError> {
     }
 }
 
-async fn plan_local(src: ImageSource) -> Result<LocalPlan, OciError> {
+async fn plan_local(src: ImageSource, dirs: Arc<Vec<PathBuf>>) -> Result<LocalPlan, OciError> {
     blocking(move || match &src {
-        ImageSource::OciDir(dir, tag) => local::plan_oci(dir, tag.as_deref(), false),
-        ImageSource::OciArchive(path) => local::plan_oci(path, None, true),
-        ImageSource::DockerArchive(path) => local::plan_docker_archive(path),
+        ImageSource::OciDir(dir, tag) => local::plan_oci(open_source(&dirs, dir, true)?, tag.as_deref(), false),
+        ImageSource::OciArchive(path) => local::plan_oci(open_source(&dirs, path, false)?, None, true),
+        ImageSource::DockerArchive(path) => local::plan_docker_archive(open_source(&dirs, path, false)?),
         ImageSource::Registry { .. } => {
             Err(OciError::InvalidSource { input: src.to_string(), reason: "not local".into() })
         }

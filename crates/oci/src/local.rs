@@ -5,12 +5,15 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
 use crate::apply::decompressed;
+use crate::confine::{Opened, open_member};
 use crate::manifest::{self, Document, ImageConfig, MAX_DOCUMENT, sha256_digest, verify_bytes};
 use crate::{OciError, Resolved, io_err};
 
@@ -20,6 +23,10 @@ pub(crate) struct BlobLoc {
     pub path: PathBuf,
     pub offset: u64,
     pub len: u64,
+    /// For a confined local source, the descriptor `path` (`/proc/self/fd/N`) refers to;
+    /// held, never read.
+    #[allow(dead_code)]
+    pub keep: Option<Arc<OwnedFd>>,
 }
 
 impl BlobLoc {
@@ -56,8 +63,8 @@ pub(crate) struct LocalPlan {
 
 /// Where the members of a layout or archive live.
 enum Store {
-    Dir(PathBuf),
-    Tar { path: PathBuf, members: HashMap<String, Member> },
+    Dir(Opened),
+    Tar { file: Opened, members: HashMap<String, Member> },
 }
 
 enum Member {
@@ -66,7 +73,8 @@ enum Member {
 }
 
 impl Store {
-    fn open_tar(path: &Path) -> Result<Self, OciError> {
+    fn open_tar(opened: Opened) -> Result<Self, OciError> {
+        let path = opened.path.as_path();
         let file = File::open(path).map_err(io_err(path))?;
         let mut archive = tar::Archive::new(file);
         let bad =
@@ -84,12 +92,12 @@ impl Store {
                 members.insert(name, Member::Symlink(String::from_utf8_lossy(&target).into_owned()));
             }
         }
-        Ok(Store::Tar { path: path.to_owned(), members })
+        Ok(Store::Tar { file: opened, members })
     }
 
     fn path(&self) -> &Path {
         match self {
-            Store::Dir(p) | Store::Tar { path: p, .. } => p,
+            Store::Dir(o) | Store::Tar { file: o, .. } => &o.path,
         }
     }
 
@@ -102,19 +110,17 @@ impl Store {
     fn locate(&self, name: &str) -> Result<BlobLoc, OciError> {
         match self {
             Store::Dir(dir) => {
-                let path = dir.join(name);
-                let meta = path.metadata().map_err(|_| self.missing(name))?;
-                if !meta.is_file() {
-                    return Err(self.missing(name));
-                }
-                Ok(BlobLoc { path, offset: 0, len: meta.len() })
+                let member = open_member(dir, name).ok_or_else(|| self.missing(name))?;
+                let len = member.path.metadata().map_err(|_| self.missing(name))?.len();
+                Ok(BlobLoc { path: member.path.clone(), offset: 0, len, keep: Some(member.keep()) })
             }
-            Store::Tar { path, members } => {
+            Store::Tar { file, members } => {
                 let mut name = normalise(name);
                 for _ in 0..8 {
                     match members.get(&name) {
                         Some(Member::File { offset, len }) => {
-                            return Ok(BlobLoc { path: path.clone(), offset: *offset, len: *len });
+                            let (path, keep) = (file.path.clone(), Some(file.keep()));
+                            return Ok(BlobLoc { path, offset: *offset, len: *len, keep });
                         }
                         Some(Member::Symlink(target)) => {
                             let base = name.rsplit_once('/').map_or("", |(d, _)| d);
@@ -168,8 +174,10 @@ fn normalise(name: &str) -> String {
 }
 
 /// Resolves an OCI layout (`oci:` directory or `oci-archive:` tar).
-pub(crate) fn plan_oci(path: &Path, tag: Option<&str>, archive: bool) -> Result<LocalPlan, OciError> {
-    let store = if archive { Store::open_tar(path)? } else { Store::Dir(path.to_owned()) };
+pub(crate) fn plan_oci(opened: Opened, tag: Option<&str>, archive: bool) -> Result<LocalPlan, OciError> {
+    let path = opened.path.clone();
+    let path = path.as_path();
+    let store = if archive { Store::open_tar(opened)? } else { Store::Dir(opened) };
     let local = |reason: String| OciError::LocalSource { path: path.to_owned(), reason };
     let index = store.read("index.json")?;
     let Document::Index(entries) = manifest::parse_document(&index, Some(manifest::OCI_INDEX))? else {
@@ -226,15 +234,16 @@ pub(crate) fn plan_oci(path: &Path, tag: Option<&str>, archive: bool) -> Result<
 
 /// Resolves a docker-archive tar (`manifest.json` + config + uncompressed layer tars). It has no
 /// registry manifest, so `manifest_digest` is the sha256 of its `manifest.json`.
-pub(crate) fn plan_docker_archive(path: &Path) -> Result<LocalPlan, OciError> {
+pub(crate) fn plan_docker_archive(opened: Opened) -> Result<LocalPlan, OciError> {
     #[derive(Deserialize)]
     #[serde(rename_all = "PascalCase")]
     struct Entry {
         config: String,
         layers: Vec<String>,
     }
-    let local = |reason: String| OciError::LocalSource { path: path.to_owned(), reason };
-    let store = Store::open_tar(path)?;
+    let path = opened.path.clone();
+    let local = |reason: String| OciError::LocalSource { path: path.clone(), reason };
+    let store = Store::open_tar(opened)?;
     let manifest_bytes = store.read("manifest.json")?;
     let mut entries: Vec<Entry> =
         serde_json::from_slice(&manifest_bytes).map_err(|e| local(format!("bad manifest.json: {e}")))?;

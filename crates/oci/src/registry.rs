@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -13,6 +13,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncWriteExt;
 
 use crate::manifest::{MANIFEST_ACCEPT, MAX_DOCUMENT};
+use crate::netguard::{Blocked, NetGuard};
 use crate::source::DOCKER_HUB;
 use crate::{Credentials, OciError, RegistryConfig, io_err};
 
@@ -40,6 +41,7 @@ enum Auth {
 
 pub(crate) struct RegistryClient {
     http: reqwest::Client,
+    guard: NetGuard,
     config: RegistryConfig,
     /// (endpoint base, repository, sha256 of the credentials) → how to authenticate. Keyed by the
     /// credentials too, so a token obtained with one caller's credentials never serves another's.
@@ -48,8 +50,20 @@ pub(crate) struct RegistryClient {
 
 impl RegistryClient {
     pub fn new(config: RegistryConfig) -> Self {
+        let guard = NetGuard::new(trusted_hosts(&config));
+        let redirects = guard.clone();
         let http = reqwest::Client::builder()
             .user_agent(concat!("boxwood-oci/", env!("CARGO_PKG_VERSION")))
+            .dns_resolver(Arc::new(guard.clone()))
+            .redirect(reqwest::redirect::Policy::custom(move |attempt| {
+                if attempt.previous().len() >= MAX_REDIRECTS {
+                    attempt.error("too many redirects")
+                } else if let Err(blocked) = redirects.check_url(attempt.url()) {
+                    attempt.error(blocked)
+                } else {
+                    attempt.follow()
+                }
+            }))
             .connect_timeout(Duration::from_secs(15))
             .read_timeout(Duration::from_secs(120))
             .build()
@@ -57,7 +71,13 @@ impl RegistryClient {
                 tracing::warn!(error = %e, "falling back to a default HTTP client");
                 reqwest::Client::new()
             });
-        Self { http, config, auth: Mutex::new(HashMap::new()) }
+        Self { http, guard, config, auth: Mutex::new(HashMap::new()) }
+    }
+
+    /// A GET to `url`, refused up front when its host is an internal IP literal.
+    fn get_request(&self, url: &Url) -> Result<reqwest::RequestBuilder, OciError> {
+        self.guard.check_url(url).map_err(|b| OciError::Blocked { host: b.host })?;
+        Ok(self.http.get(url.clone()))
     }
 
     /// The mirrors configured for `host`, in order, then the registry itself.
@@ -251,7 +271,9 @@ impl RegistryClient {
         auth: Option<&Auth>,
         creds: Option<&Credentials>,
     ) -> Result<Response, OciError> {
-        let mut req = self.http.get(url);
+        let parsed =
+            Url::parse(url).map_err(|_| OciError::Transfer { url: url.to_owned(), reason: "invalid URL".into() })?;
+        let mut req = self.get_request(&parsed)?;
         if let Some(a) = accept {
             req = req.header(ACCEPT, a);
         }
@@ -281,7 +303,7 @@ impl RegistryClient {
             }
             q.append_pair("scope", scope);
         }
-        let mut req = self.http.get(url.clone());
+        let mut req = self.get_request(&url)?;
         if let Some(c) = creds {
             req = req.basic_auth(&c.username, Some(&c.password));
         }
@@ -316,11 +338,30 @@ impl RegistryClient {
     }
 }
 
+/// Registries redirect blob downloads to storage hosts; more hops than this is a loop.
+const MAX_REDIRECTS: usize = 10;
+
+/// Mirror hosts and the operator's `allow_hosts`: reachable whatever they resolve to.
+fn trusted_hosts(config: &RegistryConfig) -> Vec<String> {
+    let mirrors = config.mirrors.values().flatten().filter_map(|m| {
+        let with_scheme = if m.contains("://") { m.clone() } else { format!("https://{m}") };
+        Url::parse(&with_scheme).ok()?.host_str().map(str::to_owned)
+    });
+    mirrors.chain(config.allow_hosts.iter().cloned()).collect()
+}
+
 fn unauthorized(ep: &Endpoint, credentials_given: bool, detail: String) -> OciError {
     OciError::Unauthorized { registry: ep.base.clone(), credentials_given, detail }
 }
 
 fn transport_error(url: &str, e: &reqwest::Error) -> OciError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(b) = s.downcast_ref::<Blocked>() {
+            return OciError::Blocked { host: b.host.clone() };
+        }
+        source = s.source();
+    }
     if e.is_connect() || e.is_timeout() {
         OciError::Connect { url: url.to_string(), reason: error_chain(e) }
     } else {

@@ -56,7 +56,7 @@ async fn skopeo_archives_and_layouts() {
         &format!("oci:{}/layout:v2", t.display()),
     ]));
 
-    let imp = Importer::new(RegistryConfig::default(), t.join("work"));
+    let imp = Importer::new(local_config(t), t.join("work"));
     for (n, s) in [
         format!("oci-archive:{}/img.tar", t.display()),
         format!("oci:{}/layout:v1", t.display()),
@@ -86,7 +86,47 @@ async fn skopeo_archives_and_layouts() {
     let err = imp.resolve(&parse_source(&format!("oci:{}/layout:v9", t.display())).unwrap(), None).await.unwrap_err();
     assert!(err.to_string().contains("no image tagged \"v9\""), "{err}");
     let err = imp.resolve(&ImageSource::OciArchive(t.join("missing.tar")), None).await.unwrap_err();
-    assert!(matches!(err, OciError::Io { .. }), "{err}");
+    assert!(matches!(err, OciError::LocalRefused), "{err}");
+}
+
+/// Host files outside the configured directories are never read, whatever the transport,
+/// and a FIFO inside them is refused at once instead of blocking a thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_files_are_out_of_reach() {
+    let t = tempfile::tempdir().unwrap();
+    let allowed = t.path().join("allowed");
+    std::fs::create_dir(&allowed).unwrap();
+    let secret = t.path().join("secret.tar");
+    std::fs::write(&secret, b"TOP-SECRET host file, not a tar at all").unwrap();
+    std::os::unix::fs::symlink(&secret, allowed.join("link.tar")).unwrap();
+    nix::unistd::mkfifo(&allowed.join("fifo.tar"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+
+    // Positive control: where the file is allowed, the importer reads it — and its parser
+    // says so (the file is not an archive).
+    let open = Importer::new(local_config(t.path()), t.path().join("work"));
+    let err = open.resolve(&ImageSource::DockerArchive(secret.clone()), None).await.unwrap_err();
+    assert!(matches!(err, OciError::LocalSource { .. }), "the allowed file was read: {err}");
+
+    let disabled = Importer::new(RegistryConfig::default(), t.path().join("work"));
+    let confined = Importer::new(local_config(&allowed), t.path().join("work"));
+    for imp in [&disabled, &confined] {
+        for src in [
+            ImageSource::DockerArchive(secret.clone()),
+            ImageSource::OciArchive(secret.clone()),
+            ImageSource::OciDir(t.path().to_owned(), None),
+            ImageSource::DockerArchive("/etc/shadow".into()),
+            ImageSource::DockerArchive(allowed.join("link.tar")),
+            ImageSource::DockerArchive(allowed.join("../secret.tar")),
+        ] {
+            let err = imp.resolve(&src, None).await.unwrap_err();
+            assert!(matches!(err, OciError::LocalRefused | OciError::LocalDisabled), "{src}: {err}");
+            assert!(!err.to_string().contains("SECRET") && !err.to_string().contains("/tmp"), "{err}");
+        }
+    }
+    let started = std::time::Instant::now();
+    let err = confined.resolve(&ImageSource::DockerArchive(allowed.join("fifo.tar")), None).await.unwrap_err();
+    assert!(matches!(err, OciError::LocalRefused), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(2), "a FIFO is refused without opening it");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,7 +154,7 @@ async fn tampered_layout_blob_is_refused() {
     let at = bytes.len() / 2;
     bytes[at] ^= 1;
     std::fs::write(&blob, bytes).unwrap();
-    let imp = Importer::new(RegistryConfig::default(), tmp.path().join("work"));
+    let imp = Importer::new(local_config(tmp.path()), tmp.path().join("work"));
     let tree = tmp.path().join("tree");
     let err = import(&imp, &format!("oci:{}:v1", layout.display()), &tree).await.unwrap_err();
     assert!(matches!(err, OciError::DigestMismatch { .. }), "{err}");
@@ -145,7 +185,7 @@ async fn umoci_built_image_with_deletions() {
     run(Command::new(&umoci).args(["repack", "--image", &image]).arg(&bundle));
     run(Command::new(&umoci).args(["config", "--image", &image, "--config.env", "FROM_UMOCI=1"]));
 
-    let imp = Importer::new(RegistryConfig::default(), t.join("work"));
+    let imp = Importer::new(local_config(t), t.join("work"));
     let tree = t.join("tree");
     let imported = import(&imp, &format!("oci:{image}"), &tree).await.unwrap();
     assert_eq!(imported.env["FROM_UMOCI"], "1");
@@ -155,4 +195,9 @@ async fn umoci_built_image_with_deletions() {
     assert!(!tree.join("etc/conf.d").exists());
     assert!(tree.join("busybox").exists());
     assert!(list_tree(&tree).iter().all(|p| !p.contains(".wh.")), "{:?}", list_tree(&tree));
+}
+
+/// Local sources are read only from configured directories: here the test's own.
+fn local_config(dir: &std::path::Path) -> RegistryConfig {
+    RegistryConfig { local_dirs: vec![dir.to_owned()], ..RegistryConfig::default() }
 }

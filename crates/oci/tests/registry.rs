@@ -9,7 +9,9 @@ use boxwood_oci::{Credentials, ImageSource, Importer, OciError, RegistryConfig, 
 use common::*;
 
 fn importer(work: &Path) -> Importer {
-    Importer::new(RegistryConfig::default(), work.join("work"))
+    // The test registry listens on loopback, which imports may reach only when allowed.
+    let config = RegistryConfig { allow_hosts: vec!["127.0.0.1".into()], ..RegistryConfig::default() };
+    Importer::new(config, work.join("work"))
 }
 
 fn src(s: &str) -> ImageSource {
@@ -246,7 +248,7 @@ async fn docker_hub_names_go_to_the_mirror() {
     let tmp = tempfile::tempdir().unwrap();
     let config = RegistryConfig {
         mirrors: BTreeMap::from([("docker.io".into(), vec![format!("http://{}", reg.host)])]),
-        insecure: vec![],
+        ..RegistryConfig::default()
     };
     let imp = Importer::new(config, tmp.path().join("work"));
     for s in ["docker://docker.io/library/busybox:latest", "docker://busybox"] {
