@@ -83,6 +83,15 @@ impl CoreError {
 pub type CoreResult<T> = Result<T, CoreError>;
 
 /// An error and its sources on one line, for logs and operation error messages.
+/// Logs `e` in full under a fresh error id and returns `shown` (what the client may read)
+/// with that id, so an operator can find the details the client was not told.
+pub fn reported(shown: &str, e: &dyn std::error::Error) -> String {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let id = &id[..12];
+    tracing::warn!(error_id = id, error = %error_chain(e), "{shown}");
+    format!("{shown} (error id {id})")
+}
+
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();

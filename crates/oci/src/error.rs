@@ -73,6 +73,56 @@ pub enum OciError {
     Cancelled,
 }
 
+impl OciError {
+    /// The error as the client may see it: what it can act on, without the host's paths, a
+    /// remote server's response bodies or a parser's text (which may quote the bytes it read).
+    /// The full error belongs in the server log.
+    pub fn client_message(&self) -> String {
+        match self {
+            OciError::InvalidSource { .. }
+            | OciError::NoPlatform { .. }
+            | OciError::DigestMismatch { .. }
+            | OciError::Blocked { .. }
+            | OciError::LocalDisabled
+            | OciError::LocalRefused
+            | OciError::Cancelled => self.to_string(),
+            OciError::Connect { url, .. } => format!("cannot reach registry {}", host_of(url)),
+            OciError::Unauthorized { registry, credentials_given: true, .. } => {
+                format!("registry {} rejected the credentials (401)", host_of(registry))
+            }
+            OciError::Unauthorized { registry, credentials_given: false, .. } => {
+                format!("registry {} requires credentials (401) and none were given", host_of(registry))
+            }
+            OciError::Denied { registry, repository, .. } => {
+                format!("access to {repository} on {} denied (403)", host_of(registry))
+            }
+            OciError::NotFound { registry, what, .. } => format!("{what} not found on {}", host_of(registry)),
+            OciError::UnsupportedMediaType { what, .. } => format!("unsupported media type for {what}"),
+            OciError::InvalidManifest { what, .. } => format!("invalid {what}"),
+            OciError::CorruptLayer { digest, .. } => format!("corrupt layer {digest}"),
+            OciError::HostileLayer { digest, .. } => {
+                format!("layer {digest} has a member that would write outside the image or is unsafe")
+            }
+            OciError::LocalSource { .. } => "the local source is not a usable image archive or layout".into(),
+            OciError::Registry { url, status, .. } => format!("registry {} answered HTTP {status}", host_of(url)),
+            OciError::Transfer { url, .. } => format!("the transfer from registry {} broke off", host_of(url)),
+            OciError::InvalidTree { .. } | OciError::Io { .. } => "the server could not store the import".into(),
+        }
+    }
+}
+
+/// `host[:port]` of a URL (or the text itself when it is not one).
+fn host_of(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => match (u.host_str(), u.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            _ => String::new(),
+        },
+        Err(_) => url.to_owned(),
+    }
+}
+
 fn unauthorized_message(registry: &str, credentials_given: bool, detail: &str) -> String {
     if credentials_given {
         format!("registry {registry} rejected the credentials (401): {detail}")

@@ -119,6 +119,16 @@ impl Importer {
         Self { client: RegistryClient::new(config), work_dir, local_dirs }
     }
 
+    /// What can be said about a source before any work: a local source on a server that
+    /// imports nothing local is refused up front.
+    pub fn check(&self, src: &ImageSource) -> Result<(), OciError> {
+        match src {
+            ImageSource::Registry { .. } => Ok(()),
+            _ if self.local_dirs.is_empty() => Err(OciError::LocalDisabled),
+            _ => Ok(()),
+        }
+    }
+
     /// Cheap: resolves the manifest (and config digest) without downloading layers, so
     /// callers can dedup re-imports.
     pub async fn resolve(&self, src: &ImageSource, creds: Option<&Credentials>) -> Result<Resolved, OciError> {

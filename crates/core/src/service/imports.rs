@@ -15,7 +15,7 @@ use uuid::Uuid;
 use super::Service;
 use crate::auth::{Caller, Permission};
 use crate::clock::now_us;
-use crate::error::{CoreError, CoreResult, error_chain};
+use crate::error::{CoreError, CoreResult, reported};
 use crate::events::EventLog;
 use crate::model::{ImportRequest, OperationCreated};
 use crate::operations::{self, KIND_IMAGE_IMPORT, Status};
@@ -35,6 +35,7 @@ impl Service {
     pub async fn import_image(&self, caller: &Caller, req: ImportRequest) -> CoreResult<OperationCreated> {
         caller.require(Permission::Import)?;
         let source = parse_source(&req.registry.url).map_err(|e| CoreError::bad(format!("registry.url: {e}")))?;
+        self.inner.imports.importer.check(&source).map_err(|e| CoreError::bad(format!("registry.url: {e}")))?;
         if let Some(tag) = &req.tag
             && !is_valid_tag(tag)
         {
@@ -135,19 +136,21 @@ impl ImportJob {
     ) -> Result<(Uuid, i64), String> {
         let creds = self.creds.as_ref();
         let started = std::time::Instant::now();
-        let resolved = importer.resolve(&self.source, creds).await.map_err(|e| error_chain(&e))?;
+        let oci = |e: boxwood_oci::OciError| reported(&e.client_message(), &e);
+        let internal = |e: &dyn std::error::Error| reported("the server could not store the imported image", e);
+        let resolved = importer.resolve(&self.source, creds).await.map_err(oci)?;
         let name = format!("{}/{}", self.op.namespace, resolved.config_digest);
         let uuid = Uuid::new_v5(&IMPORT_UUID_NAMESPACE, name.as_bytes());
-        let store_err = |e: boxwood_store::StoreError| format!("recording the image failed: {}", error_chain(&e));
+        let store_err = |e: boxwood_store::StoreError| internal(&e);
         let mut written = 0;
         if store.get_image(uuid).await.map_err(store_err)?.is_none() {
-            let staging = layers.staging_dir().map_err(|e| error_chain(&e))?;
+            let staging = layers.staging_dir().map_err(|e| internal(&e))?;
             let tree = staging.join("rootfs");
             let result = async {
-                std::fs::create_dir(&tree).map_err(|e| format!("staging: {e}"))?;
-                let imported = importer.import(&self.source, creds, &tree).await.map_err(|e| error_chain(&e))?;
+                std::fs::create_dir(&tree).map_err(|e| internal(&e))?;
+                let imported = importer.import(&self.source, creds, &tree).await.map_err(oci)?;
                 let unpacked = started.elapsed();
-                let layer = layers.commit_tree(tree.clone()).await.map_err(|e| error_chain(&e))?;
+                let layer = layers.commit_tree(tree.clone()).await.map_err(|e| internal(&e))?;
                 tracing::debug!(
                     op = %self.op.uuid,
                     fetch_and_unpack_ms = unpacked.as_millis() as u64,

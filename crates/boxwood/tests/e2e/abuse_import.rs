@@ -1,0 +1,134 @@
+//! Attacks on the host through image imports, by a token that may only import: reading host
+//! files through every local transport, reaching the host's and internal services through
+//! registry URLs, and learning host details from errors. Each first shows that the target
+//! would be reached or read where the server allows it.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use boxwood_core::auth::{Permission, TokenConfig};
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
+
+use crate::harness::TestServer;
+
+const IMPORTER: &str = "importer-secret";
+
+fn listener(ip: &str) -> (u16, Arc<AtomicUsize>) {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            if c.is_ok() {
+                h.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    });
+    (port, hits)
+}
+
+/// Posts an import as the import-only token; `Ok(op)` once it ended, `Err(400 body)`.
+async fn import(s: &TestServer, url: &str) -> Result<Value, Value> {
+    let r = s.req_as(IMPORTER, Method::POST, "/images/import").json(&json!({"registry": {"url": url}})).send().await;
+    let r = r.unwrap();
+    let status = r.status();
+    let body: Value = r.json().await.unwrap();
+    if status == StatusCode::BAD_REQUEST {
+        return Err(body);
+    }
+    assert_eq!(status, StatusCode::CREATED, "{body}");
+    let id = body["uuid"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let op: Value =
+            s.req_as(IMPORTER, Method::GET, &format!("/operations/{id}")).send().await.unwrap().json().await.unwrap();
+        if matches!(op["status"].as_str(), Some("SUCCESS" | "FAILED" | "CANCELLED")) {
+            return Ok(op);
+        }
+        assert!(Instant::now() < deadline, "import did not end: {op}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn imports_cannot_read_host_files_reach_internal_services_or_leak_details() {
+    let allowed = tempfile::tempdir().unwrap();
+    let planted = allowed.path().join("planted.tar");
+    std::fs::write(&planted, "PLANTED-SECRET, not an archive").unwrap();
+    let (open_port, open_hits) = listener("127.0.0.2");
+    let (closed_port, closed_hits) = listener("127.0.0.1");
+    let dir = allowed.path().to_owned();
+    let s = TestServer::start_with(move |c| {
+        c.registry.local_dirs = vec![dir];
+        c.registry.allow_hosts = vec!["127.0.0.2".into()];
+        c.tokens = vec![
+            TokenConfig {
+                token: Some("alpha-secret".into()),
+                sha256: None,
+                namespace: "alpha".into(),
+                permissions: Permission::ALL.into_iter().collect(),
+            },
+            TokenConfig {
+                token: Some(IMPORTER.into()),
+                sha256: None,
+                namespace: "beta".into(),
+                permissions: [Permission::Import, Permission::List].into_iter().collect(),
+            },
+        ];
+    })
+    .await;
+    let state = s.state.as_ref().unwrap().path().to_owned();
+
+    // Positive controls: an allowed local file is opened and parsed, an allowed internal
+    // registry is contacted.
+    let op = import(&s, &format!("docker-archive:{}", planted.display())).await.unwrap();
+    assert_eq!(op["status"], "FAILED");
+    assert!(op["error"].as_str().unwrap().contains("not a usable image archive"), "the file was read: {op}");
+    let op = import(&s, &format!("docker://127.0.0.2:{open_port}/library/x:1")).await.unwrap();
+    assert_eq!(op["status"], "FAILED");
+    assert!(open_hits.load(Ordering::SeqCst) >= 1, "an allowed internal registry is contacted");
+
+    // Another namespace's upload, as a host path into blobs/.
+    let blob = s.upload(b"alpha's private upload".to_vec()).await;
+    let sha = blob["sha256"].as_str().unwrap_or_default().to_owned();
+    let mut local = vec![
+        "docker-archive:/etc/shadow".to_owned(),
+        "oci-archive:/etc/shadow".to_owned(),
+        "oci:/etc".to_owned(),
+        "docker-archive:/dev/zero".to_owned(),
+        format!("docker-archive:{}/../etc/shadow", allowed.path().display()),
+        format!("oci-archive:{}/boxwood.db", state.display()),
+    ];
+    if sha.len() == 64 {
+        local.push(format!("oci-archive:{}/blobs/sha256/{}/{sha}", state.display(), &sha[..2]));
+    }
+    for url in &local {
+        let op = import(&s, url).await.unwrap_or_else(|e| e);
+        let text = op["error"].as_str().unwrap_or_default().to_owned();
+        assert!(text.contains("no usable image archive or layout"), "{url}: {op}");
+        for leak in ["root:", "SQLite", "private upload", &state.display().to_string()] {
+            assert!(!text.contains(leak), "{url} leaked {leak:?}: {op}");
+        }
+    }
+
+    let api_port = s.url.rsplit(':').next().unwrap().to_owned();
+    for url in [
+        format!("docker://127.0.0.1:{closed_port}/library/x:1"),
+        format!("docker://127.0.0.1:{api_port}/library/x:1"),
+        format!("docker://localhost:{closed_port}/library/x:1"),
+        "docker://169.254.169.254/latest:1".to_owned(),
+        "docker://10.20.30.40:5000/x/y:z".to_owned(),
+    ] {
+        let op = import(&s, &url).await.unwrap();
+        assert_eq!(op["status"], "FAILED", "{url}");
+        assert!(op["error"].as_str().unwrap().contains("internal address"), "{url}: {op}");
+        assert!(op["error"].as_str().unwrap().contains("error id"), "details stay in the server log: {op}");
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(closed_hits.load(Ordering::SeqCst), 0, "no connection reached the host's loopback service");
+    s.stop().await;
+}
