@@ -138,3 +138,43 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> OciError + '
 pub(crate) fn invalid(what: impl Into<String>, reason: impl std::fmt::Display) -> OciError {
     OciError::InvalidManifest { what: what.into(), reason: reason.to_string() }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever the full error holds (host paths, bodies, parser text quoting file bytes), the
+    /// client's message keeps only what it can act on.
+    #[test]
+    fn client_messages_hold_no_host_paths_bodies_or_parser_text() {
+        let secret = "root:$6$SECRET";
+        let errors = [
+            OciError::LocalSource {
+                path: "/var/lib/boxwood/blobs/x".into(),
+                reason: format!("not a valid tar: {secret}"),
+            },
+            OciError::Io { path: "/var/lib/boxwood/tmp".into(), source: std::io::Error::other(secret) },
+            OciError::InvalidTree { path: "/var/lib/boxwood/t".into(), reason: secret.into() },
+            OciError::Registry { url: "http://reg.example:5000/v2/x".into(), status: 500, detail: secret.into() },
+            OciError::Unauthorized {
+                registry: "https://reg.example".into(),
+                credentials_given: false,
+                detail: secret.into(),
+            },
+            OciError::Denied { registry: "reg.example".into(), repository: "a/b".into(), detail: secret.into() },
+            OciError::NotFound { registry: "reg.example".into(), what: "manifest a/b:1".into(), detail: secret.into() },
+            OciError::InvalidManifest { what: "image config".into(), reason: secret.into() },
+            OciError::CorruptLayer { digest: "sha256:ab".into(), reason: secret.into() },
+            OciError::HostileLayer { digest: "sha256:ab".into(), member: secret.into(), reason: secret.into() },
+            OciError::Transfer { url: "http://reg.example/v2/x".into(), reason: secret.into() },
+            OciError::Connect { url: "http://reg.example/v2/x".into(), reason: secret.into() },
+            OciError::UnsupportedMediaType { media_type: secret.into(), what: "layer".into() },
+        ];
+        for e in errors {
+            assert!(e.to_string().contains("SECRET"), "positive control: the full error holds it: {e}");
+            let shown = e.client_message();
+            assert!(!shown.contains("SECRET") && !shown.contains("/var/lib"), "{shown}");
+            assert!(!shown.is_empty());
+        }
+    }
+}

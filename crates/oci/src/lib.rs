@@ -2,7 +2,10 @@
 //!
 //! Sources ([`parse_source`]): a registry (`docker://HOST/REPO:TAG`, `…@sha256:…`), an OCI
 //! layout directory (`oci:DIR[:TAG]`), a tar of one (`oci-archive:PATH`) or a
-//! `docker-archive:PATH`. [`Importer::resolve`] finds the linux/amd64 manifest and config
+//! `docker-archive:PATH` (paths only beneath [`RegistryConfig::local_dirs`]), or an archive the
+//! server opened for the client ([`ImageSource::Opened`], e.g. its own upload; the source
+//! string `oci-archive:upload:UUID` parses to [`ImageSource::Upload`], which the server turns
+//! into that). [`Importer::resolve`] finds the linux/amd64 manifest and config
 //! digests cheaply; [`Importer::import`] downloads the layers (streamed to files in the work
 //! dir and sha256-verified before anything is applied), then applies them in order with OCI
 //! whiteout semantics into a caller-given empty directory ([`apply_layers`] does that part
@@ -25,7 +28,7 @@ mod source;
 
 pub use apply::apply_layers;
 pub use error::OciError;
-pub use source::{DOCKER_HUB, ImageSource, Reference, parse_source};
+pub use source::{ArchiveFile, ArchiveFormat, DOCKER_HUB, ImageSource, Reference, parse_source};
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -119,11 +122,11 @@ impl Importer {
         Self { client: RegistryClient::new(config), work_dir, local_dirs }
     }
 
-    /// What can be said about a source before any work: a local source on a server that
-    /// imports nothing local is refused up front.
+    /// What can be said about a source before any work: a local path on a server that
+    /// imports nothing local is refused up front (uploads are not local paths).
     pub fn check(&self, src: &ImageSource) -> Result<(), OciError> {
         match src {
-            ImageSource::Registry { .. } => Ok(()),
+            ImageSource::Registry { .. } | ImageSource::Upload { .. } | ImageSource::Opened { .. } => Ok(()),
             _ if self.local_dirs.is_empty() => Err(OciError::LocalDisabled),
             _ => Ok(()),
         }
@@ -284,6 +287,11 @@ async fn plan_local(src: ImageSource, dirs: Arc<Vec<PathBuf>>) -> Result<LocalPl
         ImageSource::OciDir(dir, tag) => local::plan_oci(open_source(&dirs, dir, true)?, tag.as_deref(), false),
         ImageSource::OciArchive(path) => local::plan_oci(open_source(&dirs, path, false)?, None, true),
         ImageSource::DockerArchive(path) => local::plan_docker_archive(open_source(&dirs, path, false)?),
+        ImageSource::Opened { format: ArchiveFormat::Oci, file } => local::plan_oci(file.opened.clone(), None, true),
+        ImageSource::Opened { format: ArchiveFormat::Docker, file } => local::plan_docker_archive(file.opened.clone()),
+        ImageSource::Upload { .. } => {
+            Err(OciError::InvalidSource { input: src.to_string(), reason: "the upload was not opened".into() })
+        }
         ImageSource::Registry { .. } => {
             Err(OciError::InvalidSource { input: src.to_string(), reason: "not local".into() })
         }

@@ -1,9 +1,59 @@
-//! Image source strings (`docker://…`, `oci:…`, `oci-archive:…`, `docker-archive:…`) and their parsed form.
+//! Image source strings (`docker://…`, `oci:…`, `oci-archive:…`, `docker-archive:…`, and
+//! `oci-archive:upload:UUID` / `docker-archive:upload:UUID` for a client's own upload) and
+//! their parsed form.
 
 use std::fmt;
 use std::path::PathBuf;
 
+use uuid::Uuid;
+
 use crate::OciError;
+use crate::confine::Opened;
+
+/// What kind of tar an archive source is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArchiveFormat {
+    /// A tar of an OCI image layout.
+    Oci,
+    /// A `docker save` tar.
+    Docker,
+}
+
+impl ArchiveFormat {
+    fn transport(self) -> &'static str {
+        match self {
+            ArchiveFormat::Oci => "oci-archive",
+            ArchiveFormat::Docker => "docker-archive",
+        }
+    }
+}
+
+/// An archive the server opened itself (a client's upload, found in the caller's namespace),
+/// never a path the client named. Opened read-only, without following symlinks, and checked
+/// to be a regular file.
+#[derive(Debug, Clone)]
+pub struct ArchiveFile {
+    pub(crate) opened: Opened,
+    /// Shown instead of a path (`upload:UUID`).
+    label: String,
+}
+
+impl ArchiveFile {
+    /// Opens `path`, a file the server trusts (never a client-given path), labelled `label`
+    /// in messages.
+    pub fn open(path: &std::path::Path, label: impl Into<String>) -> Result<Self, OciError> {
+        let opened = crate::confine::open_trusted(path).ok_or(OciError::LocalRefused)?;
+        Ok(Self { opened, label: label.into() })
+    }
+}
+
+impl PartialEq for ArchiveFile {
+    fn eq(&self, other: &Self) -> bool {
+        self.label == other.label
+    }
+}
+
+impl Eq for ArchiveFile {}
 
 /// The registry name Docker Hub references are normalised to.
 pub const DOCKER_HUB: &str = "docker.io";
@@ -35,6 +85,12 @@ pub enum ImageSource {
     OciDir(PathBuf, Option<String>),
     /// A `docker save` / `skopeo copy … docker-archive:PATH` tar.
     DockerArchive(PathBuf),
+    /// `oci-archive:upload:UUID` / `docker-archive:upload:UUID`: an archive the client uploaded
+    /// with `POST /files`. The server finds it in the caller's namespace and passes it on as
+    /// [`ImageSource::Opened`]; the importer never looks an upload up itself.
+    Upload { format: ArchiveFormat, uuid: Uuid },
+    /// An archive the server has opened (see [`ArchiveFile`]).
+    Opened { format: ArchiveFormat, file: ArchiveFile },
 }
 
 impl fmt::Display for ImageSource {
@@ -50,6 +106,8 @@ impl fmt::Display for ImageSource {
             ImageSource::OciDir(p, None) => write!(f, "oci:{}", p.display()),
             ImageSource::OciDir(p, Some(t)) => write!(f, "oci:{}:{t}", p.display()),
             ImageSource::DockerArchive(p) => write!(f, "docker-archive:{}", p.display()),
+            ImageSource::Upload { format, uuid } => write!(f, "{}:upload:{uuid}", format.transport()),
+            ImageSource::Opened { format, file } => write!(f, "{}:{}", format.transport(), file.label),
         }
     }
 }
@@ -59,10 +117,17 @@ impl fmt::Display for ImageSource {
 ///   host (the first component has no `.` or `:` and is not `localhost`) the image is on Docker Hub,
 ///   whose single-component names live under `library/`; the tag defaults to `latest`.
 /// * `oci-archive:PATH`, `oci:DIR[:TAG]`, `docker-archive:PATH`.
+/// * `oci-archive:upload:UUID`, `docker-archive:upload:UUID`: the caller's own upload.
 pub fn parse_source(input: &str) -> Result<ImageSource, OciError> {
     let bad = |reason: &str| OciError::InvalidSource { input: input.to_string(), reason: reason.to_string() };
     if let Some(rest) = input.strip_prefix("docker://").or_else(|| input.strip_prefix("oci://")) {
         return parse_registry(rest).map_err(|r| bad(&r));
+    }
+    for format in [ArchiveFormat::Oci, ArchiveFormat::Docker] {
+        if let Some(id) = input.strip_prefix(format.transport()).and_then(|r| r.strip_prefix(":upload:")) {
+            let uuid = Uuid::parse_str(id).map_err(|_| bad("expected upload:<file uuid> (from POST /files)"))?;
+            return Ok(ImageSource::Upload { format, uuid });
+        }
     }
     if let Some(rest) = input.strip_prefix("oci-archive:") {
         return Ok(ImageSource::OciArchive(local_path(rest).map_err(|r| bad(&r))?));
@@ -212,6 +277,11 @@ mod tests {
         assert_eq!(parse_source("oci:/x/dir").unwrap(), ImageSource::OciDir("/x/dir".into(), None));
         assert_eq!(parse_source("oci:/x/dir:v1").unwrap(), ImageSource::OciDir("/x/dir".into(), Some("v1".into())));
         assert_eq!(parse_source("oci:/x:y/dir").unwrap(), ImageSource::OciDir("/x:y/dir".into(), None));
+        let id = "0b6f2b3e-6c1e-4c59-9d0a-3f1f3e7e2a10";
+        let up = |format| ImageSource::Upload { format, uuid: Uuid::parse_str(id).unwrap() };
+        assert_eq!(parse_source(&format!("oci-archive:upload:{id}")).unwrap(), up(ArchiveFormat::Oci));
+        assert_eq!(parse_source(&format!("docker-archive:upload:{id}")).unwrap(), up(ArchiveFormat::Docker));
+        assert_eq!(up(ArchiveFormat::Docker).to_string(), format!("docker-archive:upload:{id}"));
     }
 
     #[test]
@@ -229,6 +299,8 @@ mod tests {
             "docker://x@md5:00",
             "docker://x:-bad",
             "oci-archive:",
+            "oci-archive:upload:",
+            "docker-archive:upload:../../blobs/x",
             "oci:",
             "oci:/dir:bad tag",
             "docker://bad host.io/x",
