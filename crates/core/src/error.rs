@@ -82,7 +82,6 @@ impl CoreError {
 
 pub type CoreResult<T> = Result<T, CoreError>;
 
-/// An error and its sources on one line, for logs and operation error messages.
 /// Logs `e` in full under a fresh error id and returns `shown` (what the client may read)
 /// with that id, so an operator can find the details the client was not told.
 pub fn reported(shown: &str, e: &dyn std::error::Error) -> String {
@@ -92,6 +91,7 @@ pub fn reported(shown: &str, e: &dyn std::error::Error) -> String {
     format!("{shown} (error id {id})")
 }
 
+/// An error and its sources on one line, for logs.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();

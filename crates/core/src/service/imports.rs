@@ -6,7 +6,7 @@
 use std::sync::Arc;
 
 use boxwood_image::LayerStore;
-use boxwood_oci::{Credentials, ImageSource, Importer, parse_source};
+use boxwood_oci::{ArchiveFile, Credentials, ImageSource, Importer, parse_source};
 use boxwood_store::{ImageRecord, OperationRecord, Store};
 use serde_json::json;
 use tokio::sync::Semaphore;
@@ -36,6 +36,7 @@ impl Service {
         caller.require(Permission::Import)?;
         let source = parse_source(&req.registry.url).map_err(|e| CoreError::bad(format!("registry.url: {e}")))?;
         self.inner.imports.importer.check(&source).map_err(|e| CoreError::bad(format!("registry.url: {e}")))?;
+        let source = self.open_upload(caller, source).await?;
         if let Some(tag) = &req.tag
             && !is_valid_tag(tag)
         {
@@ -74,6 +75,28 @@ impl Service {
         self.start_operation(&job.op.clone(), control, async move { job.execute(store, layers, imports).await })
             .await?;
         Ok(OperationCreated { uuid: uuid.to_string() })
+    }
+}
+
+impl Service {
+    /// Turns an `…-archive:upload:UUID` source into the archive itself, found through the blob
+    /// store and only in the caller's namespace: another namespace's upload is as missing as
+    /// one that never existed. Other sources pass through.
+    async fn open_upload(&self, caller: &Caller, source: ImageSource) -> CoreResult<ImageSource> {
+        let ImageSource::Upload { format, uuid } = source else { return Ok(source) };
+        let missing = || CoreError::NotFound(format!("file {uuid} (registry.url)"));
+        let record = match self.inner.store.file_by_uuid(uuid).await? {
+            Some(r) if r.namespace == caller.namespace => r,
+            _ => return Err(missing()),
+        };
+        let path = self.inner.blobs.path(&record.sha256).map_err(|e| CoreError::Internal(e.to_string()))?;
+        let Some(path) = path else {
+            tracing::error!(file = %uuid, sha256 = %record.sha256, "an upload's blob is missing");
+            return Err(missing());
+        };
+        let file =
+            ArchiveFile::open(&path, format!("upload:{uuid}")).map_err(|e| CoreError::Internal(e.to_string()))?;
+        Ok(ImageSource::Opened { format, file })
     }
 }
 
