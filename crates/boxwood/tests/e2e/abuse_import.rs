@@ -132,3 +132,113 @@ async fn imports_cannot_read_host_files_reach_internal_services_or_leak_details(
     assert_eq!(closed_hits.load(Ordering::SeqCst), 0, "no connection reached the host's loopback service");
     s.stop().await;
 }
+
+fn tar_of(members: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, bytes) in members {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(1_700_000_000);
+        h.set_entry_type(tar::EntryType::Regular);
+        b.append_data(&mut h, name, *bytes).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// A minimal `docker save` archive of one layer holding `/hello`.
+fn docker_archive() -> Vec<u8> {
+    use sha2::Digest;
+    let layer = tar_of(&[("hello", b"from an upload\n")]);
+    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&layer)));
+    let config = json!({"architecture": "amd64", "os": "linux", "config": {"Env": ["FROM_UPLOAD=1"]},
+                        "rootfs": {"type": "layers", "diff_ids": [diff_id]}})
+    .to_string();
+    let manifest = json!([{"Config": "config.json", "RepoTags": ["x:1"], "Layers": ["layer.tar"]}]).to_string();
+    tar_of(&[("layer.tar", &layer), ("config.json", config.as_bytes()), ("manifest.json", manifest.as_bytes())])
+}
+
+/// Imports from uploads by UUID: a namespace imports its own upload (the positive control),
+/// while another namespace's upload is exactly as missing as one that never existed; an upload
+/// that is no archive fails without its bytes in the error.
+#[tokio::test]
+async fn imports_from_uploads_stay_in_the_callers_namespace() {
+    let s = TestServer::start_with(|c| {
+        c.tokens = vec![
+            TokenConfig {
+                token: Some("alpha-secret".into()),
+                sha256: None,
+                namespace: "alpha".into(),
+                permissions: Permission::ALL.into_iter().collect(),
+            },
+            TokenConfig {
+                token: Some(IMPORTER.into()),
+                sha256: None,
+                namespace: "beta".into(),
+                permissions: [Permission::Import, Permission::List].into_iter().collect(),
+            },
+        ];
+    })
+    .await;
+    let archive = s.upload(docker_archive()).await;
+    let archive_uuid = archive["uuid"].as_str().unwrap().to_owned();
+    let junk = s.upload(b"UPLOADED-SECRET, not an archive".to_vec()).await;
+    let junk_uuid = junk["uuid"].as_str().unwrap().to_owned();
+
+    let as_alpha = |url: String| {
+        let s = &s;
+        async move {
+            let r =
+                s.req(Method::POST, "/images/import").json(&json!({"registry": {"url": url}})).send().await.unwrap();
+            assert_eq!(r.status(), StatusCode::CREATED);
+            let id = r.json::<Value>().await.unwrap()["uuid"].as_str().unwrap().to_owned();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                let (_, op) = s.get_json(&format!("/operations/{id}")).await;
+                if matches!(op["status"].as_str(), Some("SUCCESS" | "FAILED" | "CANCELLED")) {
+                    return op;
+                }
+                assert!(Instant::now() < deadline, "import did not end: {op}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    // Positive control: the owner imports its upload, and the image holds the archive's file.
+    let op = as_alpha(format!("docker-archive:upload:{archive_uuid}")).await;
+    assert_eq!(op["status"], "SUCCESS", "{op}");
+    let image = op["result"]["image"].as_str().unwrap().to_owned();
+    let (status, hello) = s.get_json(&format!("/inspect/{image}/list?path=/")).await;
+    assert_eq!(status, StatusCode::OK, "{hello}");
+    assert!(hello.to_string().contains("hello"), "{hello}");
+
+    let junk_op = as_alpha(format!("docker-archive:upload:{junk_uuid}")).await;
+    assert_eq!(junk_op["status"], "FAILED");
+    let text = junk_op["error"].as_str().unwrap();
+    assert!(text.contains("not a usable image archive") && text.contains("error id"), "{junk_op}");
+    assert!(!text.contains("SECRET") && !text.contains("/proc/") && !text.contains("blobs"), "{junk_op}");
+
+    // Another namespace: alpha's upload and a UUID nobody uploaded answer alike.
+    let refuse = |url: String| {
+        let s = &s;
+        async move {
+            let r = s.req_as(IMPORTER, Method::POST, "/images/import").json(&json!({"registry": {"url": url}}));
+            let r = r.send().await.unwrap();
+            (r.status(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let nobody = uuid::Uuid::new_v4().to_string();
+    for transport in ["docker-archive", "oci-archive"] {
+        let (st_theirs, theirs) = refuse(format!("{transport}:upload:{archive_uuid}")).await;
+        let (st_none, none) = refuse(format!("{transport}:upload:{nobody}")).await;
+        assert_eq!(st_theirs, StatusCode::NOT_FOUND, "{theirs}");
+        assert_eq!(st_none, StatusCode::NOT_FOUND, "{none}");
+        assert_eq!(theirs.to_string().replace(&archive_uuid, "U"), none.to_string().replace(&nobody, "U"));
+    }
+    let (st, bad) = refuse("docker-archive:upload:../../blobs/sha256".into()).await;
+    assert_eq!(st, StatusCode::BAD_REQUEST, "{bad}");
+    let ops: Value = s.req_as(IMPORTER, Method::GET, "/operations").send().await.unwrap().json().await.unwrap();
+    assert_eq!(ops, json!([]), "no refused import became an operation");
+    s.stop().await;
+}
