@@ -1,10 +1,11 @@
 //! The one place errors become HTTP: every failure leaves as the contract's envelope
-//! `{"error": …, "status": N}`; 5xx bodies say nothing about internals (the cause is logged).
+//! `{"error": …, "status": N}`; 5xx bodies say nothing about internals: the cause is logged
+//! under an error id that the body quotes, so an operator can find what the client was not told.
 
 use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use boxwood_core::{CoreError, ErrorKind, error_chain};
+use boxwood_core::{CoreError, ErrorKind, error_chain, error_id};
 use serde_json::json;
 
 /// An error on its way to the client.
@@ -40,8 +41,9 @@ impl From<CoreError> for ApiError {
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         };
         if status == StatusCode::INTERNAL_SERVER_ERROR {
-            tracing::error!(error = %error_chain(&e), "request failed");
-            return Self::new(status, "internal server error");
+            let id = error_id();
+            tracing::error!(error_id = %id, error = %error_chain(&e), "request failed");
+            return Self::new(status, format!("internal server error (error id {id})"));
         }
         Self::new(status, e.to_string())
     }
@@ -60,3 +62,18 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_errors_quote_an_id_and_nothing_else() {
+        let e = CoreError::Internal("open /var/lib/boxwood/blobs/sha256/ab: SECRET".into());
+        assert!(e.to_string().contains("SECRET"), "positive control: the error holds the detail");
+        let api = ApiError::from(e);
+        assert_eq!(api.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(api.message.starts_with("internal server error (error id "), "{}", api.message);
+        assert!(!api.message.contains("SECRET") && !api.message.contains("/var/lib"), "{}", api.message);
+    }
+}

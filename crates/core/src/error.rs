@@ -85,10 +85,17 @@ pub type CoreResult<T> = Result<T, CoreError>;
 /// Logs `e` in full under a fresh error id and returns `shown` (what the client may read)
 /// with that id, so an operator can find the details the client was not told.
 pub fn reported(shown: &str, e: &dyn std::error::Error) -> String {
-    let id = uuid::Uuid::new_v4().simple().to_string();
-    let id = &id[..12];
+    let id = error_id();
+    let id = id.as_str();
     tracing::warn!(error_id = id, error = %error_chain(e), "{shown}");
     format!("{shown} (error id {id})")
+}
+
+/// A fresh id for one failure, quoted to the client and logged with the details.
+pub fn error_id() -> String {
+    let mut id = uuid::Uuid::new_v4().simple().to_string();
+    id.truncate(12);
+    id
 }
 
 /// An error and its sources on one line, for logs.

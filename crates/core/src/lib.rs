@@ -19,5 +19,5 @@ pub mod inspect {
     pub use boxwood_image::{DirectoryList, FileItem, GrepCase, GrepMatch, GrepRequest, GrepResult};
 }
 
-pub use error::{CoreError, CoreResult, ErrorKind, error_chain};
+pub use error::{CoreError, CoreResult, ErrorKind, error_chain, error_id, reported};
 pub use service::{Backends, CoreConfig, ImageQuery, OperationQuery, Page, Service};
