@@ -26,7 +26,8 @@ pub struct Config {
     pub kernel_release: Option<String>,
     pub vm: VmConfig,
     pub core: CoreConfig,
-    /// Registry mirrors and plain-http registries for image imports.
+    /// Image imports: registry mirrors, plain-http registries, internal hosts imports may reach
+    /// (`allow_hosts`) and the directories local sources may name (`local_dirs`, none by default).
     pub registry: boxwood_oci::RegistryConfig,
     /// API tokens. With none configured, the server creates one bootstrap token with every
     /// permission (kept in `<state_dir>/bootstrap-token`) and prints it at start.
@@ -170,5 +171,16 @@ mod tests {
         assert!(Config::load(Some(&path), Overrides::default(), Overrides::default()).is_err());
         let bad = Overrides { accel: Some("fast".into()), ..Default::default() };
         assert!(Config::load(None, bad, Overrides::default()).is_err());
+    }
+
+    /// The README's example is the documentation of the file format: it must load.
+    #[test]
+    fn readme_example_loads() {
+        let readme = include_str!("../../../README.md");
+        let start = readme.find("```toml\n").expect("README has a toml example") + 8;
+        let text = &readme[start..start + readme[start..].find("```").unwrap()];
+        let cfg: Config = toml::from_str(text).unwrap_or_else(|e| panic!("README example: {e}"));
+        assert_eq!(cfg.registry.mirrors["docker.io"], ["http://127.0.0.1:5000"]);
+        assert!(cfg.registry.local_dirs.is_empty() && cfg.registry.allow_hosts.is_empty());
     }
 }
