@@ -242,3 +242,44 @@ async fn imports_from_uploads_stay_in_the_callers_namespace() {
     assert_eq!(ops, json!([]), "no refused import became an operation");
     s.stop().await;
 }
+
+/// Inside an allowed directory: a real archive imports (the positive control), while a FIFO,
+/// a symlink to a host file and a missing name all fail at once with one and the same message
+/// (no existence oracle, no thread left blocked on the FIFO).
+#[tokio::test]
+async fn allowed_dirs_refuse_fifos_and_symlinks_like_missing_files() {
+    let allowed = tempfile::tempdir().unwrap();
+    let dir = allowed.path().to_owned();
+    std::fs::write(dir.join("good.tar"), docker_archive()).unwrap();
+    assert!(std::process::Command::new("mkfifo").arg(dir.join("fifo.tar")).status().unwrap().success());
+    std::os::unix::fs::symlink("/etc/shadow", dir.join("shadow.tar")).unwrap();
+    let d = dir.clone();
+    let s = TestServer::start_with(move |c| {
+        c.registry.local_dirs = vec![d];
+        c.tokens = vec![TokenConfig {
+            token: Some(IMPORTER.into()),
+            sha256: None,
+            namespace: "beta".into(),
+            permissions: [Permission::Import, Permission::List].into_iter().collect(),
+        }];
+    })
+    .await;
+    let op = import(&s, &format!("docker-archive:{}/good.tar", dir.display())).await.unwrap();
+    assert_eq!(op["status"], "SUCCESS", "positive control: an allowed archive imports: {op}");
+
+    let without_id = |op: &Value| {
+        let e = op["error"].as_str().unwrap_or_default();
+        e.split(" (error id").next().unwrap_or_default().to_owned()
+    };
+    let mut seen = Vec::new();
+    for name in ["fifo.tar", "shadow.tar", "missing.tar"] {
+        let started = Instant::now();
+        let op = import(&s, &format!("docker-archive:{}/{name}", dir.display())).await.unwrap();
+        assert_eq!(op["status"], "FAILED", "{name}: {op}");
+        assert!(started.elapsed() < Duration::from_secs(10), "{name}: refused at once");
+        assert!(!op.to_string().contains("root:"), "{name}: {op}");
+        seen.push(without_id(&op));
+    }
+    assert!(seen.iter().all(|m| m == &seen[0] && !m.is_empty()), "one answer for all: {seen:?}");
+    s.stop().await;
+}
