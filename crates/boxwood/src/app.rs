@@ -19,6 +19,7 @@ use boxwood_vm::{QemuRuntime, VmRuntime, prepare_guest_assets, reap_stale};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
+use crate::network::{Egress, NetworkGate, start_egress};
 
 /// The tag of the built-in base image, in the public namespace.
 pub const BASE_IMAGE_TAG: &str = "busybox:latest";
@@ -31,6 +32,8 @@ pub struct App {
     pub bootstrap_token: Option<String>,
     /// The accelerator the VM runtime uses.
     pub accel: String,
+    /// The guest egress filter; removed after the last run has stopped.
+    egress: Egress,
 }
 
 impl App {
@@ -66,12 +69,21 @@ impl App {
         }
         let runtime = QemuRuntime::new(config.vm.clone(), assets, run_dir).await.context("starting the VM runtime")?;
         let accel = runtime.accel().to_owned();
+        // The uid block QEMU runs under, once the VM jail provides one; the filter matches
+        // the sockets of exactly those uids.
+        let guest_uids = None;
+        let egress = tokio::task::spawn_blocking({
+            let network = config.network.clone();
+            move || start_egress(&network, guest_uids)
+        })
+        .await?;
+        let runtime = NetworkGate::new(Arc::new(runtime), &egress);
         let importer = Arc::new(boxwood_oci::Importer::new(config.registry.clone(), state.join("imports")));
         let backends = Backends { store, blobs, layers: layers.clone(), runtime: Arc::new(runtime), importer };
         let service = Service::start(config.core.clone(), &config.tokens, backends).await?;
         seed_base_image(&service, layers.as_ref(), &config.busybox).await?;
         let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-        Ok(Self { service, listener, bootstrap_token, accel })
+        Ok(Self { service, listener, bootstrap_token, accel, egress })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -87,14 +99,16 @@ impl App {
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let service = self.service.clone();
         let router = boxwood_api::router(self.service);
-        axum::serve(self.listener, router)
+        let served = axum::serve(self.listener, router)
             .with_graceful_shutdown(async move {
                 shutdown.await;
                 tracing::info!("shutting down: stopping active runs");
                 service.shutdown().await;
             })
             .await
-            .context("serving HTTP")
+            .context("serving HTTP");
+        drop(self.egress);
+        served
     }
 }
 

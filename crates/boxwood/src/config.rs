@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use boxwood_core::CoreConfig;
 use boxwood_core::auth::TokenConfig;
+use boxwood_vm::egress::NetworkConfig;
 use boxwood_vm::{Accel, VmConfig};
 use serde::Deserialize;
 
@@ -25,6 +26,9 @@ pub struct Config {
     /// Guest kernel release (`/boot/vmlinuz-<release>`); newest `*-cloud-amd64` by default.
     pub kernel_release: Option<String>,
     pub vm: VmConfig,
+    /// What guests with networking may reach (the egress filter; `docs/ARCHITECTURE.md`,
+    /// "Guest networks").
+    pub network: NetworkConfig,
     pub core: CoreConfig,
     /// Image imports: registry mirrors, plain-http registries, internal hosts imports may reach
     /// (`allow_hosts`) and the directories local sources may name (`local_dirs`, none by default).
@@ -43,6 +47,7 @@ impl Default for Config {
             busybox: PathBuf::from("/bin/busybox"),
             kernel_release: None,
             vm: VmConfig::default(),
+            network: NetworkConfig::default(),
             core: CoreConfig::default(),
             registry: boxwood_oci::RegistryConfig::default(),
             tokens: Vec::new(),
@@ -161,6 +166,31 @@ mod tests {
         assert_eq!(cfg.vm.memory_mib, 512);
         assert_eq!(cfg.core.max_concurrent_runs, 3);
         assert_eq!(cfg.tokens.len(), 1);
+    }
+
+    #[test]
+    fn network_section() {
+        use boxwood_vm::egress::{FilterMode, Target};
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("boxwood.toml");
+        let load = |text: &str| {
+            std::fs::write(&path, text).unwrap();
+            Config::load(Some(&path), Overrides::default(), Overrides::default())
+        };
+        let cfg = load("").unwrap();
+        assert_eq!((cfg.network.filter, cfg.network.allow.len()), (FilterMode::Nftables, 0), "filtered, nothing open");
+        let cfg = load(
+            "[network]\nallow = [\"10.1.2.3:3128/tcp\", \"192.168.0.0/16\", \"[fd00::1]:443\", \"mirror.example:443\"]\n",
+        )
+        .unwrap();
+        assert_eq!(cfg.network.allow.len(), 4);
+        assert_eq!(cfg.network.allow[3].target, Target::Host("mirror.example".into()));
+        assert_eq!(load("[network]\nfilter = \"off\"\n").unwrap().network.filter, FilterMode::Off);
+        for bad in
+            ["[network]\nallow = [\"10.0.0.0/33\"]\n", "[network]\nfilter = \"iptables\"\n", "[network]\nalow = []\n"]
+        {
+            assert!(load(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -8,8 +8,9 @@
 
 use std::fmt::Write as _;
 use std::io::Write as _;
-use std::net::IpAddr;
+use std::net::{IpAddr, ToSocketAddrs};
 use std::ops::RangeInclusive;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::str::FromStr;
 
@@ -50,21 +51,66 @@ pub enum FilterMode {
 }
 
 /// Guest network policy, part of the server configuration (`[network]`).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NetworkConfig {
     pub filter: FilterMode,
-    /// Host or private destinations guests may reach anyway: `ADDR`, `ADDR/PREFIX`,
-    /// `ADDR:PORT`, `ADDR/PREFIX:PORT`, `[V6ADDR]:PORT` (TCP and UDP). Nothing by default.
+    /// Host or private destinations guests may reach anyway (see [`AllowRule`]). Nothing by
+    /// default.
     pub allow: Vec<AllowRule>,
+    /// The `nft` executable.
+    pub nft_binary: PathBuf,
 }
 
-/// One allowed destination: a network and optionally one port.
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self { filter: FilterMode::default(), allow: Vec::new(), nft_binary: PathBuf::from("nft") }
+    }
+}
+
+/// A transport protocol an [`AllowRule`] may be limited to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "tcp",
+            Self::Udp => "udp",
+        }
+    }
+}
+
+/// Where an [`AllowRule`] points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// An address (`prefix` = its full length) or a network, host bits cleared.
+    Net { addr: IpAddr, prefix: u8 },
+    /// A host name, resolved once when the filter is installed.
+    Host(String),
+}
+
+/// One allowed destination: `ADDR`, `ADDR/PREFIX`, `ADDR:PORT`, `ADDR/PREFIX:PORT`,
+/// `[V6ADDR]:PORT`, `[V6NET/PREFIX]:PORT`, `HOST`, `HOST:PORT`, each optionally followed by
+/// `/tcp` or `/udp` (default: both). Host names are resolved when the server starts, to every
+/// address they have then.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AllowRule {
+    pub target: Target,
+    pub port: Option<u16>,
+    pub proto: Option<Proto>,
+}
+
+/// An [`AllowRule`] with its host name (if any) resolved: what the ruleset is made of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetRule {
     pub addr: IpAddr,
     pub prefix: u8,
     pub port: Option<u16>,
+    pub proto: Option<Proto>,
 }
 
 impl FromStr for AllowRule {
@@ -72,19 +118,24 @@ impl FromStr for AllowRule {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let bad = |why: &str| format!("network.allow entry {s:?}: {why}");
-        let (net, port) = if let Some(rest) = s.strip_prefix('[') {
-            let (net, tail) = rest.split_once(']').ok_or_else(|| bad("missing ']'"))?;
+        let (rest, proto) = match (s.strip_suffix("/tcp"), s.strip_suffix("/udp")) {
+            (Some(r), _) => (r, Some(Proto::Tcp)),
+            (_, Some(r)) => (r, Some(Proto::Udp)),
+            _ => (s, None),
+        };
+        let (net, port) = if let Some(inner) = rest.strip_prefix('[') {
+            let (net, tail) = inner.split_once(']').ok_or_else(|| bad("missing ']'"))?;
             let port = match tail {
                 "" => None,
                 t => Some(t.strip_prefix(':').ok_or_else(|| bad("expected ':PORT' after ']'"))?),
             };
             (net, port)
-        } else if s.matches(':').count() > 1 {
-            (s, None) // a bare IPv6 address or network
+        } else if rest.matches(':').count() > 1 {
+            (rest, None) // a bare IPv6 address or network
         } else {
-            match s.split_once(':') {
+            match rest.split_once(':') {
                 Some((net, port)) => (net, Some(port)),
-                None => (s, None),
+                None => (rest, None),
             }
         };
         let port = port
@@ -94,13 +145,45 @@ impl FromStr for AllowRule {
             Some((a, p)) => (a, Some(p)),
             None => (net, None),
         };
-        let addr: IpAddr = addr.parse().map_err(|_| bad("not an IP address or network"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            Some(p) => p.parse::<u8>().ok().filter(|&p| p <= max).ok_or_else(|| bad("bad prefix length"))?,
-            None => max,
+        let target = match addr.parse::<IpAddr>() {
+            Ok(addr) => {
+                let max = if addr.is_ipv4() { 32 } else { 128 };
+                let prefix = match prefix {
+                    Some(p) => p.parse::<u8>().ok().filter(|&p| p <= max).ok_or_else(|| bad("bad prefix length"))?,
+                    None => max,
+                };
+                Target::Net { addr: mask(addr, prefix), prefix }
+            }
+            Err(_) if prefix.is_none() && is_host_name(addr) => Target::Host(addr.to_ascii_lowercase()),
+            Err(_) => return Err(bad("not an IP address, network or host name")),
         };
-        Ok(Self { addr: mask(addr, prefix), prefix, port })
+        Ok(Self { target, port, proto })
+    }
+}
+
+/// Letters, digits, `-` and `.`, with a letter somewhere (so `1.2.3` is not taken for a name).
+fn is_host_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.split('.')
+            .all(|l| !l.is_empty() && l.len() <= 63 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        && s.bytes().any(|b| b.is_ascii_alphabetic())
+}
+
+impl AllowRule {
+    /// The rule's networks: itself, or one host route per address its name resolves to now.
+    /// A name that does not resolve yields nothing (its destination stays closed).
+    pub fn resolve(&self) -> Result<Vec<NetRule>, std::io::Error> {
+        let rule = |addr: IpAddr, prefix: u8| NetRule { addr, prefix, port: self.port, proto: self.proto };
+        match &self.target {
+            Target::Net { addr, prefix } => Ok(vec![rule(*addr, *prefix)]),
+            Target::Host(name) => {
+                let mut addrs: Vec<IpAddr> = (name.as_str(), 0).to_socket_addrs()?.map(|a| a.ip()).collect();
+                addrs.sort();
+                addrs.dedup();
+                Ok(addrs.into_iter().map(|a| rule(a, if a.is_ipv4() { 32 } else { 128 })).collect())
+            }
+        }
     }
 }
 
@@ -129,10 +212,13 @@ fn family(addr: &IpAddr) -> &'static str {
     if addr.is_ipv4() { "ip" } else { "ip6" }
 }
 
+/// Prefix of every table this module makes; the rest of the name is the uid block's base.
+pub const TABLE_PREFIX: &str = "boxwood_egress_";
+
 /// The name of the table for a uid block: one per server, so parallel servers do not touch
 /// each other's rules.
 pub fn table_name(uids: &RangeInclusive<u32>) -> String {
-    format!("boxwood_egress_{}", uids.start())
+    format!("{TABLE_PREFIX}{}", uids.start())
 }
 
 /// The nftables script that (re)creates the filter for `uids`: sockets of those uids may
@@ -140,7 +226,7 @@ pub fn table_name(uids: &RangeInclusive<u32>) -> String {
 /// them), the operator's allowed destinations, and everything that is neither one of the
 /// host's own addresses nor in a denied range; the rest gets a TCP reset or an ICMP
 /// "administratively prohibited", so a guest fails at once instead of timing out.
-pub fn render(uids: &RangeInclusive<u32>, resolvers: &[IpAddr], allow: &[AllowRule]) -> String {
+pub fn render(uids: &RangeInclusive<u32>, resolvers: &[IpAddr], allow: &[NetRule]) -> String {
     let table = table_name(uids);
     let mut s = String::new();
     // `add` then `delete` makes the script work whether or not the table exists, and the
@@ -152,11 +238,18 @@ pub fn render(uids: &RangeInclusive<u32>, resolvers: &[IpAddr], allow: &[AllowRu
         let _ = writeln!(s, "    {} daddr {r} meta l4proto {{ tcp, udp }} th dport 53 accept", family(r));
     }
     for rule in allow {
-        let port = rule.port.map(|p| format!(" meta l4proto {{ tcp, udp }} th dport {p}")).unwrap_or_default();
-        let _ = writeln!(s, "    {} daddr {}/{}{port} accept", family(&rule.addr), rule.addr, rule.prefix);
+        let l4 = match (rule.proto, rule.port) {
+            (Some(p), Some(port)) => format!(" {} dport {port}", p.as_str()),
+            (Some(p), None) => format!(" meta l4proto {}", p.as_str()),
+            (None, Some(port)) => format!(" meta l4proto {{ tcp, udp }} th dport {port}"),
+            (None, None) => String::new(),
+        };
+        let _ = writeln!(s, "    {} daddr {}/{}{l4} accept", family(&rule.addr), rule.addr, rule.prefix);
     }
     let denied = [
-        "fib daddr type local".to_owned(),
+        // Every address of this host (127/8, ::1, eth0's, …) and its broadcast and multicast
+        // addresses, whatever they are when the packet is sent.
+        "fib daddr type { local, broadcast, multicast, anycast }".to_owned(),
         format!("ip daddr {{ {} }}", DENY_V4.join(", ")),
         "ip daddr 255.255.255.255".to_owned(),
         format!("ip6 daddr {{ {} }}", DENY_V6.join(", ")),
@@ -189,15 +282,31 @@ pub fn resolvers(resolv_conf: &str) -> Vec<IpAddr> {
 #[derive(Debug)]
 pub struct EgressFilter {
     table: String,
+    nft: PathBuf,
 }
 
 impl EgressFilter {
-    /// Installs (or replaces) the table for `uids`.
-    pub fn install(uids: &RangeInclusive<u32>, allow: &[AllowRule]) -> Result<Self, VmError> {
+    /// Installs (or atomically replaces) the table for `uids` with `config.allow` (host names
+    /// resolved now; one that does not resolve is logged and stays closed) and the name
+    /// servers of `/etc/resolv.conf`. `uids` must be non-empty and exclude root.
+    pub fn install(uids: &RangeInclusive<u32>, config: &NetworkConfig) -> Result<Self, VmError> {
+        if uids.is_empty() || *uids.start() == 0 {
+            return Err(VmError::Invalid(format!("egress uid block {uids:?} must be non-empty and exclude root")));
+        }
+        let mut allow = Vec::new();
+        for rule in &config.allow {
+            match rule.resolve() {
+                Ok(nets) if nets.is_empty() => tracing::warn!(?rule, "network.allow: the name has no address"),
+                Ok(nets) => allow.extend(nets),
+                Err(e) => {
+                    tracing::warn!(?rule, error = %e, "network.allow: the name does not resolve; it stays closed")
+                }
+            }
+        }
         let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
-        let script = render(uids, &resolvers(&resolv), allow);
-        nft(&script)?;
-        Ok(Self { table: table_name(uids) })
+        let script = render(uids, &resolvers(&resolv), &allow);
+        nft(&config.nft_binary, &script)?;
+        Ok(Self { table: table_name(uids), nft: config.nft_binary.clone() })
     }
 
     pub fn table(&self) -> &str {
@@ -207,22 +316,49 @@ impl EgressFilter {
 
 impl Drop for EgressFilter {
     fn drop(&mut self) {
-        if let Err(e) = nft(&format!("delete table inet {}\n", self.table)) {
+        if let Err(e) = nft(&self.nft, &format!("delete table inet {}\n", self.table)) {
             tracing::warn!(table = %self.table, error = %e, "could not remove the guest egress filter");
         }
     }
 }
 
+/// Deletes the filter tables of uid blocks no server holds any more (their server died
+/// without removing them): every `boxwood_egress_<base>` table for which `claimed(base)` is
+/// false. Returns the names deleted. A stale table only restricts uids nobody uses, and a
+/// server that claims the block again replaces it, so this is tidiness, not safety.
+pub fn sweep_stale(nft_binary: &Path, claimed: impl Fn(u32) -> bool) -> Result<Vec<String>, VmError> {
+    let out = Command::new(nft_binary)
+        .args(["list", "tables", "inet"])
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| VmError::Egress(format!("cannot run nft: {e}")))?;
+    if !out.status.success() {
+        return Err(VmError::Egress(format!("nft list tables: {}", String::from_utf8_lossy(&out.stderr).trim())));
+    }
+    let mut removed = Vec::new();
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.trim().strip_prefix("table inet ") else { continue };
+        let Some(base) = name.strip_prefix(TABLE_PREFIX).and_then(|b| b.parse::<u32>().ok()) else { continue };
+        if claimed(base) {
+            continue;
+        }
+        nft(nft_binary, &format!("delete table inet {name}\n"))?;
+        tracing::info!(table = name, "removed a stale guest egress filter");
+        removed.push(name.to_owned());
+    }
+    Ok(removed)
+}
+
 /// Runs `nft -f -` with `script`.
-fn nft(script: &str) -> Result<(), VmError> {
+fn nft(binary: &Path, script: &str) -> Result<(), VmError> {
     let fail = |why: String| VmError::Egress(why);
-    let mut child = Command::new("nft")
+    let mut child = Command::new(binary)
         .args(["-f", "-"])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| fail(format!("cannot run nft: {e}")))?;
+        .map_err(|e| fail(format!("cannot run {}: {e}", binary.display())))?;
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(script.as_bytes()).map_err(|e| fail(format!("writing to nft: {e}")))?;
     }
@@ -237,19 +373,51 @@ fn nft(script: &str) -> Result<(), VmError> {
 mod tests {
     use super::*;
 
+    fn net(s: &str) -> (String, u8, Option<u16>, Option<Proto>) {
+        let r: AllowRule = s.parse().unwrap_or_else(|e| panic!("{e}"));
+        match r.target {
+            Target::Net { addr, prefix } => (addr.to_string(), prefix, r.port, r.proto),
+            Target::Host(h) => panic!("{s:?} parsed as host {h}"),
+        }
+    }
+
     #[test]
     fn allow_rules_parse() {
-        let r: AllowRule = "10.1.2.3:3128".parse().unwrap();
-        assert_eq!((r.addr.to_string(), r.prefix, r.port), ("10.1.2.3".into(), 32, Some(3128)));
-        let r: AllowRule = "192.168.7.9/16".parse().unwrap();
-        assert_eq!((r.addr.to_string(), r.prefix, r.port), ("192.168.0.0".into(), 16, None));
-        let r: AllowRule = "[fd00::1]:443".parse().unwrap();
-        assert_eq!((r.addr.to_string(), r.prefix, r.port), ("fd00::1".into(), 128, Some(443)));
-        let r: AllowRule = "fd00::/8".parse().unwrap();
-        assert_eq!((r.addr.to_string(), r.prefix, r.port), ("fd00::".into(), 8, None));
-        for bad in ["", "host.example:80", "10.0.0.1:0", "10.0.0.1:99999", "10.0.0.0/33", "[fd00::1", "1.2.3.4/x"] {
+        assert_eq!(net("10.1.2.3:3128"), ("10.1.2.3".into(), 32, Some(3128), None));
+        assert_eq!(net("192.168.7.9/16"), ("192.168.0.0".into(), 16, None, None));
+        assert_eq!(net("[fd00::1]:443"), ("fd00::1".into(), 128, Some(443), None));
+        assert_eq!(net("fd00::/8"), ("fd00::".into(), 8, None, None));
+        assert_eq!(net("10.1.2.3:3128/tcp"), ("10.1.2.3".into(), 32, Some(3128), Some(Proto::Tcp)));
+        assert_eq!(net("192.168.0.0/16/udp"), ("192.168.0.0".into(), 16, None, Some(Proto::Udp)));
+        assert_eq!(net("[fd00::/64]:53/udp"), ("fd00::".into(), 64, Some(53), Some(Proto::Udp)));
+        let h: AllowRule = "Mirror.Example:443/tcp".parse().unwrap();
+        assert_eq!(
+            h,
+            AllowRule { target: Target::Host("mirror.example".into()), port: Some(443), proto: Some(Proto::Tcp) }
+        );
+        for bad in [
+            "",
+            "10.0.0.1:0",
+            "10.0.0.1:99999",
+            "10.0.0.0/33",
+            "[fd00::1",
+            "1.2.3.4/x",
+            "1.2.3",
+            "host.example/24",
+            "a..b:80",
+            "ho st:80",
+            "10.0.0.1:80/sctp",
+        ] {
             assert!(bad.parse::<AllowRule>().is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn host_names_resolve_to_host_routes() {
+        let r: AllowRule = "localhost:8000/tcp".parse().unwrap();
+        let nets = r.resolve().unwrap();
+        assert!(nets.iter().any(|n| n.addr == IpAddr::from([127, 0, 0, 1]) && n.prefix == 32), "{nets:?}");
+        assert!(nets.iter().all(|n| n.port == Some(8000) && n.proto == Some(Proto::Tcp)));
     }
 
     #[test]
@@ -262,19 +430,32 @@ mod tests {
     #[test]
     fn ruleset_scopes_everything_to_the_uid_block() {
         let uids = 2_000_000_000..=2_000_000_255;
-        let allow: Vec<AllowRule> = vec!["127.0.0.1:3128".parse().unwrap(), "10.0.0.0/8".parse().unwrap()];
+        let allow: Vec<NetRule> = ["127.0.0.1:3128", "10.0.0.0/8", "[fd00::1]:443/tcp", "192.168.1.0/24/udp"]
+            .iter()
+            .flat_map(|r| r.parse::<AllowRule>().unwrap().resolve().unwrap())
+            .collect();
         let s = render(&uids, &["10.255.255.53".parse().unwrap()], &allow);
         assert!(s.contains("meta skuid 2000000000-2000000255 jump guests"), "{s}");
         // The hook chain has no other rule: nothing else on the host is affected.
         let hook = s.split("chain output").nth(1).unwrap();
         assert_eq!(hook.matches("jump").count() + hook.matches("reject").count(), 1, "{hook}");
+        assert!(hook.contains("policy accept"), "{hook}");
         let pos = |needle: &str| s.find(needle).unwrap_or_else(|| panic!("{needle} missing in {s}"));
-        // Resolvers and allowed destinations come before the rejects, so they win.
-        assert!(pos("ip daddr 10.255.255.53 meta l4proto { tcp, udp } th dport 53 accept") < pos("fib daddr"));
-        assert!(pos("ip daddr 127.0.0.1/32 meta l4proto { tcp, udp } th dport 3128 accept") < pos("fib daddr"));
-        assert!(pos("ip daddr 10.0.0.0/8 accept") < pos("fib daddr"));
+        // Established flows, resolvers and allowed destinations come before the rejects, so they win.
+        let first_reject = pos("fib daddr");
+        assert!(pos("ct state established,related accept") < first_reject);
+        assert!(pos("ip daddr 10.255.255.53 meta l4proto { tcp, udp } th dport 53 accept") < first_reject);
+        assert!(pos("ip daddr 127.0.0.1/32 meta l4proto { tcp, udp } th dport 3128 accept") < first_reject);
+        assert!(pos("ip daddr 10.0.0.0/8 accept") < first_reject);
+        assert!(pos("ip6 daddr fd00::1/128 tcp dport 443 accept") < first_reject);
+        assert!(pos("ip daddr 192.168.1.0/24 meta l4proto udp accept") < first_reject);
         for range in DENY_V4.iter().chain(DENY_V6) {
             assert!(s.contains(range), "{range} not denied");
         }
+        // Each denied class both resets TCP and refuses the rest; nothing is accepted after them.
+        let tail = &s[first_reject..s.find("chain output").unwrap()];
+        assert_eq!(tail.matches("reject with tcp reset").count(), 4, "{tail}");
+        assert_eq!(tail.matches("reject with icmpx admin-prohibited").count(), 4, "{tail}");
+        assert!(!tail.contains("accept"), "{tail}");
     }
 }

@@ -1,0 +1,158 @@
+//! Guest networks fail closed: the server installs the egress filter for its VMs' uid block
+//! at start, and if that fails, a [`NetworkGate`] in front of the VM runtime refuses every
+//! run that asks for networking (runs without networking go on).
+
+use std::ops::RangeInclusive;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use boxwood_vm::egress::{EgressFilter, FilterMode, NetworkConfig};
+use boxwood_vm::{Vm, VmError, VmRuntime, VmSpec};
+
+/// What a refused run's error says (no host detail: that is in the server log).
+pub const REFUSAL: &str = "networking is unavailable on this server (its guest network filter is not in place); \
+                           run with networking disabled or ask the operator";
+
+/// The outcome of [`start_egress`].
+#[derive(Debug)]
+pub enum Egress {
+    /// The filter is installed; it is removed when this is dropped.
+    Filtered(EgressFilter),
+    /// `network.filter = "off"`: guests reach everything QEMU's host process reaches.
+    Off,
+    /// VMs do not run under a uid block of their own, so no filter can tell their sockets
+    /// from the server's. Only until the VM jail provides the block.
+    Unscoped,
+    /// The filter could not be installed; networking runs are refused.
+    Failed,
+}
+
+impl Egress {
+    /// Whether runs with networking must be refused.
+    pub fn refuses_networking(&self) -> bool {
+        matches!(self, Self::Failed)
+    }
+}
+
+/// Installs the egress filter for `uids` (the block the VM runtime runs QEMU under) as
+/// `config` says, logging loudly whenever guests are not filtered.
+pub fn start_egress(config: &NetworkConfig, uids: Option<RangeInclusive<u32>>) -> Egress {
+    if config.filter == FilterMode::Off {
+        tracing::warn!(
+            "network.filter = \"off\": guests with networking reach this host's loopback services (the Boxwood \
+             API included), its addresses and every private and link-local network it can reach"
+        );
+        return Egress::Off;
+    }
+    let Some(uids) = uids else {
+        tracing::error!(
+            "the guest egress filter is NOT active: VMs do not run under a uid block of their own; guests with \
+             networking reach this host's loopback services and private networks"
+        );
+        return Egress::Unscoped;
+    };
+    match EgressFilter::install(&uids, config) {
+        Ok(f) => {
+            tracing::info!(table = f.table(), uids = ?uids, allowed = config.allow.len(), "guest egress filter installed");
+            Egress::Filtered(f)
+        }
+        Err(e) => {
+            tracing::error!(
+                error = %e,
+                "the guest egress filter could not be installed (needs nft and a kernel with nf_tables; \
+                 scripts/install-deps.sh installs nftables): runs with networking will be REFUSED; \
+                 set network.filter = \"off\" only on a host whose network is isolated otherwise"
+            );
+            Egress::Failed
+        }
+    }
+}
+
+/// A VM runtime that refuses networking when the egress filter is not in place.
+pub struct NetworkGate {
+    inner: Arc<dyn VmRuntime>,
+    refuse: bool,
+}
+
+impl NetworkGate {
+    pub fn new(inner: Arc<dyn VmRuntime>, egress: &Egress) -> Self {
+        Self { inner, refuse: egress.refuses_networking() }
+    }
+}
+
+#[async_trait]
+impl VmRuntime for NetworkGate {
+    async fn start(&self, spec: VmSpec) -> Result<Box<dyn Vm>, VmError> {
+        if spec.network && self.refuse {
+            return Err(VmError::Rejected(REFUSAL.to_owned()));
+        }
+        self.inner.start(spec).await
+    }
+
+    fn accel(&self) -> &str {
+        self.inner.accel()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use boxwood_protocol::RootfsSpec;
+
+    use super::*;
+
+    /// Counts the starts that reach it and fails them (no VM is needed to see the gate).
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    #[async_trait]
+    impl VmRuntime for Counting {
+        async fn start(&self, _spec: VmSpec) -> Result<Box<dyn Vm>, VmError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Err(VmError::Invalid("reached the runtime".into()))
+        }
+        fn accel(&self) -> &str {
+            "tcg"
+        }
+    }
+
+    fn spec(network: bool) -> VmSpec {
+        VmSpec {
+            name: "t".into(),
+            disks: Vec::new(),
+            rootfs: RootfsSpec { lower_serials: Vec::new(), upper_size_bytes: 0 },
+            hostname: "t".into(),
+            memory_mib: None,
+            vcpus: None,
+            network,
+        }
+    }
+
+    async fn reached(egress: &Egress, network: bool) -> (bool, String) {
+        let inner = Arc::new(Counting::default());
+        let gate = NetworkGate::new(inner.clone(), egress);
+        let err = gate.start(spec(network)).await.err().expect("both runtimes fail");
+        (inner.0.load(Ordering::SeqCst) == 1, err.to_string())
+    }
+
+    #[tokio::test]
+    async fn a_failed_filter_refuses_networking_runs_only() {
+        let broken = NetworkConfig { nft_binary: PathBuf::from("/nonexistent/nft"), ..Default::default() };
+        let egress = start_egress(&broken, Some(2_140_500_000..=2_140_500_255));
+        assert!(matches!(egress, Egress::Failed), "{egress:?}");
+        let (went_on, err) = reached(&egress, true).await;
+        assert!(!went_on && err.contains("networking is unavailable"), "{err}");
+        assert!(!err.contains("nft") && !err.contains('/'), "no host detail in the refusal: {err}");
+        assert!(reached(&egress, false).await.0, "runs without networking go on");
+    }
+
+    #[tokio::test]
+    async fn off_and_unscoped_let_networking_through() {
+        let off = NetworkConfig { filter: FilterMode::Off, ..Default::default() };
+        // The positive control of the test above: the same gate passes networking runs on.
+        assert!(reached(&start_egress(&off, Some(2_140_500_256..=2_140_500_511)), true).await.0);
+        assert!(reached(&start_egress(&NetworkConfig::default(), None), true).await.0);
+    }
+}
