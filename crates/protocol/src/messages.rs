@@ -92,6 +92,28 @@ pub enum GuestMessage {
     },
 }
 
+impl GuestMessage {
+    /// The variant's name, for logs and errors that must not quote guest-chosen contents.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GuestMessage::Hello(_) => "Hello",
+            GuestMessage::SetupDone(_) => "SetupDone",
+            GuestMessage::SetupFailed { .. } => "SetupFailed",
+            GuestMessage::Spawned { .. } => "Spawned",
+            GuestMessage::SpawnFailed { .. } => "SpawnFailed",
+            GuestMessage::Output { .. } => "Output",
+            GuestMessage::Exited(_) => "Exited",
+            GuestMessage::Rejected { .. } => "Rejected",
+            GuestMessage::FilePut { .. } => "FilePut",
+            GuestMessage::FileFailed { .. } => "FileFailed",
+            GuestMessage::UpperChunk { .. } => "UpperChunk",
+            GuestMessage::UpperDone { .. } => "UpperDone",
+            GuestMessage::UpperFailed { .. } => "UpperFailed",
+            GuestMessage::WarmedUp { .. } => "WarmedUp",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub version: u32,

@@ -16,6 +16,7 @@ mod clone;
 mod cpio;
 pub mod egress;
 mod error;
+mod guest;
 mod modules;
 mod pool;
 mod qemu;
