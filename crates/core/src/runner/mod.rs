@@ -8,6 +8,7 @@ mod compact;
 mod live;
 mod main_process;
 mod persist;
+pub(crate) mod slots;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -174,11 +175,7 @@ impl Run {
     /// fails the operation itself); everything else becomes the operation's FAILED status.
     pub(crate) async fn execute(mut self, env: &Arc<RunEnv>) -> CoreResult<()> {
         let permits = tokio::select! {
-            p = async {
-                let ns = self.namespace_slots.clone().acquire_owned().await.ok()?;
-                let global = env.slots.clone().acquire_owned().await.ok()?;
-                Some((ns, global))
-            } => p,
+            p = slots::acquire(self.namespace_slots.clone(), env.slots.clone()) => p,
             () = self.control.token.cancelled() => None,
         };
         let Some(_permits) = permits else {
