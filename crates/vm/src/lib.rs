@@ -13,6 +13,7 @@
 
 mod assets;
 mod clone;
+mod console;
 mod cpio;
 pub mod egress;
 mod error;

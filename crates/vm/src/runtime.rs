@@ -204,7 +204,8 @@ impl Base {
         })
     }
 
-    /// Spawns QEMU (stderr to `qemu.log`, pid in `qemu.pid`). It gets SIGKILL when the
+    /// Spawns QEMU (stderr to `qemu.log`, the console through a pipe to `console.log`, see
+    /// `console`; pid in `qemu.pid`). It gets SIGKILL when the
     /// spawning thread dies (`PR_SET_PDEATHSIG`): call this from a runtime worker thread, never
     /// from a `spawn_blocking` thread, which may end while QEMU still runs. `background`: QEMU
     /// runs at [`BACKGROUND_NICE`] (template builds and pool refills take only spare CPU;
@@ -217,7 +218,7 @@ impl Base {
     ) -> Result<QemuChild, VmError> {
         let log = File::create(&paths.qemu_log).map_err(|e| VmError::io("create qemu.log", e))?;
         let mut cmd = tokio::process::Command::new(&self.config.qemu_binary);
-        cmd.args(&argv).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
+        cmd.args(&argv).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log).kill_on_drop(true);
         let parent = nix::unistd::getpid();
         // SAFETY: runs in the forked child before exec; prctl, getppid and setpriority are
         // async-signal-safe and nothing is allocated.
@@ -234,7 +235,11 @@ impl Base {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| VmError::io(format!("spawn {}", self.config.qemu_binary.display()), e))?;
+        let mut child =
+            cmd.spawn().map_err(|e| VmError::io(format!("spawn {}", self.config.qemu_binary.display()), e))?;
+        if let Some(console) = child.stdout.take() {
+            tokio::spawn(crate::console::pump(console, paths.console_log.clone()));
+        }
         let qemu = QemuChild::start(child)?;
         if let Err(e) = fs::write(&paths.pid_file, qemu.pid.to_string()) {
             qemu.kill();

@@ -119,14 +119,7 @@ pub(crate) fn describe(paths: &VmPaths, status: Option<&str>, what: &str) -> Str
 /// Console lines worth quoting even when they are not among the last ones.
 const KEY_MARKERS: &[&str] = &["Kernel panic", "BUG:", "Oops", "sysrq:", "boxwood-agent:", "general protection"];
 
-/// The last 64 KiB of a file, lossily decoded.
-fn read_tail(path: &Path) -> String {
-    let Ok(bytes) = std::fs::read(path) else {
-        return String::new();
-    };
-    let start = bytes.len().saturating_sub(64 * 1024);
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
-}
+use crate::console::read_tail;
 
 fn last_lines(lines: &[&str], n: usize) -> String {
     let mut out = lines[lines.len().saturating_sub(n)..].join("\n");
