@@ -46,6 +46,7 @@ fn exit(id: u32, agent_says: StreamTotals) -> Exit {
         signal: -1,
         core_dump: false,
         timed_out: false,
+        oom_killed: false,
         duration_us: 1,
         rusage: Default::default(),
         stdout: agent_says,

@@ -263,6 +263,13 @@ impl Run {
         guard.close().await;
         let result = match outcome? {
             main_process::Outcome::Exited(result) => *result,
+            main_process::Outcome::OutOfMemory(result) => {
+                // FAILED, as the contract lists OOM among infrastructure failures; the result
+                // (signal 9, the output so far) is kept for the client.
+                self.record_usage(&result);
+                let error = "the command ran out of memory: the VM's out-of-memory killer ended it".to_owned();
+                return Ok((Ending { status: Status::Failed, error: Some(error), result: Some(*result) }, "oom"));
+            }
             main_process::Outcome::Stopped => {
                 let (status, error) = self.control.stopped_outcome();
                 return Ok((Ending { status, error, result: None }, "signal"));
