@@ -133,8 +133,8 @@ pub struct ValidSpawn {
 }
 
 /// A validated process: the fields a spawn request (main process) and an exec request
-/// (subprocess) share.
-#[derive(Debug, Clone)]
+/// (subprocess) share. `Debug` redacts env values and stdin.
+#[derive(Clone)]
 pub struct ProcessSpec {
     pub command: String,
     pub args: Vec<String>,
@@ -244,11 +244,37 @@ fn parse_files(files: BTreeMap<String, serde_json::Value>) -> CoreResult<Vec<Fil
 }
 
 /// The process a run starts, after the image's defaults were applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ProcessPlan {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: String,
+}
+
+impl std::fmt::Debug for ProcessPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessPlan")
+            .field("argv", &self.argv)
+            .field("env", &crate::redact::PairNames(&self.env))
+            .field("cwd", &self.cwd)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ProcessSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessSpec")
+            .field("command", &self.command)
+            .field("args", &self.args)
+            .field("shell", &self.shell)
+            .field("env", &crate::redact::EnvNames(&self.env))
+            .field("cwd", &self.cwd)
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .field("stdin_bytes", &self.stdin.len())
+            .field("truncate_output_at", &self.truncate_output_at)
+            .finish_non_exhaustive()
+    }
 }
 
 fn id_field(name: &str, v: Option<i64>) -> CoreResult<u32> {
@@ -612,6 +638,29 @@ mod tests {
             Err(CoreError::BadRequest(msg)) => msg,
             other => panic!("expected a 400, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn debug_output_carries_no_env_values_or_secrets() {
+        let r = req(serde_json::json!({"command": "env", "image": "tag:b", "env": {"API": "hunter2-value"},
+                                       "stdin": {"value": "stdin-secret"}}));
+        // The control: the value is really in the request.
+        assert_eq!(r.process.env.as_ref().unwrap()["API"].as_deref(), Some("hunter2-value"));
+        let spec = validate(r.clone(), &RunLimits::default()).unwrap();
+        let plan = spec.process.plan(&image());
+        for text in [format!("{r:?}"), format!("{spec:?}"), format!("{plan:?}")] {
+            assert!(text.contains("API"), "{text}");
+            assert!(!text.contains("hunter2") && !text.contains("stdin-secret"), "{text}");
+        }
+        let token = crate::auth::TokenConfig {
+            token: Some("tok-secret".into()),
+            sha256: None,
+            namespace: "n".into(),
+            permissions: Default::default(),
+        };
+        assert!(!format!("{token:?}").contains("tok-secret"));
+        let creds = crate::model::RegistryCredentials { username: "u".into(), password: "pw-secret".into() };
+        assert!(!format!("{creds:?}").contains("pw-secret"));
     }
 
     #[test]

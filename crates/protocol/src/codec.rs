@@ -171,6 +171,25 @@ mod tests {
     }
 
     #[test]
+    fn spawn_debug_hides_env_values() {
+        let spawn = crate::Spawn {
+            id: 1,
+            argv: vec!["env".into()],
+            env: vec![("TOKEN".into(), "s3cr3t-value".into())],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            stdin: b"stdin-secret".to_vec(),
+            close_stdin: true,
+            timeout_ms: None,
+            output_limit_bytes: 1,
+        };
+        let text = format!("{:?}", HostMessage::Spawn(spawn));
+        assert!(text.contains("TOKEN"), "{text}");
+        assert!(!text.contains("s3cr3t") && !text.contains("stdin-secret"), "{text}");
+    }
+
+    #[test]
     fn rejects_garbage_payload() {
         let mut dec = FrameDecoder::new();
         dec.push(&3u32.to_le_bytes());
