@@ -29,7 +29,7 @@ const CONSOLE_TAIL_LINES: usize = 20;
 /// header and stops would otherwise hold the run until its timeout.
 pub(crate) const FRAME_DEADLINE: Duration = Duration::from_secs(5);
 /// How long the agent may take to answer a request the host waits on (`Spawn`, the last
-/// `PutFile` chunk, each chunk of an export).
+/// `PutFile` chunk, each chunk of an export) or to take a frame the host writes.
 pub(crate) const REPLY_DEADLINE: Duration = Duration::from_secs(20);
 /// Messages nobody asked for (unknown process ids, replies to nothing) tolerated per VM
 /// before the channel counts as hostile; only the first few are logged.
@@ -245,10 +245,17 @@ impl Shared {
         let frame = encode_frame(msg)?;
         let writer = self.writer.clone();
         let write = tokio::spawn(async move { writer.lock().await.write_all(&frame).await });
-        match write.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(VmError::Crashed { detail: format!("agent channel write failed: {e}") }),
-            Err(e) => Err(VmError::Crashed { detail: format!("agent channel write task failed: {e}") }),
+        // A guest that stops reading its port fills the socket: give up rather than wait
+        // forever (the write task ends when QEMU goes).
+        match tokio::time::timeout(REPLY_DEADLINE, write).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(VmError::Crashed { detail: format!("agent channel write failed: {e}") }),
+            Ok(Err(e)) => Err(VmError::Crashed { detail: format!("agent channel write task failed: {e}") }),
+            Err(_) => {
+                let why = format!("the agent did not read its channel for {} s", REPLY_DEADLINE.as_secs());
+                self.abandon(&why);
+                Err(VmError::Crashed { detail: why })
+            }
         }
     }
 
