@@ -94,7 +94,7 @@ async fn wait_exit(exit: &watch::Receiver<Option<String>>, limit: Duration) -> O
 }
 
 /// The diagnosis attached to boot and crash errors: what happened, QEMU's status and the
-/// tails of console.log and QEMU's own stderr.
+/// tail of the guest console (QEMU's own stderr is logged, not returned).
 pub(crate) fn describe(paths: &VmPaths, status: Option<&str>, what: &str) -> String {
     let status = status.map_or_else(|| "QEMU still running".to_owned(), |s| format!("QEMU {s}"));
     let console = read_tail(&paths.console_log);
@@ -108,10 +108,12 @@ pub(crate) fn describe(paths: &VmPaths, status: Option<&str>, what: &str) -> Str
     text.push_str("--- console.log (last lines) ---\n");
     let lines: Vec<&str> = console.lines().collect();
     text.push_str(&last_lines(&lines, CONSOLE_TAIL_LINES));
+    // QEMU's own messages name host paths: they go to the server log, not into the error a
+    // client reads.
     let qemu = read_tail(&paths.qemu_log);
     if !qemu.trim().is_empty() {
-        text.push_str("--- QEMU stderr ---\n");
-        text.push_str(&last_lines(&qemu.lines().collect::<Vec<_>>(), 5));
+        let tail = last_lines(&qemu.lines().collect::<Vec<_>>(), 5);
+        tracing::warn!(dir = %paths.dir.display(), "{what}; QEMU stderr:\n{tail}");
     }
     text
 }
