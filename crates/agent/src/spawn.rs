@@ -98,6 +98,7 @@ pub async fn spawn(spec: Spawn, table: &Table, reaper: &Reaper, out: &Outbox) {
         return;
     }
     let started = Instant::now();
+    let oom_kills = oom_kill_count();
     let (child, exit_rx) = match fork_exec(&spec, reaper) {
         Ok(v) => v,
         Err(error) => {
@@ -117,10 +118,17 @@ pub async fn spawn(spec: Spawn, table: &Table, reaper: &Reaper, out: &Outbox) {
         id,
         pid: child.pid,
         started,
+        oom_kills,
         timeout: spec.timeout_ms.map(Duration::from_millis),
         limit: spec.output_limit_bytes,
     };
     tokio::spawn(supervise(job, child.stdout, child.stderr, exit_rx, table.clone(), out.clone()));
+}
+
+/// The kernel's count of OOM kills so far (`oom_kill` in `/proc/vmstat`).
+fn oom_kill_count() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/vmstat").ok()?;
+    text.lines().find_map(|l| l.strip_prefix("oom_kill ")).and_then(|n| n.trim().parse().ok())
 }
 
 struct Child {
@@ -134,6 +142,8 @@ struct Job {
     id: u32,
     pid: i32,
     started: Instant,
+    /// The kernel's `oom_kill` count when the process started.
+    oom_kills: Option<u64>,
     timeout: Option<Duration>,
     limit: u64,
 }
@@ -306,6 +316,9 @@ async fn supervise(
         signal: info.signal,
         core_dump: info.core_dump,
         timed_out,
+        oom_killed: info.signal == libc::SIGKILL
+            && !timed_out
+            && matches!((job.oom_kills, oom_kill_count()), (Some(before), Some(now)) if now > before),
         duration_us: u64::try_from(info.reaped_at.duration_since(job.started).as_micros()).unwrap_or(u64::MAX),
         rusage: info.rusage,
         stdout: so.unwrap_or_default(),

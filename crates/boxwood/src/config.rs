@@ -194,6 +194,24 @@ mod tests {
     }
 
     #[test]
+    fn fair_share_and_request_limits_are_configurable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("boxwood.toml");
+        let cfg = Config::load(None, Overrides::default(), Overrides::default()).unwrap();
+        assert_eq!(cfg.core.max_concurrent_runs_per_namespace, None, "defaults to all but one slot");
+        std::fs::write(
+            &path,
+            "[core]\nmax_concurrent_runs = 6\nmax_concurrent_runs_per_namespace = 2\n\
+             [core.limits]\nmax_argv_env_bytes = 4096\nmax_env_vars = 5\nmax_stdin_bytes = 10\n",
+        )
+        .unwrap();
+        let cfg = Config::load(Some(&path), Overrides::default(), Overrides::default()).unwrap();
+        assert_eq!(cfg.core.max_concurrent_runs_per_namespace, Some(2));
+        let l = &cfg.core.limits;
+        assert_eq!((l.max_argv_env_bytes, l.max_env_vars, l.max_stdin_bytes), (4096, 5, 10));
+    }
+
+    #[test]
     fn typos_are_rejected() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("boxwood.toml");

@@ -48,8 +48,8 @@ impl Permission {
     }
 }
 
-/// One configured token.
-#[derive(Debug, Clone, Deserialize)]
+/// One configured token. `Debug` redacts the secret.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenConfig {
     /// The secret itself (convenient for development; prefer `sha256`).
@@ -62,6 +62,17 @@ pub struct TokenConfig {
     pub namespace: String,
     #[serde(default = "all_permissions")]
     pub permissions: BTreeSet<Permission>,
+}
+
+impl std::fmt::Debug for TokenConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenConfig")
+            .field("token", &crate::redact::secret(&self.token))
+            .field("sha256", &self.sha256)
+            .field("namespace", &self.namespace)
+            .field("permissions", &self.permissions)
+            .finish()
+    }
 }
 
 fn default_namespace() -> String {

@@ -10,6 +10,7 @@ mod events;
 pub mod model;
 pub mod operations;
 mod process;
+mod redact;
 mod runner;
 mod service;
 pub mod spec;

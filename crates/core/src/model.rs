@@ -33,8 +33,9 @@ pub struct SpawnRequest {
 }
 
 /// `ExecSpec`: the body of `POST /operations/{id}/subprocesses`. VM-level fields of a spawn
-/// request (`image`, `timeout`, `files`, …) are ignored like any unknown field.
-#[derive(Debug, Clone, Default, Deserialize)]
+/// request (`image`, `timeout`, `files`, …) are ignored like any unknown field. `Debug`
+/// redacts env values.
+#[derive(Clone, Default, Deserialize)]
 pub struct ExecRequest {
     pub command: String,
     #[serde(default)]
@@ -242,10 +243,35 @@ pub struct RegistrySpec {
     pub credentials: Option<RegistryCredentials>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 pub struct RegistryCredentials {
     pub username: String,
     pub password: String,
+}
+
+impl std::fmt::Debug for RegistryCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegistryCredentials")
+            .field("username", &self.username)
+            .field("password", &crate::redact::HIDDEN)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ExecRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExecRequest")
+            .field("command", &self.command)
+            .field("args", &self.args)
+            .field("shell", &self.shell)
+            .field("env", &self.env.as_ref().map(crate::redact::EnvNames))
+            .field("cwd", &self.cwd)
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .field("stdin", &self.stdin.as_ref().map(|_| crate::redact::HIDDEN))
+            .field("truncate_output_at", &self.truncate_output_at)
+            .finish()
+    }
 }
 
 /// `{"uuid": <operation>}`, the answer to an import request.

@@ -50,6 +50,7 @@ pub(crate) fn exit_data(exit: &Exit) -> Value {
         "code": exit.code,
         "signal": exit.signal,
         "timed_out": exit.timed_out,
+        "oom_killed": exit.oom_killed,
         "duration_ms": exit.duration_us / 1000,
         "core_dump": exit.core_dump,
         "resources": {

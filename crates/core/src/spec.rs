@@ -15,6 +15,16 @@ use crate::model::{ExecRequest, InstanceMetadata, LimitsEcho, NetworkingEcho, Sp
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 pub const DEFAULT_HOSTNAME: &str = "linuxkit";
 pub const MAX_TRUNCATE_OUTPUT_AT: u64 = 10 * 1024 * 1024;
+/// Longest single argument or `NAME=value` string `execve` takes (Linux `MAX_ARG_STRLEN`,
+/// 32 pages, NUL included).
+pub const MAX_ARG_STRLEN: usize = 32 * 4096 - 1;
+/// Longest path (Linux `PATH_MAX`, NUL included) and path component (`NAME_MAX`).
+pub const MAX_PATH_BYTES: usize = 4095;
+pub const MAX_NAME_BYTES: usize = 255;
+/// Most entries in a request's `files`.
+pub const MAX_FILES: usize = 1024;
+/// Guest directories the agent mounts kernel filesystems on: uploads there cannot land.
+const UNWRITABLE_ROOTS: [&str; 3] = ["/proc", "/sys", "/dev"];
 
 /// Server-side bounds and defaults of a run.
 #[derive(Debug, Clone, Deserialize)]
@@ -34,6 +44,14 @@ pub struct RunLimits {
     /// Bytes of stdin/stdout/stderr an operation's event log keeps; later chunks are dropped
     /// after one `size_cap` event.
     pub max_event_log_bytes: u64,
+    /// Bytes of a request's command, args and env together, each string counted with its
+    /// NUL and a pointer as `execve` counts them (Linux allows 2 MiB with an 8 MiB stack; the
+    /// image's env and the shell wrapper need the rest).
+    pub max_argv_env_bytes: u64,
+    /// Most environment variables a request may set.
+    pub max_env_vars: usize,
+    /// Largest initial stdin of a request (it is also echoed in the operation's metadata).
+    pub max_stdin_bytes: u64,
 }
 
 impl Default for RunLimits {
@@ -46,6 +64,9 @@ impl Default for RunLimits {
             default_import_timeout_secs: 300,
             max_import_timeout_secs: 3600,
             max_event_log_bytes: 100 * 1024 * 1024,
+            max_argv_env_bytes: 1024 * 1024,
+            max_env_vars: 10_000,
+            max_stdin_bytes: 16 * 1024 * 1024,
         }
     }
 }
@@ -84,13 +105,13 @@ pub fn is_valid_tag(tag: &str) -> bool {
 pub fn parse_image_ref(s: &str) -> CoreResult<ImageRef> {
     if let Some(tag) = s.strip_prefix("tag:") {
         if !is_valid_tag(tag) {
-            return Err(CoreError::bad(format!("invalid image tag {tag:?}")));
+            return Err(CoreError::bad(format!("invalid image tag {:?}", truncate_name(tag))));
         }
         return Ok(ImageRef::Tag(tag.to_owned()));
     }
     Uuid::parse_str(s)
         .map(ImageRef::Uuid)
-        .map_err(|_| CoreError::bad(format!("image must be a UUID or \"tag:<tag>\", got {s:?}")))
+        .map_err(|_| CoreError::bad(format!("image must be a UUID or \"tag:<tag>\", got {:?}", truncate_name(s))))
 }
 
 /// A validated spawn request.
@@ -112,8 +133,8 @@ pub struct ValidSpawn {
 }
 
 /// A validated process: the fields a spawn request (main process) and an exec request
-/// (subprocess) share.
-#[derive(Debug, Clone)]
+/// (subprocess) share. `Debug` redacts env values and stdin.
+#[derive(Clone)]
 pub struct ProcessSpec {
     pub command: String,
     pub args: Vec<String>,
@@ -168,21 +189,32 @@ fn normalize_file_path(path: &str) -> CoreResult<String> {
     if path.contains('\0') {
         return Err(bad("contains NUL"));
     }
+    if path.len() > MAX_PATH_BYTES {
+        return Err(CoreError::bad(format!("file path is {} bytes, the limit is {MAX_PATH_BYTES}", path.len())));
+    }
     let mut parts = Vec::new();
     for c in path.split('/') {
         match c {
             "" | "." => {}
             ".." => return Err(bad("must not contain `..`")),
+            c if c.len() > MAX_NAME_BYTES => return Err(bad("a component is longer than 255 bytes")),
             c => parts.push(c),
         }
     }
     if parts.is_empty() || path.ends_with('/') {
         return Err(bad("must name a file"));
     }
-    Ok(format!("/{}", parts.join("/")))
+    let normal = format!("/{}", parts.join("/"));
+    if let Some(root) = UNWRITABLE_ROOTS.iter().find(|r| normal == **r || normal.starts_with(&format!("{r}/"))) {
+        return Err(bad(&format!("{root} holds kernel filesystems in the VM; files cannot be placed there")));
+    }
+    Ok(normal)
 }
 
 fn parse_files(files: BTreeMap<String, serde_json::Value>) -> CoreResult<Vec<FileInjection>> {
+    if files.len() > MAX_FILES {
+        return Err(CoreError::bad(format!("files has {} entries, the limit is {MAX_FILES}", files.len())));
+    }
     let mut out = Vec::with_capacity(files.len());
     for (raw_path, spec) in files {
         let path = normalize_file_path(&raw_path)?;
@@ -212,11 +244,37 @@ fn parse_files(files: BTreeMap<String, serde_json::Value>) -> CoreResult<Vec<Fil
 }
 
 /// The process a run starts, after the image's defaults were applied.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct ProcessPlan {
     pub argv: Vec<String>,
     pub env: Vec<(String, String)>,
     pub cwd: String,
+}
+
+impl std::fmt::Debug for ProcessPlan {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessPlan")
+            .field("argv", &self.argv)
+            .field("env", &crate::redact::PairNames(&self.env))
+            .field("cwd", &self.cwd)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for ProcessSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProcessSpec")
+            .field("command", &self.command)
+            .field("args", &self.args)
+            .field("shell", &self.shell)
+            .field("env", &crate::redact::EnvNames(&self.env))
+            .field("cwd", &self.cwd)
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .field("stdin_bytes", &self.stdin.len())
+            .field("truncate_output_at", &self.truncate_output_at)
+            .finish_non_exhaustive()
+    }
 }
 
 fn id_field(name: &str, v: Option<i64>) -> CoreResult<u32> {
@@ -226,6 +284,55 @@ fn id_field(name: &str, v: Option<i64>) -> CoreResult<u32> {
 
 fn is_valid_cwd(cwd: &str) -> bool {
     cwd.is_empty() || (cwd.starts_with('/') && !cwd.contains('\0'))
+}
+
+/// Refuses an argv/env the guest's `execve` would refuse (`E2BIG`), or larger than the
+/// server's limits, before the run starts.
+fn check_exec_size(
+    command: &str,
+    args: &[String],
+    env: &BTreeMap<String, Option<String>>,
+    limits: &RunLimits,
+) -> CoreResult<()> {
+    if env.len() > limits.max_env_vars {
+        return Err(CoreError::bad(format!("env has {} variables, the limit is {}", env.len(), limits.max_env_vars)));
+    }
+    let long = |what: &str, len: usize| {
+        CoreError::bad(format!("{what} is {len} bytes, the limit for one argument or variable is {MAX_ARG_STRLEN}"))
+    };
+    if command.len() > MAX_ARG_STRLEN {
+        return Err(long("command", command.len()));
+    }
+    if let Some(a) = args.iter().find(|a| a.len() > MAX_ARG_STRLEN) {
+        return Err(long("an argument", a.len()));
+    }
+    // `NAME=value` (a null value only unsets, so counts its name).
+    let env_len = |k: &String, v: &Option<String>| k.len() + v.as_ref().map_or(0, |v| 1 + v.len());
+    if let Some((k, v)) = env.iter().find(|(k, v)| env_len(k, v) > MAX_ARG_STRLEN) {
+        return Err(long(&format!("variable {:?}", truncate_name(k)), env_len(k, v)));
+    }
+    let ptr = std::mem::size_of::<usize>() as u64;
+    let total: u64 = std::iter::once(command.len())
+        .chain(args.iter().map(String::len))
+        .chain(env.iter().map(|(k, v)| env_len(k, v)))
+        .map(|l| l as u64 + 1 + ptr)
+        .sum();
+    if total > limits.max_argv_env_bytes {
+        return Err(CoreError::bad(format!(
+            "command, args and env take {total} bytes, the limit is {}",
+            limits.max_argv_env_bytes
+        )));
+    }
+    Ok(())
+}
+
+/// A variable name short enough to quote in an error.
+fn truncate_name(k: &str) -> &str {
+    let mut end = k.len().min(64);
+    while !k.is_char_boundary(end) {
+        end -= 1;
+    }
+    &k[..end]
 }
 
 fn is_valid_hostname(h: &str) -> bool {
@@ -259,8 +366,14 @@ pub fn validate_process(req: ExecRequest, limits: &RunLimits) -> CoreResult<Proc
         return Err(CoreError::bad("command must not contain NUL bytes"));
     }
     let cwd = req.cwd.unwrap_or_default();
+    if cwd.len() > MAX_PATH_BYTES {
+        return Err(CoreError::bad(format!("cwd is {} bytes, the limit is {MAX_PATH_BYTES}", cwd.len())));
+    }
     if !is_valid_cwd(&cwd) {
-        return Err(CoreError::bad(format!("cwd must be an absolute path or empty, got {cwd:?}")));
+        return Err(CoreError::bad(format!("cwd must be an absolute path or empty, got {:?}", truncate_name(&cwd))));
+    }
+    if cwd.split('/').any(|c| c.len() > MAX_NAME_BYTES) {
+        return Err(CoreError::bad(format!("cwd has a component longer than {MAX_NAME_BYTES} bytes")));
     }
     let truncate_output_at = match req.truncate_output_at {
         None => limits.default_truncate_output_at,
@@ -272,10 +385,13 @@ pub fn validate_process(req: ExecRequest, limits: &RunLimits) -> CoreResult<Proc
         Some(t) => t as u64,
     };
     let (stdin, stdin_echo) = decode_stdin(req.stdin)?;
+    if stdin.len() as u64 > limits.max_stdin_bytes {
+        return Err(CoreError::bad(format!("stdin is {} bytes, the limit is {}", stdin.len(), limits.max_stdin_bytes)));
+    }
     let env = req.env.unwrap_or_default();
     for key in env.keys() {
         if key.is_empty() || key.contains('=') || key.contains('\0') {
-            return Err(CoreError::bad(format!("invalid environment variable name {key:?}")));
+            return Err(CoreError::bad(format!("invalid environment variable name {:?}", truncate_name(key))));
         }
     }
     if env.values().flatten().any(|v| v.contains('\0')) {
@@ -285,6 +401,7 @@ pub fn validate_process(req: ExecRequest, limits: &RunLimits) -> CoreResult<Proc
     if args.iter().any(|a| a.contains('\0')) {
         return Err(CoreError::bad("args must not contain NUL bytes"));
     }
+    check_exec_size(&req.command, &args, &env, limits)?;
     Ok(ProcessSpec {
         command: req.command,
         args,
@@ -304,7 +421,7 @@ pub fn validate(req: SpawnRequest, limits: &RunLimits) -> CoreResult<ValidSpawn>
     let image = parse_image_ref(&req.image)?;
     let hostname = req.hostname.unwrap_or_else(|| DEFAULT_HOSTNAME.into());
     if !is_valid_hostname(&hostname) {
-        return Err(CoreError::bad(format!("invalid hostname {hostname:?}: 1-64 of [A-Za-z0-9._-]")));
+        return Err(CoreError::bad(format!("invalid hostname {:?}: 1-64 of [A-Za-z0-9._-]", truncate_name(&hostname))));
     }
     let timeout_secs = match req.timeout {
         None => limits.default_timeout_secs,
@@ -514,6 +631,91 @@ mod tests {
             let r = validate(req(json!({"command": "true", "image": "tag:b", "files": bad})), &RunLimits::default());
             assert!(matches!(r, Err(CoreError::BadRequest(_))), "{bad}");
         }
+    }
+
+    fn bad_request(r: serde_json::Value) -> String {
+        match validate(req(r), &RunLimits::default()) {
+            Err(CoreError::BadRequest(msg)) => msg,
+            other => panic!("expected a 400, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn debug_output_carries_no_env_values_or_secrets() {
+        let r = req(serde_json::json!({"command": "env", "image": "tag:b", "env": {"API": "hunter2-value"},
+                                       "stdin": {"value": "stdin-secret"}}));
+        // The control: the value is really in the request.
+        assert_eq!(r.process.env.as_ref().unwrap()["API"].as_deref(), Some("hunter2-value"));
+        let spec = validate(r.clone(), &RunLimits::default()).unwrap();
+        let plan = spec.process.plan(&image());
+        for text in [format!("{r:?}"), format!("{spec:?}"), format!("{plan:?}")] {
+            assert!(text.contains("API"), "{text}");
+            assert!(!text.contains("hunter2") && !text.contains("stdin-secret"), "{text}");
+        }
+        let token = crate::auth::TokenConfig {
+            token: Some("tok-secret".into()),
+            sha256: None,
+            namespace: "n".into(),
+            permissions: Default::default(),
+        };
+        assert!(!format!("{token:?}").contains("tok-secret"));
+        let creds = crate::model::RegistryCredentials { username: "u".into(), password: "pw-secret".into() };
+        assert!(!format!("{creds:?}").contains("pw-secret"));
+    }
+
+    #[test]
+    fn sizes_execve_would_refuse_are_400s_up_front() {
+        let base = |extra: serde_json::Value| {
+            let mut r = serde_json::json!({"command": "true", "image": "tag:busybox"});
+            r.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            r
+        };
+        // The controls: generous but real-world requests pass.
+        let fine = [
+            base(serde_json::json!({"command": "x".repeat(100_000)})),
+            base(serde_json::json!({"cwd": format!("/{}", "d/".repeat(2000))})),
+            base(
+                serde_json::json!({"env": (0..2000).map(|i| (format!("V{i}"), "v".repeat(100))).collect::<BTreeMap<_, _>>()}),
+            ),
+            base(serde_json::json!({"args": vec!["a".repeat(1000); 500]})),
+            base(serde_json::json!({"stdin": {"value": "s".repeat(1 << 20)}})),
+            base(serde_json::json!({"files": {"/etc/x": {"uuid": Uuid::nil()}, "/devices/y": {"uuid": Uuid::nil()}}})),
+        ];
+        for r in fine {
+            validate(req(r), &RunLimits::default()).unwrap();
+        }
+        let msg = bad_request(base(serde_json::json!({"command": "x".repeat(20 << 20)})));
+        assert!(msg.starts_with("command is 20971520 bytes"), "{msg}");
+        assert!(msg.len() < 200, "the error does not quote the input");
+        let msg = bad_request(base(serde_json::json!({"cwd": format!("/{}", "c".repeat(5000))})));
+        assert!(msg.contains("cwd is 5001 bytes"), "{msg}");
+        let msg = bad_request(base(serde_json::json!({"cwd": format!("/{}", "c".repeat(300))})));
+        assert!(msg.contains("component"), "{msg}");
+        let many: BTreeMap<String, String> = (0..200_000).map(|i| (format!("V{i}"), "1".into())).collect();
+        let msg = bad_request(base(serde_json::json!({"env": many})));
+        assert!(msg.contains("env has 200000 variables"), "{msg}");
+        let big: BTreeMap<String, String> = (0..100).map(|i| (format!("V{i}"), "v".repeat(100_000))).collect();
+        let msg = bad_request(base(serde_json::json!({"env": big})));
+        assert!(msg.contains("command, args and env take"), "{msg}");
+        let msg = bad_request(base(serde_json::json!({"env": {"HUGE": "v".repeat(200_000)}})));
+        assert!(msg.contains("variable \"HUGE\""), "{msg}");
+        let msg = bad_request(base(serde_json::json!({"args": ["a".repeat(200_000)]})));
+        assert!(msg.contains("an argument is 200000 bytes"), "{msg}");
+        let msg = bad_request(base(serde_json::json!({"stdin": {"value": "s".repeat(17 << 20)}})));
+        assert!(msg.contains("stdin is"), "{msg}");
+        let msg = bad_request(base(serde_json::json!({"hostname": "h".repeat(5000)})));
+        assert!(msg.len() < 200, "{msg}");
+        for target in ["/proc/sys/kernel/hostname", "/sys/x", "/dev/null", "/dev", "//proc/./self"] {
+            let msg = bad_request(base(serde_json::json!({"files": {target: {"uuid": Uuid::nil()}}})));
+            assert!(msg.contains("kernel filesystems"), "{target}: {msg}");
+        }
+        let long = format!("/{}", "p/".repeat(2100));
+        let msg = bad_request(base(serde_json::json!({"files": {long: {"uuid": Uuid::nil()}}})));
+        assert!(msg.contains("the limit is 4095"), "{msg}");
+        let files: BTreeMap<String, serde_json::Value> =
+            (0..=MAX_FILES).map(|i| (format!("/f{i}"), serde_json::json!({"uuid": Uuid::nil()}))).collect();
+        let msg = bad_request(base(serde_json::json!({"files": files})));
+        assert!(msg.contains("entries"), "{msg}");
     }
 
     #[test]

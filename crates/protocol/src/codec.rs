@@ -31,15 +31,37 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
 }
 
 /// Accumulates bytes read from the channel and yields whole messages.
-#[derive(Debug, Default)]
+///
+/// A length prefix above the decoder's limit is refused as soon as its four bytes arrive,
+/// before anything is allocated for the body, so a hostile peer cannot make the reader buffer
+/// more than one limit's worth of bytes.
+#[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
     start: usize,
+    max: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FrameDecoder {
+    /// A decoder accepting payloads up to [`MAX_FRAME_BYTES`].
     pub fn new() -> Self {
-        Self::default()
+        Self::with_limit(MAX_FRAME_BYTES)
+    }
+
+    /// A decoder accepting payloads up to `max` bytes (at most [`MAX_FRAME_BYTES`]).
+    pub fn with_limit(max: usize) -> Self {
+        Self { buf: Vec::new(), start: 0, max: max.min(MAX_FRAME_BYTES) }
+    }
+
+    /// Largest payload this decoder accepts.
+    pub fn limit(&self) -> usize {
+        self.max
     }
 
     /// Appends bytes as they arrive from the channel.
@@ -59,8 +81,8 @@ impl FrameDecoder {
             return Ok(None);
         }
         let len = u32::from_le_bytes([avail[0], avail[1], avail[2], avail[3]]) as usize;
-        if len > MAX_FRAME_BYTES {
-            return Err(ProtocolError::FrameTooLarge { len, max: MAX_FRAME_BYTES });
+        if len > self.max {
+            return Err(ProtocolError::FrameTooLarge { len, max: self.max });
         }
         if avail.len() < 4 + len {
             self.compact();
@@ -116,6 +138,55 @@ mod tests {
         let mut dec = FrameDecoder::new();
         dec.push(&u32::MAX.to_le_bytes());
         assert!(matches!(dec.next_message::<HostMessage>(), Err(ProtocolError::FrameTooLarge { .. })));
+    }
+
+    #[test]
+    fn a_lower_limit_refuses_at_the_header_before_the_body_arrives() {
+        let frame = encode_frame(&GuestMessage::UpperChunk { data: vec![7u8; 4096] }).unwrap();
+        // Within the limit: decodes (the positive control).
+        let mut dec = FrameDecoder::with_limit(8192);
+        dec.push(&frame);
+        assert!(matches!(dec.next_message::<GuestMessage>(), Ok(Some(GuestMessage::UpperChunk { .. }))));
+        // Over it: refused from the four header bytes alone, nothing buffered for the body.
+        let mut dec = FrameDecoder::with_limit(1024);
+        dec.push(&frame[..4]);
+        match dec.next_message::<GuestMessage>() {
+            Err(ProtocolError::FrameTooLarge { len, max }) => assert_eq!((len, max), (frame.len() - 4, 1024)),
+            other => panic!("expected FrameTooLarge, got {other:?}"),
+        }
+        assert!(dec.buf.capacity() < 1024);
+        // The limit can only lower the protocol's own.
+        assert_eq!(FrameDecoder::with_limit(usize::MAX).limit(), MAX_FRAME_BYTES);
+    }
+
+    #[test]
+    fn a_half_frame_stays_pending() {
+        let frame = encode_frame(&GuestMessage::Spawned { id: 1, pid: 2 }).unwrap();
+        let mut dec = FrameDecoder::new();
+        dec.push(&frame[..frame.len() - 1]);
+        assert!(dec.next_message::<GuestMessage>().unwrap().is_none());
+        assert_eq!(dec.pending(), frame.len() - 1);
+        dec.push(&frame[frame.len() - 1..]);
+        assert_eq!(dec.next_message::<GuestMessage>().unwrap(), Some(GuestMessage::Spawned { id: 1, pid: 2 }));
+    }
+
+    #[test]
+    fn spawn_debug_hides_env_values() {
+        let spawn = crate::Spawn {
+            id: 1,
+            argv: vec!["env".into()],
+            env: vec![("TOKEN".into(), "s3cr3t-value".into())],
+            cwd: "/".into(),
+            uid: 0,
+            gid: 0,
+            stdin: b"stdin-secret".to_vec(),
+            close_stdin: true,
+            timeout_ms: None,
+            output_limit_bytes: 1,
+        };
+        let text = format!("{:?}", HostMessage::Spawn(spawn));
+        assert!(text.contains("TOKEN"), "{text}");
+        assert!(!text.contains("s3cr3t") && !text.contains("stdin-secret"), "{text}");
     }
 
     #[test]

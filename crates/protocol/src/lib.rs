@@ -32,7 +32,7 @@ pub use codec::{FrameDecoder, ProtocolError, encode_frame};
 pub use messages::*;
 
 /// Version carried in [`Hello`]; bump on any incompatible message change.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Process id of the process [`HostMessage::Warmup`] spawns (never a run's: runs count up
 /// from 0).
@@ -43,6 +43,10 @@ pub const PORT_NAME: &str = "boxwood.agent";
 
 /// Largest payload a frame may carry.
 pub const MAX_FRAME_BYTES: usize = 8 * 1024 * 1024;
+
+/// Largest payload the host accepts from the guest: the biggest message the agent sends is
+/// an [`GuestMessage::UpperChunk`] of 1 MiB, so anything much larger is a forged frame.
+pub const MAX_GUEST_FRAME_BYTES: usize = (1 << 20) + 4096;
 
 /// Largest chunk of process output the agent puts in one [`GuestMessage::Output`].
 pub const OUTPUT_CHUNK_BYTES: usize = 32 * 1024;

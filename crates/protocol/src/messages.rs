@@ -92,6 +92,28 @@ pub enum GuestMessage {
     },
 }
 
+impl GuestMessage {
+    /// The variant's name, for logs and errors that must not quote guest-chosen contents.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            GuestMessage::Hello(_) => "Hello",
+            GuestMessage::SetupDone(_) => "SetupDone",
+            GuestMessage::SetupFailed { .. } => "SetupFailed",
+            GuestMessage::Spawned { .. } => "Spawned",
+            GuestMessage::SpawnFailed { .. } => "SpawnFailed",
+            GuestMessage::Output { .. } => "Output",
+            GuestMessage::Exited(_) => "Exited",
+            GuestMessage::Rejected { .. } => "Rejected",
+            GuestMessage::FilePut { .. } => "FilePut",
+            GuestMessage::FileFailed { .. } => "FileFailed",
+            GuestMessage::UpperChunk { .. } => "UpperChunk",
+            GuestMessage::UpperDone { .. } => "UpperDone",
+            GuestMessage::UpperFailed { .. } => "UpperFailed",
+            GuestMessage::WarmedUp { .. } => "WarmedUp",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hello {
     pub version: u32,
@@ -191,7 +213,8 @@ pub struct RootfsSpec {
     pub upper_size_bytes: u64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `Debug` shows env names only and the stdin's length (env values are secrets).
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Spawn {
     /// Host-chosen process id (Contree `spid`), unique within the VM.
     pub id: u32,
@@ -213,6 +236,24 @@ pub struct Spawn {
     pub output_limit_bytes: u64,
 }
 
+impl std::fmt::Debug for Spawn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let env: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("Spawn")
+            .field("id", &self.id)
+            .field("argv", &self.argv)
+            .field("env_names", &env)
+            .field("cwd", &self.cwd)
+            .field("uid", &self.uid)
+            .field("gid", &self.gid)
+            .field("stdin_bytes", &self.stdin.len())
+            .field("close_stdin", &self.close_stdin)
+            .field("timeout_ms", &self.timeout_ms)
+            .field("output_limit_bytes", &self.output_limit_bytes)
+            .finish()
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum OutputStream {
     Stdout,
@@ -230,6 +271,9 @@ pub struct Exit {
     pub core_dump: bool,
     /// Killed because `timeout_ms` elapsed.
     pub timed_out: bool,
+    /// Died of SIGKILL while the guest kernel's OOM killer killed something (its
+    /// `/proc/vmstat` `oom_kill` counter rose during the process's life).
+    pub oom_killed: bool,
     pub duration_us: u64,
     pub rusage: Rusage,
     pub stdout: StreamTotals,

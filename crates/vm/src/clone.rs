@@ -210,7 +210,7 @@ impl Restored {
         let boot_duration = started.elapsed();
         tracing::info!(vm = spec.name, template = self.template.key, ms = boot_duration.as_millis(), "VM cloned");
         self.guard.armed = false;
-        Ok(into_vm(spec.name.clone(), hello, report, boot_duration, self.qemu, self.paths, self.chan, true))
+        Ok(into_vm(spec, hello, report, boot_duration, self.qemu, self.paths, self.chan, true))
     }
 }
 

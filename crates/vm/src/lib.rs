@@ -13,9 +13,11 @@
 
 mod assets;
 mod clone;
+mod console;
 mod cpio;
 pub mod egress;
 mod error;
+mod guest;
 mod modules;
 mod pool;
 mod qemu;

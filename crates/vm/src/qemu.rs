@@ -190,8 +190,8 @@ pub fn qemu_argv(a: &QemuArgs<'_>) -> Result<Vec<OsString>, VmError> {
         push(&["-nic", "none"]);
     }
     let p = a.paths;
-    let console = format!("file:{}", path_str(&p.console_log)?);
-    push(&["-serial", &console]);
+    // The console goes to QEMU's stdout, a pipe the host bounds (see `console`).
+    push(&["-serial", "stdio"]);
     let agent = format!("socket,id=agent,path={},server=on,wait=off", path_str(&p.agent_sock)?);
     push(&["-device", "virtio-serial-device", "-chardev", &agent]);
     let port = format!("virtserialport,chardev=agent,name={}", boxwood_protocol::PORT_NAME);
@@ -285,7 +285,7 @@ mod tests {
         for want in [
             "-M microvm -accel tcg,thread=multi -cpu max,-erms,-fsrm -m 256 -smp 1",
             "-nodefaults -no-reboot",
-            "-serial file:/run/bw/vm1/console.log",
+            "-serial stdio",
             "-chardev socket,id=agent,path=/run/bw/vm1/agent.sock,server=on,wait=off",
             "-device virtserialport,chardev=agent,name=boxwood.agent",
             "-qmp unix:/run/bw/vm1/qmp.sock,server=on,wait=off",

@@ -12,8 +12,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use boxwood_protocol::{
-    FrameDecoder, GuestMessage, Hello, HostMessage, NetworkConfig, PROTOCOL_VERSION, RootfsSpec, Setup, SetupReport,
-    WARMUP_ID, Warmup, encode_frame,
+    FrameDecoder, GuestMessage, Hello, HostMessage, MAX_GUEST_FRAME_BYTES, NetworkConfig, PROTOCOL_VERSION, RootfsSpec,
+    Setup, SetupReport, WARMUP_ID, Warmup, encode_frame,
 };
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -85,7 +85,7 @@ impl BootChannel {
             }
         };
         let (reader, writer) = stream.into_split();
-        Ok(Self { reader, writer, decoder: FrameDecoder::new() })
+        Ok(Self { reader, writer, decoder: FrameDecoder::with_limit(MAX_GUEST_FRAME_BYTES) })
     }
 
     pub async fn send(&mut self, msg: &HostMessage) -> Result<(), VmError> {
@@ -124,8 +124,8 @@ impl BootChannel {
     /// Waits for the agent's `Hello` and checks its protocol version.
     pub async fn hello(&mut self, qemu: &QemuChild, deadline: Instant) -> Result<Hello, VmError> {
         let hello = match self.recv(qemu, deadline).await? {
-            GuestMessage::Hello(h) => h,
-            other => return Err(boot_err(&format!("expected Hello, got {other:?}"))),
+            GuestMessage::Hello(h) => crate::guest::bounded_hello(h),
+            other => return Err(boot_err(&format!("expected Hello, got {}", other.kind()))),
         };
         if hello.version != PROTOCOL_VERSION {
             let why = format!("agent speaks protocol {}, host {PROTOCOL_VERSION}", hello.version);
@@ -150,7 +150,7 @@ impl BootChannel {
                 | GuestMessage::Exited(boxwood_protocol::Exit { id, .. })
                 | GuestMessage::SpawnFailed { id, .. }
                     if id == WARMUP_ID => {}
-                other => return Err(boot_err(&format!("expected WarmedUp, got {other:?}"))),
+                other => return Err(boot_err(&format!("expected WarmedUp, got {}", other.kind()))),
             }
         }
     }
@@ -176,9 +176,9 @@ impl BootChannel {
         });
         self.send(&msg).await?;
         match self.recv(qemu, deadline).await? {
-            GuestMessage::SetupDone(report) => Ok(report),
-            GuestMessage::SetupFailed { error } => Err(VmError::SetupFailed { error }),
-            other => Err(boot_err(&format!("expected SetupDone, got {other:?}"))),
+            GuestMessage::SetupDone(report) => Ok(crate::guest::bounded_report(report)),
+            GuestMessage::SetupFailed { error } => Err(VmError::SetupFailed { error: crate::guest::text(error) }),
+            other => Err(boot_err(&format!("expected SetupDone, got {}", other.kind()))),
         }
     }
 }
@@ -204,7 +204,8 @@ impl Base {
         })
     }
 
-    /// Spawns QEMU (stderr to `qemu.log`, pid in `qemu.pid`). It gets SIGKILL when the
+    /// Spawns QEMU (stderr to `qemu.log`, the console through a pipe to `console.log`, see
+    /// `console`; pid in `qemu.pid`). It gets SIGKILL when the
     /// spawning thread dies (`PR_SET_PDEATHSIG`): call this from a runtime worker thread, never
     /// from a `spawn_blocking` thread, which may end while QEMU still runs. `background`: QEMU
     /// runs at [`BACKGROUND_NICE`] (template builds and pool refills take only spare CPU;
@@ -217,7 +218,7 @@ impl Base {
     ) -> Result<QemuChild, VmError> {
         let log = File::create(&paths.qemu_log).map_err(|e| VmError::io("create qemu.log", e))?;
         let mut cmd = tokio::process::Command::new(&self.config.qemu_binary);
-        cmd.args(&argv).stdin(Stdio::null()).stdout(Stdio::null()).stderr(log).kill_on_drop(true);
+        cmd.args(&argv).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log).kill_on_drop(true);
         let parent = nix::unistd::getpid();
         // SAFETY: runs in the forked child before exec; prctl, getppid and setpriority are
         // async-signal-safe and nothing is allocated.
@@ -234,7 +235,11 @@ impl Base {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| VmError::io(format!("spawn {}", self.config.qemu_binary.display()), e))?;
+        let mut child =
+            cmd.spawn().map_err(|e| VmError::io(format!("spawn {}", self.config.qemu_binary.display()), e))?;
+        if let Some(console) = child.stdout.take() {
+            tokio::spawn(crate::console::pump(console, paths.console_log.clone()));
+        }
         let qemu = QemuChild::start(child)?;
         if let Err(e) = fs::write(&paths.pid_file, qemu.pid.to_string()) {
             qemu.kill();
@@ -301,7 +306,7 @@ impl Base {
         let boot_duration = started.elapsed();
         tracing::info!(vm = spec.name, accel = accel.as_str(), boot_ms = boot_duration.as_millis(), "VM booted");
         guard.armed = false;
-        Ok(into_vm(spec.name.clone(), hello, setup_report, boot_duration, qemu, paths, chan, false))
+        Ok(into_vm(spec, hello, setup_report, boot_duration, qemu, paths, chan, false))
     }
 }
 
@@ -339,10 +344,16 @@ pub(crate) async fn fail_boot(err: VmError, paths: &VmPaths, qemu: &QemuChild) -
     }
 }
 
+/// Tar bytes an export may carry: the writable layer's size plus room for the headers of
+/// every entry the layer's tmpfs can hold. The host counts the bytes itself.
+fn export_limit(upper_size_bytes: u64) -> u64 {
+    upper_size_bytes.saturating_add(256 << 20)
+}
+
 /// Hands a set-up VM's channel to the router task and wraps it as a [`QemuVm`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn into_vm(
-    name: String,
+    spec: &VmSpec,
     hello: Hello,
     setup_report: SetupReport,
     boot_duration: Duration,
@@ -351,7 +362,9 @@ pub(crate) fn into_vm(
     chan: BootChannel,
     fast_teardown: bool,
 ) -> QemuVm {
-    let shared = Arc::new(Shared::new(paths, chan.writer, qemu.exit.clone()));
+    let name = spec.name.clone();
+    let export_limit = export_limit(spec.rootfs.upper_size_bytes);
+    let shared = Arc::new(Shared::new(paths, chan.writer, qemu.exit.clone(), export_limit));
     tokio::spawn(route(shared.clone(), chan.reader, chan.decoder));
     QemuVm { name, hello, setup_report, boot_duration, qemu, shared, fast_teardown, finished: AtomicBool::new(false) }
 }

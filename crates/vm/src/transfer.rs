@@ -11,7 +11,7 @@ use boxwood_protocol::{GuestMessage, HostMessage, PutFile};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
 
-use crate::vm::Shared;
+use crate::vm::{REPLY_DEADLINE, Shared};
 use crate::{FileSpec, UpperStats, VmError};
 
 /// Largest `PutFile` payload.
@@ -88,7 +88,14 @@ pub async fn put_file(shared: Arc<Shared>, file: &FileSpec, source: &Path) -> Re
             break;
         }
     }
-    let reply = rx.await.map_err(|_| crashed(&shared))?;
+    let reply = match tokio::time::timeout(REPLY_DEADLINE, rx).await {
+        Ok(reply) => reply.map_err(|_| crashed(&shared))?,
+        Err(_) => {
+            let why = format!("the agent did not confirm {path} within {} s", REPLY_DEADLINE.as_secs());
+            shared.abandon(&why);
+            return Err(VmError::Crashed { detail: why });
+        }
+    };
     drop(guard);
     match read_error {
         Some(e) => Err(e),
@@ -180,10 +187,20 @@ async fn receive_upper(shared: &Shared, out: &mut tokio::fs::File, dest: &Path) 
     let write_err = |e| VmError::io(format!("write {}", dest.display()), e);
     let mut written = 0u64;
     loop {
-        match rx.recv().await {
+        let Ok(msg) = tokio::time::timeout(REPLY_DEADLINE, rx.recv()).await else {
+            let why = format!("the agent stopped sending the run's changes for {} s", REPLY_DEADLINE.as_secs());
+            shared.abandon(&why);
+            return Err(VmError::Crashed { detail: why });
+        };
+        match msg {
             Some(GuestMessage::UpperChunk { data }) => {
+                written = written.saturating_add(data.len() as u64);
+                if written > shared.export_limit {
+                    let error = format!("the run's changes exceed {} bytes", shared.export_limit);
+                    shared.abandon(&error);
+                    return Err(VmError::ExportFailed { error });
+                }
                 out.write_all(&data).await.map_err(write_err)?;
-                written += data.len() as u64;
             }
             Some(GuestMessage::UpperDone { entries, bytes }) => {
                 if bytes != written {
@@ -200,8 +217,10 @@ async fn receive_upper(shared: &Shared, out: &mut tokio::fs::File, dest: &Path) 
                 }
                 return Ok(UpperStats { entries, tar_bytes: written });
             }
-            Some(GuestMessage::UpperFailed { error }) => return Err(VmError::ExportFailed { error }),
-            Some(other) => tracing::warn!(?other, "unexpected message in the export stream"),
+            Some(GuestMessage::UpperFailed { error }) => {
+                return Err(VmError::ExportFailed { error: crate::guest::text(error) });
+            }
+            Some(other) => tracing::warn!(kind = other.kind(), "unexpected message in the export stream"),
             None => return Err(crashed(shared)),
         }
     }

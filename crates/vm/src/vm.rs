@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use boxwood_protocol::{FrameDecoder, GuestMessage, Hello, HostMessage, SetupReport, Spawn, encode_frame};
+use boxwood_protocol::{
+    Exit, FrameDecoder, GuestMessage, Hello, HostMessage, OutputStream, SetupReport, Spawn, encode_frame,
+};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -16,12 +18,23 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::qemu::VmPaths;
-use crate::{FileSpec, Process, ProcessEvent, UpperStats, Vm, VmError, transfer};
+use crate::{FileSpec, Process, ProcessEvent, UpperStats, Vm, VmError, guest, transfer};
 
 /// Largest stdin payload put in one frame (well under `MAX_FRAME_BYTES`).
 const STDIN_FRAME: usize = 1 << 20;
 /// Lines of console.log quoted in boot and crash errors.
 const CONSOLE_TAIL_LINES: usize = 20;
+/// How long the rest of a frame may take once its first bytes arrived. The largest frame the
+/// agent sends is ~1 MiB, which crosses virtio-serial in milliseconds; a guest that sends a
+/// header and stops would otherwise hold the run until its timeout.
+pub(crate) const FRAME_DEADLINE: Duration = Duration::from_secs(5);
+/// How long the agent may take to answer a request the host waits on (`Spawn`, the last
+/// `PutFile` chunk, each chunk of an export) or to take a frame the host writes.
+pub(crate) const REPLY_DEADLINE: Duration = Duration::from_secs(20);
+/// Messages nobody asked for (unknown process ids, replies to nothing) tolerated per VM
+/// before the channel counts as hostile; only the first few are logged.
+const MAX_UNEXPECTED: u32 = 1000;
+const LOGGED_UNEXPECTED: u32 = 5;
 
 /// A QEMU process owned by a monitor task that reaps it.
 pub(crate) struct QemuChild {
@@ -81,7 +94,7 @@ async fn wait_exit(exit: &watch::Receiver<Option<String>>, limit: Duration) -> O
 }
 
 /// The diagnosis attached to boot and crash errors: what happened, QEMU's status and the
-/// tails of console.log and QEMU's own stderr.
+/// tail of the guest console (QEMU's own stderr is logged, not returned).
 pub(crate) fn describe(paths: &VmPaths, status: Option<&str>, what: &str) -> String {
     let status = status.map_or_else(|| "QEMU still running".to_owned(), |s| format!("QEMU {s}"));
     let console = read_tail(&paths.console_log);
@@ -95,10 +108,12 @@ pub(crate) fn describe(paths: &VmPaths, status: Option<&str>, what: &str) -> Str
     text.push_str("--- console.log (last lines) ---\n");
     let lines: Vec<&str> = console.lines().collect();
     text.push_str(&last_lines(&lines, CONSOLE_TAIL_LINES));
+    // QEMU's own messages name host paths: they go to the server log, not into the error a
+    // client reads.
     let qemu = read_tail(&paths.qemu_log);
     if !qemu.trim().is_empty() {
-        text.push_str("--- QEMU stderr ---\n");
-        text.push_str(&last_lines(&qemu.lines().collect::<Vec<_>>(), 5));
+        let tail = last_lines(&qemu.lines().collect::<Vec<_>>(), 5);
+        tracing::warn!(dir = %paths.dir.display(), "{what}; QEMU stderr:\n{tail}");
     }
     text
 }
@@ -106,14 +121,7 @@ pub(crate) fn describe(paths: &VmPaths, status: Option<&str>, what: &str) -> Str
 /// Console lines worth quoting even when they are not among the last ones.
 const KEY_MARKERS: &[&str] = &["Kernel panic", "BUG:", "Oops", "sysrq:", "boxwood-agent:", "general protection"];
 
-/// The last 64 KiB of a file, lossily decoded.
-fn read_tail(path: &Path) -> String {
-    let Ok(bytes) = std::fs::read(path) else {
-        return String::new();
-    };
-    let start = bytes.len().saturating_sub(64 * 1024);
-    String::from_utf8_lossy(&bytes[start..]).into_owned()
-}
+use crate::console::read_tail;
 
 fn last_lines(lines: &[&str], n: usize) -> String {
     let mut out = lines[lines.len().saturating_sub(n)..].join("\n");
@@ -126,6 +134,36 @@ struct Slot {
     reply: Option<oneshot::Sender<Result<u32, VmError>>>,
     events: mpsc::UnboundedSender<ProcessEvent>,
     stdin_open: bool,
+    /// The process's `output_limit_bytes`, enforced here: the agent's own cap is not trusted.
+    limit: u64,
+    /// Per stream (stdout, stderr): bytes passed on, and bytes dropped past `limit`.
+    passed: [u64; 2],
+    dropped: [u64; 2],
+}
+
+impl Slot {
+    /// The part of an output chunk within the stream's limit; counts the rest as dropped.
+    fn admit(&mut self, stream: OutputStream, mut data: Vec<u8>) -> Option<Vec<u8>> {
+        let i = usize::from(stream == OutputStream::Stderr);
+        let room = self.limit.saturating_sub(self.passed[i]);
+        let len = data.len() as u64;
+        if len > room {
+            self.dropped[i] = self.dropped[i].saturating_add(len - room);
+            data.truncate(usize::try_from(room).unwrap_or(usize::MAX));
+        }
+        self.passed[i] += data.len() as u64;
+        (!data.is_empty()).then_some(data)
+    }
+
+    /// The exit with the host's own byte counts: what was passed on, and what was dropped
+    /// here plus what the agent says it dropped.
+    fn count(&self, mut exit: Exit) -> Exit {
+        for (i, totals) in [&mut exit.stdout, &mut exit.stderr].into_iter().enumerate() {
+            totals.dropped = totals.dropped.saturating_add(self.dropped[i]);
+            totals.emitted = self.passed[i];
+        }
+        exit
+    }
 }
 
 #[derive(Default)]
@@ -143,6 +181,22 @@ pub(crate) struct State {
     pub upper: Option<mpsc::Sender<GuestMessage>>,
     /// Exports abandoned before their final message; their messages are dropped.
     pub stale_exports: u32,
+    /// Messages that answered nothing (see [`MAX_UNEXPECTED`]).
+    unexpected: u32,
+}
+
+impl State {
+    /// Notes a message nobody asked for; past [`MAX_UNEXPECTED`] the channel is hostile.
+    fn unexpected(&mut self, what: &str) -> Result<(), String> {
+        self.unexpected += 1;
+        if self.unexpected <= LOGGED_UNEXPECTED {
+            tracing::warn!(what, "unexpected message from the agent");
+        }
+        if self.unexpected > MAX_UNEXPECTED {
+            return Err(format!("the agent sent more than {MAX_UNEXPECTED} unexpected messages"));
+        }
+        Ok(())
+    }
 }
 
 /// What the VM handle and the router task share.
@@ -153,16 +207,24 @@ pub(crate) struct Shared {
     exit: watch::Receiver<Option<String>>,
     /// Serialises `put_file` and `export_upper`: one transfer in flight at a time.
     pub transfers: Arc<tokio::sync::Mutex<()>>,
+    /// Most tar bytes an export may deliver (counted here, whatever the agent claims).
+    pub export_limit: u64,
 }
 
 impl Shared {
-    pub fn new(paths: VmPaths, writer: OwnedWriteHalf, exit: watch::Receiver<Option<String>>) -> Self {
+    pub fn new(
+        paths: VmPaths,
+        writer: OwnedWriteHalf,
+        exit: watch::Receiver<Option<String>>,
+        export_limit: u64,
+    ) -> Self {
         Self {
             paths,
             writer: Arc::new(tokio::sync::Mutex::new(writer)),
             state: Mutex::default(),
             exit,
             transfers: Arc::new(tokio::sync::Mutex::new(())),
+            export_limit,
         }
     }
 
@@ -185,63 +247,84 @@ impl Shared {
         let frame = encode_frame(msg)?;
         let writer = self.writer.clone();
         let write = tokio::spawn(async move { writer.lock().await.write_all(&frame).await });
-        match write.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(VmError::Crashed { detail: format!("agent channel write failed: {e}") }),
-            Err(e) => Err(VmError::Crashed { detail: format!("agent channel write task failed: {e}") }),
+        // A guest that stops reading its port fills the socket: give up rather than wait
+        // forever (the write task ends when QEMU goes).
+        match tokio::time::timeout(REPLY_DEADLINE, write).await {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(VmError::Crashed { detail: format!("agent channel write failed: {e}") }),
+            Ok(Err(e)) => Err(VmError::Crashed { detail: format!("agent channel write task failed: {e}") }),
+            Err(_) => {
+                let why = format!("the agent did not read its channel for {} s", REPLY_DEADLINE.as_secs());
+                self.abandon(&why);
+                Err(VmError::Crashed { detail: why })
+            }
         }
     }
 
-    fn dispatch(&self, msg: GuestMessage) {
+    /// Routes one message; `Err` when the guest misbehaves badly enough to end the channel.
+    fn dispatch(&self, msg: GuestMessage) -> Result<(), String> {
         let mut st = self.state();
+        let kind = msg.kind();
         match msg {
             GuestMessage::Spawned { id, pid } => match st.procs.get_mut(&id).and_then(|s| s.reply.take()) {
                 Some(reply) => {
                     let _ = reply.send(Ok(pid));
                 }
-                None => tracing::warn!(id, "agent reported an unexpected Spawned"),
+                None => st.unexpected(kind)?,
             },
-            GuestMessage::SpawnFailed { id, error } => match st.procs.remove(&id).and_then(|s| s.reply) {
-                Some(reply) => {
-                    let _ = reply.send(Err(VmError::SpawnFailed { error }));
+            GuestMessage::SpawnFailed { id, error } => match st.procs.get(&id).map(|s| s.reply.is_some()) {
+                Some(true) => {
+                    let reply = st.procs.remove(&id).and_then(|s| s.reply);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(VmError::SpawnFailed { error: guest::text(error) }));
+                    }
                 }
-                None => tracing::warn!(id, error, "agent reported an unexpected SpawnFailed"),
+                _ => st.unexpected(kind)?,
             },
-            GuestMessage::Output { id, stream, data } => {
-                if let Some(slot) = st.procs.get(&id) {
-                    let _ = slot.events.send(ProcessEvent::Output { stream, data });
+            GuestMessage::Output { id, stream, data } => match st.procs.get_mut(&id) {
+                Some(slot) if slot.reply.is_none() => {
+                    if let Some(data) = slot.admit(stream, data) {
+                        let _ = slot.events.send(ProcessEvent::Output { stream, data });
+                    }
                 }
-            }
-            GuestMessage::Exited(exit) => {
-                if let Some(slot) = st.procs.remove(&exit.id) {
-                    let _ = slot.events.send(ProcessEvent::Exited(exit));
+                _ => st.unexpected(kind)?,
+            },
+            GuestMessage::Exited(exit) => match st.procs.get(&exit.id).map(|s| s.reply.is_none()) {
+                Some(true) => {
+                    if let Some(slot) = st.procs.remove(&exit.id) {
+                        let _ = slot.events.send(ProcessEvent::Exited(slot.count(exit)));
+                    }
                 }
+                _ => st.unexpected(kind)?,
+            },
+            GuestMessage::Rejected { id, .. } => {
+                tracing::debug!(id, "agent rejected a request");
+                st.unexpected(kind)?;
             }
-            GuestMessage::Rejected { id, error } => {
-                tracing::warn!(id, error, "agent rejected a request")
-            }
-            GuestMessage::FilePut { path } => Self::file_reply(&mut st, path, Ok(())),
+            GuestMessage::FilePut { path } => Self::file_reply(&mut st, path, Ok(()))?,
             GuestMessage::FileFailed { path, error } => {
-                let err = VmError::FileFailed { path: path.clone(), error };
-                Self::file_reply(&mut st, path, Err(err));
+                let err = VmError::FileFailed { path: guest::text(path.clone()), error: guest::text(error) };
+                Self::file_reply(&mut st, path, Err(err))?;
             }
-            other => tracing::warn!(?other, "unexpected message from the agent"),
+            _ => st.unexpected(kind)?,
         }
+        Ok(())
     }
 
-    fn file_reply(st: &mut State, path: String, result: Result<(), VmError>) {
+    fn file_reply(st: &mut State, path: String, result: Result<(), VmError>) -> Result<(), String> {
         // The agent answers in order, so replies owed to abandoned transfers come first.
         if st.stale_file_replies > 0 {
             st.stale_file_replies -= 1;
-            return;
+            return Ok(());
         }
         match st.file_waiter.take() {
             Some((want, tx)) if want == path => {
                 let _ = tx.send(result);
+                Ok(())
             }
             waiter => {
                 st.file_waiter = waiter;
-                tracing::warn!(path, "agent reported an unexpected file result");
+                st.unexpected("file result")
             }
         }
     }
@@ -264,8 +347,20 @@ impl Shared {
             Some(tx) => {
                 let _ = tx.send(msg).await;
             }
-            None => tracing::warn!("agent sent export data nobody asked for"),
+            None => {
+                // A bounded count, so a flood cannot keep the router busy forever.
+                let _ = self.state().unexpected("export data");
+            }
         }
+    }
+
+    /// Ends the channel for everyone waiting on it (a guest that stopped answering, or sent
+    /// something the host will not accept).
+    pub(crate) fn abandon(&self, why: &str) {
+        let status = self.exit.borrow().clone();
+        let detail = describe(&self.paths, status.as_deref(), why);
+        tracing::warn!(dir = %self.paths.dir.display(), "agent channel abandoned: {why}");
+        self.fail_all(detail);
     }
 
     fn fail_all(&self, detail: String) {
@@ -290,9 +385,11 @@ impl Shared {
     }
 }
 
-/// Reads guest messages until the channel ends, then fails every live process.
+/// Reads guest messages until the channel ends, then fails every live process. A frame
+/// must complete within [`FRAME_DEADLINE`] of its first bytes.
 pub(crate) async fn route(shared: Arc<Shared>, mut reader: OwnedReadHalf, mut decoder: FrameDecoder) {
     let mut buf = vec![0u8; 64 * 1024];
+    let mut partial_since: Option<tokio::time::Instant> = None;
     let reason = 'read: loop {
         loop {
             match decoder.next_message::<GuestMessage>() {
@@ -301,15 +398,37 @@ pub(crate) async fn route(shared: Arc<Shared>, mut reader: OwnedReadHalf, mut de
                     | GuestMessage::UpperDone { .. }
                     | GuestMessage::UpperFailed { .. }),
                 )) => shared.deliver_upper(msg).await,
-                Ok(Some(msg)) => shared.dispatch(msg),
+                Ok(Some(msg)) => {
+                    if let Err(why) = shared.dispatch(msg) {
+                        break 'read why;
+                    }
+                }
                 Ok(None) => break,
                 Err(e) => break 'read format!("protocol error from the agent: {e}"),
             }
+            partial_since = None;
         }
-        match reader.read(&mut buf).await {
-            Ok(0) => break "agent channel closed".to_owned(),
-            Ok(n) => decoder.push(&buf[..n]),
-            Err(e) => break format!("agent channel read failed: {e}"),
+        if decoder.pending() == 0 {
+            partial_since = None;
+        }
+        let read = match decoder.pending() {
+            0 => Ok(reader.read(&mut buf).await),
+            _ => {
+                let since = *partial_since.get_or_insert_with(tokio::time::Instant::now);
+                tokio::time::timeout_at(since + FRAME_DEADLINE, reader.read(&mut buf)).await
+            }
+        };
+        match read {
+            Ok(Ok(0)) => break "agent channel closed".to_owned(),
+            Ok(Ok(n)) => decoder.push(&buf[..n]),
+            Ok(Err(e)) => break format!("agent channel read failed: {e}"),
+            Err(_) => {
+                break format!(
+                    "protocol error from the agent: a frame stayed incomplete for {} s ({} bytes of it arrived)",
+                    FRAME_DEADLINE.as_secs(),
+                    decoder.pending()
+                );
+            }
         }
     };
     let status = wait_exit(&shared.exit, Duration::from_secs(3)).await;
@@ -382,14 +501,28 @@ impl Vm for QemuVm {
             if st.procs.contains_key(&id) {
                 return Err(VmError::Invalid(format!("process id {id} is already in use")));
             }
-            let slot = Slot { reply: Some(reply_tx), events: events_tx, stdin_open: !spawn.close_stdin };
+            let slot = Slot {
+                reply: Some(reply_tx),
+                events: events_tx,
+                stdin_open: !spawn.close_stdin,
+                limit: spawn.output_limit_bytes,
+                passed: [0; 2],
+                dropped: [0; 2],
+            };
             st.procs.insert(id, slot);
         }
         if let Err(e) = self.shared.send(&HostMessage::Spawn(spawn)).await {
             self.shared.state().procs.remove(&id);
             return Err(e);
         }
-        let pid = reply_rx.await.map_err(|_| VmError::Crashed { detail: "agent channel closed".into() })??;
+        let pid = match tokio::time::timeout(REPLY_DEADLINE, reply_rx).await {
+            Ok(reply) => reply.map_err(|_| VmError::Crashed { detail: "agent channel closed".into() })??,
+            Err(_) => {
+                let why = format!("the agent did not answer Spawn within {} s", REPLY_DEADLINE.as_secs());
+                self.shared.abandon(&why);
+                return Err(VmError::Crashed { detail: why });
+            }
+        };
         if let Some((data, close)) = rest {
             // The process may already be gone; its events say what happened.
             let _ = self.write_stdin(id, data, close).await;
@@ -474,3 +607,7 @@ impl Drop for QemuVm {
         let _ = std::fs::remove_dir_all(&self.shared.paths.dir);
     }
 }
+
+#[cfg(test)]
+#[path = "vm_tests.rs"]
+mod tests;

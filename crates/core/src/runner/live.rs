@@ -32,6 +32,21 @@ struct ProcState {
     cap: u64,
     stdin_logged: u64,
     stdin_dropped: u64,
+    /// Output (stdout, stderr) logged and dropped past `cap`: the host enforces
+    /// `truncate_output_at` on what it stores, whatever the guest sends.
+    out_logged: [u64; 2],
+    out_dropped: [u64; 2],
+}
+
+impl ProcState {
+    /// How much of an output chunk of `len` bytes on stream `i` fits under the cap.
+    fn admit(&mut self, i: usize, len: usize) -> usize {
+        let room = self.cap.saturating_sub(self.out_logged[i]);
+        let keep = (len as u64).min(room);
+        self.out_logged[i] += keep;
+        self.out_dropped[i] = self.out_dropped[i].saturating_add(len as u64 - keep);
+        usize::try_from(keep).unwrap_or(len)
+    }
 }
 
 /// Why a process could not be started.
@@ -114,6 +129,8 @@ impl Live {
                 cap: spec.truncate_output_at,
                 stdin_logged: 0,
                 stdin_dropped: 0,
+                out_logged: [0; 2],
+                out_dropped: [0; 2],
             },
         );
         let spid_field = Some(i64::from(spid));
@@ -162,16 +179,27 @@ impl Live {
         let spid_field = Some(i64::from(spid));
         match event {
             ProcessEvent::Output { stream, data } => {
-                let name = match stream {
-                    OutputStream::Stdout => "stdout",
-                    OutputStream::Stderr => "stderr",
+                let (name, i) = match stream {
+                    OutputStream::Stdout => ("stdout", 0),
+                    OutputStream::Stderr => ("stderr", 1),
                 };
-                if let Some(f) = fold {
-                    f.push_output(stream == OutputStream::Stdout, &data);
+                let keep = self.procs().get_mut(&spid).map_or(0, |p| p.admit(i, data.len()));
+                if keep == 0 {
+                    return Ok(());
                 }
-                self.log.append(spid_field, name, stream_data(&data)).await
+                let data = &data[..keep];
+                if let Some(f) = fold {
+                    f.push_output(stream == OutputStream::Stdout, data);
+                }
+                self.log.append(spid_field, name, stream_data(data)).await
             }
-            ProcessEvent::Exited(exit) => {
+            ProcessEvent::Exited(mut exit) => {
+                if let Some(p) = self.procs().get(&spid) {
+                    for (i, t) in [&mut exit.stdout, &mut exit.stderr].into_iter().enumerate() {
+                        t.emitted = p.out_logged[i];
+                        t.dropped = t.dropped.saturating_add(p.out_dropped[i]);
+                    }
+                }
                 self.mark_exited(spid);
                 let data = exit_data(&exit);
                 if let Some(f) = fold.as_deref_mut() {

@@ -20,6 +20,8 @@ const HOST_GRACE: Duration = Duration::from_secs(30);
 /// How the main process ended, as far as the host could tell.
 pub(super) enum Outcome {
     Exited(Box<InstanceResult>),
+    /// Killed by the guest kernel's OOM killer.
+    OutOfMemory(Box<InstanceResult>),
     /// Cancelled or stopped by a server shutdown.
     Stopped,
     SpawnFailed(String),
@@ -58,9 +60,11 @@ impl Run {
             };
             match event {
                 Some(ev @ ProcessEvent::Output { .. }) => live.on_event(MAIN_SPID, ev, Some(&mut fold)).await?,
-                Some(ev @ ProcessEvent::Exited(_)) => {
-                    live.on_event(MAIN_SPID, ev, Some(&mut fold)).await?;
-                    return Ok(Outcome::Exited(Box::new(fold.result())));
+                Some(ProcessEvent::Exited(exit)) => {
+                    let oom = exit.oom_killed;
+                    live.on_event(MAIN_SPID, ProcessEvent::Exited(exit), Some(&mut fold)).await?;
+                    let result = Box::new(fold.result());
+                    return Ok(if oom { Outcome::OutOfMemory(result) } else { Outcome::Exited(result) });
                 }
                 Some(ProcessEvent::Lost(e)) => {
                     live.mark_exited(MAIN_SPID);

@@ -8,6 +8,7 @@ mod compact;
 mod live;
 mod main_process;
 mod persist;
+pub(crate) mod slots;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -174,11 +175,7 @@ impl Run {
     /// fails the operation itself); everything else becomes the operation's FAILED status.
     pub(crate) async fn execute(mut self, env: &Arc<RunEnv>) -> CoreResult<()> {
         let permits = tokio::select! {
-            p = async {
-                let ns = self.namespace_slots.clone().acquire_owned().await.ok()?;
-                let global = env.slots.clone().acquire_owned().await.ok()?;
-                Some((ns, global))
-            } => p,
+            p = slots::acquire(self.namespace_slots.clone(), env.slots.clone()) => p,
             () = self.control.token.cancelled() => None,
         };
         let Some(_permits) = permits else {
@@ -266,6 +263,13 @@ impl Run {
         guard.close().await;
         let result = match outcome? {
             main_process::Outcome::Exited(result) => *result,
+            main_process::Outcome::OutOfMemory(result) => {
+                // FAILED, as the contract lists OOM among infrastructure failures; the result
+                // (signal 9, the output so far) is kept for the client.
+                self.record_usage(&result);
+                let error = "the command ran out of memory: the VM's out-of-memory killer ended it".to_owned();
+                return Ok((Ending { status: Status::Failed, error: Some(error), result: Some(*result) }, "oom"));
+            }
             main_process::Outcome::Stopped => {
                 let (status, error) = self.control.stopped_outcome();
                 return Ok((Ending { status, error, result: None }, "signal"));

@@ -35,7 +35,8 @@ use crate::spec::RunLimits;
 pub struct CoreConfig {
     /// Instance runs executing at once on this server; more wait as PENDING.
     pub max_concurrent_runs: usize,
-    /// Instance runs executing at once per namespace (defaults to `max_concurrent_runs`).
+    /// Instance runs executing at once per namespace; by default all but one of
+    /// `max_concurrent_runs` (1 when that is 1), so one namespace cannot starve the others.
     pub max_concurrent_runs_per_namespace: Option<usize>,
     /// Largest accepted upload, in bytes.
     pub max_upload_bytes: u64,
@@ -59,7 +60,10 @@ impl Default for CoreConfig {
 
 impl CoreConfig {
     fn per_namespace(&self) -> usize {
-        self.max_concurrent_runs_per_namespace.unwrap_or(self.max_concurrent_runs).max(1)
+        let total = self.max_concurrent_runs.max(1);
+        self.max_concurrent_runs_per_namespace
+            .unwrap_or_else(|| crate::runner::slots::default_per_namespace(total))
+            .max(1)
     }
 }
 

@@ -96,12 +96,35 @@ pub fn format_listing(_dir: &str, items: &[FileItem]) -> String {
             item.gid,
             human_size(item.size),
             format_mtime(item.mtime),
-            item.path
+            escape_name(&item.path)
         );
         if item.is_symlink {
-            let _ = write!(out, " -> {}", item.symlink_to);
+            let _ = write!(out, " -> {}", escape_name(&item.symlink_to));
         }
         out.push('\n');
+    }
+    out
+}
+
+/// A name as one line of text, like `ls -b`: backslash, control characters (C0, DEL, C1)
+/// and the Unicode line/paragraph separators are written as C escapes, so a file named
+/// `"a\n-rwsr-xr-x …"` cannot forge a line of the listing.
+pub(super) fn escape_name(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 || c == '\u{7f}' => {
+                let _ = write!(out, "\\{:03o}", c as u32);
+            }
+            c if ('\u{80}'..='\u{9f}').contains(&c) || c == '\u{2028}' || c == '\u{2029}' => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
     }
     out
 }
@@ -174,5 +197,37 @@ mod tests {
         assert_eq!(mode_string(0o102644), "-rw-r-Sr--");
         assert_eq!(mode_string(0o010600), "prw-------");
         assert_eq!(format_mtime(1_748_607_180), "May 30 12:13");
+    }
+
+    #[test]
+    fn names_cannot_forge_lines() {
+        let forged = "a\n-rwsr-xr-x 1 0 0 1.00 May 30 12:13 evil";
+        let mut item = FileItem {
+            size: 1,
+            path: forged.into(),
+            owner: "0".into(),
+            group: "0".into(),
+            uid: 0,
+            gid: 0,
+            mode: 0o120777,
+            mtime: 0,
+            nlink: 1,
+            is_dir: false,
+            is_regular: false,
+            is_symlink: true,
+            is_socket: false,
+            is_fifo: false,
+            symlink_to: "t\r\u{1b}[2J\u{85}x".into(),
+        };
+        let text = format_listing("/", std::slice::from_ref(&item));
+        // One header line and exactly one entry line, the name visible but escaped.
+        assert_eq!(text.lines().count(), 2, "{text:?}");
+        assert!(text.contains("a\\n-rwsr-xr-x"), "{text}");
+        assert!(text.ends_with(" -> t\\r\\033[2J\\u{85}x\n"), "{text}");
+        // The control: an ordinary name prints as it is.
+        item.path = "ordinary name-1.txt".into();
+        item.symlink_to = "/bin/busybox".into();
+        assert!(format_listing("/", &[item]).ends_with("ordinary name-1.txt -> /bin/busybox\n"));
+        assert_eq!(escape_name("back\\slash"), "back\\\\slash");
     }
 }
