@@ -32,7 +32,7 @@ pub use inspect::{
 };
 pub use merge::merge_layers;
 pub use store::{FsLayerStore, LayerInfo};
-pub use unpack::{UnpackStats, unpack_layer};
+pub use unpack::{UnpackLimits, UnpackStats, unpack_layer, unpack_layer_limited};
 
 use std::path::{Path, PathBuf};
 
@@ -52,6 +52,9 @@ pub enum ImageError {
     /// A layer tar member that cannot be unpacked safely (escapes the tree, bad link, …).
     #[error("refusing layer member {member:?}: {reason}")]
     BadLayer { member: String, reason: String },
+    /// The layer's regular files add up to more apparent bytes (holes included) than allowed.
+    #[error("the changes exceed the {limit}-byte layer limit (file sizes count whole, holes included)")]
+    LayerTooLarge { limit: u64 },
     /// A tree argument that is not what the operation needs (e.g. a non-empty target).
     #[error("invalid tree {path}: {reason}")]
     InvalidTree { path: PathBuf, reason: String },

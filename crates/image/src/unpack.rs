@@ -4,7 +4,12 @@
 //! The accepted format is POSIX PAX (ustar and GNU headers read too): relative member names
 //! (a leading `./` is tolerated), directories, regular files, symlinks, hardlinks to an
 //! earlier member, FIFOs and char devices 0/0 (overlayfs whiteouts); numeric uid/gid, the
-//! 07777 mode bits, mtime, and xattrs as `SCHILY.xattr.<name>` PAX records.
+//! 07777 mode bits, mtime, and xattrs as `SCHILY.xattr.<name>` PAX records. Files in the
+//! PAX sparse format 1.0 (`GNU.sparse.major=1`, `minor=0`, `name`, `realsize`; the member
+//! data is a decimal sparse map padded to a block, then the data segments) are written with
+//! holes: the unpacker seeks over them, so the tree costs the data, not the apparent size.
+//! A malformed map (segments out of order, overlapping, past `realsize`, or not adding up
+//! to the member's size) is refused. [`UnpackLimits`] bounds the sum of apparent sizes.
 //!
 //! Hostile or unsupported input is handled by one rule:
 //! * **refused** (an [`ImageError::BadLayer`] naming the member; the caller deletes the tree)
@@ -24,7 +29,7 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::{self, BufReader};
+use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -41,9 +46,27 @@ use crate::{ImageError, ImageResult, io_err};
 pub struct UnpackStats {
     /// Members materialised in the tree (skipped members not counted).
     pub entries: u64,
-    /// Bytes written to regular files (a hardlink adds none).
+    /// Bytes written to regular files (a hardlink adds none; holes add none).
     pub content_bytes: u64,
+    /// Apparent sizes of the regular files, holes included.
+    pub apparent_bytes: u64,
 }
+
+/// Bounds on what one unpack may produce.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnpackLimits {
+    /// Largest sum of regular files' apparent sizes (holes included).
+    pub max_apparent_bytes: u64,
+}
+
+impl Default for UnpackLimits {
+    fn default() -> Self {
+        Self { max_apparent_bytes: u64::MAX }
+    }
+}
+
+/// Most segments a sparse map may list (the agent writes at most 4096).
+const MAX_SPARSE_SEGMENTS: u64 = 1 << 16;
 
 /// Owner, permissions, time and xattrs of one member.
 struct Meta {
@@ -65,13 +88,18 @@ struct PendingDir {
 /// Streams: memory use does not grow with file sizes. On error `tree` may hold a partial
 /// unpack (the caller deletes it) but nothing outside it was touched.
 pub fn unpack_layer(tar: &Path, tree: &Path) -> ImageResult<UnpackStats> {
+    unpack_layer_limited(tar, tree, UnpackLimits::default())
+}
+
+/// [`unpack_layer`] within `limits`: past them it stops with [`ImageError::LayerTooLarge`].
+pub fn unpack_layer_limited(tar: &Path, tree: &Path, limits: UnpackLimits) -> ImageResult<UnpackStats> {
     let root_meta = tree.symlink_metadata().map_err(io_err(tree))?;
     if !root_meta.is_dir() || std::fs::read_dir(tree).map_err(io_err(tree))?.next().is_some() {
         return Err(ImageError::InvalidTree { path: tree.to_owned(), reason: "not an empty directory".into() });
     }
     let file = File::open(tar).map_err(io_err(tar))?;
     let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 16, file));
-    let mut unpacker = Unpacker { tree, stats: UnpackStats::default(), dirs: Vec::new() };
+    let mut unpacker = Unpacker { tree, stats: UnpackStats::default(), dirs: Vec::new(), limits };
     for entry in archive.entries().map_err(io_err(tar))? {
         let entry = entry.map_err(io_err(tar))?;
         unpacker.member(entry, tar)?;
@@ -88,6 +116,7 @@ struct Unpacker<'a> {
     tree: &'a Path,
     stats: UnpackStats,
     dirs: Vec<PendingDir>,
+    limits: UnpackLimits,
 }
 
 impl Unpacker<'_> {
@@ -99,7 +128,11 @@ impl Unpacker<'_> {
             tracing::debug!(member = %name, "ignoring PAX global header");
             return Ok(());
         }
-        let rel = member_path(&entry.path_bytes()).map_err(bad)?;
+        let sparse = sparse_info(&mut entry).map_err(bad)?;
+        let rel = match &sparse {
+            Some(s) => member_path(&s.name).map_err(bad)?,
+            None => member_path(&entry.path_bytes()).map_err(bad)?,
+        };
         let meta = read_meta(&mut entry).map_err(bad)?;
         let is_root = rel.as_os_str().is_empty();
         if is_root && !kind.is_dir() {
@@ -116,9 +149,23 @@ impl Unpacker<'_> {
                 self.dirs.push(PendingDir { path, mode: meta.mode, mtime: meta.mtime });
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
+                let apparent = match &sparse {
+                    Some(s) => s.real_size,
+                    None => entry.header().size().map_err(|e| bad(format!("bad size: {e}")))?,
+                };
+                self.stats.apparent_bytes = self.stats.apparent_bytes.saturating_add(apparent);
+                if self.stats.apparent_bytes > self.limits.max_apparent_bytes {
+                    return Err(ImageError::LayerTooLarge { limit: self.limits.max_apparent_bytes });
+                }
                 let path = self.slot(&rel, false).map_err(bad)?;
                 let mut file = fsutil::create_file(&path)?;
-                self.stats.content_bytes += io::copy(&mut entry, &mut file).map_err(io_err(tar))?;
+                self.stats.content_bytes += match &sparse {
+                    Some(s) => write_sparse(&mut entry, &mut file, s.real_size).map_err(|e| match e {
+                        SparseError::Io(e) => io_err(&path)(e),
+                        SparseError::Bad(reason) => bad(reason),
+                    })?,
+                    None => io::copy(&mut entry, &mut file).map_err(io_err(tar))?,
+                };
                 drop(file);
                 finish(&path, &meta, true)?;
             }
@@ -229,6 +276,101 @@ fn finish(path: &Path, meta: &Meta, chmod: bool) -> ImageResult<()> {
 
 fn set_xattrs(path: &Path, xattrs: &[(String, Vec<u8>)]) -> ImageResult<()> {
     xattrs.iter().try_for_each(|(name, value)| fsutil::set_xattr(path, name, value))
+}
+
+/// The PAX sparse 1.0 records of a member.
+struct SparseInfo {
+    name: Vec<u8>,
+    real_size: u64,
+}
+
+fn sparse_info<R: io::Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<SparseInfo>, String> {
+    let Some(pax) = entry.pax_extensions().map_err(|e| format!("bad PAX header: {e}"))? else {
+        return Ok(None);
+    };
+    let (mut major, mut minor, mut name, mut real_size) = (None, None, None, None);
+    for record in pax {
+        let record = record.map_err(|e| format!("bad PAX record: {e}"))?;
+        match record.key() {
+            Ok("GNU.sparse.major") => major = Some(record.value_bytes().to_vec()),
+            Ok("GNU.sparse.minor") => minor = Some(record.value_bytes().to_vec()),
+            Ok("GNU.sparse.name") => name = Some(record.value_bytes().to_vec()),
+            Ok("GNU.sparse.realsize") => {
+                let v = record.value().map_err(|_| "non-UTF-8 GNU.sparse.realsize".to_string())?;
+                real_size = Some(v.parse::<u64>().map_err(|_| format!("bad GNU.sparse.realsize {v:?}"))?);
+            }
+            _ => {}
+        }
+    }
+    match (major.as_deref(), minor.as_deref(), name, real_size) {
+        (None, None, None, None) => Ok(None),
+        (Some(b"1"), Some(b"0"), Some(name), Some(real_size)) => Ok(Some(SparseInfo { name, real_size })),
+        _ => Err("unsupported or incomplete GNU sparse records (only format 1.0 is read)".into()),
+    }
+}
+
+enum SparseError {
+    Io(io::Error),
+    Bad(String),
+}
+
+/// Reads one decimal line of the sparse map, counting the bytes consumed.
+fn map_number(src: &mut impl Read, used: &mut u64) -> Result<u64, SparseError> {
+    let mut digits = Vec::new();
+    loop {
+        let mut b = [0u8; 1];
+        src.read_exact(&mut b).map_err(|_| SparseError::Bad("truncated sparse map".into()))?;
+        *used += 1;
+        match b[0] {
+            b'\n' => break,
+            d @ b'0'..=b'9' if digits.len() < 20 => digits.push(d),
+            _ => return Err(SparseError::Bad("malformed sparse map".into())),
+        }
+    }
+    std::str::from_utf8(&digits)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| SparseError::Bad("malformed sparse map number".into()))
+}
+
+/// Writes a sparse 1.0 member's data into `file`, seeking over the holes; returns the data
+/// bytes written.
+fn write_sparse(entry: &mut impl Read, file: &mut File, real_size: u64) -> Result<u64, SparseError> {
+    let mut used = 0u64;
+    let count = map_number(entry, &mut used)?;
+    if count > MAX_SPARSE_SEGMENTS {
+        return Err(SparseError::Bad(format!("sparse map lists {count} segments (at most {MAX_SPARSE_SEGMENTS})")));
+    }
+    let mut segments = Vec::new();
+    let mut end = 0u64;
+    for _ in 0..count {
+        let offset = map_number(entry, &mut used)?;
+        let len = map_number(entry, &mut used)?;
+        let seg_end = offset.checked_add(len).filter(|&e| e <= real_size);
+        match seg_end {
+            Some(e) if offset >= end => end = e,
+            _ => return Err(SparseError::Bad("sparse map segments overlap, are out of order or pass the size".into())),
+        }
+        segments.push((offset, len));
+    }
+    let pad = (512 - used % 512) % 512;
+    io::copy(&mut entry.take(pad), &mut io::sink()).map_err(SparseError::Io)?;
+    let mut written = 0u64;
+    for (offset, len) in segments {
+        file.seek(SeekFrom::Start(offset)).map_err(SparseError::Io)?;
+        let n = io::copy(&mut entry.take(len), file).map_err(SparseError::Io)?;
+        if n != len {
+            return Err(SparseError::Bad("sparse member shorter than its map".into()));
+        }
+        written += n;
+    }
+    let mut rest = [0u8; 1];
+    if entry.read(&mut rest).map_err(SparseError::Io)? != 0 {
+        return Err(SparseError::Bad("sparse member longer than its map".into()));
+    }
+    file.set_len(real_size).map_err(SparseError::Io)?;
+    file.flush().map_err(SparseError::Io)?;
+    Ok(written)
 }
 
 fn device_numbers<R: io::Read>(entry: &tar::Entry<'_, R>) -> Result<(u32, u32), String> {

@@ -6,7 +6,7 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use boxwood_image::{ImageError, UnpackStats, unpack_layer};
+use boxwood_image::{ImageError, UnpackLimits, UnpackStats, unpack_layer, unpack_layer_limited};
 use common::*;
 use tar::EntryType;
 
@@ -40,7 +40,14 @@ fn every_member_type_round_trips() {
     let tree = dir(base.path(), "tree");
 
     let stats = unpack_layer(&tar, &tree).unwrap();
-    assert_eq!(stats, UnpackStats { entries: 13, content_bytes: 26 + 10 + big.len() as u64 + 5 });
+    assert_eq!(
+        stats,
+        UnpackStats {
+            entries: 13,
+            content_bytes: 26 + 10 + big.len() as u64 + 5,
+            apparent_bytes: 26 + 10 + big.len() as u64 + 5
+        }
+    );
 
     let su = meta(&tree.join("bin/su"));
     assert_eq!((su.mode() & 0o7777, su.uid(), su.gid(), su.mtime()), (0o4755, 1000, 1000, 1_234_567_890));
@@ -277,4 +284,108 @@ fn structural_conflicts_are_refused() {
     let mut tb = TarBuilder::new();
     tb.file("./", b"x", Hdr::default(), &[]);
     refused(h.unpack(tb), "./");
+}
+
+/// A GNU tar (`--sparse --sparse-version=1.0`, the format the agent writes) archive of a
+/// 1 GiB file holding 6 bytes of data.
+fn gnu_sparse_tar(base: &Path) -> PathBuf {
+    let src = dir(base, "src");
+    let f = std::fs::File::create(src.join("big")).unwrap();
+    f.set_len(1 << 30).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"middle", 1 << 20).unwrap();
+    drop(f);
+    let tar = base.join("sparse.tar");
+    let st = std::process::Command::new("tar")
+        .args(["--format=posix", "--sparse", "--sparse-version=1.0", "-cf"])
+        .arg(&tar)
+        .arg("-C")
+        .arg(&src)
+        .arg("big")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    assert!(meta(&tar).len() < 1 << 20, "the archive itself holds only the data");
+    tar
+}
+
+#[test]
+fn sparse_files_are_unpacked_with_holes() {
+    let base = tempfile::tempdir().unwrap();
+    let tar = gnu_sparse_tar(base.path());
+    let tree = dir(base.path(), "tree");
+    let stats = unpack_layer(&tar, &tree).unwrap();
+    let big = meta(&tree.join("big"));
+    assert_eq!(big.len(), 1 << 30, "apparent size restored");
+    assert!(big.blocks() * 512 < 1 << 20, "holes stay holes on the host: {} blocks", big.blocks());
+    assert!(stats.content_bytes < 1 << 20, "only data is counted as written: {}", stats.content_bytes);
+    assert_eq!(stats.apparent_bytes, 1 << 30);
+    let data = std::fs::File::open(tree.join("big")).unwrap();
+    let mut buf = [0u8; 6];
+    std::os::unix::fs::FileExt::read_exact_at(&data, &mut buf, 1 << 20).unwrap();
+    assert_eq!(&buf, b"middle");
+    std::os::unix::fs::FileExt::read_exact_at(&data, &mut buf, 12345).unwrap();
+    assert_eq!(buf, [0; 6]);
+    assert!(!tree.join("GNUSparseFile.0").exists(), "the stand-in name is not used");
+}
+
+#[test]
+fn apparent_sizes_are_bounded() {
+    let base = tempfile::tempdir().unwrap();
+    let tar = gnu_sparse_tar(base.path());
+    // Positive control: the same archive passes a limit at its size.
+    let ok = dir(base.path(), "ok");
+    unpack_layer_limited(&tar, &ok, UnpackLimits { max_apparent_bytes: 1 << 30 }).unwrap();
+    let tree = dir(base.path(), "tree");
+    let limits = UnpackLimits { max_apparent_bytes: (1 << 30) - 1 };
+    match unpack_layer_limited(&tar, &tree, limits) {
+        Err(ImageError::LayerTooLarge { limit }) => assert_eq!(limit, (1 << 30) - 1),
+        other => panic!("expected LayerTooLarge, got {other:?}"),
+    }
+    // Dense files count too.
+    let mut tb = TarBuilder::new();
+    tb.file("a", &[1u8; 600], Hdr::default(), &[]).file("b", &[2u8; 600], Hdr::default(), &[]);
+    let dense = tb.write(base.path(), "dense");
+    let small = dir(base.path(), "small");
+    let r = unpack_layer_limited(&dense, &small, UnpackLimits { max_apparent_bytes: 1000 });
+    assert!(matches!(r, Err(ImageError::LayerTooLarge { .. })), "{r:?}");
+}
+
+fn sparse_member(map_and_data: &[u8], real_size: &str) -> TarBuilder {
+    let mut tb = TarBuilder::new();
+    tb.pax(&[
+        ("GNU.sparse.major", b"1"),
+        ("GNU.sparse.minor", b"0"),
+        ("GNU.sparse.name", b"f"),
+        ("GNU.sparse.realsize", real_size.as_bytes()),
+    ]);
+    tb.file("GNUSparseFile.0/f", map_and_data, Hdr::default(), &[]);
+    tb
+}
+
+fn map(text: &str, data: &[u8]) -> Vec<u8> {
+    let mut v = text.as_bytes().to_vec();
+    v.resize(512, 0);
+    v.extend_from_slice(data);
+    v
+}
+
+#[test]
+fn malformed_sparse_maps_are_refused() {
+    // Positive control: a well-formed hand-made map unpacks.
+    let h = Hostile::new();
+    h.unpack(sparse_member(&map("1\n4096\n3\n", b"abc"), "10000")).unwrap();
+    assert_eq!(meta(&h.tree.join("f")).len(), 10000);
+    assert_eq!(&std::fs::read(h.tree.join("f")).unwrap()[4096..4099], b"abc");
+    for (name, body, size) in [
+        ("past the size", map("1\n9999\n3\n", b"abc"), "10000"),
+        ("overlapping", map("2\n0\n3\n1\n3\n", b"abcabc"), "10000"),
+        ("short data", map("1\n0\n30\n", b"abc"), "10000"),
+        ("long data", map("1\n0\n3\n", b"abcdef"), "10000"),
+        ("not a number", map("x\n", b""), "10000"),
+        ("huge count", map("99999999999\n", b""), "10000"),
+    ] {
+        let h = Hostile::new();
+        let r = h.unpack(sparse_member(&body, size));
+        assert!(matches!(r, Err(ImageError::BadLayer { .. })), "{name}: {r:?}");
+    }
 }

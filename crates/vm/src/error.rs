@@ -36,6 +36,9 @@ pub enum VmError {
     /// The agent could not export the upper directory ([`crate::Vm::export_upper`]).
     #[error("export of the run's changes failed: {error}")]
     ExportFailed { error: String },
+    /// The host stopped an export that went past its budget ([`crate::ExportBudget`]).
+    #[error("{reason}")]
+    ExportRefused { reason: String },
     #[error("rejected: {0}")]
     Rejected(String),
     #[error("protocol error: {0}")]

@@ -127,6 +127,20 @@ pub struct FileSpec {
     pub gid: u32,
 }
 
+/// The host's own bound on an export, checked as bytes arrive (the agent's counts are not
+/// trusted). A plain `u64` is a byte cap.
+pub trait ExportBudget: Send + Sync {
+    /// `total` bytes of tar have arrived so far; `Err(reason)` stops the export at once
+    /// ([`VmError::ExportRefused`]) and the partial file is removed.
+    fn admit(&self, total: u64) -> Result<(), String>;
+}
+
+impl ExportBudget for u64 {
+    fn admit(&self, total: u64) -> Result<(), String> {
+        if total > *self { Err(format!("the changes exceed {self} bytes")) } else { Ok(()) }
+    }
+}
+
 /// What [`Vm::export_upper`] wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UpperStats {
@@ -176,8 +190,9 @@ pub trait Vm: Send + Sync {
     async fn put_file(&self, file: &FileSpec, source: &Path) -> Result<(), VmError>;
     /// Kills every guest process, syncs, and writes the overlay's upper directory (the run's
     /// changes) as a PAX tar to `dest` (streamed, then fsynced). Guest-side failure →
-    /// [`VmError::ExportFailed`]; on any error `dest` is removed.
-    async fn export_upper(&self, dest: &Path) -> Result<UpperStats, VmError>;
+    /// [`VmError::ExportFailed`]; past `budget` → [`VmError::ExportRefused`]; on any error
+    /// `dest` is removed.
+    async fn export_upper(&self, dest: &Path, budget: &dyn ExportBudget) -> Result<UpperStats, VmError>;
     /// Asks the agent to power off, waits up to a few seconds, then SIGKILLs QEMU; always reaps
     /// QEMU and removes the scratch dir. Later calls do nothing.
     async fn shutdown(&self) -> Result<(), VmError>;

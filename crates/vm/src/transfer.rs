@@ -12,7 +12,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
 
 use crate::vm::{REPLY_DEADLINE, Shared};
-use crate::{FileSpec, UpperStats, VmError};
+use crate::{ExportBudget, FileSpec, UpperStats, VmError};
 
 /// Largest `PutFile` payload.
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -161,11 +161,11 @@ impl Drop for FileGuard {
 }
 
 /// See [`crate::Vm::export_upper`].
-pub async fn export_upper(shared: &Shared, dest: &Path) -> Result<UpperStats, VmError> {
+pub async fn export_upper(shared: &Shared, dest: &Path, budget: &dyn ExportBudget) -> Result<UpperStats, VmError> {
     let _one_at_a_time = shared.transfers.lock().await;
     let mut out =
         tokio::fs::File::create(dest).await.map_err(|e| VmError::io(format!("create {}", dest.display()), e))?;
-    let result = receive_upper(shared, &mut out, dest).await;
+    let result = receive_upper(shared, &mut out, dest, budget).await;
     if result.is_err() {
         drop(out);
         let _ = tokio::fs::remove_file(dest).await;
@@ -173,7 +173,12 @@ pub async fn export_upper(shared: &Shared, dest: &Path) -> Result<UpperStats, Vm
     result
 }
 
-async fn receive_upper(shared: &Shared, out: &mut tokio::fs::File, dest: &Path) -> Result<UpperStats, VmError> {
+async fn receive_upper(
+    shared: &Shared,
+    out: &mut tokio::fs::File,
+    dest: &Path,
+    budget: &dyn ExportBudget,
+) -> Result<UpperStats, VmError> {
     let (tx, mut rx) = mpsc::channel(EXPORT_QUEUE);
     {
         let mut st = shared.state();
@@ -200,6 +205,8 @@ async fn receive_upper(shared: &Shared, out: &mut tokio::fs::File, dest: &Path) 
                     shared.abandon(&error);
                     return Err(VmError::ExportFailed { error });
                 }
+                // Counted before it is written: the host never stores past the budget.
+                budget.admit(written).map_err(|reason| VmError::ExportRefused { reason })?;
                 out.write_all(&data).await.map_err(write_err)?;
             }
             Some(GuestMessage::UpperDone { entries, bytes }) => {

@@ -18,7 +18,7 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::qemu::VmPaths;
-use crate::{FileSpec, Process, ProcessEvent, UpperStats, Vm, VmError, guest, transfer};
+use crate::{ExportBudget, FileSpec, Process, ProcessEvent, UpperStats, Vm, VmError, guest, transfer};
 
 /// Largest stdin payload put in one frame (well under `MAX_FRAME_BYTES`).
 const STDIN_FRAME: usize = 1 << 20;
@@ -561,8 +561,8 @@ impl Vm for QemuVm {
         transfer::put_file(self.shared.clone(), file, source).await
     }
 
-    async fn export_upper(&self, dest: &Path) -> Result<UpperStats, VmError> {
-        transfer::export_upper(&self.shared, dest).await
+    async fn export_upper(&self, dest: &Path, budget: &dyn ExportBudget) -> Result<UpperStats, VmError> {
+        transfer::export_upper(&self.shared, dest, budget).await
     }
 
     async fn shutdown(&self) -> Result<(), VmError> {

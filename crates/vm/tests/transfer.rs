@@ -34,6 +34,7 @@ async fn files_in_changes_out_enospc_and_no_network() {
     put_file_checks(vm, host.path()).await;
     export_checks(vm, host.path()).await;
     full_upper_is_enospc(vm, host.path()).await;
+    sparse_export_and_budget(vm, host.path()).await;
 
     let console = std::fs::read_to_string(vm.dir().join("console.log")).unwrap();
     let problems: Vec<&str> = console.lines().filter(|l| l.contains("boxwood-agent:")).collect();
@@ -61,7 +62,7 @@ async fn unchanged_run_exports_nothing(vm: &dyn Vm, host: &Path) {
     assert_eq!(r.exit.code, 0);
     let dest = host.join("empty.tar");
     let started = Instant::now();
-    let stats = vm.export_upper(&dest).await.expect("export");
+    let stats = vm.export_upper(&dest, &u64::MAX).await.expect("export");
     eprintln!("EXPORT empty: {:?} {stats:?}", started.elapsed());
     assert_eq!(stats.entries, 0, "members: {:?}", read_tar(&dest).keys().collect::<Vec<_>>());
     assert_eq!(stats.tar_bytes, std::fs::metadata(&dest).unwrap().len());
@@ -179,7 +180,7 @@ async fn export_checks(vm: &dyn Vm, host: &Path) {
 
     let dest = host.join("changes.tar");
     let started = Instant::now();
-    let stats = vm.export_upper(&dest).await.expect("export");
+    let stats = vm.export_upper(&dest, &u64::MAX).await.expect("export");
     eprintln!("EXPORT changes: {:?} {stats:?}", started.elapsed());
     let r = collect(running.events).await;
     assert_eq!(r.exit.signal, 9, "a running process is killed by the export");
@@ -287,10 +288,42 @@ async fn full_upper_is_enospc(vm: &dyn Vm, host: &Path) {
     // The agent keeps working, and space comes back.
     let r = sh(vm, 31, "test ! -e /too-big && rm /fill && echo ok > /after && cat /after").await;
     assert_eq!((r.out().as_str(), r.exit.code), ("ok\n", 0), "{}", String::from_utf8_lossy(&r.stderr));
-    let stats = vm.export_upper(&host.join("after.tar")).await.expect("export after ENOSPC");
+    let stats = vm.export_upper(&host.join("after.tar"), &u64::MAX).await.expect("export after ENOSPC");
     assert!(stats.entries > 0);
     let mut p = vm.spawn(spawn_req(32, &["true"])).await.unwrap();
     assert!(matches!(p.events.recv().await, Some(ProcessEvent::Exited(_))));
+}
+
+/// Holes cost nothing in the export; the host stops an export past its budget.
+async fn sparse_export_and_budget(vm: &dyn Vm, host: &Path) {
+    let r = sh(vm, 40, "truncate -s 1G /sparse && echo tail >> /sparse && stat -c %s /sparse").await;
+    assert_eq!(r.out(), "1073741829\n", "{}", String::from_utf8_lossy(&r.stderr));
+    let dest = host.join("sparse.tar");
+    let stats = vm.export_upper(&dest, &u64::MAX).await.expect("sparse export");
+    assert!(
+        stats.tar_bytes < 16 << 20,
+        "a 1 GiB sparse file (and the earlier changes) cost {} tar bytes",
+        stats.tar_bytes
+    );
+    let tree = host.join("sparse-tree");
+    std::fs::create_dir(&tree).unwrap();
+    boxwood_image::unpack_layer(&dest, &tree).unwrap();
+    let meta = std::fs::metadata(tree.join("sparse")).unwrap();
+    assert_eq!(meta.len(), 1_073_741_829);
+    assert!(std::os::unix::fs::MetadataExt::blocks(&meta) * 512 < 1 << 20, "sparse on the host too");
+    let r = sh(vm, 41, "rm /sparse && head -c 3145728 /dev/urandom > /dense && echo ok").await;
+    assert_eq!(r.out(), "ok\n");
+    // Positive control: the same changes export within a large enough budget.
+    let fits = vm.export_upper(&host.join("fits.tar"), &(64u64 << 20)).await.expect("within budget");
+    assert!(fits.tar_bytes > 3 << 20);
+    let cut = host.join("cut.tar");
+    match vm.export_upper(&cut, &(1u64 << 20)).await {
+        Err(VmError::ExportRefused { reason }) => assert!(reason.contains("exceed"), "{reason}"),
+        other => panic!("expected a refused export, got {other:?}"),
+    }
+    assert!(!cut.exists(), "a refused export leaves no file");
+    let mut p = vm.spawn(spawn_req(42, &["true"])).await.unwrap();
+    assert!(matches!(p.events.recv().await, Some(ProcessEvent::Exited(_))), "the VM still works");
 }
 
 struct Member {

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::io::Read;
-use std::os::unix::fs::{PermissionsExt, symlink};
+use std::os::unix::fs::{FileExt as _, PermissionsExt, symlink};
 use std::path::Path;
 
 use super::*;
@@ -196,4 +196,51 @@ fn rand_suffix() -> u64 {
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64) ^ (n << 48)
+}
+
+#[test]
+fn holes_travel_as_holes_and_gnu_tar_restores_them() {
+    let tmp = tempfile_dir();
+    let d = tmp.as_path();
+    // 1 GiB apparent: a little data at 1 MiB and at the end, holes elsewhere.
+    let f = fs::File::create(d.join("sparse")).unwrap();
+    f.set_len(1 << 30).unwrap();
+    f.write_all_at(b"middle", 1 << 20).unwrap();
+    f.write_all_at(b"end", (1 << 30) - 3).unwrap();
+    drop(f);
+    let empty = fs::File::create(d.join("all-hole")).unwrap();
+    empty.set_len(100 << 20).unwrap();
+    drop(empty);
+    fs::write(d.join("dense"), vec![7u8; 10_000]).unwrap();
+    let mut out = Vec::new();
+    let stats = write_tree(d, &HashSet::new(), &mut out).unwrap();
+    assert_eq!(stats.bytes, out.len() as u64);
+    assert!(out.len() < 1 << 20, "holes cost nothing in the stream: {} bytes", out.len());
+
+    let members = read_back(&out);
+    let stand_in = &members["GNUSparseFile.0/sparse"];
+    assert!(stand_in.data.starts_with(b"2\n"), "map, then data: {:?}", &stand_in.data[..32]);
+
+    // GNU tar (a real reader of the format) restores the apparent size and the data, sparse.
+    let x = tempfile_dir();
+    let tar_path = x.as_path().join("a.tar");
+    fs::write(&tar_path, &out).unwrap();
+    let dest = x.as_path().join("out");
+    fs::create_dir(&dest).unwrap();
+    let st = std::process::Command::new("tar").arg("-xf").arg(&tar_path).arg("-C").arg(&dest).status().unwrap();
+    assert!(st.success());
+    let meta = fs::metadata(dest.join("sparse")).unwrap();
+    assert_eq!(meta.len(), 1 << 30);
+    assert!(meta.blocks() * 512 < 1 << 20, "restored sparse: {} blocks", meta.blocks());
+    let restored = fs::File::open(dest.join("sparse")).unwrap();
+    let mut buf = [0u8; 6];
+    restored.read_exact_at(&mut buf, 1 << 20).unwrap();
+    assert_eq!(&buf, b"middle");
+    restored.read_exact_at(&mut buf[..3], (1 << 30) - 3).unwrap();
+    assert_eq!(&buf[..3], b"end");
+    restored.read_exact_at(&mut buf, 4096).unwrap();
+    assert_eq!(buf, [0u8; 6]);
+    assert_eq!(fs::metadata(dest.join("all-hole")).unwrap().len(), 100 << 20);
+    assert_eq!(fs::read(dest.join("dense")).unwrap(), vec![7u8; 10_000]);
+    assert!(!members.contains_key("dense") || members["dense"].data.len() == 10_000);
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use boxwood_image::unpack_layer;
+use boxwood_image::{UnpackLimits, unpack_layer_limited};
 use boxwood_store::ImageRecord;
 use boxwood_vm::Vm;
 use uuid::Uuid;
@@ -13,6 +13,10 @@ use uuid::Uuid;
 use super::{Run, RunEnv, compact::COMPACT_AT};
 use crate::clock::now_us;
 use crate::error::error_chain;
+
+/// Export slack for tar headers and padding beyond `max_layer_bytes` (at least this much,
+/// or a quarter of the cap).
+const TAR_OVERHEAD_BYTES: u64 = 16 << 20;
 
 impl Run {
     /// Saves the run's changes; returns the result image (the source image when nothing
@@ -37,7 +41,11 @@ impl Run {
     ) -> Result<(Uuid, i64), (&'static str, Box<dyn std::error::Error + Send + Sync>)> {
         let tar = staging.join("upper.tar");
         let t0 = std::time::Instant::now();
-        let stats = vm.export_upper(&tar).await.map_err(|e| ("exporting changes", e.into()))?;
+        // The host counts the tar itself (the guest is not trusted): the data cannot exceed
+        // the writable layer's cap, plus room for tar headers of many small files.
+        let max_layer = self.spec.max_layer_bytes;
+        let budget = max_layer.saturating_add((max_layer / 4).max(TAR_OVERHEAD_BYTES));
+        let stats = vm.export_upper(&tar, &budget).await.map_err(|e| ("exporting changes", e.into()))?;
         let exported = t0.elapsed();
         let source = &self.image;
         let env_vars = if self.spec.preserve_env { self.merged_env() } else { source.env.clone() };
@@ -53,7 +61,10 @@ impl Run {
             let (tar_path, tree_path) = (tar.clone(), tree.clone());
             let unpacked = tokio::task::spawn_blocking(move || {
                 std::fs::create_dir(&tree_path)?;
-                unpack_layer(&tar_path, &tree_path).map_err(std::io::Error::other)
+                // Holes stay holes on the host, but a layer's apparent size is bounded too, so
+                // whatever later materialises the files (mkfs, downloads) stays bounded.
+                unpack_layer_limited(&tar_path, &tree_path, UnpackLimits { max_apparent_bytes: max_layer })
+                    .map_err(std::io::Error::other)
             })
             .await
             .map_err(|e| ("unpacking changes", e.into()))?
