@@ -1,5 +1,6 @@
 //! End-to-end tests: a real server, real QEMU microVMs (TCG), HTTP as the clients speak it.
 
+mod abuse_jail;
 mod api;
 mod files;
 mod harness;
