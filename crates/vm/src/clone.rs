@@ -10,13 +10,14 @@ use boxwood_protocol::RootfsSpec;
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
+use crate::jail::Inherited;
 use crate::qemu::{Devices, SLOTS, VmPaths, check_serial, slot_nodes, slot_serial};
 use crate::qmp::{Qmp, is_migration_status};
 use crate::runtime::{
     Base, BootChannel, DirGuard, boot_err, check_hostname, check_name, fail_boot, foreground, into_vm,
 };
 use crate::stale::ORIGIN_FILE;
-use crate::template::{SLOT_BYTES, Template, shell_quote};
+use crate::template::{SLOT_BYTES, Template};
 use crate::vm::{QemuChild, QemuVm};
 use crate::{VmError, VmSpec};
 
@@ -43,16 +44,21 @@ pub(crate) async fn restore(
     limit: Duration,
     background: bool,
 ) -> Result<Restored, VmError> {
-    let (paths, guard) = base.create_vm_dir(name)?;
+    let lease = base.lease_uid()?;
+    let (paths, guard) = base.create_vm_dir(name, lease.as_ref())?;
+    let mut inherited = Inherited::default();
+    let ram = template.ram_copy.try_clone().map_err(|e| VmError::io("dup the template RAM", e))?;
     let devices = Devices::Fixed {
-        ram_file: &template.ram,
+        ram: inherited.add(ram),
         shared_ram: false,
-        slot_image: &template.slot_image,
-        warm_image: &template.warm_image,
+        slot_image: inherited.open(&template.slot_image)?,
+        warm_image: inherited.open(&template.warm_image)?,
         incoming: true,
     };
-    let argv = base.argv(base.accel, &paths, template.memory_mib, template.vcpus, devices)?;
-    let qemu = base.spawn_qemu(argv, &paths, background)?;
+    // QEMU's sandbox forbids `exec:`: the state comes from an inherited fd.
+    let state = inherited.open(&template.state)?;
+    let argv = base.argv(base.accel, &mut inherited, template.memory_mib, template.vcpus, devices)?;
+    let qemu = base.spawn_qemu(argv, &paths, background, inherited, lease)?;
     let deadline = Instant::now() + limit;
     let loaded = async {
         // The agent socket is connected before the device state loads, so the restored guest
@@ -68,7 +74,7 @@ pub(crate) async fn restore(
             {"capability": "x-ignore-shared", "state": true},
             {"capability": "events", "state": true},
         ]});
-        let uri = format!("exec:cat {}", shell_quote(&template.state));
+        let uri = format!("fd:{state}");
         qmp.execute_batch(&[("migrate-set-capabilities", Some(caps)), ("migrate-incoming", Some(json!({"uri": uri})))])
             .await?;
         let ev = qmp.wait_event(|e| is_migration_status(e, &["completed", "failed", "cancelled"])).await?;
@@ -177,9 +183,31 @@ impl Restored {
         self.qmp.set_deadline(deadline);
         let mut commands: Vec<(&str, Option<Value>)> = Vec::new();
         let mut reopen = Vec::new();
-        for (i, disk) in spec.disks.iter().enumerate() {
+        // The server opens each layer; QEMU gets only the fd (its uid could not open the
+        // path, and no other layer is reachable to it).
+        let mut layers = Vec::with_capacity(spec.disks.len());
+        for disk in &spec.disks {
+            layers.push(
+                std::fs::File::open(&disk.path).map_err(|e| VmError::io(format!("open {}", disk.path.display()), e))?,
+            );
+        }
+        let mut fdsets = Vec::with_capacity(layers.len());
+        let added = async {
+            for layer in &layers {
+                let r = self.qmp.execute_with_fd("add-fd", json!({}), std::os::fd::AsFd::as_fd(layer)).await?;
+                let set =
+                    r.get("fdset-id").and_then(Value::as_u64).ok_or_else(|| VmError::Qmp(format!("add-fd: {r}")))?;
+                fdsets.push(set);
+            }
+            Ok::<_, VmError>(())
+        }
+        .await;
+        if let Err(e) = added {
+            return Err(fail_boot(e, &self.paths, &self.qemu).await);
+        }
+        for (i, set) in fdsets.iter().enumerate() {
             let layer = format!("layer{i}");
-            let filename = disk.path.to_str().ok_or_else(|| VmError::Invalid(format!("path {:?}", disk.path)))?;
+            let filename = format!("/dev/fdset/{set}");
             commands.push((
                 "blockdev-add",
                 Some(json!({"driver": "file", "node-name": layer, "filename": filename, "read-only": true})),

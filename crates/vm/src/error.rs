@@ -52,6 +52,9 @@ pub enum VmError {
     /// Building or loading a fast-start template failed.
     #[error("VM template: {0}")]
     Template(String),
+    /// The host cannot jail QEMU (not root) or has no VM uid left.
+    #[error("VM jail: {0}")]
+    Jail(String),
 }
 
 impl VmError {

@@ -18,6 +18,7 @@ mod cpio;
 pub mod egress;
 mod error;
 mod guest;
+mod jail;
 mod modules;
 mod pool;
 mod qemu;
@@ -37,6 +38,7 @@ use serde::Deserialize;
 
 pub use assets::{GuestAssets, prepare_guest_assets};
 pub use error::VmError;
+pub use jail::JailConfig;
 pub use modules::NEEDED_MODULES;
 pub use qemu::kernel_cmdline;
 pub use runtime::QemuRuntime;
@@ -73,6 +75,8 @@ pub struct VmConfig {
     /// machine (2 per CPU, at most 16, and at most one per 4 × `memory_mib` of available memory); `0`:
     /// no pool, each VM is restored when asked for.
     pub pool_size: Option<usize>,
+    /// How each QEMU is confined (`vm.jail`).
+    pub jail: JailConfig,
 }
 
 impl Default for VmConfig {
@@ -87,6 +91,7 @@ impl Default for VmConfig {
             extra_kernel_args: Vec::new(),
             snapshot: true,
             pool_size: None,
+            jail: JailConfig::default(),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The QEMU command line and the guest kernel command line.
 
 use std::ffi::OsString;
+use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
 use crate::{DiskSpec, VmError};
@@ -93,23 +94,32 @@ fn path_str(p: &Path) -> Result<&str, VmError> {
     p.to_str().ok_or_else(|| VmError::Invalid(format!("path {p:?} is not UTF-8")))
 }
 
-/// Escapes a value for QEMU's `key=value,…` option syntax.
-fn opt_escape(s: &str) -> String {
-    s.replace(',', ",,")
-}
-
-/// Everything needed to build the QEMU argv.
+/// Everything needed to build the QEMU argv. QEMU runs in its VM dir (its sockets and logs
+/// are named relative to it) and reaches every host file through an inherited fd.
 #[derive(Debug, Clone)]
 pub struct QemuArgs<'a> {
     pub accel: Accelerator,
     pub memory_mib: u32,
     pub vcpus: u32,
-    pub kernel: &'a Path,
-    pub initramfs: &'a Path,
+    /// Inherited fds of the guest kernel and initramfs.
+    pub kernel: RawFd,
+    pub initramfs: RawFd,
     pub cmdline: &'a str,
-    pub paths: &'a VmPaths,
     pub devices: Devices<'a>,
 }
+
+/// File names QEMU uses inside its own dir (its working directory).
+const AGENT_SOCK: &str = "agent.sock";
+const QMP_SOCK: &str = "qmp.sock";
+
+/// An inherited fd as a path QEMU can open.
+pub(crate) fn fd_path(fd: RawFd) -> String {
+    format!("/proc/self/fd/{fd}")
+}
+
+/// QEMU's `-sandbox`: its seccomp filter, with everything it does not need denied (no
+/// obsolete syscalls, no set*id, no fork/exec, no scheduler or NUMA changes).
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// The devices behind the agent port: a cold boot gets exactly the run's, a template and its
 /// clones get the fixed [`crate::template`] layout (a clone must have the same device set as
@@ -118,18 +128,21 @@ pub struct QemuArgs<'a> {
 pub enum Devices<'a> {
     Cold {
         disks: &'a [DiskSpec],
+        /// One inherited read-only fd per disk, in order (each becomes an fdset).
+        disk_fds: &'a [RawFd],
         /// A virtio-net NIC on QEMU's user-mode (slirp) network; `false`: no NIC at all.
         network: bool,
     },
     Fixed {
-        /// Guest RAM as a file: written through (`share=on`) by the template, mapped
-        /// copy-on-write (`share=off`) by its clones.
-        ram_file: &'a Path,
+        /// Guest RAM as an inherited fd: the template's file, written through (`share=on`);
+        /// for its clones a sealed memfd copy, mapped copy-on-write (`share=off`).
+        ram: RawFd,
         shared_ram: bool,
-        /// The empty qcow2 every slot starts out with, and the small erofs image it is
-        /// backed by until a run's layer replaces it (what the warm-up mounts).
-        slot_image: &'a Path,
-        warm_image: &'a Path,
+        /// Inherited read-only fds of the empty qcow2 every slot starts out with, and of the
+        /// small erofs image it is backed by until a run's layer replaces it (what the
+        /// warm-up mounts).
+        slot_image: RawFd,
+        warm_image: RawFd,
         /// Start paused, waiting for `migrate-incoming` (a clone).
         incoming: bool,
     },
@@ -167,12 +180,9 @@ pub fn qemu_argv(a: &QemuArgs<'_>) -> Result<Vec<OsString>, VmError> {
     let (mem, smp) = (a.memory_mib.to_string(), a.vcpus.to_string());
     match &a.devices {
         Devices::Cold { .. } => push(&["-M", "microvm"]),
-        Devices::Fixed { ram_file, shared_ram, .. } => {
+        Devices::Fixed { ram, shared_ram, .. } => {
             let share = if *shared_ram { "on" } else { "off" };
-            let ram = format!(
-                "memory-backend-file,id=mem,size={mem}M,mem-path={},share={share}",
-                opt_escape(path_str(ram_file)?)
-            );
+            let ram = format!("memory-backend-file,id=mem,size={mem}M,mem-path={},share={share}", fd_path(*ram));
             push(&["-M", "microvm,memory-backend=mem", "-object", &ram]);
         }
     }
@@ -181,7 +191,7 @@ pub fn qemu_argv(a: &QemuArgs<'_>) -> Result<Vec<OsString>, VmError> {
         Accelerator::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
     }
     push(&["-m", &mem, "-smp", &smp]);
-    push(&["-nodefaults", "-no-reboot", "-display", "none"]);
+    push(&["-nodefaults", "-no-reboot", "-display", "none", "-sandbox", SANDBOX]);
     // A clone always has the NIC (the template's device set); its link is down unless the run
     // wants networking (see `template`).
     if matches!(a.devices, Devices::Fixed { .. } | Devices::Cold { network: true, .. }) {
@@ -189,35 +199,38 @@ pub fn qemu_argv(a: &QemuArgs<'_>) -> Result<Vec<OsString>, VmError> {
     } else {
         push(&["-nic", "none"]);
     }
-    let p = a.paths;
     // The console goes to QEMU's stdout, a pipe the host bounds (see `console`).
     push(&["-serial", "stdio"]);
-    let agent = format!("socket,id=agent,path={},server=on,wait=off", path_str(&p.agent_sock)?);
+    let agent = format!("socket,id=agent,path={AGENT_SOCK},server=on,wait=off");
     push(&["-device", "virtio-serial-device", "-chardev", &agent]);
     let port = format!("virtserialport,chardev=agent,name={}", boxwood_protocol::PORT_NAME);
     push(&["-device", &port]);
-    let qmp = format!("unix:{},server=on,wait=off", path_str(&p.qmp_sock)?);
+    let qmp = format!("unix:{QMP_SOCK},server=on,wait=off");
     push(&["-qmp", &qmp]);
     match &a.devices {
-        Devices::Cold { disks, .. } => {
-            for (n, disk) in disks.iter().enumerate() {
+        Devices::Cold { disks, disk_fds, .. } => {
+            if disks.len() != disk_fds.len() {
+                return Err(VmError::Invalid("one fd per disk".into()));
+            }
+            for (n, (disk, fd)) in disks.iter().zip(disk_fds.iter()).enumerate() {
                 check_serial(&disk.serial)?;
-                let file = opt_escape(path_str(&disk.path)?);
-                let drive = format!("file={file},if=none,id=d{n},format=raw,readonly=on");
+                let set = n + 1;
+                let add = format!("fd={fd},set={set}");
+                let drive = format!("file=/dev/fdset/{set},if=none,id=d{n},format=raw,readonly=on");
                 let dev = format!("virtio-blk-device,drive=d{n},serial={}", disk.serial);
-                push(&["-drive", &drive, "-device", &dev]);
+                push(&["-add-fd", &add, "-drive", &drive, "-device", &dev]);
             }
         }
         Devices::Fixed { slot_image, warm_image, incoming, .. } => {
-            let image = opt_escape(path_str(slot_image)?);
-            let warm = format!(
-                "driver=file,node-name={WARM_NODE},filename={},read-only=on",
-                opt_escape(path_str(warm_image)?)
-            );
+            // Sets 1 and 2; a run's layers get theirs over QMP (`add-fd`) when it is assigned.
+            let (warm_set, slot_set) = (1, 2);
+            let adds = [format!("fd={warm_image},set={warm_set}"), format!("fd={slot_image},set={slot_set}")];
+            push(&["-add-fd", &adds[0], "-add-fd", &adds[1]]);
+            let warm = format!("driver=file,node-name={WARM_NODE},filename=/dev/fdset/{warm_set},read-only=on");
             push(&["-blockdev", &warm]);
             for i in 0..SLOTS {
                 let (node, file_node) = slot_nodes(i);
-                let file = format!("driver=file,node-name={file_node},filename={image},read-only=on");
+                let file = format!("driver=file,node-name={file_node},filename=/dev/fdset/{slot_set},read-only=on");
                 let fmt = format!("driver=qcow2,node-name={node},file={file_node},backing={WARM_NODE},read-only=on");
                 let dev = format!("virtio-blk-device,drive={node},serial={}", slot_serial(i));
                 push(&["-blockdev", &file, "-blockdev", &fmt, "-device", &dev]);
@@ -227,11 +240,7 @@ pub fn qemu_argv(a: &QemuArgs<'_>) -> Result<Vec<OsString>, VmError> {
             }
         }
     }
-    push(&["-append", a.cmdline]);
-    v.push("-kernel".into());
-    v.push(a.kernel.into());
-    v.push("-initrd".into());
-    v.push(a.initramfs.into());
+    push(&["-append", a.cmdline, "-kernel", &fd_path(a.kernel), "-initrd", &fd_path(a.initramfs)]);
     Ok(v)
 }
 
@@ -263,9 +272,12 @@ mod tests {
         assert!(matches!(VmPaths::new(PathBuf::from("/tmp/a,b")), Err(VmError::Invalid(_))));
     }
 
+    fn line(a: &QemuArgs<'_>) -> String {
+        qemu_argv(a).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect::<Vec<_>>().join(" ")
+    }
+
     #[test]
     fn argv_for_tcg_with_disks() {
-        let paths = VmPaths::new(PathBuf::from("/run/bw/vm1")).unwrap();
         let disks = vec![
             DiskSpec { path: "/img/a,b.erofs".into(), serial: "layer0".into() },
             DiskSpec { path: "/img/c.erofs".into(), serial: "layer1".into() },
@@ -274,91 +286,82 @@ mod tests {
             accel: Accelerator::Tcg,
             memory_mib: 256,
             vcpus: 1,
-            kernel: Path::new("/k/vmlinux"),
-            initramfs: Path::new("/k/init.cpio"),
+            kernel: 3,
+            initramfs: 4,
             cmdline: "console=ttyS0",
-            paths: &paths,
-            devices: Devices::Cold { disks: &disks, network: false },
+            devices: Devices::Cold { disks: &disks, disk_fds: &[7, 9], network: false },
         };
         let argv: Vec<String> = qemu_argv(&args).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect();
-        let line = argv.join(" ");
+        let l = argv.join(" ");
         for want in [
             "-M microvm -accel tcg,thread=multi -cpu max,-erms,-fsrm -m 256 -smp 1",
-            "-nodefaults -no-reboot",
+            "-nodefaults -no-reboot -display none \
+             -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-serial stdio",
-            "-chardev socket,id=agent,path=/run/bw/vm1/agent.sock,server=on,wait=off",
+            "-chardev socket,id=agent,path=agent.sock,server=on,wait=off",
             "-device virtserialport,chardev=agent,name=boxwood.agent",
-            "-qmp unix:/run/bw/vm1/qmp.sock,server=on,wait=off",
-            "-drive file=/img/a,,b.erofs,if=none,id=d0,format=raw,readonly=on -device virtio-blk-device,drive=d0,serial=layer0",
-            "-drive file=/img/c.erofs,if=none,id=d1,format=raw,readonly=on -device virtio-blk-device,drive=d1,serial=layer1",
-            "-kernel /k/vmlinux -initrd /k/init.cpio",
+            "-qmp unix:qmp.sock,server=on,wait=off",
+            "-add-fd fd=7,set=1 -drive file=/dev/fdset/1,if=none,id=d0,format=raw,readonly=on \
+             -device virtio-blk-device,drive=d0,serial=layer0",
+            "-add-fd fd=9,set=2 -drive file=/dev/fdset/2,if=none,id=d1,format=raw,readonly=on \
+             -device virtio-blk-device,drive=d1,serial=layer1",
+            "-kernel /proc/self/fd/3 -initrd /proc/self/fd/4",
             "-nic none",
         ] {
-            assert!(line.contains(want), "missing {want:?} in {line}");
+            let want = want.split_whitespace().collect::<Vec<_>>().join(" ");
+            assert!(l.contains(&want), "missing {want:?} in {l}");
         }
+        assert!(!l.contains("/img/"), "QEMU never sees a host path: {l}");
         let i = argv.iter().position(|a| a == "-append").unwrap();
         assert_eq!(argv[i + 1], "console=ttyS0", "the cmdline stays one argument");
 
         let kvm = QemuArgs { accel: Accelerator::Kvm, ..args.clone() };
-        let line = qemu_argv(&kvm).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect::<Vec<_>>().join(" ");
-        assert!(line.contains("-accel kvm -cpu host"));
-        let net = QemuArgs { devices: Devices::Cold { disks: &disks, network: true }, ..args.clone() };
-        let line = qemu_argv(&net).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect::<Vec<_>>().join(" ");
-        assert!(line.contains("-netdev user,id=net0 -device virtio-net-device,netdev=net0"), "{line}");
-        assert!(!line.contains("-nic none"), "{line}");
+        assert!(line(&kvm).contains("-accel kvm -cpu host"));
+        let net =
+            QemuArgs { devices: Devices::Cold { disks: &disks, disk_fds: &[7, 9], network: true }, ..args.clone() };
+        let l = line(&net);
+        assert!(l.contains("-netdev user,id=net0 -device virtio-net-device,netdev=net0"), "{l}");
+        assert!(!l.contains("-nic none"), "{l}");
         assert!(!qemu_argv(&args).unwrap().iter().any(|a| a == "-netdev"));
         let bad = [DiskSpec { path: "/x".into(), serial: "has space".into() }];
-        assert!(qemu_argv(&QemuArgs { devices: Devices::Cold { disks: &bad, network: false }, ..args }).is_err());
+        let bad_args =
+            QemuArgs { devices: Devices::Cold { disks: &bad, disk_fds: &[7], network: false }, ..args.clone() };
+        assert!(qemu_argv(&bad_args).is_err());
+        let missing = QemuArgs { devices: Devices::Cold { disks: &disks, disk_fds: &[7], network: false }, ..args };
+        assert!(qemu_argv(&missing).is_err(), "every disk needs its fd");
     }
 
     #[test]
     fn argv_for_a_clone() {
-        let paths = VmPaths::new(PathBuf::from("/run/bw/c1")).unwrap();
+        let fixed =
+            |shared_ram, incoming| Devices::Fixed { ram: 5, shared_ram, slot_image: 6, warm_image: 8, incoming };
         let args = QemuArgs {
             accel: Accelerator::Tcg,
             memory_mib: 256,
             vcpus: 1,
-            kernel: Path::new("/k/vmlinux"),
-            initramfs: Path::new("/k/init.cpio"),
+            kernel: 3,
+            initramfs: 4,
             cmdline: "console=ttyS0",
-            paths: &paths,
-            devices: Devices::Fixed {
-                ram_file: Path::new("/t/k/ram"),
-                shared_ram: false,
-                slot_image: Path::new("/t/k/slot.qcow2"),
-                warm_image: Path::new("/t/k/warm.erofs"),
-                incoming: true,
-            },
+            devices: fixed(false, true),
         };
-        let line =
-            qemu_argv(&args).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect::<Vec<_>>().join(" ");
+        let l = line(&args);
         for want in [
-            "-M microvm,memory-backend=mem -object memory-backend-file,id=mem,size=256M,mem-path=/t/k/ram,share=off",
+            "-M microvm,memory-backend=mem -object memory-backend-file,id=mem,size=256M,mem-path=/proc/self/fd/5,share=off",
             "-netdev user,id=net0 -device virtio-net-device,netdev=net0",
-            "-blockdev driver=file,node-name=warm,filename=/t/k/warm.erofs,read-only=on \
-             -blockdev driver=file,node-name=slot0f,filename=/t/k/slot.qcow2,read-only=on \
+            "-add-fd fd=8,set=1 -add-fd fd=6,set=2 \
+             -blockdev driver=file,node-name=warm,filename=/dev/fdset/1,read-only=on \
+             -blockdev driver=file,node-name=slot0f,filename=/dev/fdset/2,read-only=on \
              -blockdev driver=qcow2,node-name=slot0,file=slot0f,backing=warm,read-only=on \
              -device virtio-blk-device,drive=slot0,serial=bwslot0",
             "-device virtio-blk-device,drive=slot5,serial=bwslot5",
             "-incoming defer",
         ] {
             let want = want.split_whitespace().collect::<Vec<_>>().join(" ");
-            assert!(line.contains(&want), "missing {want:?} in {line}");
+            assert!(l.contains(&want), "missing {want:?} in {l}");
         }
-        assert!(!line.contains("slot6"));
+        assert!(!l.contains("slot6"));
         // Template and clone differ only in how RAM is mapped and whether QEMU waits.
-        let template = QemuArgs {
-            devices: Devices::Fixed {
-                ram_file: Path::new("/t/k/ram"),
-                shared_ram: true,
-                slot_image: Path::new("/t/k/slot.qcow2"),
-                warm_image: Path::new("/t/k/warm.erofs"),
-                incoming: false,
-            },
-            ..args.clone()
-        };
-        let t =
-            qemu_argv(&template).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect::<Vec<_>>().join(" ");
-        assert_eq!(t.replace("share=on", "share=off"), line.replace(" -incoming defer", ""));
+        let template = QemuArgs { devices: fixed(true, false), ..args.clone() };
+        assert_eq!(line(&template).replace("share=on", "share=off"), l.replace(" -incoming defer", ""));
     }
 }

@@ -3,6 +3,8 @@
 //! between are kept so a caller can wait for one (e.g. `MIGRATION` … `completed`).
 
 use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 
 use serde_json::{Value, json};
@@ -80,16 +82,22 @@ impl Qmp {
             out.push(b'\n');
         }
         self.writer.write_all(&out).await.map_err(|e| qmp_err(format!("write: {e}")))?;
-        let mut results = Vec::with_capacity(commands.len());
+        let names: Vec<&str> = commands.iter().map(|(n, _)| *n).collect();
+        self.collect(&names).await
+    }
+
+    /// Reads the replies to the commands `names`, sent in this order.
+    async fn collect(&mut self, names: &[&str]) -> Result<Vec<Value>, VmError> {
+        let mut results = Vec::with_capacity(names.len());
         let mut first_error = None;
-        while results.len() < commands.len() {
+        while results.len() < names.len() {
             let msg = self.read_message().await?;
             if msg.get("event").is_some() {
                 self.events.push_back(msg);
                 continue;
             }
             if let Some(err) = msg.get("error") {
-                let (name, _) = commands[results.len()];
+                let name = names[results.len()];
                 let desc = err.get("desc").and_then(Value::as_str).unwrap_or("unknown error");
                 first_error.get_or_insert_with(|| qmp_err(format!("{name}: {desc}")));
                 results.push(Value::Null);
@@ -104,6 +112,37 @@ impl Qmp {
             Some(e) => Err(e),
             None => Ok(results),
         }
+    }
+
+    /// Runs one command with `fd` attached (`SCM_RIGHTS`, in the same message as the
+    /// command's first bytes, as `getfd` and `add-fd` expect) and returns its `return` value.
+    pub async fn execute_with_fd(&mut self, name: &str, args: Value, fd: BorrowedFd<'_>) -> Result<Value, VmError> {
+        let mut line = json!({"execute": name, "arguments": args}).to_string().into_bytes();
+        line.push(b'\n');
+        let stream: &UnixStream = self.writer.as_ref();
+        let fds = [fd.as_raw_fd()];
+        let sent = loop {
+            stream.writable().await.map_err(|e| qmp_err(format!("write: {e}")))?;
+            let r = stream.try_io(tokio::io::Interest::WRITABLE, || {
+                let cmsg = [nix::sys::socket::ControlMessage::ScmRights(&fds)];
+                nix::sys::socket::sendmsg::<()>(
+                    stream.as_raw_fd(),
+                    &[IoSlice::new(&line)],
+                    &cmsg,
+                    nix::sys::socket::MsgFlags::MSG_NOSIGNAL,
+                    None,
+                )
+                .map_err(std::io::Error::from)
+            });
+            match r {
+                Ok(n) => break n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(qmp_err(format!("sendmsg: {e}"))),
+            }
+        };
+        self.writer.write_all(&line[sent..]).await.map_err(|e| qmp_err(format!("write: {e}")))?;
+        let mut r = self.collect(&[name]).await?;
+        Ok(r.pop().unwrap_or(Value::Null))
     }
 
     /// Runs one command and returns its `return` value.

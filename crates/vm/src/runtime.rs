@@ -21,6 +21,7 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
 
+use crate::jail::{ChildSetup, Inherited, UidBlock, UidLease, check_can_jail, give_dir};
 use crate::pool::FastStart;
 use crate::qemu::{Accelerator, Devices, QemuArgs, VmPaths, host_tsc_khz, kernel_cmdline, qemu_argv, slot_serial};
 use crate::template::WARM_BINARY;
@@ -55,6 +56,8 @@ pub(crate) struct Base {
     pub run_dir: PathBuf,
     pub accel: Accelerator,
     pub cmdline: String,
+    /// The uids this runtime's QEMUs run as; `None` with `vm.jail.enabled = false`.
+    pub uids: Option<Arc<UidBlock>>,
 }
 
 /// The guest side of QEMU's user-mode network (its built-in defaults).
@@ -184,63 +187,53 @@ impl BootChannel {
 }
 
 impl Base {
+    /// The argv; the guest kernel and initramfs are opened into `inherited`.
     pub fn argv(
         &self,
         accel: Accelerator,
-        paths: &VmPaths,
+        inherited: &mut Inherited,
         memory_mib: u32,
         vcpus: u32,
         devices: Devices<'_>,
     ) -> Result<Vec<std::ffi::OsString>, VmError> {
-        qemu_argv(&QemuArgs {
-            accel,
-            memory_mib,
-            vcpus,
-            kernel: &self.assets.kernel,
-            initramfs: &self.assets.initramfs,
-            cmdline: &self.cmdline,
-            paths,
-            devices,
-        })
+        let kernel = inherited.open(&self.assets.kernel)?;
+        let initramfs = inherited.open(&self.assets.initramfs)?;
+        qemu_argv(&QemuArgs { accel, memory_mib, vcpus, kernel, initramfs, cmdline: &self.cmdline, devices })
     }
 
     /// Spawns QEMU (stderr to `qemu.log`, the console through a pipe to `console.log`, see
-    /// `console`; pid in `qemu.pid`). It gets SIGKILL when the
-    /// spawning thread dies (`PR_SET_PDEATHSIG`): call this from a runtime worker thread, never
-    /// from a `spawn_blocking` thread, which may end while QEMU still runs. `background`: QEMU
-    /// runs at [`BACKGROUND_NICE`] (template builds and pool refills take only spare CPU;
+    /// `console`; pid in `qemu.pid`) in `paths.dir`, as `lease`'s uid when jailed (see
+    /// [`crate::jail`]), with the `inherited` fds. It gets SIGKILL when the spawning thread
+    /// dies (`PR_SET_PDEATHSIG`): call this from a runtime worker thread, never from a
+    /// `spawn_blocking` thread, which may end while QEMU still runs. `background`: QEMU runs at
+    /// [`BACKGROUND_NICE`] (template builds and pool refills take only spare CPU;
     /// [`foreground`] undoes it when a run gets the VM).
     pub fn spawn_qemu(
         &self,
         argv: Vec<std::ffi::OsString>,
         paths: &VmPaths,
         background: bool,
+        inherited: Inherited,
+        lease: Option<UidLease>,
     ) -> Result<QemuChild, VmError> {
         let log = File::create(&paths.qemu_log).map_err(|e| VmError::io("create qemu.log", e))?;
         let mut cmd = tokio::process::Command::new(&self.config.qemu_binary);
         cmd.args(&argv).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log).kill_on_drop(true);
-        let parent = nix::unistd::getpid();
-        // SAFETY: runs in the forked child before exec; prctl, getppid and setpriority are
-        // async-signal-safe and nothing is allocated.
+        let setup =
+            ChildSetup::new(&paths.dir, lease.as_ref().map(UidLease::uid), &inherited, background, BACKGROUND_NICE)?;
+        // SAFETY: runs in the forked child before exec; `apply` makes only async-signal-safe
+        // syscalls on data prepared above and allocates nothing.
         unsafe {
-            cmd.pre_exec(move || {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
-                if nix::unistd::getppid() != parent {
-                    return Err(std::io::Error::other("parent exited"));
-                }
-                // Every thread QEMU starts inherits it. Failure only costs priority.
-                if background {
-                    libc::setpriority(libc::PRIO_PROCESS, 0, BACKGROUND_NICE);
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || setup.apply());
         }
         let mut child =
             cmd.spawn().map_err(|e| VmError::io(format!("spawn {}", self.config.qemu_binary.display()), e))?;
+        // The child has its copies; ours close now.
+        drop(inherited);
         if let Some(console) = child.stdout.take() {
             tokio::spawn(crate::console::pump(console, paths.console_log.clone()));
         }
-        let qemu = QemuChild::start(child)?;
+        let qemu = QemuChild::start(child, lease)?;
         if let Err(e) = fs::write(&paths.pid_file, qemu.pid.to_string()) {
             qemu.kill();
             return Err(VmError::io("write qemu.pid", e));
@@ -248,8 +241,14 @@ impl Base {
         Ok(qemu)
     }
 
-    /// Creates the scratch dir of a new VM; the guard removes it unless disarmed.
-    pub fn create_vm_dir(&self, name: &str) -> Result<(VmPaths, DirGuard), VmError> {
+    /// A uid for a new VM (`None` when not jailed).
+    pub fn lease_uid(&self) -> Result<Option<UidLease>, VmError> {
+        self.uids.as_ref().map(UidBlock::lease).transpose()
+    }
+
+    /// Creates the scratch dir of a new VM (owned by `lease`'s uid, 0700, when jailed); the
+    /// guard removes it unless disarmed.
+    pub fn create_vm_dir(&self, name: &str, lease: Option<&UidLease>) -> Result<(VmPaths, DirGuard), VmError> {
         check_name(name)?;
         let paths = VmPaths::new(self.run_dir.join(name))?;
         match fs::create_dir(&paths.dir) {
@@ -260,6 +259,9 @@ impl Base {
             Err(e) => return Err(VmError::io(format!("create {}", paths.dir.display()), e)),
         }
         let guard = DirGuard { dir: paths.dir.clone(), armed: true };
+        if let Some(lease) = lease {
+            give_dir(&paths.dir, lease.uid())?;
+        }
         Ok((paths, guard))
     }
 
@@ -272,11 +274,14 @@ impl Base {
         setup: bool,
     ) -> Result<QemuVm, VmError> {
         check_hostname(&spec.hostname)?;
-        let (paths, mut guard) = self.create_vm_dir(&spec.name)?;
-        let devices = Devices::Cold { disks: &spec.disks, network: spec.network };
+        let lease = self.lease_uid()?;
+        let (paths, mut guard) = self.create_vm_dir(&spec.name, lease.as_ref())?;
+        let mut inherited = Inherited::default();
+        let disk_fds = spec.disks.iter().map(|d| inherited.open(&d.path)).collect::<Result<Vec<_>, _>>()?;
+        let devices = Devices::Cold { disks: &spec.disks, disk_fds: &disk_fds, network: spec.network };
         let argv = self.argv(
             accel,
-            &paths,
+            &mut inherited,
             spec.memory_mib.unwrap_or(self.config.memory_mib),
             spec.vcpus.unwrap_or(self.config.vcpus),
             devices,
@@ -284,7 +289,7 @@ impl Base {
         // The guard removes the dir on failure *and* when this future is dropped mid-boot (a
         // run cancelled while its VM boots); QEMU itself dies with its kill-on-drop child.
         let started = Instant::now();
-        let qemu = self.spawn_qemu(argv, &paths, false)?;
+        let qemu = self.spawn_qemu(argv, &paths, false, inherited, lease)?;
         let deadline = started + limit;
         let handshake = async {
             let mut chan = BootChannel::connect(&paths, &qemu, deadline).await?;
@@ -388,7 +393,14 @@ impl QemuRuntime {
             }
         };
         let cmdline = kernel_cmdline(tsc_khz, &config.extra_kernel_args);
-        let mut base = Base { config, assets, run_dir, accel: Accelerator::Tcg, cmdline };
+        let uids = if config.jail.enabled {
+            check_can_jail()?;
+            Some(UidBlock::claim(config.jail.uid_base)?)
+        } else {
+            tracing::warn!("vm.jail.enabled = false: QEMU runs with the server's own privileges");
+            None
+        };
+        let mut base = Base { config, assets, run_dir, accel: Accelerator::Tcg, cmdline, uids };
         base.accel = match base.config.accel {
             Accel::Tcg => Accelerator::Tcg,
             Accel::Kvm => Accelerator::Kvm,
@@ -419,6 +431,14 @@ impl QemuRuntime {
         if let Some(fast) = &self.fast {
             fast.drain();
         }
+    }
+
+    /// The uids this runtime's QEMUs run as (a block of 256 claimed host-wide for the
+    /// runtime's life): every QEMU it starts runs with a uid and gid in this range. Empty
+    /// (`1..=0`) with `vm.jail.enabled = false`.
+    #[allow(clippy::reversed_empty_ranges)]
+    pub fn jail_uids(&self) -> std::ops::RangeInclusive<u32> {
+        self.base.uids.as_ref().map_or(1..=0, |b| b.range())
     }
 
     /// QEMU pids of the idle pooled clones (for measurements such as PSS).

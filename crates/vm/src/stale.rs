@@ -14,7 +14,8 @@ use crate::VmError;
 pub(crate) const ORIGIN_FILE: &str = "origin";
 
 /// For every dir in `run_dir`: if its `qemu.pid` names a live process whose
-/// `/proc/PID/cmdline` mentions that dir (or the dir's `origin`), SIGKILL it; then remove the
+/// working dir is that dir (QEMU runs in its VM dir, and a renamed dir stays its cwd) or whose
+/// command line mentions it (or the dir's `origin`: QEMUs of older versions), SIGKILL it; then remove the
 /// dir. Returns the names cleaned. A missing `run_dir` is not an error.
 pub fn reap_stale(run_dir: &Path) -> Result<Vec<String>, VmError> {
     let entries = match fs::read_dir(run_dir) {
@@ -40,7 +41,8 @@ pub fn reap_stale(run_dir: &Path) -> Result<Vec<String>, VmError> {
     Ok(cleaned)
 }
 
-/// The pid in `dir/qemu.pid`, if that process is alive and its command line mentions `dir`.
+/// The pid in `dir/qemu.pid`, if that process is alive and runs in `dir` (or its command
+/// line mentions `dir`).
 fn owning_qemu(dir: &Path) -> Option<i32> {
     let pid: i32 = fs::read_to_string(dir.join("qemu.pid")).ok()?.trim().parse().ok()?;
     if pid <= 1 {
@@ -49,8 +51,10 @@ fn owning_qemu(dir: &Path) -> Option<i32> {
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     let origin = fs::read_to_string(dir.join(ORIGIN_FILE)).ok().filter(|o| !o.is_empty());
+    let runs_in =
+        fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| fs::canonicalize(dir).is_ok_and(|d| d == cwd));
     let dir = dir.to_str()?;
-    let mentioned = cmdline.contains(dir) || origin.is_some_and(|o| cmdline.contains(&format!("{o}/")));
+    let mentioned = runs_in || cmdline.contains(dir) || origin.is_some_and(|o| cmdline.contains(&format!("{o}/")));
     (mentioned && !is_zombie(pid)).then_some(pid)
 }
 

@@ -10,6 +10,8 @@
 
 use std::fs::{self, File};
 use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -20,13 +22,14 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use crate::VmError;
+use crate::jail::{Inherited, give_dir};
 use crate::qemu::{Devices, VmPaths};
 use crate::qmp::{Qmp, is_migration_status};
 use crate::runtime::{Base, BootChannel, DirGuard};
 
 /// Bump whenever the fixed layout, the snapshot procedure or what a clone expects of the
 /// template changes: the key changes with it and old templates are rebuilt.
-const LAYOUT_VERSION: u32 = 1;
+const LAYOUT_VERSION: u32 = 2;
 /// Virtual size of every slot. The guest reads a disk's capacity once, when it probes the
 /// template's empty slot, so the slot keeps this size whatever is attached later (a qcow2
 /// overlay reads zeros past the end of its backing file); larger layers cold-boot.
@@ -49,6 +52,10 @@ pub(crate) struct Template {
     pub hello: Hello,
     pub memory_mib: u32,
     pub vcpus: u32,
+    /// Guest RAM for clones: a copy of `ram` in a memfd sealed against every change, so a
+    /// clone's QEMU can open it read-write (QEMU 7.2 insists, even for a private mapping)
+    /// without being able to alter what later clones start from.
+    pub ram_copy: OwnedFd,
     _lock: Flock<File>,
 }
 
@@ -101,12 +108,12 @@ pub(crate) async fn prepare(base: &Base) -> Result<Template, VmError> {
     let root = templates_root(base);
     fs::create_dir_all(&root).map_err(io(format!("create {}", root.display())))?;
     let dir = root.join(&key);
-    let template = match load(&dir, &key, base, None) {
+    let template = match load_blocking(&dir, &key, base, None).await {
         Ok(t) => t,
         Err(_) => {
             let started = std::time::Instant::now();
             let lock = build(base, &root, &key).await?;
-            let t = load(&dir, &key, base, lock)?;
+            let t = load_blocking(&dir, &key, base, lock).await?;
             tracing::info!(key, ms = started.elapsed().as_millis(), "built a VM template");
             t
         }
@@ -127,6 +134,41 @@ async fn qemu_version(binary: &Path) -> Result<String, VmError> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+async fn load_blocking(dir: &Path, key: &str, base: &Base, lock: Option<Flock<File>>) -> Result<Template, VmError> {
+    let (dir, key, base) = (dir.to_owned(), key.to_owned(), base.clone());
+    tokio::task::spawn_blocking(move || load(&dir, &key, &base, lock))
+        .await
+        .map_err(|e| VmError::Template(format!("loading task failed: {e}")))?
+}
+
+/// A sealed memfd holding `path`'s bytes; all-zero runs stay holes (guest RAM is mostly
+/// untouched), so it costs what the guest used.
+fn sealed_copy(path: &Path) -> Result<OwnedFd, VmError> {
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let src = File::open(path).map_err(io(format!("open {}", path.display())))?;
+    let len = src.metadata().map_err(io(format!("stat {}", path.display())))?.len();
+    let fd = memfd_create("boxwood-template-ram", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
+        .map_err(|e| VmError::io("memfd_create", e.into()))?;
+    let dst = File::from(fd);
+    dst.set_len(len).map_err(io("size the RAM copy"))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < len {
+        let n = src.read_at(&mut buf, off).map_err(io(format!("read {}", path.display())))?;
+        if n == 0 {
+            break;
+        }
+        if buf[..n].iter().any(|&b| b != 0) {
+            dst.write_all_at(&buf[..n], off).map_err(io("write the RAM copy"))?;
+        }
+        off += n as u64;
+    }
+    let seals = SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
+    fcntl(dst.as_fd(), FcntlArg::F_ADD_SEALS(seals)).map_err(|e| VmError::io("seal the RAM copy", e.into()))?;
+    Ok(dst.into())
+}
+
 /// `lock`: the builder's exclusive lock on the dir's `lock`, downgraded here, so no other
 /// process can take the fresh template for a stale one in between.
 fn load(dir: &Path, key: &str, base: &Base, lock: Option<Flock<File>>) -> Result<Template, VmError> {
@@ -144,9 +186,15 @@ fn load(dir: &Path, key: &str, base: &Base, lock: Option<Flock<File>>) -> Result
     let hello_path = dir.join("hello.json");
     let text = fs::read_to_string(&hello_path).map_err(io(format!("read {}", hello_path.display())))?;
     let hello: Hello = serde_json::from_str(&text).map_err(|e| VmError::Template(format!("bad hello.json: {e}")))?;
+    let ram = dir.join("ram");
+    if !ram.is_file() {
+        return Err(VmError::Template(format!("{} is missing", ram.display())));
+    }
+    let ram_copy = sealed_copy(&ram)?;
     let t = Template {
+        ram_copy,
         key: key.to_owned(),
-        ram: dir.join("ram"),
+        ram,
         state: dir.join("state"),
         slot_image: dir.join("slot.qcow2"),
         warm_image: dir.join("warm.erofs"),
@@ -202,15 +250,31 @@ async fn snapshot(base: &Base, build_dir: &Path, tag: &str) -> Result<(), VmErro
     let paths = VmPaths::new(base.run_dir.join(format!("template-{tag}")))?;
     fs::create_dir(&paths.dir).map_err(io(format!("create {}", paths.dir.display())))?;
     let _scratch = DirGuard { dir: paths.dir.clone(), armed: true };
+    let lease = base.lease_uid()?;
+    let mut inherited = Inherited::default();
+    // QEMU reopens the RAM file through /proc/self/fd read-write: its uid owns it while it
+    // builds; afterwards it is root's again (clones get a sealed copy).
+    let ram_file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(&ram)
+        .map_err(io(format!("create {}", ram.display())))?;
+    if let Some(lease) = &lease {
+        give_dir(&paths.dir, lease.uid())?;
+        std::os::unix::fs::fchown(&ram_file, Some(lease.uid()), Some(lease.uid()))
+            .map_err(io(format!("chown {}", ram.display())))?;
+    }
     let devices = Devices::Fixed {
-        ram_file: &ram,
+        ram: inherited.add(ram_file),
         shared_ram: true,
-        slot_image: &slot_image,
-        warm_image: &warm_image,
+        slot_image: inherited.open(&slot_image)?,
+        warm_image: inherited.open(&warm_image)?,
         incoming: false,
     };
-    let argv = base.argv(base.accel, &paths, base.config.memory_mib, base.config.vcpus, devices)?;
-    let qemu = base.spawn_qemu(argv, &paths, true)?;
+    let argv = base.argv(base.accel, &mut inherited, base.config.memory_mib, base.config.vcpus, devices)?;
+    let state = File::create(build_dir.join("state")).map_err(io("create the template state"))?;
+    let qemu = base.spawn_qemu(argv, &paths, true, inherited, lease)?;
     let deadline = Instant::now() + Duration::from_secs(base.config.boot_timeout_secs);
     let result = async {
         let mut chan = BootChannel::connect(&paths, &qemu, deadline).await?;
@@ -226,11 +290,12 @@ async fn snapshot(base: &Base, build_dir: &Path, tag: &str) -> Result<(), VmErro
             {"capability": "x-ignore-shared", "state": true},
             {"capability": "events", "state": true},
         ]});
-        let uri = format!("exec:cat > {}", shell_quote(&build_dir.join("state")));
+        // QEMU's sandbox forbids `exec:`: the state goes to a file the server opened.
+        qmp.execute_with_fd("getfd", json!({"fdname": "state"}), state.as_fd()).await?;
         qmp.execute_batch(&[
             ("set_link", Some(json!({"name": "net0", "up": false}))),
             ("migrate-set-capabilities", Some(caps)),
-            ("migrate", Some(json!({"uri": uri}))),
+            ("migrate", Some(json!({"uri": "fd:state"}))),
         ])
         .await?;
         let ev = qmp.wait_event(|e| is_migration_status(e, &["completed", "failed", "cancelled"])).await?;
@@ -250,6 +315,11 @@ async fn snapshot(base: &Base, build_dir: &Path, tag: &str) -> Result<(), VmErro
         return Err(VmError::Template("the template QEMU did not exit".into()));
     }
     result?;
+    if base.uids.is_some() {
+        std::os::unix::fs::chown(&ram, Some(0), Some(0)).map_err(io(format!("chown {}", ram.display())))?;
+    }
+    fs::set_permissions(&ram, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        .map_err(io(format!("chmod {}", ram.display())))?;
     // The RAM file was written through the page cache by QEMU: make it durable before the
     // dir is published, so a crash never leaves a template whose RAM is half on disk.
     for f in [&ram, &build_dir.join("state")] {
@@ -320,11 +390,6 @@ fn write_file(path: &Path, data: &[u8]) -> Result<(), VmError> {
     f.write_all(data).and_then(|()| f.sync_all()).map_err(io(format!("write {}", path.display())))
 }
 
-/// Single-quotes `p` for the `sh -c` QEMU runs for `exec:` migration URIs.
-pub(crate) fn shell_quote(p: &Path) -> String {
-    format!("'{}'", p.to_string_lossy().replace('\'', r"'\''"))
-}
-
 /// An empty qcow2 (version 3, 64 KiB clusters) of `size` virtual bytes, no backing file:
 /// header, refcount table, one refcount block, then the all-zero L1 table.
 pub(crate) fn empty_qcow2(size: u64) -> Vec<u8> {
@@ -364,6 +429,7 @@ pub(crate) fn test_template(dir: &Path, memory_mib: u32, vcpus: u32) -> Template
         boot_id: String::new(),
     };
     Template {
+        ram_copy: File::create(dir.join("ram-copy")).unwrap().into(),
         key: "test".into(),
         ram: dir.join("ram"),
         state: dir.join("state"),
@@ -412,10 +478,5 @@ mod tests {
         remove_stale(root.path(), "keep");
         assert!(keep.is_dir() && held.is_dir() && building.is_dir());
         assert!(!free.exists() && !root.path().join("no-lock-file").exists());
-    }
-
-    #[test]
-    fn quoting() {
-        assert_eq!(shell_quote(Path::new("/a b/it's")), r"'/a b/it'\''s'");
     }
 }

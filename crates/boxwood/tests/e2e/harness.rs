@@ -201,20 +201,19 @@ pub fn stream_bytes(repr: &Value) -> Vec<u8> {
     }
 }
 
-/// Live QEMU processes whose command line mentions `needle`, with their scratch dir (the
-/// directory of their QMP socket).
+/// Live QEMU processes whose scratch dir (their working dir: QEMU runs in its VM dir, which
+/// follows a rename) or command line mentions `needle`, with that dir.
 pub fn qemu_processes_with(needle: &str) -> Vec<(u32, std::path::PathBuf)> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
         let Ok(cmd) = std::fs::read(entry.path().join("cmdline")) else { continue };
         let args: Vec<String> = cmd.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
-        if !args.first().is_some_and(|a| a.contains("qemu-system")) || !args.iter().any(|a| a.contains(needle)) {
+        let dir = std::fs::read_link(entry.path().join("cwd")).unwrap_or_default();
+        let mentions = dir.to_string_lossy().contains(needle) || args.iter().any(|a| a.contains(needle));
+        if !args.first().is_some_and(|a| a.contains("qemu-system")) || !mentions {
             continue;
         }
-        let qmp = args.iter().skip_while(|a| *a != "-qmp").nth(1).cloned().unwrap_or_default();
-        let sock = qmp.trim_start_matches("unix:").split(',').next().unwrap_or_default().to_owned();
-        let dir = std::path::Path::new(&sock).parent().map(|p| p.to_owned()).unwrap_or_default();
         found.push((pid, dir));
     }
     found

@@ -2,6 +2,7 @@
 
 mod abuse_guest;
 mod abuse_import;
+mod abuse_jail;
 mod api;
 mod files;
 mod harness;
