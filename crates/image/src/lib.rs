@@ -18,6 +18,7 @@
 //! trees with overlayfs semantics).
 
 mod base;
+pub mod erofs;
 mod fsutil;
 mod inspect;
 mod merge;
@@ -43,8 +44,6 @@ use async_trait::async_trait;
 pub enum ImageError {
     #[error("i/o error on {path}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("mkfs.erofs failed for {tree}: {stderr}")]
-    Mkfs { tree: PathBuf, stderr: String },
     #[error("layer {digest} is missing from the store")]
     MissingLayer { digest: String },
     #[error("invalid layer digest {0:?}")]

@@ -6,7 +6,6 @@ use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
-use tokio::process::Command;
 use uuid::Uuid;
 
 use crate::{ImageError, ImageResult, LayerStore, io_err};
@@ -79,22 +78,16 @@ impl LayerStore for FsLayerStore {
 
     async fn commit_tree(&self, tree: PathBuf) -> ImageResult<LayerInfo> {
         let staged = self.root.join("tmp").join(format!("{}.erofs", Uuid::new_v4()));
-        let out = Command::new("mkfs.erofs")
-            .arg("--quiet")
-            .arg("--preserve-mtime")
-            .arg(&staged)
-            .arg(&tree)
-            .output()
-            .await
-            .map_err(io_err(Path::new("mkfs.erofs")))?;
-        if !out.status.success() {
-            let _ = std::fs::remove_file(&staged);
-            return Err(ImageError::Mkfs { tree, stderr: String::from_utf8_lossy(&out.stderr).trim().to_owned() });
-        }
         let root = self.root.clone();
-        tokio::task::spawn_blocking(move || publish(&root, &staged, &tree))
-            .await
-            .map_err(|e| ImageError::Io { path: PathBuf::new(), source: std::io::Error::other(e) })?
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = crate::erofs::tree_from_dir(&tree).and_then(|t| crate::erofs::write_image(&t, &staged)) {
+                let _ = std::fs::remove_file(&staged);
+                return Err(e);
+            }
+            publish(&root, &staged, &tree)
+        })
+        .await
+        .map_err(|e| ImageError::Io { path: PathBuf::new(), source: std::io::Error::other(e) })?
     }
 }
 

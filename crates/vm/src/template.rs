@@ -15,6 +15,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use boxwood_image::erofs::{Content, Node, NodeKind, NodeMeta, Tree, write_image};
 use boxwood_protocol::Hello;
 use nix::fcntl::{Flock, FlockArg};
 use serde_json::json;
@@ -370,19 +371,12 @@ fn make_warm_image(initramfs: &Path, dest: &Path) -> Result<(), VmError> {
     let archive = fs::read(initramfs).map_err(io(format!("read {}", initramfs.display())))?;
     let agent = crate::cpio::find_file(&archive, "init")
         .ok_or_else(|| VmError::Template(format!("no /init in {}", initramfs.display())))?;
-    let tree = dest.with_extension("tree");
-    fs::create_dir_all(&tree).map_err(io(format!("create {}", tree.display())))?;
-    let bin = tree.join(WARM_BINARY.trim_start_matches('/'));
-    write_file(&bin, agent)?;
-    fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-        .map_err(io(format!("chmod {}", bin.display())))?;
-    let out = std::process::Command::new("mkfs.erofs").arg("--quiet").arg(dest).arg(&tree).output();
-    let _ = fs::remove_dir_all(&tree);
-    match out {
-        Ok(o) if o.status.success() => Ok(()),
-        Ok(o) => Err(VmError::Template(format!("mkfs.erofs failed: {}", String::from_utf8_lossy(&o.stderr).trim()))),
-        Err(e) => Err(VmError::io("run mkfs.erofs (erofs-utils)", e)),
-    }
+    let dir_meta = NodeMeta { perm: 0o755, ..NodeMeta::default() };
+    let mut tree = Tree::new(dir_meta.clone());
+    let name = WARM_BINARY.trim_start_matches('/').as_bytes();
+    tree.add(0, name, Node { kind: NodeKind::Regular(Content::Bytes(agent.to_vec())), meta: dir_meta });
+    let _ = fs::remove_file(dest);
+    write_image(&tree, dest).map_err(|e| VmError::Template(format!("write {}: {e}", dest.display())))
 }
 
 fn write_file(path: &Path, data: &[u8]) -> Result<(), VmError> {

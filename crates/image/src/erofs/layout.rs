@@ -1,0 +1,278 @@
+//! Where everything goes: a nid for every inode (root first, right after the superblock),
+//! a layout per inode, and data blocks after the metadata area.
+
+use std::fs::File;
+use std::io;
+use std::path::Path;
+
+use rustix::fs::SeekFrom;
+
+use super::format::{BLOCK, DIRENT_SIZE, INODE_SIZE, Layout, NID_ALIGN, SUPER_OFFSET, SUPER_SIZE, xattr_area_size};
+use super::{Content, NodeId, NodeKind, Tree};
+use crate::fsutil::open_nofollow;
+use crate::{ImageError, ImageResult, io_err};
+
+/// Chunks of a chunk-based file: at most this many (a 64 MiB block map).
+const MAX_CHUNKS: u64 = 1 << 24;
+/// The largest chunk: 4 KiB << 20 = 4 GiB.
+const MAX_CHUNK_BITS: u8 = 20;
+
+/// The plan for one inode.
+#[derive(Debug, Default)]
+pub(crate) struct NodePlan {
+    pub(crate) reachable: bool,
+    pub(crate) nid: u64,
+    pub(crate) parent: NodeId,
+    pub(crate) nlink: u32,
+    pub(crate) layout: Option<Layout>,
+    pub(crate) size: u64,
+    pub(crate) xattr_size: u64,
+    /// First data block (flat layouts).
+    pub(crate) blkaddr: u32,
+    pub(crate) blocks: u64,
+    pub(crate) chunks: Option<Chunks>,
+    /// A directory's sorted entries (`.` and `..` included), split into blocks.
+    pub(crate) dir: Vec<DirBlock>,
+}
+
+/// A chunk-based file's chunks.
+#[derive(Debug)]
+pub(crate) struct Chunks {
+    /// Chunk size = 4 KiB << `bits`.
+    pub(crate) bits: u8,
+    /// Per chunk: its first block, or `None` for a hole.
+    pub(crate) addrs: Vec<Option<u32>>,
+}
+
+impl Chunks {
+    pub(crate) fn size(&self) -> u64 {
+        BLOCK << self.bits
+    }
+}
+
+/// One directory block's entries, sorted by name.
+#[derive(Debug, Default)]
+pub(crate) struct DirBlock {
+    pub(crate) entries: Vec<(Vec<u8>, NodeId)>,
+    pub(crate) used: u64,
+}
+
+/// The layout of a whole image.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    pub(crate) nodes: Vec<NodePlan>,
+    /// Reachable nodes, breadth first from the root.
+    pub(crate) order: Vec<NodeId>,
+    pub(crate) meta_end: u64,
+    pub(crate) blocks: u64,
+    pub(crate) chunked: bool,
+}
+
+pub(crate) fn plan(tree: &Tree, out: &Path) -> ImageResult<Plan> {
+    let invalid = |reason: String| ImageError::InvalidTree { path: out.to_owned(), reason };
+    if !matches!(tree.nodes.first().map(|n| &n.kind), Some(NodeKind::Dir(_))) {
+        return Err(invalid("the root is not a directory".into()));
+    }
+    let mut nodes: Vec<NodePlan> = tree.nodes.iter().map(|_| NodePlan::default()).collect();
+    let mut order = vec![0];
+    nodes[0].reachable = true;
+    let mut next = 0;
+    while next < order.len() {
+        let id = order[next];
+        next += 1;
+        let NodeKind::Dir(children) = &tree.nodes[id].kind else { continue };
+        for (name, child) in children {
+            if name.is_empty() || name == b"." || name == b".." || name.contains(&b'/') || name.contains(&0) {
+                return Err(invalid(format!("bad entry name {:?}", String::from_utf8_lossy(name))));
+            }
+            let child = *child;
+            if child >= tree.nodes.len() {
+                return Err(invalid("entry points at no node".into()));
+            }
+            let is_dir = matches!(tree.nodes[child].kind, NodeKind::Dir(_));
+            if is_dir {
+                nodes[id].nlink += 1;
+            }
+            if nodes[child].reachable {
+                if is_dir {
+                    return Err(invalid("a directory is linked twice".into()));
+                }
+                nodes[child].nlink += 1;
+                continue;
+            }
+            nodes[child].reachable = true;
+            nodes[child].parent = id;
+            nodes[child].nlink += if is_dir { 2 } else { 1 };
+            order.push(child);
+        }
+    }
+    nodes[0].nlink += 2;
+
+    let mut chunked = false;
+    for &id in &order {
+        let node = &tree.nodes[id];
+        let p = &mut nodes[id];
+        p.xattr_size = xattr_area_size(&node.meta.xattrs);
+        if node.meta.xattrs.iter().any(|(n, v)| super::format::xattr_index(n).is_none() || v.len() > 0xffff) {
+            return Err(invalid("an xattr erofs cannot store (unknown prefix or value too large)".into()));
+        }
+        let mut holed = None;
+        p.size = match &node.kind {
+            NodeKind::Regular(Content::Bytes(b)) => b.len() as u64,
+            NodeKind::Regular(Content::File(path)) => {
+                let file = open_nofollow(path)?;
+                let size = file.metadata().map_err(io_err(path))?.len();
+                let extents = data_extents(&file, size).map_err(io_err(path))?;
+                if !(extents.len() == 1 && extents[0] == (0, size) || size == 0) {
+                    holed = Some(extents);
+                }
+                size
+            }
+            NodeKind::Dir(children) => {
+                let mut entries: Vec<(Vec<u8>, NodeId)> = children.clone();
+                entries.push((b".".to_vec(), id));
+                entries.push((b"..".to_vec(), if id == 0 { 0 } else { p.parent }));
+                entries.sort();
+                if entries.windows(2).any(|w| w[0].0 == w[1].0) {
+                    return Err(invalid("duplicate entry name".into()));
+                }
+                p.dir = pack_dir(entries);
+                let last = p.dir.last().map_or(0, |b| b.used);
+                (p.dir.len() as u64 - 1) * BLOCK + last
+            }
+            NodeKind::Symlink(target) => target.len() as u64,
+            _ => 0,
+        };
+        p.layout = Some(if let Some(extents) = holed {
+            chunked = true;
+            p.chunks = Some(chunks_for(p.size, &extents));
+            Layout::ChunkBased
+        } else if p.size > 0 && INODE_SIZE + p.xattr_size + p.size <= BLOCK {
+            Layout::FlatInline
+        } else {
+            p.blocks = p.size.div_ceil(BLOCK);
+            Layout::FlatPlain
+        });
+    }
+
+    // the metadata area: inodes from just past the superblock, 32-byte aligned; an inline
+    // tail never crosses a block boundary
+    let mut pos = (SUPER_OFFSET + SUPER_SIZE) as u64;
+    for &id in &order {
+        let p = &mut nodes[id];
+        pos = pos.next_multiple_of(NID_ALIGN);
+        let head = INODE_SIZE + p.xattr_size;
+        let extra = match (&p.layout, &p.chunks) {
+            (Some(Layout::FlatInline), _) => {
+                let tail_at = pos + head;
+                if tail_at % BLOCK + p.size > BLOCK {
+                    pos = pos.next_multiple_of(BLOCK);
+                }
+                p.size
+            }
+            (Some(Layout::ChunkBased), Some(c)) => 4 * c.addrs.len() as u64,
+            _ => 0,
+        };
+        p.nid = pos / NID_ALIGN;
+        pos += head + extra;
+    }
+    if nodes[0].nid > u64::from(u16::MAX) {
+        return Err(invalid("root nid out of range".into()));
+    }
+    let meta_end = pos;
+
+    let mut block = meta_end.div_ceil(BLOCK);
+    for &id in &order {
+        let p = &mut nodes[id];
+        if let Some(c) = &mut p.chunks {
+            let size = c.size();
+            for (i, addr) in c.addrs.iter_mut().enumerate() {
+                if addr.is_some() {
+                    let len = (p.size - i as u64 * size).min(size);
+                    *addr = Some(block_addr(block, out)?);
+                    block += len.div_ceil(BLOCK);
+                }
+            }
+        } else if p.blocks > 0 {
+            p.blkaddr = block_addr(block, out)?;
+            block += p.blocks;
+        }
+    }
+    block_addr(block, out)?;
+    Ok(Plan { nodes, order, meta_end, blocks: block, chunked })
+}
+
+fn block_addr(block: u64, out: &Path) -> ImageResult<u32> {
+    u32::try_from(block)
+        .ok()
+        .filter(|&b| b != u32::MAX)
+        .ok_or_else(|| ImageError::InvalidTree { path: out.to_owned(), reason: "image too large".into() })
+}
+
+/// Greedily fills 4 KiB blocks with sorted entries (12-byte dirents first, then names).
+fn pack_dir(entries: Vec<(Vec<u8>, NodeId)>) -> Vec<DirBlock> {
+    let mut blocks = vec![DirBlock::default()];
+    for (name, id) in entries {
+        let need = DIRENT_SIZE + name.len() as u64;
+        let cur = blocks.last_mut().expect("one block");
+        if cur.used + need > BLOCK {
+            blocks.push(DirBlock::default());
+        }
+        let cur = blocks.last_mut().expect("one block");
+        cur.used += need;
+        cur.entries.push((name, id));
+    }
+    blocks
+}
+
+/// The `(start, end)` ranges of `file` that hold data (`SEEK_DATA`/`SEEK_HOLE`).
+fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut extents = Vec::new();
+    let mut pos = 0;
+    while pos < size {
+        let start = match rustix::fs::seek(file, SeekFrom::Data(pos)) {
+            Ok(s) => s,
+            Err(rustix::io::Errno::NXIO) => break,
+            Err(e) => return Err(io::Error::from_raw_os_error(e.raw_os_error())),
+        };
+        let end = rustix::fs::seek(file, SeekFrom::Hole(start))
+            .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?
+            .min(size);
+        if start >= end {
+            break;
+        }
+        extents.push((start, end));
+        pos = end;
+    }
+    Ok(extents)
+}
+
+/// Picks the chunk size that costs the least: the block map (4 bytes a chunk) plus the
+/// chunks that hold any data (stored in full). A 1 TiB file with a few KiB of data costs
+/// ~4 MiB; a file with large data runs gets large chunks.
+fn chunks_for(size: u64, extents: &[(u64, u64)]) -> Chunks {
+    let allocated = |chunk: u64| {
+        let (mut count, mut last) = (0u64, None);
+        for &(start, end) in extents {
+            let first = (start / chunk).max(last.map_or(0, |l: u64| l + 1));
+            let end = end.div_ceil(chunk);
+            if first < end {
+                count += end - first;
+                last = Some(end - 1);
+            }
+        }
+        count
+    };
+    let bits = (0..=MAX_CHUNK_BITS)
+        .filter(|&b| size.div_ceil(BLOCK << b) <= MAX_CHUNKS)
+        .min_by_key(|&b| 4 * size.div_ceil(BLOCK << b) + allocated(BLOCK << b) * (BLOCK << b))
+        .unwrap_or(MAX_CHUNK_BITS);
+    let chunk = BLOCK << bits;
+    let mut addrs = vec![None; size.div_ceil(chunk) as usize];
+    for &(start, end) in extents {
+        for c in start / chunk..end.div_ceil(chunk) {
+            addrs[c as usize] = Some(0);
+        }
+    }
+    Chunks { bits, addrs }
+}

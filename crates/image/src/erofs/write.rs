@@ -1,0 +1,203 @@
+//! Writes a planned image: the metadata area (superblock, inodes, inline xattrs, inline data,
+//! chunk maps) in one piece, then every data block; padding and null chunks stay holes.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+
+use super::format::{
+    BLOCK, DIRENT_SIZE, FileType, INCOMPAT_CHUNKED_FILE, INODE_SIZE, Inode, Layout, NID_ALIGN, NULL_ADDR, SUPER_OFFSET,
+    Super, encode_dirent, encode_rdev, encode_xattrs, put32, xattr_icount,
+};
+use super::layout::{NodePlan, Plan, plan};
+use super::{Content, NodeKind, Tree};
+use crate::fsutil::open_nofollow;
+use crate::{ImageError, ImageResult, io_err};
+
+/// Writes `tree` as an erofs image to the new file `out` (fsynced). The image is a function
+/// of the tree alone (its UUID is derived from the metadata), so equal trees give equal
+/// images.
+pub fn write_image(tree: &Tree, out: &Path) -> ImageResult<()> {
+    let plan = plan(tree, out)?;
+    let mut meta = vec![0u8; plan.meta_end as usize];
+    for &id in &plan.order {
+        encode_node(tree, &plan, id, &mut meta)?;
+    }
+    let mut sb = Super {
+        root_nid: plan.nodes[0].nid as u16,
+        inos: plan.order.len() as u64,
+        blocks: plan.blocks as u32,
+        feature_incompat: if plan.chunked { INCOMPAT_CHUNKED_FILE } else { 0 },
+        uuid: [0; 16],
+    };
+    sb.uuid.copy_from_slice(&Sha256::digest(&meta)[..16]);
+    meta[SUPER_OFFSET..SUPER_OFFSET + sb.encode().len()].copy_from_slice(&sb.encode());
+
+    let mut file = crate::fsutil::create_file(out)?;
+    file.write_all(&meta).map_err(io_err(out))?;
+    for &id in &plan.order {
+        write_data(tree, &plan.nodes[id], &plan, id, &file).map_err(|e| match e {
+            WriteError::Io(e) => io_err(out)(e),
+            WriteError::Image(e) => e,
+        })?;
+    }
+    file.set_len(plan.blocks * BLOCK).map_err(io_err(out))?;
+    file.sync_all().map_err(io_err(out))
+}
+
+fn encode_node(tree: &Tree, plan: &Plan, id: usize, meta: &mut [u8]) -> ImageResult<()> {
+    let node = &tree.nodes[id];
+    let p = &plan.nodes[id];
+    let layout = p.layout.unwrap_or(Layout::FlatPlain);
+    let (ft, u) = match &node.kind {
+        NodeKind::Regular(_) => (FileType::Regular, 0),
+        NodeKind::Dir(_) => (FileType::Dir, 0),
+        NodeKind::Symlink(_) => (FileType::Symlink, 0),
+        NodeKind::Char(rdev) => (FileType::Char, encode_rdev(*rdev)),
+        NodeKind::Block(rdev) => (FileType::Block, encode_rdev(*rdev)),
+        NodeKind::Fifo => (FileType::Fifo, 0),
+        NodeKind::Socket => (FileType::Socket, 0),
+    };
+    let u = match (&p.chunks, layout) {
+        (Some(c), Layout::ChunkBased) => u32::from(c.bits),
+        (_, Layout::FlatPlain) if p.blocks > 0 => p.blkaddr,
+        _ => u,
+    };
+    let at = (p.nid * NID_ALIGN) as usize;
+    let inode = Inode {
+        layout,
+        xattr_icount: xattr_icount(p.xattr_size),
+        mode: (ft.ifmt() | (node.meta.perm & 0o7777)) as u16,
+        size: p.size,
+        u,
+        ino: id as u32 + 1,
+        uid: node.meta.uid,
+        gid: node.meta.gid,
+        mtime: node.meta.mtime,
+        mtime_nsec: node.meta.mtime_nsec,
+        nlink: p.nlink,
+    };
+    inode.encode(&mut meta[at..at + INODE_SIZE as usize]);
+    let xat = at + INODE_SIZE as usize;
+    encode_xattrs(&mut meta[xat..xat + p.xattr_size as usize], &node.meta.xattrs);
+    let tail = xat + p.xattr_size as usize;
+    match layout {
+        Layout::FlatInline => {
+            let dst = &mut meta[tail..tail + p.size as usize];
+            match &node.kind {
+                NodeKind::Regular(Content::Bytes(b)) | NodeKind::Symlink(b) => dst.copy_from_slice(b),
+                NodeKind::Regular(Content::File(path)) => {
+                    open_nofollow(path)?.read_exact_at(dst, 0).map_err(io_err(path))?;
+                }
+                NodeKind::Dir(_) => encode_dir_block(dst, &p.dir[0].entries, plan, tree),
+                _ => {}
+            }
+        }
+        Layout::ChunkBased => {
+            if let Some(c) = &p.chunks {
+                for (i, addr) in c.addrs.iter().enumerate() {
+                    put32(meta, tail + 4 * i, addr.unwrap_or(NULL_ADDR));
+                }
+            }
+        }
+        Layout::FlatPlain => {}
+    }
+    Ok(())
+}
+
+fn encode_dir_block(dst: &mut [u8], entries: &[(Vec<u8>, usize)], plan: &Plan, tree: &Tree) {
+    let mut nameoff = DIRENT_SIZE as usize * entries.len();
+    for (i, (name, child)) in entries.iter().enumerate() {
+        let ft = match tree.nodes[*child].kind {
+            NodeKind::Regular(_) => FileType::Regular,
+            NodeKind::Dir(_) => FileType::Dir,
+            NodeKind::Symlink(_) => FileType::Symlink,
+            NodeKind::Char(_) => FileType::Char,
+            NodeKind::Block(_) => FileType::Block,
+            NodeKind::Fifo => FileType::Fifo,
+            NodeKind::Socket => FileType::Socket,
+        };
+        let at = i * DIRENT_SIZE as usize;
+        encode_dirent(&mut dst[at..at + DIRENT_SIZE as usize], plan.nodes[*child].nid, nameoff as u16, ft);
+        dst[nameoff..nameoff + name.len()].copy_from_slice(name);
+        nameoff += name.len();
+    }
+}
+
+enum WriteError {
+    Io(io::Error),
+    Image(ImageError),
+}
+
+impl From<io::Error> for WriteError {
+    fn from(e: io::Error) -> Self {
+        WriteError::Io(e)
+    }
+}
+
+fn write_data(tree: &Tree, p: &NodePlan, plan: &Plan, id: usize, out: &File) -> Result<(), WriteError> {
+    match (&tree.nodes[id].kind, p.layout) {
+        (_, Some(Layout::FlatInline)) => Ok(()),
+        (NodeKind::Dir(_), _) => {
+            for (i, block) in p.dir.iter().enumerate() {
+                let mut buf = vec![0u8; block.used as usize];
+                encode_dir_block(&mut buf, &block.entries, plan, tree);
+                out.write_all_at(&buf, (u64::from(p.blkaddr) + i as u64) * BLOCK)?;
+            }
+            Ok(())
+        }
+        (NodeKind::Regular(Content::Bytes(b)) | NodeKind::Symlink(b), _) if p.blocks > 0 => {
+            Ok(out.write_all_at(b, u64::from(p.blkaddr) * BLOCK)?)
+        }
+        (NodeKind::Regular(Content::File(path)), _) => {
+            let src = open_nofollow(path).map_err(WriteError::Image)?;
+            if let Some(c) = &p.chunks {
+                for (i, addr) in c.addrs.iter().enumerate() {
+                    if let Some(addr) = addr {
+                        let start = i as u64 * c.size();
+                        let len = (p.size - start).min(c.size());
+                        copy_range(&src, start, out, u64::from(*addr) * BLOCK, len)?;
+                    }
+                }
+            } else if p.blocks > 0 {
+                copy_range(&src, 0, out, u64::from(p.blkaddr) * BLOCK, p.size)?;
+            }
+            Ok(())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Copies `len` bytes in the kernel (`copy_file_range`), falling back to reads and writes
+/// where the filesystems cannot.
+fn copy_range(src: &File, mut from: u64, dst: &File, mut to: u64, mut len: u64) -> io::Result<()> {
+    while len > 0 {
+        let chunk = len.min(1 << 30) as usize;
+        match rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), chunk) {
+            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while being written")),
+            Ok(n) => len -= n as u64,
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::INVAL
+                | rustix::io::Errno::NOSYS
+                | rustix::io::Errno::OPNOTSUPP,
+            ) => return copy_by_hand(src, from, dst, to, len),
+            Err(e) => return Err(io::Error::from_raw_os_error(e.raw_os_error())),
+        }
+    }
+    Ok(())
+}
+
+fn copy_by_hand(src: &File, mut from: u64, dst: &File, mut to: u64, mut len: u64) -> io::Result<()> {
+    let mut buf = vec![0u8; 1 << 20];
+    while len > 0 {
+        let n = len.min(buf.len() as u64) as usize;
+        src.read_exact_at(&mut buf[..n], from)?;
+        dst.write_all_at(&buf[..n], to)?;
+        (from, to, len) = (from + n as u64, to + n as u64, len - n as u64);
+    }
+    Ok(())
+}
