@@ -85,6 +85,11 @@ for part in "${parts[@]}"; do
     *) echo "unknown part $part"; exit 2 ;;
   esac
 done
+# After every client has had its go: nothing under the state dir may be setuid, a device,
+# carry capabilities or be readable by others, and no QEMU of the server (the idle pool's
+# included) may run as root.
+echo "== state-dir and process scan"
+scripts/scan-state.sh --files-advisory "$work/state" "$server" || failed+=(scan)
 if ((${#failed[@]})); then
   echo "--- failed: ${failed[*]}; server log (tail)"
   tail -n 80 "$work/server.log"

@@ -69,9 +69,9 @@ impl App {
         }
         let runtime = QemuRuntime::new(config.vm.clone(), assets, run_dir).await.context("starting the VM runtime")?;
         let accel = runtime.accel().to_owned();
-        // The uid block QEMU runs under, once the VM jail provides one; the filter matches
-        // the sockets of exactly those uids.
-        let guest_uids = None;
+        // The uid block every QEMU of this server runs under (none when the jail is off); the
+        // filter matches the sockets of exactly those uids. Runs take VMs only after it is in.
+        let guest_uids = Some(runtime.jail_uids()).filter(|uids| !uids.is_empty());
         let egress = tokio::task::spawn_blocking({
             let network = config.network.clone();
             move || start_egress(&network, guest_uids)

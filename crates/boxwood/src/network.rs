@@ -20,8 +20,9 @@ pub enum Egress {
     Filtered(EgressFilter),
     /// `network.filter = "off"`: guests reach everything QEMU's host process reaches.
     Off,
-    /// VMs do not run under a uid block of their own, so no filter can tell their sockets
-    /// from the server's. Only until the VM jail provides the block.
+    /// VMs do not run under a uid block of their own (`vm.jail.enabled = false`), so no
+    /// filter can tell their sockets from the server's; networking runs are refused unless
+    /// the operator turns the filter off.
     Unscoped,
     /// The filter could not be installed; networking runs are refused.
     Failed,
@@ -30,7 +31,7 @@ pub enum Egress {
 impl Egress {
     /// Whether runs with networking must be refused.
     pub fn refuses_networking(&self) -> bool {
-        matches!(self, Self::Failed)
+        matches!(self, Self::Failed | Self::Unscoped)
     }
 }
 
@@ -46,8 +47,8 @@ pub fn start_egress(config: &NetworkConfig, uids: Option<RangeInclusive<u32>>) -
     }
     let Some(uids) = uids else {
         tracing::error!(
-            "the guest egress filter is NOT active: VMs do not run under a uid block of their own; guests with \
-             networking reach this host's loopback services and private networks"
+            "the guest egress filter cannot be installed: VMs do not run under a uid block of their own \
+             (vm.jail.enabled = false); runs with networking are refused unless network.filter = \"off\""
         );
         return Egress::Unscoped;
     };
@@ -149,10 +150,13 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn off_and_unscoped_let_networking_through() {
+    async fn off_lets_networking_through_and_unscoped_does_not() {
         let off = NetworkConfig { filter: FilterMode::Off, ..Default::default() };
         // The positive control of the test above: the same gate passes networking runs on.
         assert!(reached(&start_egress(&off, Some(2_140_500_256..=2_140_500_511)), true).await.0);
-        assert!(reached(&start_egress(&NetworkConfig::default(), None), true).await.0);
+        assert!(reached(&start_egress(&off, None), true).await.0, "off without a jail: the operator's choice");
+        let unscoped = start_egress(&NetworkConfig::default(), None);
+        assert!(!reached(&unscoped, true).await.0, "no uid block, no filter: networking is refused");
+        assert!(reached(&unscoped, false).await.0);
     }
 }

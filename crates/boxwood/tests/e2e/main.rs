@@ -3,6 +3,7 @@
 mod abuse_guest;
 mod abuse_import;
 mod abuse_jail;
+mod abuse_network;
 mod api;
 mod files;
 mod harness;
