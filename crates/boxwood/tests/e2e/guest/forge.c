@@ -3,7 +3,8 @@
  *   forge flood ID BYTES  - Output frames of 'F' for process ID on stdout, BYTES in total
  *   forge big             - a length header far above the frame limit
  *   forge half            - a header for 1000 bytes, 10 of them, then silence
- * Prints "port fd N" to stderr once it holds the port. Built with cc -static. */
+ * Prints nothing while it writes: its own output is forwarded by the agent on the same port,
+ * and two writers' frames could interleave. Built with cc -static. */
 #define _GNU_SOURCE
 #include <dirent.h>
 #include <stdio.h>
@@ -27,7 +28,6 @@ static int port_fd(void) {
         if (!strstr(target, "vport")) continue;
         int fd = syscall(SYS_pidfd_getfd, pidfd, atoi(e->d_name), 0);
         if (fd < 0) { perror("pidfd_getfd"); exit(2); }
-        fprintf(stderr, "port fd %s (%s)\n", e->d_name, target);
         return fd;
     }
     fprintf(stderr, "no vport fd in /proc/1/fd\n");
