@@ -131,7 +131,15 @@ async fn tokens_created_with_the_cli_work_until_revoked() {
 
 #[tokio::test]
 async fn writable_layer_cap_network_switch_and_namespace_queue() {
-    let s = TestServer::start_with(|c| c.core.max_concurrent_runs_per_namespace = Some(1)).await;
+    // A server on the host that guests may reach because the operator allows its port (the
+    // egress filter refuses every other host port: tests/e2e/abuse_network.rs).
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let s = TestServer::start_with(|c| {
+        c.core.max_concurrent_runs_per_namespace = Some(1);
+        c.network.allow = vec![format!("127.0.0.1:{port}").parse().unwrap()];
+    })
+    .await;
     let (op, _) = s
         .run(json!({"command": "dd if=/dev/zero of=/big bs=1M count=64 2>/dev/null; echo rc=$?; echo still-works > /small; cat /small",
                     "shell": true, "image": "tag:busybox:latest", "disposable": true,
@@ -141,9 +149,7 @@ async fn writable_layer_cap_network_switch_and_namespace_queue() {
     let out = op["metadata"]["result"]["stdout"]["value"].as_str().unwrap();
     assert!(out.starts_with("rc=1\n"), "writes past max_layer_bytes fail inside the guest: {out:?}");
 
-    // Outbound network through user-mode networking reaches a server on the host.
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
+    // Outbound network through user-mode networking reaches the allowed server on the host.
     tokio::spawn(async move {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         while let Ok((mut c, _)) = listener.accept().await {
