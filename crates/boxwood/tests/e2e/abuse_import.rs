@@ -3,33 +3,16 @@
 //! registry URLs, and learning host details from errors. Each first shows that the target
 //! would be reached or read where the server allows it.
 
-use std::net::TcpListener;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use boxwood_core::auth::{Permission, TokenConfig};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::harness::TestServer;
+use crate::harness::{TestServer, counting_listener};
 
 const IMPORTER: &str = "importer-secret";
-
-fn listener(ip: &str) -> (u16, Arc<AtomicUsize>) {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let port = l.local_addr().unwrap().port();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            if c.is_ok() {
-                h.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    });
-    (port, hits)
-}
 
 /// Posts an import as the import-only token; `Ok(op)` once it ended, `Err(400 body)`.
 async fn import(s: &TestServer, url: &str) -> Result<Value, Value> {
@@ -59,8 +42,8 @@ async fn imports_cannot_read_host_files_reach_internal_services_or_leak_details(
     let allowed = tempfile::tempdir().unwrap();
     let planted = allowed.path().join("planted.tar");
     std::fs::write(&planted, "PLANTED-SECRET, not an archive").unwrap();
-    let (open_port, open_hits) = listener("127.0.0.2");
-    let (closed_port, closed_hits) = listener("127.0.0.1");
+    let (open_port, open_hits) = counting_listener("127.0.0.2");
+    let (closed_port, closed_hits) = counting_listener("127.0.0.1");
     let dir = allowed.path().to_owned();
     let s = TestServer::start_with(move |c| {
         c.registry.local_dirs = vec![dir];

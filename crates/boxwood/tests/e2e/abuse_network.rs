@@ -1,29 +1,13 @@
 //! Guests with networking cannot reach the host or internal networks, and still reach the
 //! Internet. The positive control: a host port the operator allows is reached by the same probe.
 
-use std::net::{TcpListener, UdpSocket};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::UdpSocket;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::TestServer;
-
-fn listener(ip: &str) -> (u16, Arc<AtomicUsize>) {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let port = l.local_addr().unwrap().port();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            if c.is_ok() {
-                h.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    });
-    (port, hits)
-}
+use crate::harness::{TestServer, counting_listener};
 
 /// The host's own non-loopback address (no packet is sent).
 fn host_address() -> String {
@@ -34,8 +18,8 @@ fn host_address() -> String {
 
 #[tokio::test]
 async fn guests_reach_the_internet_but_not_the_host() {
-    let (allowed, allowed_hits) = listener("127.0.0.1");
-    let (closed, closed_hits) = listener("0.0.0.0");
+    let (allowed, allowed_hits) = counting_listener("127.0.0.1");
+    let (closed, closed_hits) = counting_listener("0.0.0.0");
     let s = TestServer::start_with(move |c| {
         c.network.allow = vec![format!("127.0.0.1:{allowed}").parse().unwrap()];
     })

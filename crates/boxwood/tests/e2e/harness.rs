@@ -247,3 +247,20 @@ pub async fn until_gone(check: impl Fn() -> Vec<u32>) -> Vec<u32> {
     }
     check()
 }
+
+/// A TCP listener on `ip` that counts the connections it accepts: an internal service an
+/// attack aims at, whose count shows whether anything reached it.
+pub fn counting_listener(ip: &str) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = std::net::TcpListener::bind((ip, 0)).unwrap();
+    let port = l.local_addr().unwrap().port();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            if c.is_ok() {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    (port, hits)
+}
