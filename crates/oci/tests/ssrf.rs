@@ -2,31 +2,16 @@
 //! not by a name resolving there, not by a redirect or a token realm. Each probe first shows
 //! the target would be reached when allowed.
 
-use std::net::{SocketAddr, TcpListener};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
+
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use axum::Router;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::get;
 use boxwood_oci::{Importer, OciError, RegistryConfig, parse_source};
-
-/// A listener on `ip` that counts connections (an internal service an attacker aims at).
-fn victim(ip: &str) -> (SocketAddr, Arc<AtomicUsize>) {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let addr = l.local_addr().unwrap();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            if c.is_ok() {
-                h.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    });
-    (addr, hits)
-}
+use common::counting_listener;
 
 fn importer(allow: &[&str]) -> (Importer, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
@@ -44,7 +29,7 @@ fn settle() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn loopback_and_internal_literals_are_refused_unless_allowed() {
-    let (addr, hits) = victim("127.0.0.1");
+    let (addr, hits) = counting_listener([127, 0, 0, 1].into());
     let src = format!("docker://127.0.0.1:{}/library/x:1", addr.port());
     // Positive control: allowed, the fetch reaches the listener.
     let (open, _d) = importer(&["127.0.0.1"]);
@@ -68,7 +53,7 @@ async fn loopback_and_internal_literals_are_refused_unless_allowed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redirects_and_token_realms_cannot_reach_internal_hosts() {
-    let (target, hits) = victim("127.0.0.2");
+    let (target, hits) = counting_listener([127, 0, 0, 2].into());
     let to = format!("http://127.0.0.2:{}/v2/library/x/manifests/1", target.port());
     let realm = format!("http://127.0.0.2:{}/token", target.port());
     let app = Router::new()

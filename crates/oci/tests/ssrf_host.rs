@@ -2,12 +2,14 @@
 //! host's services as surely as 127.0.0.1 does; it is refused unless allowed, and a name
 //! resolving there is refused the same way. Each probe first shows the listener would be hit.
 
-use std::net::{IpAddr, TcpListener};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use boxwood_oci::{Importer, OciError, RegistryConfig, parse_source};
+use common::counting_listener;
 
 /// The first non-loopback IPv4 address of this host's interfaces (192.0.2.2 on the test
 /// machine), which is not in any private or internal range.
@@ -18,21 +20,6 @@ fn own_address() -> Option<IpAddr> {
         .find(|ip| !ip.is_loopback())
 }
 
-fn counting_listener(ip: IpAddr) -> (u16, Arc<AtomicUsize>) {
-    let l = TcpListener::bind((ip, 0)).unwrap();
-    let port = l.local_addr().unwrap().port();
-    let hits = Arc::new(AtomicUsize::new(0));
-    let h = hits.clone();
-    std::thread::spawn(move || {
-        for c in l.incoming() {
-            if c.is_ok() {
-                h.fetch_add(1, Ordering::SeqCst);
-            }
-        }
-    });
-    (port, hits)
-}
-
 fn importer(allow: Vec<String>) -> (Importer, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     (Importer::new(RegistryConfig { allow_hosts: allow, ..Default::default() }, dir.path().join("w")), dir)
@@ -41,7 +28,8 @@ fn importer(allow: Vec<String>) -> (Importer, tempfile::TempDir) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_hosts_own_address_is_refused_unless_allowed() {
     let own = own_address().expect("the host has a non-loopback IPv4 address");
-    let (port, hits) = counting_listener(own);
+    let (addr, hits) = counting_listener(own);
+    let port = addr.port();
     let src = parse_source(&format!("docker://{own}:{port}/library/x:1")).unwrap();
 
     // Positive control: allowed, the fetch connects to the host's own listener.

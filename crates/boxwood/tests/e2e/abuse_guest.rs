@@ -5,11 +5,11 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use boxwood_core::auth::{Permission, TokenConfig};
+use boxwood_core::auth::Permission;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::harness::{Frame, TestServer, stream_bytes};
+use crate::harness::{Frame, TestServer, stream_bytes, token};
 
 /// Builds `guest/forge.c` (static, so it runs on any image).
 fn forge_binary() -> Vec<u8> {
@@ -126,20 +126,12 @@ async fn console_flood_stays_bounded_and_oom_says_so() {
     s.stop().await;
 }
 
-fn token(secret: &str, ns: &str) -> TokenConfig {
-    TokenConfig {
-        token: Some(secret.into()),
-        sha256: None,
-        namespace: ns.into(),
-        permissions: Permission::ALL.iter().copied().collect(),
-    }
-}
-
 #[tokio::test]
 async fn a_flooding_namespace_cannot_take_every_slot() {
     let s = TestServer::start_with(|c| {
         c.core.max_concurrent_runs = 2;
-        c.tokens = vec![token("alpha-secret", "alpha"), token("beta-secret", "beta")];
+        c.tokens =
+            vec![token("alpha-secret", "alpha", &Permission::ALL), token("beta-secret", "beta", &Permission::ALL)];
     })
     .await;
     let spawn_as = |tok: &'static str, cmd: &'static str| {

@@ -10,9 +10,14 @@ use boxwood_core::auth::{Permission, TokenConfig};
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::harness::{TestServer, counting_listener};
+use crate::harness::{TestServer, counting_listener, token};
 
 const IMPORTER: &str = "importer-secret";
+
+/// A token of namespace `beta` that may only import (and read its operations).
+fn importer_token() -> TokenConfig {
+    token(IMPORTER, "beta", &[Permission::Import, Permission::List])
+}
 
 /// Posts an import as the import-only token; `Ok(op)` once it ended, `Err(400 body)`.
 async fn import(s: &TestServer, url: &str) -> Result<Value, Value> {
@@ -48,20 +53,7 @@ async fn imports_cannot_read_host_files_reach_internal_services_or_leak_details(
     let s = TestServer::start_with(move |c| {
         c.registry.local_dirs = vec![dir];
         c.registry.allow_hosts = vec!["127.0.0.2".into()];
-        c.tokens = vec![
-            TokenConfig {
-                token: Some("alpha-secret".into()),
-                sha256: None,
-                namespace: "alpha".into(),
-                permissions: Permission::ALL.into_iter().collect(),
-            },
-            TokenConfig {
-                token: Some(IMPORTER.into()),
-                sha256: None,
-                namespace: "beta".into(),
-                permissions: [Permission::Import, Permission::List].into_iter().collect(),
-            },
-        ];
+        c.tokens = vec![token("alpha-secret", "alpha", &Permission::ALL), importer_token()];
     })
     .await;
     let state = s.state.as_ref().unwrap().path().to_owned();
@@ -149,20 +141,7 @@ fn docker_archive() -> Vec<u8> {
 #[tokio::test]
 async fn imports_from_uploads_stay_in_the_callers_namespace() {
     let s = TestServer::start_with(|c| {
-        c.tokens = vec![
-            TokenConfig {
-                token: Some("alpha-secret".into()),
-                sha256: None,
-                namespace: "alpha".into(),
-                permissions: Permission::ALL.into_iter().collect(),
-            },
-            TokenConfig {
-                token: Some(IMPORTER.into()),
-                sha256: None,
-                namespace: "beta".into(),
-                permissions: [Permission::Import, Permission::List].into_iter().collect(),
-            },
-        ];
+        c.tokens = vec![token("alpha-secret", "alpha", &Permission::ALL), importer_token()];
     })
     .await;
     let archive = s.upload(docker_archive()).await;
@@ -239,12 +218,7 @@ async fn allowed_dirs_refuse_fifos_and_symlinks_like_missing_files() {
     let d = dir.clone();
     let s = TestServer::start_with(move |c| {
         c.registry.local_dirs = vec![d];
-        c.tokens = vec![TokenConfig {
-            token: Some(IMPORTER.into()),
-            sha256: None,
-            namespace: "beta".into(),
-            permissions: [Permission::Import, Permission::List].into_iter().collect(),
-        }];
+        c.tokens = vec![importer_token()];
     })
     .await;
     let op = import(&s, &format!("docker-archive:{}/good.tar", dir.display())).await.unwrap();

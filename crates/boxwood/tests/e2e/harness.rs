@@ -264,3 +264,13 @@ pub fn counting_listener(ip: &str) -> (u16, std::sync::Arc<std::sync::atomic::At
     });
     (port, hits)
 }
+
+/// A configured token `secret` for namespace `ns` with `perms`.
+pub fn token(secret: &str, ns: &str, perms: &[boxwood_core::auth::Permission]) -> boxwood_core::auth::TokenConfig {
+    boxwood_core::auth::TokenConfig {
+        token: Some(secret.into()),
+        sha256: None,
+        namespace: ns.into(),
+        permissions: perms.iter().copied().collect(),
+    }
+}

@@ -3,20 +3,11 @@
 
 use std::time::Duration;
 
-use boxwood_core::auth::{Permission, TokenConfig};
+use boxwood_core::auth::Permission;
 use reqwest::{Method, StatusCode};
 use serde_json::json;
 
-use crate::harness::TestServer;
-
-fn token(secret: &str, ns: &str, perms: &[Permission]) -> TokenConfig {
-    TokenConfig {
-        token: Some(secret.into()),
-        sha256: None,
-        namespace: ns.into(),
-        permissions: perms.iter().copied().collect(),
-    }
-}
+use crate::harness::{TestServer, token};
 
 #[tokio::test]
 async fn namespaces_cannot_see_each_others_objects_and_permissions_are_enforced() {

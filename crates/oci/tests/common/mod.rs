@@ -408,3 +408,22 @@ pub fn check_standard_tree(tree: &Path) {
     let out = std::process::Command::new("chroot").arg(tree).args(["/bin/sh", "-c", "echo hi"]).output().unwrap();
     assert_eq!(out.stdout, b"hi\n", "busybox runs in the tree: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A TCP listener on `ip` that counts the connections it accepts: the internal service an
+/// SSRF attempt aims at, whose count shows whether anything reached it.
+pub fn counting_listener(
+    ip: std::net::IpAddr,
+) -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let l = TcpListener::bind((ip, 0)).unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h = hits.clone();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            if c.is_ok() {
+                h.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
+    (addr, hits)
+}
