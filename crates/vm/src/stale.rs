@@ -1,4 +1,5 @@
 //! Start-up cleanup of VM scratch dirs (and their QEMUs) left behind by a crashed server.
+//! Its VM cgroups are removed when the next runtime starts (see `jail::cgroup`).
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;

@@ -304,6 +304,48 @@ async fn each_qemu_runs_in_a_bounded_cgroup_released_with_its_uid() {
     }
 }
 
+/// A crashed server's VM cgroups (a `boxwood-<j>` whose uid block nobody holds) are removed,
+/// and what still runs in them killed, when a runtime starts; a live runtime's are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_servers_cgroups_are_swept_at_start() {
+    let (dir, dir2) = (run_dir(), run_dir());
+    let live = cold_runtime(dir.path(), Vec::new()).await;
+    let live_uid = *live.jail_uid_range().unwrap().start();
+    // The hierarchies' dirs of the server's own cgroup: two levels above a VM's leaf.
+    let parents: Vec<_> =
+        live.jail_cgroup_dirs(live_uid).iter().map(|d| d.parent().unwrap().parent().unwrap().to_owned()).collect();
+    let live_blocks: Vec<_> = live.jail_cgroup_dirs(live_uid).iter().map(|d| d.parent().unwrap().to_owned()).collect();
+    let mut leftover = Command::new("sleep").arg("600").spawn().unwrap();
+    let leaves: Vec<_> = parents.iter().map(|p| p.join("boxwood-4000").join("vm-1")).collect();
+    for leaf in &leaves {
+        std::fs::create_dir_all(leaf).unwrap();
+        std::fs::write(leaf.join("cgroup.procs"), leftover.id().to_string()).unwrap();
+    }
+    // Positive control: the leftover is there, with its process in it.
+    for leaf in &leaves {
+        assert_eq!(read_trim(&leaf.join("cgroup.procs")), leftover.id().to_string());
+    }
+    let fresh = cold_runtime(dir2.path(), Vec::new()).await;
+    for leaf in &leaves {
+        assert!(!leaf.parent().unwrap().exists(), "{} is swept", leaf.display());
+    }
+    let status = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(s) = leftover.try_wait().unwrap() {
+                break s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the leftover process is killed");
+    assert!(!status.success());
+    for block in &live_blocks {
+        assert!(block.exists(), "a live runtime's {} is kept", block.display());
+    }
+    drop((fresh, live));
+}
+
 #[tokio::test]
 async fn config_parses_and_defaults_to_jailed() {
     let c = VmConfig::default();
