@@ -71,13 +71,14 @@ impl App {
         let accel = runtime.accel().to_owned();
         // The uid block every QEMU of this server runs under (none when the jail is off); the
         // filter matches the sockets of exactly those uids. Runs take VMs only after it is in.
-        let guest_uids = Some(runtime.jail_uids()).filter(|uids| !uids.is_empty());
+        let guest_uids = runtime.jail_uid_range();
+        let runtime = Arc::new(runtime);
         let egress = tokio::task::spawn_blocking({
-            let network = config.network.clone();
-            move || start_egress(&network, guest_uids)
+            let (network, runtime) = (config.network.clone(), runtime.clone());
+            move || start_egress(&network, guest_uids, |base| runtime.hold_stale_uid_block(base))
         })
         .await?;
-        let runtime = NetworkGate::new(Arc::new(runtime), &egress);
+        let runtime = NetworkGate::new(runtime, &egress);
         let importer = Arc::new(boxwood_oci::Importer::new(config.registry.clone(), state.join("imports")));
         let backends = Backends { store, blobs, layers: layers.clone(), runtime: Arc::new(runtime), importer };
         let service = Service::start(config.core.clone(), &config.tokens, backends).await?;

@@ -6,7 +6,7 @@ use std::ops::RangeInclusive;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use boxwood_vm::egress::{EgressFilter, FilterMode, NetworkConfig};
+use boxwood_vm::egress::{EgressFilter, FilterMode, NetworkConfig, sweep_stale};
 use boxwood_vm::{Vm, VmError, VmRuntime, VmSpec};
 
 /// What a refused run's error says (no host detail: that is in the server log).
@@ -36,8 +36,13 @@ impl Egress {
 }
 
 /// Installs the egress filter for `uids` (the block the VM runtime runs QEMU under) as
-/// `config` says, logging loudly whenever guests are not filtered.
-pub fn start_egress(config: &NetworkConfig, uids: Option<RangeInclusive<u32>>) -> Egress {
+/// `config` says, logging loudly whenever guests are not filtered, after removing the tables
+/// crashed servers left (`hold_stale_block`: see `QemuRuntime::hold_stale_uid_block`).
+pub fn start_egress<G>(
+    config: &NetworkConfig,
+    uids: Option<RangeInclusive<u32>>,
+    hold_stale_block: impl Fn(u32) -> Option<G>,
+) -> Egress {
     if config.filter == FilterMode::Off {
         tracing::warn!(
             "network.filter = \"off\": guests with networking reach this host's loopback services (the Boxwood \
@@ -52,6 +57,9 @@ pub fn start_egress(config: &NetworkConfig, uids: Option<RangeInclusive<u32>>) -
         );
         return Egress::Unscoped;
     };
+    if let Err(e) = sweep_stale(&config.nft_binary, hold_stale_block) {
+        tracing::warn!(error = %e, "could not look for stale guest egress filters");
+    }
     match EgressFilter::install(&uids, config) {
         Ok(f) => {
             tracing::info!(table = f.table(), uids = ?uids, allowed = config.allow.len(), "guest egress filter installed");
@@ -104,6 +112,10 @@ mod tests {
 
     use super::*;
 
+    fn no_stale(_: u32) -> Option<()> {
+        None
+    }
+
     /// Counts the starts that reach it and fails them (no VM is needed to see the gate).
     #[derive(Default)]
     struct Counting(AtomicUsize);
@@ -141,7 +153,7 @@ mod tests {
     #[tokio::test]
     async fn a_failed_filter_refuses_networking_runs_only() {
         let broken = NetworkConfig { nft_binary: PathBuf::from("/nonexistent/nft"), ..Default::default() };
-        let egress = start_egress(&broken, Some(2_140_500_000..=2_140_500_255));
+        let egress = start_egress(&broken, Some(2_140_500_000..=2_140_500_255), no_stale);
         assert!(matches!(egress, Egress::Failed), "{egress:?}");
         let (went_on, err) = reached(&egress, true).await;
         assert!(!went_on && err.contains("networking is unavailable"), "{err}");
@@ -153,9 +165,12 @@ mod tests {
     async fn off_lets_networking_through_and_unscoped_does_not() {
         let off = NetworkConfig { filter: FilterMode::Off, ..Default::default() };
         // The positive control of the test above: the same gate passes networking runs on.
-        assert!(reached(&start_egress(&off, Some(2_140_500_256..=2_140_500_511)), true).await.0);
-        assert!(reached(&start_egress(&off, None), true).await.0, "off without a jail: the operator's choice");
-        let unscoped = start_egress(&NetworkConfig::default(), None);
+        assert!(reached(&start_egress(&off, Some(2_140_500_256..=2_140_500_511), no_stale), true).await.0);
+        assert!(
+            reached(&start_egress(&off, None, no_stale), true).await.0,
+            "off without a jail: the operator's choice"
+        );
+        let unscoped = start_egress(&NetworkConfig::default(), None, no_stale);
         assert!(!reached(&unscoped, true).await.0, "no uid block, no filter: networking is refused");
         assert!(reached(&unscoped, false).await.0);
     }

@@ -14,7 +14,7 @@ use crate::jail::Inherited;
 use crate::qemu::{Devices, SLOTS, VmPaths, check_serial, slot_nodes, slot_serial};
 use crate::qmp::{Qmp, is_migration_status};
 use crate::runtime::{
-    Base, BootChannel, DirGuard, boot_err, check_hostname, check_name, fail_boot, foreground, into_vm,
+    Base, BootChannel, DirGuard, Shape, boot_err, check_hostname, check_name, fail_boot, foreground, into_vm,
 };
 use crate::stale::ORIGIN_FILE;
 use crate::template::{SLOT_BYTES, Template};
@@ -57,8 +57,9 @@ pub(crate) async fn restore(
     };
     // QEMU's sandbox forbids `exec:`: the state comes from an inherited fd.
     let state = inherited.open(&template.state)?;
-    let argv = base.argv(base.accel, &mut inherited, template.memory_mib, template.vcpus, devices)?;
-    let qemu = base.spawn_qemu(argv, &paths, background, inherited, lease)?;
+    let shape = Shape { accel: base.accel, memory_mib: template.memory_mib, vcpus: template.vcpus };
+    let argv = base.argv(shape, &mut inherited, devices)?;
+    let qemu = base.spawn_qemu(argv, &paths, background, inherited, lease, shape)?;
     let deadline = Instant::now() + limit;
     let loaded = async {
         // The agent socket is connected before the device state loads, so the restored guest

@@ -323,10 +323,11 @@ impl Drop for EgressFilter {
 }
 
 /// Deletes the filter tables of uid blocks no server holds any more (their server died
-/// without removing them): every `boxwood_egress_<base>` table for which `claimed(base)` is
-/// false. Returns the names deleted. A stale table only restricts uids nobody uses, and a
+/// without removing them): every `boxwood_egress_<base>` table for which `hold_if_free(base)`
+/// gives a guard, deleted while the guard is held (so a server claiming the block meanwhile
+/// keeps its new table). Returns the names deleted. A stale table only restricts uids nobody uses, and a
 /// server that claims the block again replaces it, so this is tidiness, not safety.
-pub fn sweep_stale(nft_binary: &Path, claimed: impl Fn(u32) -> bool) -> Result<Vec<String>, VmError> {
+pub fn sweep_stale<G>(nft_binary: &Path, hold_if_free: impl Fn(u32) -> Option<G>) -> Result<Vec<String>, VmError> {
     let out = Command::new(nft_binary)
         .args(["list", "tables", "inet"])
         .stdin(Stdio::null())
@@ -339,10 +340,9 @@ pub fn sweep_stale(nft_binary: &Path, claimed: impl Fn(u32) -> bool) -> Result<V
     for line in String::from_utf8_lossy(&out.stdout).lines() {
         let Some(name) = line.trim().strip_prefix("table inet ") else { continue };
         let Some(base) = name.strip_prefix(TABLE_PREFIX).and_then(|b| b.parse::<u32>().ok()) else { continue };
-        if claimed(base) {
-            continue;
-        }
+        let Some(guard) = hold_if_free(base) else { continue };
         nft(nft_binary, &format!("delete table inet {name}\n"))?;
+        drop(guard);
         tracing::info!(table = name, "removed a stale guest egress filter");
         removed.push(name.to_owned());
     }

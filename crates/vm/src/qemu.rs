@@ -117,6 +117,10 @@ pub(crate) fn fd_path(fd: RawFd) -> String {
     format!("/proc/self/fd/{fd}")
 }
 
+/// TCG's translation cache, in MiB. QEMU 7.2's default is 1 GiB, all of it resident once
+/// filled: a size of our own keeps QEMU's memory bounded (its cgroup's limit counts it).
+pub const TCG_TB_MIB: u32 = 256;
+
 /// QEMU's `-sandbox`: its seccomp filter, with everything it does not need denied (no
 /// obsolete syscalls, no set*id, no fork/exec, no scheduler or NUMA changes).
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
@@ -187,7 +191,9 @@ pub fn qemu_argv(a: &QemuArgs<'_>) -> Result<Vec<OsString>, VmError> {
         }
     }
     match a.accel {
-        Accelerator::Tcg => push(&["-accel", "tcg,thread=multi", "-cpu", "max,-erms,-fsrm"]),
+        Accelerator::Tcg => {
+            push(&["-accel", &format!("tcg,thread=multi,tb-size={TCG_TB_MIB}"), "-cpu", "max,-erms,-fsrm"])
+        }
         Accelerator::Kvm => push(&["-accel", "kvm", "-cpu", "host"]),
     }
     push(&["-m", &mem, "-smp", &smp]);
@@ -294,7 +300,7 @@ mod tests {
         let argv: Vec<String> = qemu_argv(&args).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect();
         let l = argv.join(" ");
         for want in [
-            "-M microvm -accel tcg,thread=multi -cpu max,-erms,-fsrm -m 256 -smp 1",
+            "-M microvm -accel tcg,thread=multi,tb-size=256 -cpu max,-erms,-fsrm -m 256 -smp 1",
             "-nodefaults -no-reboot -display none \
              -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-serial stdio",

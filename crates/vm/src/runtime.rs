@@ -21,7 +21,7 @@ use tokio::net::UnixStream;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::time::Instant;
 
-use crate::jail::{ChildSetup, Inherited, UidBlock, UidLease, check_can_jail, give_dir};
+use crate::jail::{ChildSetup, Confinement, Inherited, Jail, UidLease, VmJail, give_dir};
 use crate::pool::FastStart;
 use crate::qemu::{Accelerator, Devices, QemuArgs, VmPaths, host_tsc_khz, kernel_cmdline, qemu_argv, slot_serial};
 use crate::template::WARM_BINARY;
@@ -56,8 +56,16 @@ pub(crate) struct Base {
     pub run_dir: PathBuf,
     pub accel: Accelerator,
     pub cmdline: String,
-    /// The uids this runtime's QEMUs run as; `None` with `vm.jail.enabled = false`.
-    pub uids: Option<Arc<UidBlock>>,
+    /// How this runtime's QEMUs are confined; `None` with `vm.jail.enabled = false`.
+    pub jail: Option<Arc<Jail>>,
+}
+
+/// What a QEMU is started for: its accelerator and guest size (its cgroup's limits follow).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Shape {
+    pub accel: Accelerator,
+    pub memory_mib: u32,
+    pub vcpus: u32,
 }
 
 /// The guest side of QEMU's user-mode network (its built-in defaults).
@@ -190,24 +198,23 @@ impl Base {
     /// The argv; the guest kernel and initramfs are opened into `inherited`.
     pub fn argv(
         &self,
-        accel: Accelerator,
+        shape: Shape,
         inherited: &mut Inherited,
-        memory_mib: u32,
-        vcpus: u32,
         devices: Devices<'_>,
     ) -> Result<Vec<std::ffi::OsString>, VmError> {
         let kernel = inherited.open(&self.assets.kernel)?;
         let initramfs = inherited.open(&self.assets.initramfs)?;
+        let Shape { accel, memory_mib, vcpus } = shape;
         qemu_argv(&QemuArgs { accel, memory_mib, vcpus, kernel, initramfs, cmdline: &self.cmdline, devices })
     }
 
     /// Spawns QEMU (stderr to `qemu.log`, the console through a pipe to `console.log`, see
-    /// `console`; pid in `qemu.pid`) in `paths.dir`, as `lease`'s uid when jailed (see
-    /// [`crate::jail`]), with the `inherited` fds. It gets SIGKILL when the spawning thread
-    /// dies (`PR_SET_PDEATHSIG`): call this from a runtime worker thread, never from a
-    /// `spawn_blocking` thread, which may end while QEMU still runs. `background`: QEMU runs at
-    /// [`BACKGROUND_NICE`] (template builds and pool refills take only spare CPU;
-    /// [`foreground`] undoes it when a run gets the VM).
+    /// `console`; pid in `qemu.pid`) in `paths.dir`, with the `inherited` fds; when jailed (see
+    /// [`crate::jail`]) as `lease`'s uid, in its own namespaces and root and in a cgroup sized
+    /// for `shape`. It gets SIGKILL when the spawning thread dies (`PR_SET_PDEATHSIG`): call
+    /// this from a runtime worker thread, never from a `spawn_blocking` thread, which may end
+    /// while QEMU still runs. `background`: QEMU runs at [`BACKGROUND_NICE`] (template builds
+    /// and pool refills take only spare CPU; [`foreground`] undoes it when a run gets the VM).
     pub fn spawn_qemu(
         &self,
         argv: Vec<std::ffi::OsString>,
@@ -215,12 +222,27 @@ impl Base {
         background: bool,
         inherited: Inherited,
         lease: Option<UidLease>,
+        shape: Shape,
     ) -> Result<QemuChild, VmError> {
         let log = File::create(&paths.qemu_log).map_err(|e| VmError::io("create qemu.log", e))?;
-        let mut cmd = tokio::process::Command::new(&self.config.qemu_binary);
+        let (program, jailed) = match (&self.jail, lease) {
+            (Some(jail), Some(lease)) => {
+                let cgroup = jail.cgroups.create(lease.uid(), jail.limits(shape.memory_mib, shape.vcpus))?;
+                let root = jail.root.plan(&paths.dir, shape.accel == Accelerator::Kvm)?;
+                let confinement = Confinement {
+                    uid: lease.uid(),
+                    cgroup_procs: cgroup.procs().iter().map(std::os::fd::AsRawFd::as_raw_fd).collect(),
+                    root,
+                };
+                (jail.root.qemu.clone(), Some((VmJail { cgroup, _lease: lease }, confinement)))
+            }
+            (None, None) => (self.config.qemu_binary.clone(), None),
+            _ => return Err(VmError::Jail("a jailed QEMU needs a uid lease".into())),
+        };
+        let mut cmd = tokio::process::Command::new(program);
         cmd.args(&argv).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(log).kill_on_drop(true);
-        let setup =
-            ChildSetup::new(&paths.dir, lease.as_ref().map(UidLease::uid), &inherited, background, BACKGROUND_NICE)?;
+        let (mut jailed, confinement) = jailed.unzip();
+        let setup = ChildSetup::new(&paths.dir, confinement, &inherited, background, BACKGROUND_NICE)?;
         // SAFETY: runs in the forked child before exec; `apply` makes only async-signal-safe
         // syscalls on data prepared above and allocates nothing.
         unsafe {
@@ -228,12 +250,15 @@ impl Base {
         }
         let mut child =
             cmd.spawn().map_err(|e| VmError::io(format!("spawn {}", self.config.qemu_binary.display()), e))?;
-        // The child has its copies; ours close now.
+        // The child has its copies (and has joined its cgroup); ours close now.
         drop(inherited);
+        if let Some(j) = &mut jailed {
+            j.cgroup.joined();
+        }
         if let Some(console) = child.stdout.take() {
             tokio::spawn(crate::console::pump(console, paths.console_log.clone()));
         }
-        let qemu = QemuChild::start(child, lease)?;
+        let qemu = QemuChild::start(child, jailed)?;
         if let Err(e) = fs::write(&paths.pid_file, qemu.pid.to_string()) {
             qemu.kill();
             return Err(VmError::io("write qemu.pid", e));
@@ -243,7 +268,7 @@ impl Base {
 
     /// A uid for a new VM (`None` when not jailed).
     pub fn lease_uid(&self) -> Result<Option<UidLease>, VmError> {
-        self.uids.as_ref().map(UidBlock::lease).transpose()
+        self.jail.as_ref().map(|j| j.uids.lease()).transpose()
     }
 
     /// Creates the scratch dir of a new VM (owned by `lease`'s uid, 0700, when jailed); the
@@ -279,17 +304,16 @@ impl Base {
         let mut inherited = Inherited::default();
         let disk_fds = spec.disks.iter().map(|d| inherited.open(&d.path)).collect::<Result<Vec<_>, _>>()?;
         let devices = Devices::Cold { disks: &spec.disks, disk_fds: &disk_fds, network: spec.network };
-        let argv = self.argv(
+        let shape = Shape {
             accel,
-            &mut inherited,
-            spec.memory_mib.unwrap_or(self.config.memory_mib),
-            spec.vcpus.unwrap_or(self.config.vcpus),
-            devices,
-        )?;
+            memory_mib: spec.memory_mib.unwrap_or(self.config.memory_mib),
+            vcpus: spec.vcpus.unwrap_or(self.config.vcpus),
+        };
+        let argv = self.argv(shape, &mut inherited, devices)?;
         // The guard removes the dir on failure *and* when this future is dropped mid-boot (a
         // run cancelled while its VM boots); QEMU itself dies with its kill-on-drop child.
         let started = Instant::now();
-        let qemu = self.spawn_qemu(argv, &paths, false, inherited, lease)?;
+        let qemu = self.spawn_qemu(argv, &paths, false, inherited, lease, shape)?;
         let deadline = started + limit;
         let handshake = async {
             let mut chan = BootChannel::connect(&paths, &qemu, deadline).await?;
@@ -393,14 +417,16 @@ impl QemuRuntime {
             }
         };
         let cmdline = kernel_cmdline(tsc_khz, &config.extra_kernel_args);
-        let uids = if config.jail.enabled {
-            check_can_jail()?;
-            Some(UidBlock::claim(config.jail.uid_base)?)
+        let jail = if config.jail.enabled {
+            Some(Arc::new(Jail::new(&config.jail, &config.qemu_binary)?))
         } else {
-            tracing::warn!("vm.jail.enabled = false: QEMU runs with the server's own privileges");
+            tracing::warn!(
+                "vm.jail.enabled = false: QEMU runs with the server's own privileges, in its namespaces, \
+                 without a cgroup: one QEMU bug is a host compromise"
+            );
             None
         };
-        let mut base = Base { config, assets, run_dir, accel: Accelerator::Tcg, cmdline, uids };
+        let mut base = Base { config, assets, run_dir, accel: Accelerator::Tcg, cmdline, jail };
         base.accel = match base.config.accel {
             Accel::Tcg => Accelerator::Tcg,
             Accel::Kvm => Accelerator::Kvm,
@@ -434,11 +460,26 @@ impl QemuRuntime {
     }
 
     /// The uids this runtime's QEMUs run as (a block of 256 claimed host-wide for the
-    /// runtime's life): every QEMU it starts runs with a uid and gid in this range. Empty
-    /// (`1..=0`) with `vm.jail.enabled = false`.
-    #[allow(clippy::reversed_empty_ranges)]
-    pub fn jail_uids(&self) -> std::ops::RangeInclusive<u32> {
-        self.base.uids.as_ref().map_or(1..=0, |b| b.range())
+    /// runtime's life): every QEMU it starts runs with a uid and gid in this range, so every
+    /// socket of its QEMUs is owned by one of them (`meta skuid`). `None` with
+    /// `vm.jail.enabled = false`.
+    pub fn jail_uid_range(&self) -> Option<std::ops::RangeInclusive<u32>> {
+        self.base.jail.as_ref().map(|j| j.uids.range())
+    }
+
+    /// Holds the lock of the uid block that starts at `first_uid` (a block of this runtime's
+    /// `uid_base`) while no server holds it, so what a crashed server left for that block can
+    /// be removed without racing a server that claims it. `None` if it is held, or without
+    /// the jail.
+    pub fn hold_stale_uid_block(&self, first_uid: u32) -> Option<Box<dyn Send>> {
+        self.base.jail.as_ref()?.uids.hold_sibling_if_free(first_uid)
+    }
+
+    /// The cgroup dirs of the VM whose QEMU runs as `uid` (one with cgroup v2; memory, pids
+    /// and cpu with v1), whether or not they exist. Empty without the jail. For tests and
+    /// diagnostics.
+    pub fn jail_cgroup_dirs(&self, uid: u32) -> Vec<PathBuf> {
+        self.base.jail.as_ref().map(|j| j.cgroups.leaves(uid)).unwrap_or_default()
     }
 
     /// QEMU pids of the idle pooled clones (for measurements such as PSS).

@@ -1,6 +1,8 @@
 //! Start-up cleanup of VM scratch dirs (and their QEMUs) left behind by a crashed server.
+//! Its VM cgroups are removed when the next runtime starts (see `jail::cgroup`).
 
 use std::fs;
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -51,8 +53,12 @@ fn owning_qemu(dir: &Path) -> Option<i32> {
     let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
     let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
     let origin = fs::read_to_string(dir.join(ORIGIN_FILE)).ok().filter(|o| !o.is_empty());
-    let runs_in =
-        fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| fs::canonicalize(dir).is_ok_and(|d| d == cwd));
+    // The same directory, whatever path it has now: QEMU sees its dir at the path it was
+    // started with (in its own mount namespace), and a pooled clone's dir is renamed later.
+    let runs_in = match (fs::metadata(format!("/proc/{pid}/cwd")), fs::metadata(dir)) {
+        (Ok(cwd), Ok(d)) => (cwd.dev(), cwd.ino()) == (d.dev(), d.ino()),
+        _ => false,
+    };
     let dir = dir.to_str()?;
     let mentioned = runs_in || cmdline.contains(dir) || origin.is_some_and(|o| cmdline.contains(&format!("{o}/")));
     (mentioned && !is_zombie(pid)).then_some(pid)

@@ -26,7 +26,7 @@ use crate::VmError;
 use crate::jail::{Inherited, give_dir};
 use crate::qemu::{Devices, VmPaths};
 use crate::qmp::{Qmp, is_migration_status};
-use crate::runtime::{Base, BootChannel, DirGuard};
+use crate::runtime::{Base, BootChannel, DirGuard, Shape};
 
 /// Bump whenever the fixed layout, the snapshot procedure or what a clone expects of the
 /// template changes: the key changes with it and old templates are rebuilt.
@@ -273,9 +273,10 @@ async fn snapshot(base: &Base, build_dir: &Path, tag: &str) -> Result<(), VmErro
         warm_image: inherited.open(&warm_image)?,
         incoming: false,
     };
-    let argv = base.argv(base.accel, &mut inherited, base.config.memory_mib, base.config.vcpus, devices)?;
+    let shape = Shape { accel: base.accel, memory_mib: base.config.memory_mib, vcpus: base.config.vcpus };
+    let argv = base.argv(shape, &mut inherited, devices)?;
     let state = File::create(build_dir.join("state")).map_err(io("create the template state"))?;
-    let qemu = base.spawn_qemu(argv, &paths, true, inherited, lease)?;
+    let qemu = base.spawn_qemu(argv, &paths, true, inherited, lease, shape)?;
     let deadline = Instant::now() + Duration::from_secs(base.config.boot_timeout_secs);
     let result = async {
         let mut chan = BootChannel::connect(&paths, &qemu, deadline).await?;
@@ -316,7 +317,7 @@ async fn snapshot(base: &Base, build_dir: &Path, tag: &str) -> Result<(), VmErro
         return Err(VmError::Template("the template QEMU did not exit".into()));
     }
     result?;
-    if base.uids.is_some() {
+    if base.jail.is_some() {
         std::os::unix::fs::chown(&ram, Some(0), Some(0)).map_err(io(format!("chown {}", ram.display())))?;
     }
     fs::set_permissions(&ram, std::os::unix::fs::PermissionsExt::from_mode(0o600))

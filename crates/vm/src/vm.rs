@@ -46,8 +46,8 @@ pub(crate) struct QemuChild {
 }
 
 impl QemuChild {
-    /// `lease`: QEMU's uid, freed once QEMU has been reaped.
-    pub fn start(mut child: tokio::process::Child, lease: Option<crate::jail::UidLease>) -> Result<Self, VmError> {
+    /// `jail`: QEMU's cgroup and uid, released once QEMU has been reaped.
+    pub fn start(mut child: tokio::process::Child, jail: Option<crate::jail::VmJail>) -> Result<Self, VmError> {
         let pid = child.id().ok_or_else(|| VmError::Invalid("QEMU exited at once".into()))?;
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let (exit_tx, exit_rx) = watch::channel(None);
@@ -63,7 +63,7 @@ impl QemuChild {
                 Ok(s) => s.to_string(),
                 Err(e) => format!("wait failed: {e}"),
             };
-            drop(lease);
+            drop(jail);
             let _ = exit_tx.send(Some(text));
         });
         Ok(Self { pid, kill: Mutex::new(Some(kill_tx)), exit: exit_rx })

@@ -201,8 +201,10 @@ pub fn stream_bytes(repr: &Value) -> Vec<u8> {
     }
 }
 
-/// Live QEMU processes whose scratch dir (their working dir: QEMU runs in its VM dir, which
-/// follows a rename) or command line mentions `needle`, with that dir.
+/// Live QEMU processes whose scratch dir (their working dir: QEMU runs in its VM dir, bound
+/// in its own mount namespace at the path it had when QEMU started, so a pooled clone keeps
+/// its `run/pool-…` name here after the rename) or command line mentions `needle`, with that
+/// dir.
 pub fn qemu_processes_with(needle: &str) -> Vec<(u32, std::path::PathBuf)> {
     let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -221,8 +223,9 @@ pub fn qemu_processes_with(needle: &str) -> Vec<(u32, std::path::PathBuf)> {
 
 /// QEMU processes of the server on `state` that serve (or served) a run: everything but the
 /// template build and the idle clones waiting in the warm pool. A pooled clone's scratch dir
-/// is renamed away from `run/pool-…` when a run takes it, so a taken clone counts here until
-/// it is gone; a cold-booted VM's command line names its run dir directly.
+/// is renamed away from `run/pool-…` when a run takes it (the `run/pool-…` path QEMU still
+/// reports then no longer exists), so a taken clone counts here until it is gone; a
+/// cold-booted VM runs in `run/<operation>` from the start.
 pub fn run_vms(state: &std::path::Path) -> Vec<u32> {
     let state = state.to_string_lossy();
     qemu_processes_with(&state)

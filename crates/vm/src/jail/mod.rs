@@ -1,25 +1,32 @@
-//! Least privilege for QEMU (Firecracker's jailer is the model): every QEMU runs as its own
-//! unprivileged uid/gid taken from a host-wide unique block of 256 ids this runtime claims at
-//! start, with no supplementary groups, no capabilities (effective, permitted, inheritable,
-//! ambient and bounding sets empty) and `PR_SET_NO_NEW_PRIVS`; its working dir is its own
-//! run dir (owned by that uid, 0700), and the host files it needs come as inherited fds, so
-//! it never needs a path through the server's private state dir.
+//! Least privilege for QEMU (Firecracker's jailer is the model). Every QEMU runs
+//! - as its own unprivileged uid/gid, taken from a host-wide unique block of 256 ids this
+//!   runtime claims at start, with no supplementary groups, no capabilities (effective,
+//!   permitted, inheritable, ambient and bounding sets empty) and `PR_SET_NO_NEW_PRIVS`;
+//! - in its own mount, IPC and UTS namespaces, in a minimal root holding only what it needs
+//!   to run and its own run dir (owned by its uid, 0700) ([`root`]);
+//! - in its own cgroup, memory, tasks and CPU weight bounded ([`cgroup`]);
+//! - and the host files it needs come as inherited fds, never as paths.
 //!
-//! Everything the child does between `fork` and `exec` is prepared here beforehand: the child
-//! only makes raw syscalls on that data ([`ChildSetup::apply`]).
-#![allow(unsafe_code)]
+//! Everything the child does between `fork` and `exec` is prepared beforehand: the child
+//! only makes raw syscalls on that data ([`child::ChildSetup::apply`]).
 
-use std::ffi::CString;
+mod cgroup;
+mod child;
+mod root;
+
 use std::fs::{self, File};
 use std::ops::RangeInclusive;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{PermissionsExt, chown};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use nix::fcntl::{Flock, FlockArg};
 use serde::Deserialize;
+
+pub(crate) use cgroup::{Cgroups, Limits, VmCgroup};
+pub(crate) use child::{ChildSetup, Confinement};
+pub(crate) use root::SystemRoot;
 
 use crate::VmError;
 
@@ -39,18 +46,81 @@ pub struct JailConfig {
     pub enabled: bool,
     /// First uid (and gid) of block 0; block `k` is `uid_base + 256·k ..= uid_base + 256·k + 255`.
     pub uid_base: u32,
+    /// What a QEMU may use beyond its guest's RAM (its own code, libraries, TCG's translation
+    /// cache, device and network buffers): its cgroup's memory limit is guest RAM + this.
+    pub memory_overhead_mib: u32,
+    /// Tasks (threads) a QEMU may have: its vCPUs, I/O workers and helpers.
+    pub pids_max: u32,
+    /// CPU weight of each QEMU (cgroup v2 scale: 1–10000, 100 is the default share; v1
+    /// `cpu.shares` get 1024 × weight / 100).
+    pub cpu_weight: u32,
+    /// Extra host paths visible read-only in every QEMU's root (a QEMU whose libraries or
+    /// firmware live outside `/usr`).
+    pub ro_paths: Vec<PathBuf>,
 }
 
 impl Default for JailConfig {
     fn default() -> Self {
-        Self { enabled: true, uid_base: 2_000_000_000 }
+        Self {
+            enabled: true,
+            uid_base: 2_000_000_000,
+            memory_overhead_mib: DEFAULT_OVERHEAD_MIB,
+            pids_max: 128,
+            cpu_weight: 100,
+            ro_paths: Vec::new(),
+        }
     }
+}
+
+/// Measured on QEMU 7.2 under TCG (see docs/ARCHITECTURE.md, "The QEMU jail"): peak use
+/// beyond guest RAM with the translation cache at [`crate::qemu::TCG_TB_MIB`], plus headroom.
+const DEFAULT_OVERHEAD_MIB: u32 = 384;
+
+/// The jail of one runtime: its uid block, cgroups and the shared part of every QEMU's root.
+#[derive(Debug)]
+pub(crate) struct Jail {
+    pub uids: Arc<UidBlock>,
+    pub cgroups: Cgroups,
+    pub root: SystemRoot,
+    pub config: JailConfig,
+}
+
+impl Jail {
+    /// Claims a uid block, sets up its cgroups (removing a crashed server's leftovers) and
+    /// prepares the root. Fails unless the server runs as root.
+    pub fn new(config: &JailConfig, qemu_binary: &Path) -> Result<Self, VmError> {
+        check_can_jail()?;
+        let uids = UidBlock::claim(config.uid_base)?;
+        let cgroups = Cgroups::setup(uids.index, |j| UidBlock::hold_if_free(Path::new(BLOCK_LOCK_DIR), j))?;
+        let root = SystemRoot::new(qemu_binary, &config.ro_paths)?;
+        Ok(Self { uids, cgroups, root, config: config.clone() })
+    }
+
+    /// The limits of a VM with `memory_mib` of guest RAM and `vcpus`.
+    pub fn limits(&self, memory_mib: u32, vcpus: u32) -> Limits {
+        Limits {
+            memory_bytes: (u64::from(memory_mib) + u64::from(self.config.memory_overhead_mib)) << 20,
+            pids: self.config.pids_max.saturating_add(vcpus),
+            cpu_weight: self.config.cpu_weight,
+        }
+    }
+}
+
+/// What a jailed QEMU holds until it has been reaped: its cgroup is removed first, then its
+/// uid is free again (a new VM with that uid gets a fresh leaf).
+#[derive(Debug)]
+pub(crate) struct VmJail {
+    pub cgroup: VmCgroup,
+    /// Freed on drop.
+    pub _lease: UidLease,
 }
 
 /// A block of [`UIDS_PER_BLOCK`] uids this process holds (an exclusive `flock` on
 /// `/run/boxwood/uid-blocks/<k>.lock` for the runtime's life), and which of them are in use.
 #[derive(Debug)]
 pub(crate) struct UidBlock {
+    /// `k`: the block's number (its lock file's name).
+    pub index: u32,
     first: u32,
     used: Mutex<Vec<bool>>,
     _lock: Flock<File>,
@@ -79,6 +149,7 @@ impl UidBlock {
             if let Ok(lock) = Flock::lock(file, FlockArg::LockExclusiveNonblock) {
                 tracing::info!(first, last = first + UIDS_PER_BLOCK - 1, "claimed a block of VM uids");
                 return Ok(Arc::new(Self {
+                    index: k,
                     first,
                     used: Mutex::new(vec![false; UIDS_PER_BLOCK as usize]),
                     _lock: lock,
@@ -86,6 +157,25 @@ impl UidBlock {
             }
         }
         Err(VmError::Jail(format!("no free block of VM uids at or above {uid_base}")))
+    }
+
+    /// Block `k`'s lock while nobody else holds it (for cleaning up after a crashed server).
+    fn hold_if_free(lock_dir: &Path, k: u32) -> Option<Box<dyn Send>> {
+        let file = File::options().create(true).truncate(false).write(true).open(lock_dir.join(format!("{k}.lock")));
+        let lock = Flock::lock(file.ok()?, FlockArg::LockExclusiveNonblock).ok()?;
+        Some(Box::new(lock))
+    }
+
+    /// Holds the lock of the sibling block (same `uid_base`) whose first uid is `first` while no
+    /// server holds it; `None` if it is held, is this block, or is not a block of this base.
+    pub fn hold_sibling_if_free(&self, first: u32) -> Option<Box<dyn Send>> {
+        let base = self.first - self.index * UIDS_PER_BLOCK;
+        let offset = first.checked_sub(base)?;
+        let k = offset / UIDS_PER_BLOCK;
+        if offset % UIDS_PER_BLOCK != 0 || k >= MAX_BLOCKS || k == self.index {
+            return None;
+        }
+        Self::hold_if_free(Path::new(BLOCK_LOCK_DIR), k)
     }
 
     pub fn range(&self) -> RangeInclusive<u32> {
@@ -124,7 +214,7 @@ impl Drop for UidLease {
 }
 
 /// Fails unless this process can drop to other uids (root, as Firecracker's jailer needs).
-pub(crate) fn check_can_jail() -> Result<(), VmError> {
+fn check_can_jail() -> Result<(), VmError> {
     if nix::unistd::geteuid().is_root() {
         Ok(())
     } else {
@@ -147,7 +237,7 @@ pub(crate) fn give_dir(dir: &Path, uid: u32) -> Result<(), VmError> {
 /// `/dev/fdset/N` only, never through a host path.
 #[derive(Debug, Default)]
 pub(crate) struct Inherited {
-    fds: Vec<OwnedFd>,
+    pub(super) fds: Vec<OwnedFd>,
 }
 
 impl Inherited {
@@ -164,111 +254,6 @@ impl Inherited {
         let f = File::open(path).map_err(|e| VmError::io(format!("open {}", path.display()), e))?;
         Ok(self.add(f))
     }
-
-    fn raw(&self) -> Vec<RawFd> {
-        self.fds.iter().map(AsRawFd::as_raw_fd).collect()
-    }
-}
-
-/// What the child does before exec, all prepared before fork.
-pub(crate) struct ChildSetup {
-    dir: CString,
-    /// `None`: jail off, keep the server's credentials.
-    uid: Option<u32>,
-    last_cap: libc::c_int,
-    keep: Vec<RawFd>,
-    background: bool,
-    nice: libc::c_int,
-    parent: libc::pid_t,
-}
-
-impl ChildSetup {
-    pub fn new(
-        dir: &Path,
-        uid: Option<u32>,
-        inherited: &Inherited,
-        background: bool,
-        nice: i32,
-    ) -> Result<Self, VmError> {
-        let dir = CString::new(dir.as_os_str().as_bytes())
-            .map_err(|_| VmError::Invalid(format!("VM dir {dir:?} contains a NUL byte")))?;
-        Ok(Self {
-            dir,
-            uid,
-            last_cap: last_cap(),
-            keep: inherited.raw(),
-            background,
-            nice,
-            parent: nix::unistd::getpid().as_raw(),
-        })
-    }
-
-    /// Runs in the forked child: only raw syscalls on prepared data, nothing allocates.
-    ///
-    /// # Safety
-    /// Call only between fork and exec (a `pre_exec` closure).
-    pub unsafe fn apply(&self) -> std::io::Result<()> {
-        let check = |r: libc::c_int| if r == -1 { Err(std::io::Error::last_os_error()) } else { Ok(()) };
-        // SAFETY (whole block): each call is an async-signal-safe syscall on values prepared
-        // before fork (a NUL-terminated path, plain integers, a null pointer for an empty
-        // group list); none allocates or touches locks.
-        unsafe {
-            if self.background {
-                // Every thread QEMU starts inherits it. Failure only costs priority.
-                libc::setpriority(libc::PRIO_PROCESS, 0, self.nice);
-            }
-            // QEMU's sockets and logs are named relative to its own dir, so no path through
-            // the (private) state dir has to be searchable by its uid.
-            check(libc::chdir(self.dir.as_ptr()))?;
-            for &fd in &self.keep {
-                check(libc::fcntl(fd, libc::F_SETFD, 0))?;
-            }
-            if let Some(uid) = self.uid {
-                check(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0))?;
-                // Needs CAP_SETPCAP, so before the uid changes.
-                for cap in 0..=self.last_cap {
-                    check(libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0))?;
-                }
-                check(libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0))?;
-                check(libc::setgroups(0, std::ptr::null()))?;
-                check(libc::setresgid(uid, uid, uid))?;
-                // From root to a non-zero uid in all three: permitted and effective sets are
-                // cleared by the kernel.
-                check(libc::setresuid(uid, uid, uid))?;
-                // The inheritable set survives setuid: empty it too.
-                let mut header = CapHeader { version: LINUX_CAPABILITY_VERSION_3, pid: 0 };
-                let data = [CapData::default(); 2];
-                check(libc::syscall(libc::SYS_capset, &mut header, data.as_ptr()) as libc::c_int)?;
-            }
-            // After the uid change, which clears it.
-            check(libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0))?;
-            if libc::getppid() != self.parent {
-                return Err(std::io::Error::other("parent exited"));
-            }
-        }
-        Ok(())
-    }
-}
-
-const LINUX_CAPABILITY_VERSION_3: u32 = 0x2008_0522;
-
-#[repr(C)]
-struct CapHeader {
-    version: u32,
-    pid: libc::c_int,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Default)]
-struct CapData {
-    effective: u32,
-    permitted: u32,
-    inheritable: u32,
-}
-
-/// Highest capability number this kernel knows.
-fn last_cap() -> libc::c_int {
-    fs::read_to_string("/proc/sys/kernel/cap_last_cap").ok().and_then(|s| s.trim().parse().ok()).unwrap_or(40)
 }
 
 /// The lock dir, for tests that claim blocks elsewhere.
