@@ -6,7 +6,7 @@ use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
-use rustix::fs::{AtFlags, CWD, FileType, Gid, Mode, Timespec, Timestamps, Uid, XattrFlags};
+use rustix::fs::{AtFlags, CWD, Gid, Uid, XattrFlags};
 
 use crate::{ImageResult, io_err};
 
@@ -24,11 +24,6 @@ pub(crate) fn create_file(path: &Path) -> ImageResult<File> {
     std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(io_err(path))
 }
 
-/// Creates a character device (`rdev` 0 = an overlayfs whiteout), FIFO or block device.
-pub(crate) fn mknod(path: &Path, kind: FileType, rdev: u64) -> ImageResult<()> {
-    rustix::fs::mknodat(CWD, path, kind, Mode::from_raw_mode(0o600), rdev).map_err(errno).map_err(io_err(path))
-}
-
 /// Hard-links `new` to `old` without following `old` if it is a symlink.
 pub(crate) fn hard_link(old: &Path, new: &Path) -> ImageResult<()> {
     rustix::fs::linkat(CWD, old, CWD, new, AtFlags::empty()).map_err(errno).map_err(io_err(new))
@@ -41,21 +36,14 @@ pub(crate) fn chown(path: &Path, uid: u32, gid: u32) -> ImageResult<()> {
         .map_err(io_err(path))
 }
 
-/// Sets all 07777 permission bits. Callers never pass a symlink (Linux has no `lchmod`).
-pub(crate) fn chmod(path: &Path, mode: u32) -> ImageResult<()> {
-    rustix::fs::chmod(path, Mode::from_raw_mode(mode & 0o7777)).map_err(errno).map_err(io_err(path))
-}
-
-/// Sets atime and mtime of the entry itself (symlinks included).
-pub(crate) fn set_times(path: &Path, atime: (i64, u32), mtime: (i64, u32)) -> ImageResult<()> {
-    let ts = |(tv_sec, nsec): (i64, u32)| Timespec { tv_sec, tv_nsec: i64::from(nsec.min(999_999_999)) as _ };
-    let times = Timestamps { last_access: ts(atime), last_modification: ts(mtime) };
-    rustix::fs::utimensat(CWD, path, &times, AtFlags::SYMLINK_NOFOLLOW).map_err(errno).map_err(io_err(path))
-}
-
 /// `lsetxattr`.
 pub(crate) fn set_xattr(path: &Path, name: &str, value: &[u8]) -> ImageResult<()> {
     rustix::fs::lsetxattr(path, name, value, XattrFlags::empty()).map_err(errno).map_err(io_err(path))
+}
+
+/// `lremovexattr`.
+pub(crate) fn remove_xattr(path: &Path, name: &str) -> ImageResult<()> {
+    rustix::fs::lremovexattr(path, name).map_err(errno).map_err(io_err(path))
 }
 
 /// The entry's own xattrs (`llistxattr` + `lgetxattr`), names in listing order.

@@ -5,8 +5,9 @@
 //! <root>/layers/<sha256>.erofs   the layer as a read-only erofs image, attached to VMs as a
 //!                                virtio-blk disk and stacked with overlayfs in the guest;
 //!                                named by the sha256 of the file itself
-//! <root>/trees/<sha256>/         the same layer unpacked in overlayfs "upper" format
-//!                                (whiteouts are 0/0 char devices), read by host-side
+//! <root>/trees/<sha256>/         the same layer unpacked in overlayfs "upper" format as an
+//!                                inert tree (see [`inert`]: only 0700 dirs and 0600 files,
+//!                                the image's metadata kept as data), read by host-side
 //!                                inspection and by squashing, never by a VM
 //! <root>/tmp/                    staging; on the same filesystem, so publishing is a rename
 //! ```
@@ -20,6 +21,7 @@
 mod base;
 pub mod erofs;
 mod fsutil;
+pub mod inert;
 mod inspect;
 mod merge;
 mod store;

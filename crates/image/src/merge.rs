@@ -1,20 +1,18 @@
-//! [`merge_layers`]: squashes a stack of layer trees into one tree with overlayfs semantics.
+//! [`merge_layers`]: squashes a stack of (inert) layer trees into one tree with overlayfs
+//! semantics.
 //!
 //! The walk is top-down: each path is resolved once, the way overlayfs looks it up, by
 //! scanning the layers from the top and stopping at the first non-directory, whiteout or
-//! opaque directory. So the cost is one `lstat` per layer per name and one copy of each
+//! opaque directory. So the cost is one record read per layer per name and one copy of each
 //! visible entry, never a copy of something a higher layer hides.
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::OsString;
-use std::fs::Metadata;
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, symlink};
 use std::path::{Path, PathBuf};
 
-use rustix::fs::FileType;
-
 use crate::fsutil::{self, OPAQUE_XATTR, OVERLAY_XATTR_PREFIX};
+use crate::inert::{self, Kind, Meta, Stat};
 use crate::{ImageError, ImageResult, io_err};
 
 /// Squashes `layers` (topmost first, each a tree in overlayfs "upper" format) into `out`
@@ -39,7 +37,7 @@ pub fn merge_layers(layers: &[&Path], out: &Path, keep_whiteouts: bool) -> Image
         return Err(ImageError::InvalidTree { path: out.to_owned(), reason: "no layers to merge".into() });
     };
     for layer in layers {
-        if !layer.symlink_metadata().map_err(io_err(layer))?.is_dir() {
+        if !inert::stat(layer)?.is_dir() {
             return Err(ImageError::InvalidTree {
                 path: layer.to_path_buf(),
                 reason: "layer is not a directory".into(),
@@ -55,39 +53,29 @@ pub fn merge_layers(layers: &[&Path], out: &Path, keep_whiteouts: bool) -> Image
         }
     }
     let mut merger = Merger { layers, out, links: HashMap::new() };
-    let top_meta = top.symlink_metadata().map_err(io_err(top))?;
-    merger.start_dir(top, out, &top_meta, false)?;
-    let mut tasks = vec![
-        Task::Finish { dst: out.to_owned(), meta: top_meta },
-        Task::Dir { rel: PathBuf::new(), stack: (0..layers.len()).collect(), hides_below: keep_whiteouts },
-    ];
-    while let Some(task) = tasks.pop() {
-        match task {
-            Task::Dir { rel, stack, hides_below } => merger.dir(&rel, &stack, hides_below, &mut tasks)?,
-            Task::Finish { dst, meta } => {
-                fsutil::chmod(&dst, meta.mode())?;
-                fsutil::set_times(&dst, atime(&meta), mtime(&meta))?;
-            }
-        }
+    inert::init_root(out, &dir_record(&inert::stat(top)?.meta, false))?;
+    let mut tasks = vec![Task { rel: PathBuf::new(), stack: (0..layers.len()).collect(), hides_below: keep_whiteouts }];
+    while let Some(Task { rel, stack, hides_below }) = tasks.pop() {
+        merger.dir(&rel, &stack, hides_below, &mut tasks)?;
     }
     Ok(())
 }
 
-enum Task {
-    /// Fill the (created) output directory `rel` from the layers in `stack` (indices, top
-    /// first) where `rel` is a directory. `hides_below`: whiteouts and opaque marks written
-    /// here still matter, as layers below the merge may be visible through this directory.
-    Dir { rel: PathBuf, stack: Vec<usize>, hides_below: bool },
-    /// Set mode and times of an output directory once its children are written.
-    Finish { dst: PathBuf, meta: Metadata },
+/// Fill the (created) output directory `rel` from the layers in `stack` (indices, top
+/// first) where `rel` is a directory. `hides_below`: whiteouts and opaque marks written
+/// here still matter, as layers below the merge may be visible through this directory.
+struct Task {
+    rel: PathBuf,
+    stack: Vec<usize>,
+    hides_below: bool,
 }
 
 /// How the layers resolve one name.
 enum Resolved {
     /// Hidden by a whiteout in layer `usize` (nothing above it).
-    Whiteout(usize, Metadata),
+    Whiteout(usize, Stat),
     /// A non-directory from layer `usize`.
-    Leaf(usize, Metadata),
+    Leaf(usize, Stat),
     /// A directory merged from these layers (top first); `hides` when it hides whatever is
     /// at this path below the last of them.
     Dir { stack: Vec<usize>, hides: bool },
@@ -120,12 +108,9 @@ impl Merger<'_> {
                 }
                 Resolved::Leaf(layer, meta) => self.copy_leaf(layer, &self.layers[layer].join(&rel), &dst, &meta)?,
                 Resolved::Dir { stack, hides } => {
-                    let src = self.layers[stack[0]].join(&rel);
-                    let meta = src.symlink_metadata().map_err(io_err(&src))?;
-                    std::fs::create_dir(&dst).map_err(io_err(&dst))?;
-                    self.start_dir(&src, &dst, &meta, hides_below && hides)?;
-                    tasks.push(Task::Finish { dst, meta });
-                    tasks.push(Task::Dir { rel, stack, hides_below: hides_below && !hides });
+                    let src = inert::stat(&self.layers[stack[0]].join(&rel))?;
+                    inert::create_dir(&dst, &dir_record(&src.meta, hides_below && hides))?;
+                    tasks.push(Task { rel, stack, hides_below: hides_below && !hides });
                 }
             }
         }
@@ -137,21 +122,17 @@ impl Merger<'_> {
         let mut dirs = Vec::new();
         for &layer in stack {
             let path = self.layers[layer].join(rel);
-            let meta = match path.symlink_metadata() {
-                Ok(meta) => meta,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(io_err(&path)(e)),
-            };
+            let Some(meta) = inert::try_stat(&path)? else { continue };
             if meta.is_dir() {
                 dirs.push(layer);
-                if is_opaque(&path)? {
+                if meta.is_opaque() {
                     return Ok(Resolved::Dir { stack: dirs, hides: true });
                 }
             } else if !dirs.is_empty() {
                 // a directory above a whiteout or non-directory: it hides that, and so
                 // whatever the layers below the merge have at this path
                 return Ok(Resolved::Dir { stack: dirs, hides: true });
-            } else if is_whiteout(&meta) {
+            } else if meta.is_whiteout() {
                 return Ok(Resolved::Whiteout(layer, meta));
             } else {
                 return Ok(Resolved::Leaf(layer, meta));
@@ -160,78 +141,40 @@ impl Merger<'_> {
         Ok(Resolved::Dir { stack: dirs, hides: false })
     }
 
-    /// Owner and xattrs of a new output directory (mode and times wait for [`Task::Finish`]).
-    fn start_dir(&self, src: &Path, dst: &Path, meta: &Metadata, opaque: bool) -> ImageResult<()> {
-        fsutil::chown(dst, meta.uid(), meta.gid())?;
-        copy_xattrs(src, dst)?;
-        if opaque {
-            fsutil::set_xattr(dst, OPAQUE_XATTR, b"y")?;
-        }
-        Ok(())
-    }
-
     /// Copies one non-directory with its metadata, or hardlinks it to an earlier copy of the
     /// same inode of the same layer.
-    fn copy_leaf(&mut self, layer: usize, src: &Path, dst: &Path, meta: &Metadata) -> ImageResult<()> {
-        let key = (layer, meta.dev(), meta.ino());
-        if meta.nlink() > 1
+    fn copy_leaf(&mut self, layer: usize, src: &Path, dst: &Path, stat: &Stat) -> ImageResult<()> {
+        let key = (layer, stat.dev(), stat.ino());
+        if stat.nlink() > 1
             && let Some(first) = self.links.get(&key)
         {
             return fsutil::hard_link(first, dst);
         }
-        let kind = meta.file_type();
-        if kind.is_file() {
-            let mut from = fsutil::open_nofollow(src)?;
-            let mut to = fsutil::create_file(dst)?;
-            io::copy(&mut from, &mut to).map_err(io_err(dst))?;
-        } else if kind.is_symlink() {
-            let target = std::fs::read_link(src).map_err(io_err(src))?;
-            symlink(&target, dst).map_err(io_err(dst))?;
-        } else if kind.is_fifo() {
-            fsutil::mknod(dst, FileType::Fifo, 0)?;
-        } else if kind.is_char_device() {
-            fsutil::mknod(dst, FileType::CharacterDevice, meta.rdev())?;
-        } else if kind.is_block_device() {
-            fsutil::mknod(dst, FileType::BlockDevice, meta.rdev())?;
-        } else {
-            tracing::warn!(path = %src.display(), "skipping socket or unknown file type while merging layers");
+        if stat.kind() == Kind::Socket {
+            tracing::warn!(path = %src.display(), "skipping a socket while merging layers");
             return Ok(());
         }
-        fsutil::chown(dst, meta.uid(), meta.gid())?;
-        if !kind.is_symlink() {
-            fsutil::chmod(dst, meta.mode())?;
-        }
-        copy_xattrs(src, dst)?;
-        fsutil::set_times(dst, atime(meta), mtime(meta))?;
-        if meta.nlink() > 1 {
+        let mut from = inert::open(src)?;
+        let mut to = inert::create_file(dst)?;
+        io::copy(&mut from, &mut to).map_err(io_err(dst))?;
+        drop(to);
+        let mut meta = stat.meta.clone();
+        meta.xattrs.retain(|(name, _)| !name.starts_with(OVERLAY_XATTR_PREFIX));
+        inert::set(dst, &meta)?;
+        if stat.nlink() > 1 {
             self.links.insert(key, dst.to_owned());
         }
         Ok(())
     }
 }
 
-fn copy_xattrs(src: &Path, dst: &Path) -> ImageResult<()> {
-    for (name, value) in fsutil::xattrs(src)? {
-        if !name.starts_with(OVERLAY_XATTR_PREFIX) {
-            fsutil::set_xattr(dst, &name, &value)?;
-        }
+/// The record of an output directory: the winning directory's, without overlayfs-private
+/// xattrs, opaque when it must hide what is below the merge.
+fn dir_record(src: &Meta, opaque: bool) -> Meta {
+    let mut meta = src.clone();
+    meta.xattrs.retain(|(name, _)| !name.starts_with(OVERLAY_XATTR_PREFIX));
+    if opaque {
+        meta.xattrs.push((OPAQUE_XATTR.to_owned(), b"y".to_vec()));
     }
-    Ok(())
-}
-
-/// A whiteout, as overlayfs reads it: a character device numbered 0/0.
-pub(crate) fn is_whiteout(meta: &Metadata) -> bool {
-    meta.file_type().is_char_device() && meta.rdev() == 0
-}
-
-fn is_opaque(dir: &Path) -> ImageResult<bool> {
-    Ok(fsutil::get_xattr(dir, OPAQUE_XATTR)?.is_some_and(|v| v == b"y"))
-}
-
-fn atime(meta: &Metadata) -> (i64, u32) {
-    (meta.atime(), meta.atime_nsec().clamp(0, 999_999_999) as u32)
-}
-
-fn mtime(meta: &Metadata) -> (i64, u32) {
-    (meta.mtime(), meta.mtime_nsec().clamp(0, 999_999_999) as u32)
+    meta
 }

@@ -28,8 +28,9 @@ pub struct FsLayerStore {
 }
 
 impl FsLayerStore {
-    /// Opens the store at `root`, creating its directories and discarding staging leftovers
-    /// of an earlier crash.
+    /// Opens the store at `root`, creating its directories, discarding staging leftovers
+    /// of an earlier crash, and converting trees an older version left in the live form
+    /// (real owners, modes, device nodes) to the inert one.
     pub fn open(root: &Path) -> ImageResult<Self> {
         for sub in ["layers", "trees"] {
             let dir = root.join(sub);
@@ -40,6 +41,14 @@ impl FsLayerStore {
             std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
         }
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
+        let trees = root.join("trees");
+        for entry in std::fs::read_dir(&trees).map_err(io_err(&trees))? {
+            let tree = entry.map_err(io_err(&trees))?.path();
+            if tree.symlink_metadata().is_ok_and(|m| m.is_dir()) && !crate::inert::is_inert(&tree)? {
+                crate::inert::make_inert(&tree)?;
+                tracing::info!(tree = %tree.display(), "converted a layer tree to the inert form");
+            }
+        }
         Ok(Self { root: root.to_owned() })
     }
 
@@ -144,17 +153,18 @@ fn sha256_file(mut file: File) -> std::io::Result<String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// Sum of the sizes of the tree's regular files (per name, as before).
 fn tree_bytes(dir: &Path) -> ImageResult<u64> {
     let mut total = 0;
     let mut stack = vec![dir.to_owned()];
     while let Some(d) = stack.pop() {
         for entry in std::fs::read_dir(&d).map_err(io_err(&d))? {
-            let entry = entry.map_err(io_err(&d))?;
-            let meta = entry.path().symlink_metadata().map_err(io_err(&entry.path()))?;
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else if meta.is_file() {
-                total += meta.len();
+            let path = entry.map_err(io_err(&d))?.path();
+            let stat = crate::inert::stat(&path)?;
+            if stat.is_dir() {
+                stack.push(path);
+            } else if stat.is_file() {
+                total += stat.len();
             }
         }
     }
@@ -171,7 +181,7 @@ mod tests {
         let store = FsLayerStore::open(dir.path()).unwrap();
         let tree = store.staging_dir().unwrap();
         crate::build_busybox_tree(Path::new("/bin/busybox"), &tree).unwrap();
-        assert!(tree.join("bin/sh").symlink_metadata().unwrap().file_type().is_symlink());
+        assert!(crate::inert::stat(&tree.join("bin/sh")).unwrap().is_symlink());
         let info = store.commit_tree(tree.clone()).await.unwrap();
         assert!(!tree.exists(), "the staged tree was moved into the store");
         let disk = store.layer_disk(&info.digest).unwrap();

@@ -1,5 +1,6 @@
-//! [`unpack_layer`]: turns a layer tar from the guest agent into a tree in overlayfs "upper"
-//! format, refusing any member that would write outside the tree.
+//! [`unpack_layer`]: turns a layer tar from the guest agent into an inert tree (see
+//! [`crate::inert`]) holding a layer in overlayfs "upper" format, refusing any member that
+//! would write outside the tree.
 //!
 //! The accepted format is POSIX PAX (ustar and GNU headers read too): relative member names
 //! (a leading `./` is tolerated), directories, regular files, symlinks, hardlinks to an
@@ -22,22 +23,19 @@
 //!   xattrs outside `user.`/`security.`/`trusted.`, overlayfs-private `trusted.overlay.*`
 //!   xattrs other than `trusted.overlay.opaque=y`.
 //!
-//! Nothing ever follows a symlink while creating: each parent component is checked with
-//! `symlink_metadata` to be a real directory (the tree is ours alone while unpacking, so the
-//! check cannot go stale), files are created with `O_EXCL`, and ownership, times and xattrs
-//! are set with the no-follow calls.
+//! The tree holds no host symlink (a symlink member becomes a file holding its target), and
+//! each parent component is still checked to be a real directory (the tree is ours alone
+//! while unpacking, so the check cannot go stale); files are created with `O_EXCL`. Owners,
+//! modes, times and xattrs go into each entry's record, never onto the host file.
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
-use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::FileType;
 use tar::EntryType;
 
 use crate::fsutil::{self, OPAQUE_XATTR, OVERLAY_XATTR_PREFIX};
+use crate::inert::{self, Kind, Meta};
 use crate::tarname::{member_path, pax_time};
 use crate::{ImageError, ImageResult, io_err};
 
@@ -68,20 +66,9 @@ impl Default for UnpackLimits {
 /// Most segments a sparse map may list (the agent writes at most 4096).
 const MAX_SPARSE_SEGMENTS: u64 = 1 << 16;
 
-/// Owner, permissions, time and xattrs of one member.
-struct Meta {
-    uid: u32,
-    gid: u32,
-    mode: u32,
-    mtime: (i64, u32),
-    xattrs: Vec<(String, Vec<u8>)>,
-}
-
-/// A directory whose mode and mtime are set once all its children are in place.
-struct PendingDir {
-    path: PathBuf,
-    mode: u32,
-    mtime: (i64, u32),
+/// The record of a directory the tar implies but does not list (a parent of a member).
+fn implied_dir() -> Meta {
+    Meta::new(Kind::Dir, 0o755, 0, 0, (0, 0))
 }
 
 /// Unpacks the layer tar at `tar` into `tree`, which must be an existing empty directory.
@@ -99,15 +86,12 @@ pub fn unpack_layer_limited(tar: &Path, tree: &Path, limits: UnpackLimits) -> Im
     }
     let file = File::open(tar).map_err(io_err(tar))?;
     let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 16, file));
-    let mut unpacker = Unpacker { tree, stats: UnpackStats::default(), dirs: Vec::new(), limits };
+    // The root's record, until the layer's own root member (if any) replaces it.
+    inert::init_root(tree, &implied_dir())?;
+    let mut unpacker = Unpacker { tree, stats: UnpackStats::default(), limits };
     for entry in archive.entries().map_err(io_err(tar))? {
         let entry = entry.map_err(io_err(tar))?;
         unpacker.member(entry, tar)?;
-    }
-    // Children first, so that no later creation bumps a directory's mtime.
-    for dir in unpacker.dirs.iter().rev() {
-        fsutil::chmod(&dir.path, dir.mode)?;
-        fsutil::set_times(&dir.path, dir.mtime, dir.mtime)?;
     }
     Ok(unpacker.stats)
 }
@@ -115,7 +99,6 @@ pub fn unpack_layer_limited(tar: &Path, tree: &Path, limits: UnpackLimits) -> Im
 struct Unpacker<'a> {
     tree: &'a Path,
     stats: UnpackStats,
-    dirs: Vec<PendingDir>,
     limits: UnpackLimits,
 }
 
@@ -138,15 +121,15 @@ impl Unpacker<'_> {
         if is_root && !kind.is_dir() {
             return Err(bad("only a directory may name the root of the layer".into()));
         }
+        let record = |kind: Kind| Meta { kind, ..meta.clone() };
         match kind {
             EntryType::Directory => {
                 let path = if is_root { self.tree.to_owned() } else { self.slot(&rel, true).map_err(bad)? };
-                if !path.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-                    std::fs::create_dir(&path).map_err(io_err(&path))?;
+                if path.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                    inert::set(&path, &record(Kind::Dir))?;
+                } else {
+                    inert::create_dir(&path, &record(Kind::Dir))?;
                 }
-                fsutil::chown(&path, meta.uid, meta.gid)?;
-                set_xattrs(&path, &meta.xattrs)?;
-                self.dirs.push(PendingDir { path, mode: meta.mode, mtime: meta.mtime });
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let apparent = match &sparse {
@@ -158,7 +141,7 @@ impl Unpacker<'_> {
                     return Err(ImageError::LayerTooLarge { limit: self.limits.max_apparent_bytes });
                 }
                 let path = self.slot(&rel, false).map_err(bad)?;
-                let mut file = fsutil::create_file(&path)?;
+                let mut file = inert::create_file(&path)?;
                 self.stats.content_bytes += match &sparse {
                     Some(s) => write_sparse(&mut entry, &mut file, s.real_size).map_err(|e| match e {
                         SparseError::Io(e) => io_err(&path)(e),
@@ -167,14 +150,15 @@ impl Unpacker<'_> {
                     None => io::copy(&mut entry, &mut file).map_err(io_err(tar))?,
                 };
                 drop(file);
-                finish(&path, &meta, true)?;
+                inert::set(&path, &record(Kind::File))?;
             }
             EntryType::Symlink => {
                 let target = entry.link_name_bytes().ok_or_else(|| bad("symlink without a target".into()))?;
-                let target = PathBuf::from(OsStr::from_bytes(&target));
+                if let Some(why) = inert::symlink_target_refusal(&target) {
+                    return Err(bad(why.into()));
+                }
                 let path = self.slot(&rel, false).map_err(bad)?;
-                symlink(&target, &path).map_err(io_err(&path))?;
-                finish(&path, &meta, false)?;
+                inert::create_symlink(&path, &target, &record(Kind::Symlink))?;
             }
             EntryType::Link => {
                 let target = entry.link_name_bytes().ok_or_else(|| bad("hardlink without a target".into()))?;
@@ -188,13 +172,11 @@ impl Unpacker<'_> {
             }
             EntryType::Fifo => {
                 let path = self.slot(&rel, false).map_err(bad)?;
-                fsutil::mknod(&path, FileType::Fifo, 0)?;
-                finish(&path, &meta, true)?;
+                inert::create_node(&path, &record(Kind::Fifo))?;
             }
             EntryType::Char if device_numbers(&entry).map_err(bad)? == (0, 0) => {
                 let path = self.slot(&rel, false).map_err(bad)?;
-                fsutil::mknod(&path, FileType::CharacterDevice, 0)?;
-                finish(&path, &meta, true)?;
+                inert::create_node(&path, &record(Kind::Char(0)))?;
             }
             EntryType::Char | EntryType::Block => {
                 tracing::warn!(member = %name, "skipping device node: a layer holds only 0/0 whiteouts");
@@ -247,10 +229,13 @@ impl Unpacker<'_> {
             }
             match path.symlink_metadata() {
                 Ok(m) if m.is_dir() => {}
-                Ok(m) if m.is_symlink() => return Err(format!("parent {} is a symlink", shown(self.tree, &path))),
+                Ok(_) if inert::try_stat(&path).ok().flatten().is_some_and(|s| s.is_symlink()) => {
+                    return Err(format!("parent {} is a symlink", shown(self.tree, &path)));
+                }
                 Ok(_) => return Err(format!("parent {} is not a directory", shown(self.tree, &path))),
                 Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
-                    std::fs::create_dir(&path).map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+                    inert::create_dir(&path, &implied_dir())
+                        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
                 }
                 Err(_) => return Err(format!("parent {} does not exist", shown(self.tree, &path))),
             }
@@ -261,21 +246,6 @@ impl Unpacker<'_> {
 
 fn shown(tree: &Path, path: &Path) -> String {
     path.strip_prefix(tree).unwrap_or(path).display().to_string()
-}
-
-/// Owner, mode (after chown, which clears setuid/setgid), xattrs (after chown, which clears
-/// `security.capability`), then times.
-fn finish(path: &Path, meta: &Meta, chmod: bool) -> ImageResult<()> {
-    fsutil::chown(path, meta.uid, meta.gid)?;
-    if chmod {
-        fsutil::chmod(path, meta.mode)?;
-    }
-    set_xattrs(path, &meta.xattrs)?;
-    fsutil::set_times(path, meta.mtime, meta.mtime)
-}
-
-fn set_xattrs(path: &Path, xattrs: &[(String, Vec<u8>)]) -> ImageResult<()> {
-    xattrs.iter().try_for_each(|(name, value)| fsutil::set_xattr(path, name, value))
 }
 
 /// The PAX sparse 1.0 records of a member.
@@ -408,7 +378,9 @@ fn read_meta<R: io::Read>(entry: &mut tar::Entry<'_, R>) -> Result<Meta, String>
             }
         }
     }
-    Ok(Meta { uid, gid, mode, mtime, xattrs })
+    let mut meta = Meta::new(Kind::File, mode, uid, gid, mtime);
+    meta.xattrs = xattrs;
+    Ok(meta)
 }
 
 /// Why an xattr from the archive is not written, if it is not.

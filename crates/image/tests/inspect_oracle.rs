@@ -58,7 +58,7 @@ fn check(base: &Path, layers: &[PathBuf], tag: &str) {
     for node in expected.values_mut() {
         node.xattrs.clear();
     }
-    let actual = view_snapshot(&ImageView::new(layers.to_vec()));
+    let actual = view_snapshot(&ImageView::new(inert_copies(base, &all, tag)));
     assert_same_view(&expected, &actual, &format!("{tag}: ImageView vs overlayfs"));
 }
 

@@ -6,6 +6,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use boxwood_image::{ImageError, merge_layers};
+
 use common::*;
 
 fn read(path: &Path) -> String {
@@ -76,7 +77,7 @@ fn merge_keeping_whiteouts_keeps_what_hides_lower_layers() {
     let layers = scenario::build(base.path());
     let out = base.path().join("out");
     let merged: Vec<&Path> = layers[..3].iter().map(|p| p.as_path()).collect();
-    merge_layers(&merged, &out, true).unwrap();
+    merge_live(&merged, &out, true).unwrap();
     common_expectations(&out);
 
     for w in ["b", "e", "f/old", "j", "r"] {
@@ -96,7 +97,7 @@ fn full_merge_leaves_no_whiteouts_or_opaque_marks() {
     let layers = scenario::build(base.path());
     let out = base.path().join("out");
     let merged: Vec<&Path> = layers[..3].iter().map(|p| p.as_path()).collect();
-    merge_layers(&merged, &out, false).unwrap();
+    merge_live(&merged, &out, false).unwrap();
     common_expectations(&out);
     for gone in ["b", "e", "f/old", "j", "r", "k/below"] {
         assert!(!exists(&out.join(gone)), "{gone} must be gone");
@@ -116,12 +117,13 @@ fn single_layer_merge_is_a_copy_and_bad_targets_are_refused() {
     whiteout(&layer, "gone");
     opaque_dir(&layer, "opq");
     let out = base.path().join("out");
-    merge_layers(&[&layer], &out, true).unwrap();
+    merge_live(&[&layer], &out, true).unwrap();
     assert_eq!(read(&out.join("etc/passwd")), "root:x:0:0\n");
     assert_eq!(out.join("etc/passwd").symlink_metadata().unwrap().uid(), 7);
     assert!(is_whiteout(&out.join("gone")));
     assert!(opaque(&out.join("opq")));
     // out must be empty or missing
+    let layer = inert_copy(&layer, &base.path().join("layer-inert"));
     let err = merge_layers(&[&layer], &out, true).unwrap_err();
     assert!(matches!(err, ImageError::InvalidTree { .. }), "{err}");
     assert!(matches!(merge_layers(&[], &base.path().join("x"), true), Err(ImageError::InvalidTree { .. })));

@@ -7,7 +7,6 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use boxwood_image::merge_layers;
 use common::random::{Rng, random_layer};
 use common::*;
 
@@ -24,7 +23,7 @@ fn check_split(base: &Path, layers: &[PathBuf], from: usize, to: usize, tag: &st
     let expected = mounted_view(&all, &base.join(format!("mnt-all-{tag}")));
     let out = base.join(format!("merged-{tag}-{from}-{to}"));
     let whole = from == 0 && to == layers.len();
-    merge_layers(&all[from..to], &out, !whole).unwrap();
+    merge_live(&all[from..to], &out, !whole).unwrap();
     let actual = if whole {
         snapshot(&out)
     } else {

@@ -1,5 +1,7 @@
-//! `unpack_layer`: every member type round-trips, and hostile tars never write outside the
+//! `unpack_layer`: every member type round-trips, the tree is inert (no live setuid file,
+//! device, symlink or capability on the host), and hostile tars never write outside the
 //! tree (each hostile case checks a sentinel directory and the tree's parent afterwards).
+//! Round trips are asserted on a live copy materialized from the inert tree's records.
 
 mod common;
 
@@ -15,6 +17,28 @@ const CAP: [u8; 20] = [1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 
 
 fn meta(path: &Path) -> std::fs::Metadata {
     path.symlink_metadata().unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// A live copy of an unpacked tree, materialized from its records.
+struct Live {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Live {
+    fn of(tree: &Path) -> Self {
+        assert_inert(tree);
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("live");
+        materialize(tree, &root);
+        Live { _dir: dir, root }
+    }
+}
+
+/// Unpacks `tar` into `tree`, checks that the result is inert, and returns its live copy.
+fn unpack_live(tar: &Path, tree: &Path) -> (UnpackStats, Live) {
+    let stats = unpack_layer(tar, tree).unwrap();
+    (stats, Live::of(tree))
 }
 
 #[test]
@@ -39,7 +63,8 @@ fn every_member_type_round_trips() {
     let tar = tb.write(base.path(), "layer");
     let tree = dir(base.path(), "tree");
 
-    let stats = unpack_layer(&tar, &tree).unwrap();
+    let (stats, live) = unpack_live(&tar, &tree);
+    let tree = &live.root;
     assert_eq!(
         stats,
         UnpackStats {
@@ -64,7 +89,7 @@ fn every_member_type_round_trips() {
     assert_eq!(get_xattr(&tree.join("opq"), OPAQUE).as_deref(), Some(&b"y"[..]));
     assert_eq!(meta(&tree.join("etc")).mtime(), 1_500_000_000);
     assert_eq!(meta(&tree.join("tmp")).mode() & 0o7777, 0o1777);
-    assert_eq!(meta(&tree).mtime(), 1_000_000, "`./` sets the root's metadata");
+    assert_eq!(meta(tree).mtime(), 1_000_000, "`./` sets the root's metadata");
 
     assert!(is_whiteout(&tree.join("gone")), "whiteout is a char 0/0 device");
     let fifo = meta(&tree.join("fifo"));
@@ -83,7 +108,8 @@ fn pax_records_override_header_fields() {
         .file("old", b"y", Hdr::default(), &[]);
     let tar = tb.write(base.path(), "layer");
     let tree = dir(base.path(), "tree");
-    unpack_layer(&tar, &tree).unwrap();
+    let (_, live) = unpack_live(&tar, &tree);
+    let tree = &live.root;
     let f = meta(&tree.join(&long));
     assert_eq!((f.uid(), f.gid(), f.mtime(), f.mtime_nsec()), (3_000_000, 3_000_001, 1_700_000_000, 250_000_000));
     assert!(!exists(&tree.join("short-name")));
@@ -108,6 +134,7 @@ struct Hostile {
     base: tempfile::TempDir,
     tree: PathBuf,
     sentinel: PathBuf,
+    live: std::cell::RefCell<Option<Live>>,
 }
 
 impl Hostile {
@@ -116,7 +143,12 @@ impl Hostile {
         let tree = dir(base.path(), "tree");
         let sentinel = dir(base.path(), "sentinel");
         file(&sentinel, "secret", "do not touch");
-        Hostile { base, tree, sentinel }
+        Hostile { base, tree, sentinel, live: Default::default() }
+    }
+
+    /// The live copy of the tree after a successful [`Hostile::unpack`].
+    fn live(&self) -> PathBuf {
+        self.live.borrow().as_ref().expect("unpacked").root.clone()
     }
 
     fn sentinel_str(&self) -> String {
@@ -138,6 +170,9 @@ impl Hostile {
             .collect();
         names.sort();
         assert_eq!(names, ["hostile.tar", "sentinel", "tree"], "nothing created beside the tree");
+        if result.is_ok() {
+            *self.live.borrow_mut() = Some(Live::of(&self.tree));
+        }
         result
     }
 }
@@ -197,8 +232,8 @@ fn nothing_is_created_through_a_symlink() {
         .symlink("d", &h.sentinel_str())
         .dir("d/", Hdr { mode: 0o777, ..Hdr::default() }, &[]);
     h.unpack(tb).unwrap();
-    assert_eq!(std::fs::read_to_string(h.tree.join("s")).unwrap(), "replaced");
-    assert!(meta(&h.tree.join("d")).is_dir());
+    assert_eq!(std::fs::read_to_string(h.live().join("s")).unwrap(), "replaced");
+    assert!(meta(&h.live().join("d")).is_dir());
 }
 
 #[test]
@@ -230,9 +265,9 @@ fn hardlinks_outside_the_tree_are_refused() {
     let mut tb = TarBuilder::new();
     tb.symlink("link", &secret).hardlink("h", "link");
     h.unpack(tb).unwrap();
-    let link = meta(&h.tree.join("h"));
+    let link = meta(&h.live().join("h"));
     assert!(link.file_type().is_symlink());
-    assert_eq!(link.ino(), meta(&h.tree.join("link")).ino());
+    assert_eq!(link.ino(), meta(&h.live().join("link")).ino());
 }
 
 #[test]
@@ -246,9 +281,11 @@ fn devices_and_unknown_types_are_skipped() {
         .file("after", b"still unpacked", Hdr::default(), &[]);
     let stats = h.unpack(tb).unwrap();
     assert_eq!(stats.entries, 2);
-    assert!(!exists(&h.tree.join("sda")) && !exists(&h.tree.join("null")) && !exists(&h.tree.join("volume-label")));
-    assert!(is_whiteout(&h.tree.join("whiteout")));
-    assert_eq!(std::fs::read_to_string(h.tree.join("after")).unwrap(), "still unpacked");
+    assert!(
+        !exists(&h.live().join("sda")) && !exists(&h.live().join("null")) && !exists(&h.live().join("volume-label"))
+    );
+    assert!(is_whiteout(&h.live().join("whiteout")));
+    assert_eq!(std::fs::read_to_string(h.live().join("after")).unwrap(), "still unpacked");
 }
 
 #[test]
@@ -261,7 +298,7 @@ fn overlay_private_and_foreign_xattrs_are_dropped() {
         &[("trusted.overlay.redirect", b"/etc"), ("system.foo", b"x"), ("user.ok", b"1"), (OPAQUE, b"x")],
     );
     h.unpack(tb).unwrap();
-    let d = h.tree.join("d");
+    let d = h.live().join("d");
     assert_eq!(get_xattr(&d, "user.ok").as_deref(), Some(&b"1"[..]));
     assert_eq!(get_xattr(&d, "trusted.overlay.redirect"), None);
     assert_eq!(get_xattr(&d, OPAQUE), None);
@@ -388,4 +425,35 @@ fn malformed_sparse_maps_are_refused() {
         let r = h.unpack(sparse_member(&body, size));
         assert!(matches!(r, Err(ImageError::BadLayer { .. })), "{name}: {r:?}");
     }
+}
+
+#[test]
+fn unpacked_trees_hold_nothing_live_on_the_host() {
+    let base = tempfile::tempdir().unwrap();
+    let root = Hdr { mode: 0o4755, uid: 0, gid: 0, mtime: 1 };
+    let mut tb = TarBuilder::new();
+    tb.file("su", b"#!/bin/sh\n", root, &[("security.capability", &CAP)])
+        .dir("sgid/", Hdr { mode: 0o2777, ..Hdr::default() }, &[(OPAQUE, b"y")])
+        .symlink("shadow", "/etc/shadow")
+        .raw(EntryType::Char, "gone", None, &[], Hdr::default(), &[])
+        .raw(EntryType::Fifo, "fifo", None, &[], Hdr { mode: 0o666, ..Hdr::default() }, &[]);
+    let tar = tb.write(base.path(), "layer");
+    let tree = dir(base.path(), "tree");
+    let (_, live) = unpack_live(&tar, &tree);
+    // Positive control: what the image holds is what a scan of a live tree would flag.
+    let su = meta(&live.root.join("su"));
+    assert_eq!((su.mode(), su.uid()), (0o104755, 0));
+    assert_eq!(get_xattr(&live.root.join("su"), "security.capability").as_deref(), Some(&CAP[..]));
+    assert_eq!(meta(&live.root.join("sgid")).mode() & 0o7777, 0o2777);
+    assert!(meta(&live.root.join("shadow")).file_type().is_symlink() && is_whiteout(&live.root.join("gone")));
+    // On the host: private files and dirs only, the metadata as data.
+    for name in ["su", "shadow", "gone", "fifo"] {
+        let m = meta(&tree.join(name));
+        assert_eq!(m.mode(), 0o100600, "{name}");
+        assert_eq!(get_xattr(&tree.join(name), "security.capability"), None);
+    }
+    assert_eq!(meta(&tree.join("sgid")).mode(), 0o040700);
+    assert_eq!(get_xattr(&tree.join("sgid"), OPAQUE), None, "no live overlayfs marker");
+    assert_eq!(std::fs::read(tree.join("shadow")).unwrap(), b"/etc/shadow", "a symlink is a file holding its target");
+    assert_inert(&tree);
 }

@@ -13,22 +13,24 @@
 //!   last component is never followed: whatever is there (file, symlink or directory of an
 //!   earlier layer) is replaced, except that a directory member merges into a directory.
 //! * Device nodes are skipped; FIFOs are kept. Owners, 07777 modes, mtimes and the xattrs
-//!   `user.*` and `security.capability` are kept.
+//!   `user.*` and `security.capability` are kept — as data: the tree is inert (see
+//!   `boxwood_image::inert`), so a setuid-root file of an image is a 0600 file of the server
+//!   on the host, and a symlink is a file holding its target.
 //!
 //! The tree must be ours alone while layers are applied (no one else renames inside it), so a
-//! component checked with `lstat` to be a real directory stays one.
+//! component checked to be a real directory stays one.
 
 use std::collections::{HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::symlink;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use tar::EntryType;
 
+use boxwood_image::inert::{self, Kind, Meta};
 use boxwood_image::tarname::{member_path, pax_time};
 
 use crate::fsutil::{self, remove_any};
@@ -76,9 +78,9 @@ pub(crate) fn check_tree(tree: &Path) -> Result<(), OciError> {
 /// [`OciError::Cancelled`] once `cancel` is set. Whatever the failure, `tree` ends up empty.
 pub(crate) fn apply_all(layers: &[(BlobLoc, String)], tree: &Path, cancel: &AtomicBool) -> Result<u64, OciError> {
     check_tree(tree)?;
-    let result = layers
-        .iter()
-        .try_for_each(|(loc, name)| apply_one(loc, name, tree, cancel))
+    let result = inert::init_root(tree, &implied_dir())
+        .map_err(OciError::from)
+        .and_then(|()| layers.iter().try_for_each(|(loc, name)| apply_one(loc, name, tree, cancel)))
         .and_then(|()| fsutil::content_bytes(tree));
     if result.is_err()
         && let Err(e) = fsutil::clear_dir(tree)
@@ -92,32 +94,19 @@ fn apply_one(loc: &BlobLoc, digest: &str, tree: &Path, cancel: &AtomicBool) -> R
     let corrupt = |e: io::Error| OciError::CorruptLayer { digest: digest.to_string(), reason: e.to_string() };
     let reader = decompressed(BufReader::with_capacity(1 << 16, loc.open()?)).map_err(corrupt)?;
     let mut archive = tar::Archive::new(reader);
-    let mut layer =
-        Layer { root: tree, digest, member: String::new(), this_layer: HashSet::new(), dirs: Vec::new(), cancel };
+    let mut layer = Layer { root: tree, digest, member: String::new(), this_layer: HashSet::new(), cancel };
     for entry in archive.entries().map_err(corrupt)? {
         if cancel.load(Ordering::Relaxed) {
             return Err(OciError::Cancelled);
         }
         layer.member(entry.map_err(corrupt)?)?;
     }
-    // Children first, so no later change bumps a directory's mtime.
-    for (rel, mode, mtime) in layer.dirs.iter().rev() {
-        let path = tree.join(rel);
-        if path.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-            fsutil::chmod(&path, *mode)?;
-            fsutil::set_times(&path, *mtime)?;
-        }
-    }
     Ok(())
 }
 
-/// Owner, permissions, time and kept xattrs of one member.
-struct Meta {
-    uid: u32,
-    gid: u32,
-    mode: u32,
-    mtime: (i64, u32),
-    xattrs: Vec<(String, Vec<u8>)>,
+/// The record of a directory no member describes (the root, a missing parent).
+fn implied_dir() -> Meta {
+    Meta::new(Kind::Dir, 0o755, 0, 0, (0, 0))
 }
 
 /// One component still to resolve.
@@ -134,8 +123,6 @@ struct Layer<'a> {
     /// Real (symlink-free, tree-relative) paths this layer has created, which its own
     /// whiteouts must not remove.
     this_layer: HashSet<PathBuf>,
-    /// Directories whose mode and mtime are set once the layer is in place.
-    dirs: Vec<(PathBuf, u32, (i64, u32))>,
     cancel: &'a AtomicBool,
 }
 
@@ -170,27 +157,28 @@ impl Layer<'_> {
             return self.whiteout(&parent, OsStr::from_bytes(victim));
         }
         let meta = read_meta(&mut entry, self.digest).map_err(|r| self.hostile(r))?;
+        let record = |kind: Kind| Meta { kind, ..meta.clone() };
         match kind {
             EntryType::Directory => {
                 let real =
                     self.resolve_dir(&rel, true, false)?.ok_or_else(|| self.hostile("unresolvable directory"))?;
-                let path = self.root.join(&real);
-                fsutil::chown(&path, meta.uid, meta.gid)?;
-                set_xattrs(&path, &meta.xattrs)?;
-                self.dirs.push((real, meta.mode, meta.mtime));
+                inert::set(&self.root.join(&real), &record(Kind::Dir))?;
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let path = self.slot(&parent, &file_name)?;
-                let mut file = fsutil::create_file(&path)?;
+                let mut file = inert::create_file(&path)?;
                 self.copy(&mut entry, &mut file, &path)?;
                 drop(file);
-                finish(&path, &meta, true)?;
+                inert::set(&path, &record(Kind::File))?;
             }
             EntryType::Symlink => {
                 let target = entry.link_name_bytes().ok_or_else(|| self.hostile("symlink without a target"))?;
+                if let Some(why) = inert::symlink_target_refusal(&target) {
+                    return Err(self.hostile(why));
+                }
                 let path = self.slot(&parent, &file_name)?;
-                symlink(OsStr::from_bytes(&target), &path).map_err(io_err(&path))?;
-                finish(&path, &meta, false)?;
+                // A symlink carries no xattrs a rootfs needs.
+                inert::create_symlink(&path, &target, &Meta { xattrs: Vec::new(), ..record(Kind::Symlink) })?;
             }
             EntryType::Link => {
                 let target = entry.link_name_bytes().ok_or_else(|| self.hostile("hardlink without a target"))?;
@@ -203,8 +191,7 @@ impl Layer<'_> {
             }
             EntryType::Fifo => {
                 let path = self.slot(&parent, &file_name)?;
-                fsutil::mkfifo(&path)?;
-                finish(&path, &meta, true)?;
+                inert::create_node(&path, &record(Kind::Fifo))?;
             }
             EntryType::Char | EntryType::Block => {
                 tracing::debug!(member = %self.member, "skipping device node: a rootfs does not need them");
@@ -326,14 +313,15 @@ impl Layer<'_> {
             let candidate_rel = real.join(&name);
             let candidate = self.root.join(&candidate_rel);
             let last = pending.is_empty();
-            match candidate.symlink_metadata() {
-                Ok(m) if m.is_dir() => {}
-                Ok(m) if m.is_symlink() && (follow_last || !last) => {
+            match inert::try_stat(&candidate)? {
+                Some(m) if m.is_dir() => {}
+                Some(m) if m.is_symlink() && (follow_last || !last) => {
                     hops += 1;
                     if hops > MAX_SYMLINK_HOPS {
                         return Err(self.hostile("too many levels of symbolic links"));
                     }
-                    let target = std::fs::read_link(&candidate).map_err(io_err(&candidate))?;
+                    let target = inert::read_link(&candidate)?;
+                    let target = Path::new(OsStr::from_bytes(&target));
                     for c in target.components().rev() {
                         match c {
                             Component::Normal(n) => pending.push_front(Step::Name(n.into())),
@@ -347,22 +335,21 @@ impl Layer<'_> {
                     }
                     continue;
                 }
-                Ok(_) if !create => return Ok(None),
-                Ok(_) if last && !follow_last => {
+                Some(_) if !create => return Ok(None),
+                Some(_) if last && !follow_last => {
                     // A directory member (or opaque marker) replaces a file or symlink.
                     remove_any(&candidate)?;
                     self.mkdir(&candidate, &candidate_rel)?;
                 }
-                Ok(_) => {
+                Some(_) => {
                     return Err(self.hostile(format!("parent {} is not a directory", candidate_rel.display())));
                 }
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                None => {
                     if !create {
                         return Ok(None);
                     }
                     self.mkdir(&candidate, &candidate_rel)?;
                 }
-                Err(e) => return Err(io_err(&candidate)(e)),
             }
             if create {
                 self.this_layer.insert(candidate_rel.clone());
@@ -373,26 +360,10 @@ impl Layer<'_> {
     }
 
     fn mkdir(&mut self, path: &Path, rel: &Path) -> Result<(), OciError> {
-        std::fs::create_dir(path).map_err(io_err(path))?;
-        fsutil::chmod(path, 0o755)?;
+        inert::create_dir(path, &implied_dir())?;
         self.this_layer.insert(rel.to_owned());
         Ok(())
     }
-}
-
-/// Owner, mode (after chown, which clears setuid/setgid), xattrs (after chown, which clears
-/// `security.capability`), then times.
-fn finish(path: &Path, meta: &Meta, chmod: bool) -> Result<(), OciError> {
-    fsutil::chown(path, meta.uid, meta.gid)?;
-    if chmod {
-        fsutil::chmod(path, meta.mode)?;
-        set_xattrs(path, &meta.xattrs)?;
-    }
-    fsutil::set_times(path, meta.mtime)
-}
-
-fn set_xattrs(path: &Path, xattrs: &[(String, Vec<u8>)]) -> Result<(), OciError> {
-    xattrs.iter().try_for_each(|(name, value)| fsutil::set_xattr(path, name, value))
 }
 
 fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, digest: &str) -> Result<Meta, String> {
@@ -422,5 +393,7 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, digest: &str) -> Result<Met
             }
         }
     }
-    Ok(Meta { uid, gid, mode, mtime, xattrs })
+    let mut meta = Meta::new(Kind::File, mode, uid, gid, mtime);
+    meta.xattrs = xattrs;
+    Ok(meta)
 }

@@ -59,6 +59,9 @@ pub enum OciError {
     /// A transfer that broke off or was malformed after the connection was made.
     #[error("transfer from {url} failed: {reason}")]
     Transfer { url: String, reason: String },
+    /// Writing the image's (inert) tree failed.
+    #[error("cannot write the image tree")]
+    Tree(#[from] boxwood_image::ImageError),
     /// A local file-system operation failed.
     #[error("i/o error on {path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
@@ -106,7 +109,9 @@ impl OciError {
             OciError::LocalSource { .. } => "the local source is not a usable image archive or layout".into(),
             OciError::Registry { url, status, .. } => format!("registry {} answered HTTP {status}", host_of(url)),
             OciError::Transfer { url, .. } => format!("the transfer from registry {} broke off", host_of(url)),
-            OciError::InvalidTree { .. } | OciError::Io { .. } => "the server could not store the import".into(),
+            OciError::InvalidTree { .. } | OciError::Io { .. } | OciError::Tree(_) => {
+                "the server could not store the import".into()
+            }
         }
     }
 }

@@ -77,9 +77,9 @@ impl Registry {
     async fn push_busybox(&self, repo: &str, tag: &str, env: &[&str]) {
         let src = tempfile::tempdir().unwrap();
         boxwood_image::build_busybox_tree(std::path::Path::new("/bin/busybox"), src.path()).unwrap();
-        let mut tar = tar::Builder::new(Vec::new());
-        tar.append_dir_all(".", src.path()).unwrap();
-        let tar = tar.into_inner().unwrap();
+        // The tree is inert on the host; its tar export carries the image's real metadata.
+        let mut tar = Vec::new();
+        boxwood_image::ImageView::new(vec![src.path().to_owned()]).write_archive("/", &mut tar).unwrap();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &tar).unwrap();
         let layer = gz.finish().unwrap();

@@ -2,6 +2,7 @@
 
 mod abuse_guest;
 mod abuse_import;
+mod abuse_inert;
 mod abuse_jail;
 mod abuse_network;
 mod api;

@@ -19,13 +19,13 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 use tar::{EntryType, Header};
 
 use super::{Entry, ImageView, requested_name};
-use crate::{ImageError, ImageResult, fsutil};
+use crate::inert::{self, Kind};
+use crate::{ImageError, ImageResult};
 
 const BLOCK: usize = 512;
 /// Largest value of an 11-digit octal ustar field (size, mtime).
@@ -86,7 +86,7 @@ impl Archiver<'_> {
     /// device node (sockets are skipped).
     fn leaf(&mut self, name: &[u8], entry: &Entry) -> ImageResult<()> {
         let meta = &entry.meta;
-        if meta.file_type().is_socket() {
+        if meta.kind() == Kind::Socket {
             tracing::debug!(path = %entry.path(), "not archiving a socket");
             return Ok(());
         }
@@ -98,20 +98,20 @@ impl Archiver<'_> {
             }
             self.links.insert(key, name.to_vec());
         }
-        let kind = meta.file_type();
-        if kind.is_file() {
-            let file = fsutil::open_nofollow(&entry.host)?;
-            self.member(name, entry, EntryType::Regular, None)?;
-            self.copy_content(file, meta.len(), &entry.host)
-        } else if kind.is_symlink() {
-            let target = std::fs::read_link(&entry.host).map_err(crate::io_err(&entry.host))?;
-            self.member(name, entry, EntryType::Symlink, Some(target.as_os_str().as_bytes()))
-        } else if kind.is_fifo() {
-            self.member(name, entry, EntryType::Fifo, None)
-        } else if kind.is_char_device() {
-            self.member(name, entry, EntryType::Char, None)
-        } else {
-            self.member(name, entry, EntryType::Block, None)
+        match meta.kind() {
+            Kind::File => {
+                let file = inert::open(&entry.host)?;
+                self.member(name, entry, EntryType::Regular, None)?;
+                self.copy_content(file, meta.len(), &entry.host)
+            }
+            Kind::Symlink => {
+                let target = inert::read_link(&entry.host)?;
+                self.member(name, entry, EntryType::Symlink, Some(&target))
+            }
+            Kind::Fifo => self.member(name, entry, EntryType::Fifo, None),
+            Kind::Char(_) => self.member(name, entry, EntryType::Char, None),
+            Kind::Block(_) => self.member(name, entry, EntryType::Block, None),
+            Kind::Dir | Kind::Socket => Ok(()),
         }
     }
 

@@ -2,11 +2,11 @@
 //! style text of a directory listing (`GET …/list?text=1`).
 
 use std::fmt::Write as _;
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use serde::Serialize;
 
 use super::{Entry, ImageView};
+use crate::inert::{self, Kind};
 
 /// One entry of a listing or a stat, as the contree `FileItem` (all 15 keys always sent).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -46,14 +46,14 @@ impl ImageView {
     /// The [`FileItem`] of `entry` (itself, not a symlink's target), named `name`.
     pub(super) fn file_item(&self, name: String, entry: &Entry) -> FileItem {
         let meta = &entry.meta;
-        let kind = meta.file_type();
-        let symlink_to = if kind.is_symlink() {
-            std::fs::read_link(&entry.host).map(|t| t.to_string_lossy().into_owned()).unwrap_or_default()
+        let kind = meta.kind();
+        let symlink_to = if kind == Kind::Symlink {
+            inert::read_link(&entry.host).map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default()
         } else {
             String::new()
         };
         FileItem {
-            size: meta.size(),
+            size: meta.len(),
             path: name,
             owner: self.user_name(meta.uid()).map_or_else(|| meta.uid().to_string(), str::to_owned),
             group: self.group_name(meta.gid()).map_or_else(|| meta.gid().to_string(), str::to_owned),
@@ -62,11 +62,11 @@ impl ImageView {
             mode: meta.mode(),
             mtime: meta.mtime(),
             nlink: meta.nlink(),
-            is_dir: kind.is_dir(),
-            is_regular: kind.is_file(),
-            is_symlink: kind.is_symlink(),
-            is_socket: kind.is_socket(),
-            is_fifo: kind.is_fifo(),
+            is_dir: kind == Kind::Dir,
+            is_regular: kind == Kind::File,
+            is_symlink: kind == Kind::Symlink,
+            is_socket: kind == Kind::Socket,
+            is_fifo: kind == Kind::Fifo,
             symlink_to,
         }
     }

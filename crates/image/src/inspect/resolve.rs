@@ -4,19 +4,16 @@
 //! A name in a directory resolves to its topmost entry, scanning only the layers where the
 //! parent is a directory: a whiteout (char device 0/0) hides it, a non-directory ends the
 //! scan, directories merge downwards until an opaque one (`trusted.overlay.opaque=y`).
-//! Symlinks are read from the winning layer and followed *inside the image*: an absolute
-//! target restarts at the image root and `..` stops at the root, like `chroot`. So no lookup
-//! ever leaves the layer trees, and host symlinks inside a tree are never followed (each
-//! host path joined here has only real directories as its parent components).
+//! Symlinks are read from the winning layer's records and followed *inside the image*: an
+//! absolute target restarts at the image root and `..` stops at the root, like `chroot`. So
+//! no lookup ever leaves the layer trees (inert trees hold no host symlinks, and each host
+//! path joined here has only real directories as its parent components).
 
 use std::ffi::{OsStr, OsString};
-use std::fs::Metadata;
-use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use crate::fsutil::{self, OPAQUE_XATTR};
-use crate::merge::is_whiteout;
+use crate::inert::{self, Stat};
 use crate::{ImageError, ImageResult, io_err};
 
 use super::ImageView;
@@ -34,8 +31,8 @@ pub struct Entry {
     pub(super) layer: usize,
     /// The entry in that layer's tree on the host.
     pub(super) host: PathBuf,
-    /// `lstat` of `host`.
-    pub(super) meta: Metadata,
+    /// The entry's record (and its host inode's `lstat`).
+    pub(super) meta: Stat,
     /// For a directory, the layers (top first) whose directories merge into it.
     pub(super) stack: Vec<usize>,
 }
@@ -57,8 +54,8 @@ impl Entry {
         &self.host
     }
 
-    /// `lstat` of the entry in its layer.
-    pub fn metadata(&self) -> &Metadata {
+    /// The entry's metadata as the image has it.
+    pub fn metadata(&self) -> &Stat {
         &self.meta
     }
 
@@ -71,7 +68,7 @@ impl Entry {
     }
 
     pub fn is_symlink(&self) -> bool {
-        self.meta.file_type().is_symlink()
+        self.meta.is_symlink()
     }
 
     /// The name the entry has in its directory (`/` for the root).
@@ -87,7 +84,7 @@ impl ImageView {
         let Some(top) = self.layers.first() else {
             return Err(ImageError::NotFound { path: "/".into() });
         };
-        let meta = top.symlink_metadata().map_err(io_err(top))?;
+        let meta = inert::stat(top)?;
         if !meta.is_dir() {
             return Err(ImageError::InvalidTree { path: top.clone(), reason: "layer is not a directory".into() });
         }
@@ -97,17 +94,13 @@ impl ImageView {
     /// Looks `name` up in the directory `dir`; `None` when absent or whited out.
     pub(super) fn lookup(&self, dir: &Entry, name: &OsStr) -> ImageResult<Option<Entry>> {
         let rel = dir.rel.join(name);
-        let mut found: Option<(usize, PathBuf, Metadata)> = None;
+        let mut found: Option<(usize, PathBuf, Stat)> = None;
         let mut stack = Vec::new();
         for &layer in &dir.stack {
             let host = self.layers[layer].join(&rel);
-            let meta = match host.symlink_metadata() {
-                Ok(meta) => meta,
-                Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => continue,
-                Err(e) => return Err(io_err(&host)(e)),
-            };
+            let Some(meta) = inert::try_stat(&host)? else { continue };
             if meta.is_dir() {
-                let opaque = fsutil::get_xattr(&host, OPAQUE_XATTR)?.is_some_and(|v| v == b"y");
+                let opaque = meta.is_opaque();
                 if found.is_none() {
                     found = Some((layer, host, meta));
                 }
@@ -117,7 +110,7 @@ impl ImageView {
                 }
             } else if found.is_some() {
                 break; // a directory above a non-directory or whiteout hides it
-            } else if is_whiteout(&meta) {
+            } else if meta.is_whiteout() {
                 return Ok(None);
             } else {
                 found = Some((layer, host, meta));
@@ -177,11 +170,8 @@ impl ImageView {
                 if links > MAX_SYMLINKS {
                     return Err(ImageError::SymlinkLoop { path: path.to_owned() });
                 }
-                let target = std::fs::read_link(&entry.host).map_err(io_err(&entry.host))?;
-                let target = target.as_os_str().as_bytes();
-                if target.is_empty() {
-                    return Err(not_found());
-                }
+                let target = inert::read_link(&entry.host)?;
+                let target = target.as_slice();
                 if target.starts_with(b"/") {
                     walked.clear();
                 }

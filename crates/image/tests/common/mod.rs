@@ -1,11 +1,13 @@
 //! Helpers shared by the integration tests: raw tar building (hostile names included),
-//! hand-built layer trees, and a snapshot of a tree to compare entry by entry.
+//! hand-built layer trees (built live, as overlayfs reads them, and turned into inert copies
+//! for the code under test), and a snapshot of a tree to compare entry by entry.
 #![allow(dead_code)]
 
 pub mod random;
 pub mod scenario;
 
 use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt, symlink};
 use std::path::{Path, PathBuf};
 
@@ -217,7 +219,11 @@ pub fn set_mode(path: &Path, mode: u32) {
 }
 
 pub fn set_mtime(path: &Path, secs: i64) {
-    let ts = Timespec { tv_sec: secs, tv_nsec: 0 };
+    set_mtime_ns(path, (secs, 0));
+}
+
+pub fn set_mtime_ns(path: &Path, (secs, nsec): (i64, u32)) {
+    let ts = Timespec { tv_sec: secs, tv_nsec: nsec.into() };
     let times = Timestamps { last_access: ts, last_modification: ts };
     rustix::fs::utimensat(CWD, path, &times, AtFlags::SYMLINK_NOFOLLOW).unwrap();
 }
@@ -368,4 +374,111 @@ impl Drop for OverlayMount {
             let _ = std::process::Command::new("umount").arg("-l").arg(&self.path).status();
         }
     }
+}
+
+// ---------- inert trees ----------
+
+/// An inert copy (see `boxwood_image::inert`) of the live tree `live` at `out`, made the way
+/// a legacy tree is converted: `cp -a` (owners, modes, devices, xattrs) then `make_inert`.
+pub fn inert_copy(live: &Path, out: &Path) -> PathBuf {
+    let status = std::process::Command::new("cp").arg("-a").arg(live).arg(out).status().unwrap();
+    assert!(status.success(), "cp -a {}", live.display());
+    boxwood_image::inert::make_inert(out).unwrap();
+    assert_inert(out);
+    out.to_owned()
+}
+
+/// Inert copies of `layers` under `base/<tag>-inert-<i>`.
+pub fn inert_copies(base: &Path, layers: &[&Path], tag: &str) -> Vec<PathBuf> {
+    layers.iter().enumerate().map(|(i, l)| inert_copy(l, &base.join(format!("{tag}-inert-{i}")))).collect()
+}
+
+/// Every host entry under `root` is a 0700 directory or a 0600 file of ours holding only the
+/// record xattr.
+pub fn assert_inert(root: &Path) {
+    let (uid, gid) = (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw());
+    let mut stack = vec![root.to_owned()];
+    while let Some(path) = stack.pop() {
+        let m = path.symlink_metadata().unwrap();
+        let mode = m.mode();
+        assert!(mode == 0o040700 || mode == 0o100600, "{} has live mode {mode:o}", path.display());
+        assert_eq!((m.uid(), m.gid()), (uid, gid), "{} has a live owner", path.display());
+        let names: Vec<String> = list_xattrs(&path).into_keys().collect();
+        assert_eq!(names, [boxwood_image::inert::META_XATTR], "{} has live xattrs", path.display());
+        if m.is_dir() {
+            stack.extend(std::fs::read_dir(&path).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+}
+
+/// Recreates the inert tree `inert` as a live tree at `live` (real types, owners, modes,
+/// xattrs, times, hardlinks), for comparing with overlayfs and with expectations on files.
+pub fn materialize(inert: &Path, live: &Path) {
+    use boxwood_image::inert::{self, Kind as K};
+    let mut links: BTreeMap<(u64, u64), PathBuf> = BTreeMap::new();
+    let mut dirs = Vec::new();
+    let mut stack = vec![(inert.to_owned(), live.to_owned())];
+    while let Some((src, dst)) = stack.pop() {
+        let st = inert::stat(&src).unwrap();
+        let key = (st.dev(), st.ino());
+        if !st.is_dir()
+            && st.nlink() > 1
+            && let Some(first) = links.get(&key)
+        {
+            std::fs::hard_link(first, &dst).unwrap();
+            continue;
+        }
+        let node = |kind| rustix::fs::mknodat(CWD, &dst, kind, Mode::from_raw_mode(0o600), st.rdev()).unwrap();
+        match st.kind() {
+            K::Dir => {
+                std::fs::create_dir(&dst).unwrap();
+                for e in std::fs::read_dir(&src).unwrap() {
+                    let name = e.unwrap().file_name();
+                    stack.push((src.join(&name), dst.join(&name)));
+                }
+            }
+            K::File => {
+                std::fs::copy(&src, &dst).unwrap();
+            }
+            K::Symlink => symlink(std::ffi::OsStr::from_bytes(&inert::read_link(&src).unwrap()), &dst).unwrap(),
+            K::Char(_) => node(FileType::CharacterDevice),
+            K::Block(_) => node(FileType::BlockDevice),
+            K::Fifo => node(FileType::Fifo),
+            K::Socket => continue,
+        }
+        set_owner(&dst, st.uid(), st.gid());
+        for (name, value) in &st.meta.xattrs {
+            set_xattr(&dst, name, value);
+        }
+        if st.is_dir() {
+            dirs.push((dst, st.meta.perm, st.meta.mtime));
+            continue;
+        }
+        if !st.is_symlink() {
+            set_mode(&dst, st.meta.perm);
+        }
+        set_mtime_ns(&dst, st.meta.mtime);
+        if st.nlink() > 1 {
+            links.insert(key, dst);
+        }
+    }
+    // children first: creating them bumped their directories' mtimes
+    for (dir, perm, mtime) in dirs.into_iter().rev() {
+        set_mode(&dir, perm);
+        set_mtime_ns(&dir, mtime);
+    }
+}
+
+/// `merge_layers` on inert copies of the live `layers`, its result materialized at `out`
+/// (after checking that the result itself is inert).
+pub fn merge_live(layers: &[&Path], out: &Path, keep_whiteouts: bool) -> boxwood_image::ImageResult<()> {
+    let base = out.parent().unwrap();
+    let tag = out.file_name().unwrap().to_string_lossy().into_owned();
+    let inputs = inert_copies(base, layers, &tag);
+    let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    let merged = base.join(format!("{tag}-inert-out"));
+    boxwood_image::merge_layers(&inputs, &merged, keep_whiteouts)?;
+    assert_inert(&merged);
+    materialize(&merged, out);
+    Ok(())
 }

@@ -138,6 +138,7 @@ fn long_names_and_links_use_pax_headers() {
     write(&fx.layers[0].join("deep").join(&long_dir).join(&long_file), b"deep\n", 0o600);
     let target = format!("/{}", "t".repeat(200));
     std::os::unix::fs::symlink(&target, fx.layers[0].join("deep/longlink")).unwrap();
+    crate::inert::make_inert(&fx.layers[0]).unwrap();
     let view = fx.view();
     let members = archive(&view, "/deep");
     let file_name = format!("deep/{long_dir}/{long_file}");

@@ -9,10 +9,30 @@ use std::io::Read;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::FileType;
+use rustix::fs::{CWD, FileType, Mode, Timespec, Timestamps};
 
 use super::*;
 use crate::fsutil;
+
+/// The fixture is built as live trees (real types, modes, owners, as overlayfs would read
+/// them), then made inert the way a legacy tree is converted; these set the live metadata.
+mod live {
+    use super::*;
+
+    pub fn chmod(path: &Path, mode: u32) {
+        rustix::fs::chmod(path, Mode::from_raw_mode(mode)).unwrap();
+    }
+
+    pub fn set_times(path: &Path, secs: i64) {
+        let ts = Timespec { tv_sec: secs, tv_nsec: 0 };
+        let times = Timestamps { last_access: ts, last_modification: ts };
+        rustix::fs::utimensat(CWD, path, &times, rustix::fs::AtFlags::SYMLINK_NOFOLLOW).unwrap();
+    }
+
+    pub fn mknod(path: &Path, kind: FileType) {
+        rustix::fs::mknodat(CWD, path, kind, Mode::from_raw_mode(0o600), 0).unwrap();
+    }
+}
 
 pub(super) const T0: i64 = 1_748_607_180; // 2025-05-30 12:13:00 UTC
 pub(super) const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\nalice:x:1000:1000::/home/alice:/bin/sh\n";
@@ -33,13 +53,13 @@ impl Fixture {
 fn write(path: &Path, body: &[u8], mode: u32) {
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(path, body).unwrap();
-    fsutil::chmod(path, mode).unwrap();
-    fsutil::set_times(path, (T0, 0), (T0, 0)).unwrap();
+    live::chmod(path, mode);
+    live::set_times(path, T0);
 }
 
 fn mkdir(path: &Path, mode: u32) {
     std::fs::create_dir_all(path).unwrap();
-    fsutil::chmod(path, mode).unwrap();
+    live::chmod(path, mode);
 }
 
 fn link(target: &str, at: &Path) {
@@ -49,7 +69,7 @@ fn link(target: &str, at: &Path) {
 
 fn whiteout(at: &Path) {
     std::fs::create_dir_all(at.parent().unwrap()).unwrap();
-    fsutil::mknod(at, FileType::CharacterDevice, 0).unwrap();
+    live::mknod(at, FileType::CharacterDevice);
 }
 
 /// * bottom: `/etc/{passwd,group,hosts,old.conf}`, `/opt/data/{a,b}.txt`, `/bin/busybox`,
@@ -92,8 +112,8 @@ pub(super) fn fixture() -> Fixture {
     write(&mid.join("etc/hosts"), b"10.0.0.1 boxwood\n", 0o644);
     write(&mid.join("srv/link/hard1"), b"same inode root\n", 0o644);
     std::fs::hard_link(mid.join("srv/link/hard1"), mid.join("srv/link/hard2")).unwrap();
-    fsutil::mknod(&mid.join("srv/fifo"), FileType::Fifo, 0).unwrap();
-    fsutil::chmod(&mid.join("srv/fifo"), 0o640).unwrap();
+    live::mknod(&mid.join("srv/fifo"), FileType::Fifo);
+    live::chmod(&mid.join("srv/fifo"), 0o640);
     write(&mid.join("srv/orphan"), b"nobody knows\n", 0o644);
     fsutil::chown(&mid.join("srv/orphan"), 4242, 4343).unwrap();
 
@@ -110,7 +130,10 @@ pub(super) fn fixture() -> Fixture {
     write(&top.join("srv/.hidden"), b"secret root\n", 0o644);
     mkdir(&top.join("srv/gone.txt"), 0o755);
     // directory times last: creating children bumps them
-    fsutil::set_times(&top.join("etc"), (T0, 0), (T0, 0)).unwrap();
+    live::set_times(&top.join("etc"), T0);
+    for layer in &layers {
+        crate::inert::make_inert(layer).unwrap();
+    }
     Fixture { _dir: dir, layers }
 }
 
