@@ -5,6 +5,7 @@ mod abuse_import;
 mod abuse_inert;
 mod abuse_jail;
 mod abuse_network;
+mod abuse_sparse;
 mod api;
 mod files;
 mod harness;
