@@ -17,18 +17,18 @@ pub(crate) struct Blocked {
     pub host: String,
 }
 
-/// The hosts imports may reach whatever they resolve to, and the host's own addresses.
+/// The hosts imports may reach whatever they resolve to. The host's own addresses are read
+/// at each check, so an address the host gains later is refused too.
 #[derive(Debug, Clone)]
 pub(crate) struct NetGuard {
     trusted: Arc<HashSet<String>>,
-    own: Arc<Vec<IpAddr>>,
 }
 
 impl NetGuard {
     /// `trusted`: host names or IP literals (no port, any case).
     pub fn new(trusted: impl IntoIterator<Item = String>) -> Self {
         let trusted = trusted.into_iter().map(|h| unbracket(&h).to_ascii_lowercase()).collect();
-        Self { trusted: Arc::new(trusted), own: Arc::new(own_addresses()) }
+        Self { trusted: Arc::new(trusted) }
     }
 
     fn is_trusted(&self, host: &str) -> bool {
@@ -37,7 +37,7 @@ impl NetGuard {
 
     /// Whether `ip` may be connected to for an untrusted host.
     pub fn allowed_ip(&self, ip: IpAddr) -> bool {
-        is_public(ip) && !self.own.contains(&canonical(ip))
+        is_public(ip) && !is_own(canonical(ip))
     }
 
     /// Checks a URL before a request: reqwest does not resolve IP-literal hosts, so those are
@@ -123,22 +123,22 @@ pub(crate) fn is_public(ip: IpAddr) -> bool {
     }
 }
 
-/// The addresses of this host's interfaces (a registry URL naming the host's public address
-/// would otherwise reach its own services).
-fn own_addresses() -> Vec<IpAddr> {
+/// Whether `ip` is an address of one of this host's interfaces now (a registry URL naming
+/// the host's public address would otherwise reach its own services). When the interfaces
+/// cannot be listed, every address counts as the host's: the check fails closed.
+fn is_own(ip: IpAddr) -> bool {
     let Ok(addrs) = nix::ifaddrs::getifaddrs() else {
-        return Vec::new();
+        tracing::warn!("cannot list this host's addresses; refusing the registry connection");
+        return true;
     };
-    addrs
-        .filter_map(|i| i.address)
-        .filter_map(|a| {
-            if let Some(v4) = a.as_sockaddr_in() {
-                Some(IpAddr::V4(v4.ip()))
-            } else {
-                a.as_sockaddr_in6().map(|v6| canonical(IpAddr::V6(v6.ip())))
-            }
-        })
-        .collect()
+    addrs.filter_map(|i| i.address).any(|a| {
+        let addr = if let Some(v4) = a.as_sockaddr_in() {
+            Some(IpAddr::V4(v4.ip()))
+        } else {
+            a.as_sockaddr_in6().map(|v6| canonical(IpAddr::V6(v6.ip())))
+        };
+        addr == Some(ip)
+    })
 }
 
 #[cfg(test)]
