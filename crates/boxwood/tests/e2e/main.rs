@@ -3,6 +3,7 @@
 mod abuse_guest;
 mod abuse_import;
 mod abuse_inert;
+mod abuse_inside;
 mod abuse_jail;
 mod abuse_network;
 mod abuse_sparse;
