@@ -10,6 +10,10 @@ sequential runs per mode; pooled runs are spaced so the pool refills between the
 a run sees when it finds a warm clone). Throughput: disposable runs/s with 4 client threads,
 sustained over many more runs than the pool holds. PSS: /proc/PID/smaps_rollup of each idle
 pooled QEMU after the pool is full.
+
+JAIL_COST=1: each mode is measured twice, back to back, unjailed first (`[vm.jail] enabled =
+false` with `[network] filter = "off"`: without the jail's uid block the egress filter cannot
+scope) and then jailed (the default), and the jailed/unjailed ratios are printed.
 """
 
 import atexit
@@ -28,6 +32,8 @@ BIN, WORK, N = sys.argv[1], sys.argv[2], int(sys.argv[3])
 STATE = os.path.join(WORK, "state")
 THROUGHPUT_RUNS = int(os.environ.get("THROUGHPUT_RUNS", "60"))
 POOLED_SPACING = float(os.environ.get("POOLED_SPACING", "1.5"))
+JAIL_COST = os.environ.get("JAIL_COST", "") not in ("", "0")
+UNJAILED = "[vm.jail]\nenabled = false\n[network]\nfilter = \"off\"\n"
 
 
 def pct(values, p):
@@ -36,11 +42,11 @@ def pct(values, p):
 
 
 class Server:
-    def __init__(self, mode, vm_table):
+    def __init__(self, mode, vm_table, tables=""):
         self.mode = mode
         cfg = os.path.join(WORK, f"{mode}.toml")
         with open(cfg, "w") as f:
-            f.write("[vm]\naccel = \"tcg\"\n" + vm_table)
+            f.write("[vm]\naccel = \"tcg\"\n" + vm_table + tables)
         self.log_path = os.path.join(WORK, f"{mode}.log")
         self.out_path = os.path.join(WORK, f"{mode}.out")
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
@@ -139,41 +145,69 @@ def summary(name, values):
     return f"{name:34s} n={len(values):3d}  p50 {statistics.median(values):7.0f} ms   p95 {pct(values, 95):7.0f} ms"
 
 
-results = {}
-lines = []
+def measure(variants):
+    """Runs the three modes for each `(label, tables)` variant, modes outermost, so the variants
+    of one mode run back to back under the same load. Returns {label: (results, lines, tps, pss)}."""
+    out = {label: ({}, [], {}, []) for label, _ in variants}
+    for label, tables in variants:
+        tag = f" [{label}]" if label else ""
+        results, lines, _, _ = out[label]
+        srv = Server(f"cold{label}", "snapshot = false\n", tables)
+        results["cold"] = srv.latencies(N)
+        lines.append(summary(f"cold boot (snapshot = false){tag}", results["cold"]))
+        srv.stop()
+    for label, tables in variants:
+        tag = f" [{label}]" if label else ""
+        results, lines, tps, _ = out[label]
+        srv = Server(f"clone{label}", "pool_size = 0\n", tables)
+        srv.wait_log("VM template ready")
+        results["clone"] = srv.latencies(N)
+        lines.append(summary(f"clone per run (pool_size = 0){tag}", results["clone"]))
+        tps["clone"] = srv.throughput(THROUGHPUT_RUNS)
+        srv.stop()
+    for label, tables in variants:
+        tag = f" [{label}]" if label else ""
+        results, lines, tps, pss = out[label]
+        srv = Server(f"pooled{label}", "", tables)
+        srv.wait_log("warm pool ready")
+        time.sleep(2)
+        pss.extend(srv.pooled_pss())
+        results["pooled"] = srv.latencies(N, spacing=POOLED_SPACING)
+        lines.append(summary(f"pooled (default config){tag}", results["pooled"]))
+        tps["pooled"] = srv.throughput(THROUGHPUT_RUNS)
+        srv.stop()
+    return out
 
-srv = Server("cold", "snapshot = false\n")
-results["cold"] = srv.latencies(N)
-lines.append(summary("cold boot (snapshot = false)", results["cold"]))
-srv.stop()
 
-srv = Server("clone", "pool_size = 0\n")
-srv.wait_log("VM template ready")
-results["clone"] = srv.latencies(N)
-lines.append(summary("clone per run (pool_size = 0)", results["clone"]))
-tp_clone = srv.throughput(THROUGHPUT_RUNS)
-srv.stop()
+def report(label, data):
+    results, lines, tps, pss = data
+    tag = f" [{label}]" if label else ""
+    cold50, pooled50 = statistics.median(results["cold"]), statistics.median(results["pooled"])
+    for line in lines:
+        print(line)
+    print(f"{'speed-up pooled vs cold (p50)':34s} {cold50 / pooled50:.1f}x{tag}")
+    print(f"{'throughput, concurrency 4, pooled':34s} {tps['pooled']:.2f} runs/s ({THROUGHPUT_RUNS} runs){tag}")
+    print(f"{'throughput, concurrency 4, clone':34s} {tps['clone']:.2f} runs/s ({THROUGHPUT_RUNS} runs){tag}")
+    if pss:
+        avg = lambda k: sum(r.get(k, 0) for r in pss) / len(pss) / 1024
+        print(f"{'PSS per idle pooled VM':34s} {avg('Pss'):.1f} MiB (anon {avg('Pss_Anon'):.1f}, file "
+              f"{avg('Pss_File'):.1f}; RSS {avg('Rss'):.1f}; {len(pss)} VMs){tag}")
+    else:
+        print(f"PSS per idle pooled VM: no pooled VMs found{tag}")
 
-srv = Server("pooled", "")
-srv.wait_log("warm pool ready")
-time.sleep(2)
-pss = srv.pooled_pss()
-results["pooled"] = srv.latencies(N, spacing=POOLED_SPACING)
-lines.append(summary("pooled (default config)", results["pooled"]))
-tp_pooled = srv.throughput(THROUGHPUT_RUNS)
-srv.stop()
 
-cold50, pooled50 = statistics.median(results["cold"]), statistics.median(results["pooled"])
+variants = [("unjailed", UNJAILED), ("jailed", "")] if JAIL_COST else [("", "")]
+data = measure(variants)
 print()
 print(f"Fast start: client-side spawn -> completion of `true` on busybox (contree-client), {time.strftime('%F %T')}")
-for line in lines:
-    print(line)
-print(f"{'speed-up pooled vs cold (p50)':34s} {cold50 / pooled50:.1f}x")
-print(f"{'throughput, concurrency 4, pooled':34s} {tp_pooled:.2f} runs/s ({THROUGHPUT_RUNS} runs)")
-print(f"{'throughput, concurrency 4, clone':34s} {tp_clone:.2f} runs/s ({THROUGHPUT_RUNS} runs)")
-if pss:
-    avg = lambda k: sum(r.get(k, 0) for r in pss) / len(pss) / 1024
-    print(f"{'PSS per idle pooled VM':34s} {avg('Pss'):.1f} MiB (anon {avg('Pss_Anon'):.1f}, file {avg('Pss_File'):.1f}; "
-          f"RSS {avg('Rss'):.1f}; {len(pss)} VMs)")
-else:
-    print("PSS per idle pooled VM: no pooled VMs found")
+for label, _ in variants:
+    report(label, data[label])
+if JAIL_COST:
+    (free, _, free_tp, _), (jailed, _, jailed_tp, _) = data["unjailed"], data["jailed"]
+    print("jail cost (jailed / unjailed):")
+    for mode in ("cold", "clone", "pooled"):
+        p50 = statistics.median(jailed[mode]) / statistics.median(free[mode])
+        p95 = pct(jailed[mode], 95) / pct(free[mode], 95)
+        print(f"  {mode:8s} latency p50 x{p50:.2f}  p95 x{p95:.2f}")
+    for mode in ("clone", "pooled"):
+        print(f"  {mode:8s} throughput x{jailed_tp[mode] / free_tp[mode]:.2f}")

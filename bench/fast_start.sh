@@ -4,6 +4,8 @@
 # restored per run and the warm pool; sustained throughput at concurrency 4; PSS per idle
 # pooled VM. Modes are set through the server config's [vm] table.
 #   bench/fast_start.sh [N=30]        THROUGHPUT_RUNS=60 POOLED_SPACING=1.5 (seconds)
+#   JAIL_COST=1 bench/fast_start.sh N  each mode unjailed ([vm.jail] enabled = false, network
+#                                     filter off) and jailed, back to back; prints the ratios
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD

@@ -39,7 +39,7 @@ pub struct App {
 impl App {
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
         let state = config.state_dir.clone();
-        std::fs::create_dir_all(&state).with_context(|| format!("creating {}", state.display()))?;
+        crate::state::prepare(&state)?;
         let bootstrap_token = if config.tokens.is_empty() {
             let token = bootstrap_token(&state.join("bootstrap-token"))?;
             config.tokens.push(TokenConfig {
@@ -53,7 +53,7 @@ impl App {
             None
         };
 
-        let store = open_store(&state).await?;
+        let store = open_db(&state).await?;
         let layers = Arc::new(FsLayerStore::open(&state.join("images")).context("opening the image store")?);
         let blobs = Arc::new(FsBlobStore::open(&state.join("blobs")).context("opening the blob store")?);
         let agent = config.agent_path()?;
@@ -113,9 +113,15 @@ impl App {
     }
 }
 
-/// Opens (creating or migrating) the metadata database under the state dir.
+/// Opens (creating or migrating) the metadata database under the state dir, which it makes
+/// private first (see [`crate::state::prepare`]); SQLite gives `-wal` and `-shm` the
+/// database's own mode.
 pub async fn open_store(state_dir: &Path) -> anyhow::Result<Arc<SqliteStore>> {
-    std::fs::create_dir_all(state_dir).with_context(|| format!("creating {}", state_dir.display()))?;
+    crate::state::prepare(state_dir)?;
+    open_db(state_dir).await
+}
+
+async fn open_db(state_dir: &Path) -> anyhow::Result<Arc<SqliteStore>> {
     Ok(Arc::new(SqliteStore::open(&state_dir.join("boxwood.db")).await.context("opening the database")?))
 }
 

@@ -72,6 +72,8 @@ enum TokenAction {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // First: the database, blobs, layers, guest assets and every QEMU's files are private.
+    boxwood::state::set_private_umask();
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)

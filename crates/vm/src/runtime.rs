@@ -58,6 +58,27 @@ pub(crate) struct Base {
     pub cmdline: String,
     /// How this runtime's QEMUs are confined; `None` with `vm.jail.enabled = false`.
     pub jail: Option<Arc<Jail>>,
+    /// The guest kernel and initramfs as sealed memfds (see [`BootFiles`]).
+    pub boot: Arc<BootFiles>,
+}
+
+/// QEMU 7.2 opens `-kernel` and `-initrd` by name only, so a jailed QEMU reopens them through
+/// `/proc/self/fd/N`, and a reopen checks the file's own mode: the assets in the state dir
+/// (0600, root's) would refuse it. Sealed memfd copies, made once per runtime, are readable
+/// by any uid holding the fd and writable by none, so no file under the state dir has to be.
+#[derive(Debug)]
+pub(crate) struct BootFiles {
+    kernel: std::os::fd::OwnedFd,
+    initramfs: std::os::fd::OwnedFd,
+}
+
+impl BootFiles {
+    pub fn load(assets: &GuestAssets) -> Result<Self, VmError> {
+        Ok(Self {
+            kernel: crate::template::sealed_copy(&assets.kernel, "boxwood-kernel")?,
+            initramfs: crate::template::sealed_copy(&assets.initramfs, "boxwood-initramfs")?,
+        })
+    }
 }
 
 /// What a QEMU is started for: its accelerator and guest size (its cgroup's limits follow).
@@ -195,15 +216,16 @@ impl BootChannel {
 }
 
 impl Base {
-    /// The argv; the guest kernel and initramfs are opened into `inherited`.
+    /// The argv; the guest kernel and initramfs are added to `inherited`.
     pub fn argv(
         &self,
         shape: Shape,
         inherited: &mut Inherited,
         devices: Devices<'_>,
     ) -> Result<Vec<std::ffi::OsString>, VmError> {
-        let kernel = inherited.open(&self.assets.kernel)?;
-        let initramfs = inherited.open(&self.assets.initramfs)?;
+        let dup = |fd: &std::os::fd::OwnedFd| fd.try_clone().map_err(|e| VmError::io("dup a boot file", e));
+        let kernel = inherited.add(dup(&self.boot.kernel)?);
+        let initramfs = inherited.add(dup(&self.boot.initramfs)?);
         let Shape { accel, memory_mib, vcpus } = shape;
         qemu_argv(&QemuArgs { accel, memory_mib, vcpus, kernel, initramfs, cmdline: &self.cmdline, devices })
     }
@@ -426,7 +448,13 @@ impl QemuRuntime {
             );
             None
         };
-        let mut base = Base { config, assets, run_dir, accel: Accelerator::Tcg, cmdline, jail };
+        let boot = {
+            let assets = assets.clone();
+            tokio::task::spawn_blocking(move || BootFiles::load(&assets).map(Arc::new))
+                .await
+                .map_err(|e| VmError::Invalid(format!("loading the boot files failed: {e}")))??
+        };
+        let mut base = Base { config, assets, run_dir, accel: Accelerator::Tcg, cmdline, jail, boot };
         base.accel = match base.config.accel {
             Accel::Tcg => Accelerator::Tcg,
             Accel::Kvm => Accelerator::Kvm,

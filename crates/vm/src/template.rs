@@ -142,17 +142,18 @@ async fn load_blocking(dir: &Path, key: &str, base: &Base, lock: Option<Flock<Fi
         .map_err(|e| VmError::Template(format!("loading task failed: {e}")))?
 }
 
-/// A sealed memfd holding `path`'s bytes; all-zero runs stay holes (guest RAM is mostly
-/// untouched), so it costs what the guest used.
-fn sealed_copy(path: &Path) -> Result<OwnedFd, VmError> {
+/// A sealed memfd (named `name`) holding `path`'s bytes; all-zero runs stay holes (guest RAM
+/// is mostly untouched), so it costs what the guest used. A jailed QEMU may reopen it through
+/// `/proc/self/fd` (a memfd's own mode lets it) but never change it.
+pub(crate) fn sealed_copy(path: &Path, name: &str) -> Result<OwnedFd, VmError> {
     use nix::fcntl::{FcntlArg, SealFlag, fcntl};
     use nix::sys::memfd::{MFdFlags, memfd_create};
     let src = File::open(path).map_err(io(format!("open {}", path.display())))?;
     let len = src.metadata().map_err(io(format!("stat {}", path.display())))?.len();
-    let fd = memfd_create("boxwood-template-ram", MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
+    let fd = memfd_create(name, MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING)
         .map_err(|e| VmError::io("memfd_create", e.into()))?;
     let dst = File::from(fd);
-    dst.set_len(len).map_err(io("size the RAM copy"))?;
+    dst.set_len(len).map_err(io(format!("size the copy of {}", path.display())))?;
     let mut buf = vec![0u8; 1 << 20];
     let mut off = 0u64;
     while off < len {
@@ -161,12 +162,13 @@ fn sealed_copy(path: &Path) -> Result<OwnedFd, VmError> {
             break;
         }
         if buf[..n].iter().any(|&b| b != 0) {
-            dst.write_all_at(&buf[..n], off).map_err(io("write the RAM copy"))?;
+            dst.write_all_at(&buf[..n], off).map_err(io(format!("copy {}", path.display())))?;
         }
         off += n as u64;
     }
     let seals = SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
-    fcntl(dst.as_fd(), FcntlArg::F_ADD_SEALS(seals)).map_err(|e| VmError::io("seal the RAM copy", e.into()))?;
+    fcntl(dst.as_fd(), FcntlArg::F_ADD_SEALS(seals))
+        .map_err(|e| VmError::io(format!("seal the copy of {}", path.display()), e.into()))?;
     Ok(dst.into())
 }
 
@@ -191,7 +193,7 @@ fn load(dir: &Path, key: &str, base: &Base, lock: Option<Flock<File>>) -> Result
     if !ram.is_file() {
         return Err(VmError::Template(format!("{} is missing", ram.display())));
     }
-    let ram_copy = sealed_copy(&ram)?;
+    let ram_copy = sealed_copy(&ram, "boxwood-template-ram")?;
     let t = Template {
         ram_copy,
         key: key.to_owned(),

@@ -7,6 +7,7 @@ mod abuse_inside;
 mod abuse_jail;
 mod abuse_network;
 mod abuse_sparse;
+mod abuse_state;
 mod api;
 mod files;
 mod harness;

@@ -263,6 +263,9 @@ impl RootPlan {
                 tmpfs_flags,
                 TMPFS_OPTS.as_ptr().cast(),
             ))?;
+            // The server's umask (0o077) would make the stand-ins 0700: QEMU's uid could not
+            // walk to its run dir. Exact modes here; QEMU itself gets the umask back.
+            let umask = libc::umask(0);
             for op in &self.ops {
                 match op {
                     Op::Dir(p) => check(libc::mkdir(p.as_ptr(), 0o755))?,
@@ -283,6 +286,7 @@ impl RootPlan {
                     }
                 }
             }
+            libc::umask(umask);
             let proc_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
             if libc::mount(PROC.as_ptr(), self.proc_dir.as_ptr(), PROC.as_ptr(), proc_flags, PROC_OPTS.as_ptr().cast())
                 == -1
