@@ -87,11 +87,10 @@ for part in "${parts[@]}"; do
 done
 # After every client has had its go: nothing under the state dir may be setuid, a device,
 # carry capabilities or be readable by others, and no QEMU of the server (the idle pool's
-# included) may run as root. Only findings under images/trees/ are still advisory (issue 10);
-# the self-test first shows the scan fails on each kind of finding.
+# included) may run as root. The self-test first shows the scan fails on each kind of finding.
 echo "== state-dir and process scan"
 scripts/scan-state.sh --self-test >/dev/null || failed+=(scan-self-test)
-scripts/scan-state.sh --files-advisory "$work/state" "$server" || failed+=(scan)
+scripts/scan-state.sh "$work/state" "$server" || failed+=(scan)
 if ((${#failed[@]})); then
   echo "--- failed: ${failed[*]}; server log (tail)"
   tail -n 80 "$work/server.log"

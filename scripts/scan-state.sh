@@ -2,13 +2,11 @@
 # Scans a Boxwood state dir for anything that would give a local user or a later process
 # privileges or data it should not have: setuid/setgid files, file capabilities, device nodes,
 # FIFOs, anything group- or world-accessible (symlinks excepted: their mode means nothing),
-# and, given the server's pid, its QEMU processes (children) that run as root.
-#   scripts/scan-state.sh [--files-advisory] STATE_DIR [SERVER_PID]
+# symlinks inside the (inert) image trees, and, given the server's pid, its QEMU processes
+# (children) that run as root.
+#   scripts/scan-state.sh STATE_DIR [SERVER_PID]
 #   scripts/scan-state.sh --self-test      (shows on a scratch dir that each finding fails it)
-# exits 0 when clean, 1 with a report otherwise. Everything outside images/trees/ always
-# counts; with --files-advisory the findings under images/trees/ are reported but do not fail
-# the scan (issue 10: the unpacked image trees still keep live modes; this flag goes once
-# they are inert).
+# exits 0 when clean, 1 with a report otherwise.
 set -euo pipefail
 
 self_test() {
@@ -35,85 +33,59 @@ self_test() {
   expect 0 "clean state dir" "$s"
   chmod 0644 "$s/boxwood.db"
   expect 1 "world-readable boxwood.db" "$s"
-  expect 1 "world-readable boxwood.db, trees advisory" --files-advisory "$s"
   chmod 0600 "$s/boxwood.db"
   chmod 0755 "$s/blobs"
-  expect 1 "world-listable blobs/" --files-advisory "$s"
+  expect 1 "world-listable blobs/" "$s"
   chmod 0700 "$s/blobs"
   chmod 0755 "$s"
-  expect 1 "world-listable state dir" --files-advisory "$s"
+  expect 1 "world-listable state dir" "$s"
   chmod 0700 "$s"
   chmod 4700 "$s/images/layers/l.erofs"
-  expect 1 "setuid layer file" --files-advisory "$s"
+  expect 1 "setuid layer file" "$s"
   chmod 0600 "$s/images/layers/l.erofs"
   mkfifo -m 0600 "$s/run/fifo"
-  expect 1 "FIFO in run/" --files-advisory "$s"
+  expect 1 "FIFO in run/" "$s"
   rm "$s/run/fifo"
   if command -v setcap >/dev/null; then
     setcap cap_net_raw+ep "$s/guest/vmlinux"
-    expect 1 "file capability on a guest asset" --files-advisory "$s"
+    expect 1 "file capability on a guest asset" "$s"
     setcap -r "$s/guest/vmlinux"
     setcap cap_net_raw+ep "$s/images/trees/l/bin/sh"
     expect 1 "file capability in a tree" "$s"
-    expect 0 "file capability in a tree, trees advisory" --files-advisory "$s"
     setcap -r "$s/images/trees/l/bin/sh"
   fi
-  chmod 4755 "$s/images/trees/l/bin/sh"
+  chmod 4700 "$s/images/trees/l/bin/sh"
   expect 1 "setuid file in a tree" "$s"
-  expect 0 "setuid file in a tree, trees advisory" --files-advisory "$s"
   chmod 0600 "$s/images/trees/l/bin/sh"
+  ln -s /etc/shadow "$s/images/trees/l/bin/shadow"
+  expect 1 "symlink in a tree" "$s"
+  rm "$s/images/trees/l/bin/shadow"
   expect 0 "clean again" "$s"
   return "$fails"
 }
 
-advisory=0
 case ${1:-} in
   --self-test) self_test; exit $? ;;
-  --files-advisory) advisory=1; shift ;;
 esac
-state=${1:?usage: scan-state.sh [--files-advisory] STATE_DIR [SERVER_PID] | --self-test}
+state=${1:?usage: scan-state.sh STATE_DIR [SERVER_PID] | --self-test}
 [[ -d $state ]] || { echo "scan-state: $state is not a directory" >&2; exit 2; }
 state=${state%/}
-trees=$state/images/trees
 bad=0
-known=0
 report() { echo "scan-state: $1"; sed 's/^/  /' <<<"$2" | head -n 20; }
 
-# scan WHERE LABEL FIND-PREFIX...: the checks over one part of the state dir.
-scan() {
-  local label=$1 out found=0
-  shift
-  out=$(find "$@" -perm /6000 ! -type l -printf '%M %u %p\n')
-  [[ -z $out ]] || { report "setuid/setgid files$label" "$out"; found=1; }
-  out=$(find "$@" \( -type b -o -type c -o -type p \) -printf '%M %u %p\n')
-  [[ -z $out ]] || { report "device nodes or FIFOs$label" "$out"; found=1; }
-  out=$(find "$@" ! -type l -perm /077 -printf '%M %u %p\n')
-  [[ -z $out ]] || { report "group/world-accessible entries$label" "$out"; found=1; }
-  return "$found"
-}
-caps() { # caps LABEL FILTER: file capabilities, split by whether they are under the trees
-  local out
-  command -v getcap >/dev/null || return 0
-  out=$(getcap -r "$state" 2>/dev/null | awk -v t="$trees/" -v want="$2" '(index($0, t) == 1) == want' || true)
-  [[ -z $out ]] || { report "files with capabilities$1" "$out"; return 1; }
-}
-
-# Outside images/trees/ (the state dir itself included): always enforced.
-scan "" "$state" -path "$trees" -prune -o || bad=1
-caps "" 0 || bad=1
-# The image trees: enforced unless --files-advisory.
-if [[ -d $trees ]]; then
-  label=" under images/trees/"
-  ((advisory)) && label+=" (advisory)"
-  scan "$label" "$trees" || known=1
-  caps "$label" 1 || known=1
+out=$(find "$state" -perm /6000 ! -type l -printf '%M %u %p\n')
+[[ -z $out ]] || { report "setuid/setgid files" "$out"; bad=1; }
+out=$(find "$state" \( -type b -o -type c -o -type p \) -printf '%M %u %p\n')
+[[ -z $out ]] || { report "device nodes or FIFOs" "$out"; bad=1; }
+out=$(find "$state" ! -type l -perm /077 -printf '%M %u %p\n')
+[[ -z $out ]] || { report "group/world-accessible entries" "$out"; bad=1; }
+if [[ -d $state/images/trees ]]; then
+  out=$(find "$state/images/trees" -type l -printf '%p -> %l\n')
+  [[ -z $out ]] || { report "symlinks in image trees (trees are inert: a symlink is a file)" "$out"; bad=1; }
 fi
-if ((known)); then
-  if ((advisory)); then
-    echo "scan-state: the images/trees/ findings above are known open (issue 10) and do not fail this scan"
-  else
-    bad=1
-  fi
+if command -v getcap >/dev/null; then
+  out=$(getcap -r "$state" 2>/dev/null || true)
+  [[ -z $out ]] || { report "files with capabilities" "$out"; bad=1; }
 fi
 qemus=0
 if [[ -n ${2:-} ]]; then

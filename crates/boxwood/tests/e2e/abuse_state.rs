@@ -184,12 +184,12 @@ async fn a_local_user_cannot_read_the_state() {
     }
 
     // The state scan agrees on the live state (the inert image trees included), and sees a
-    // world-readable database when there is one, even with the trees' findings advisory.
+    // world-readable database when there is one.
     let pid = std::process::id().to_string();
     let (ok, out) = scan_state(&[state.as_os_str(), pid.as_ref()]);
     assert!(ok, "the scan finds the state open:\n{out}");
     chmod(&secrets.db, 0o644);
-    let (ok, out) = scan_state(&["--files-advisory".as_ref(), state.as_os_str()]);
+    let (ok, out) = scan_state(&[state.as_os_str()]);
     chmod(&secrets.db, 0o600);
     assert!(!ok && out.contains("boxwood.db"), "the scan misses a world-readable database:\n{out}");
     s.stop().await;
