@@ -349,6 +349,16 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn namespace_layers(&self, namespace: &str) -> StoreResult<Vec<String>> {
+        let rows =
+            sqlx::query("SELECT layers FROM images WHERE namespace = ?").bind(namespace).fetch_all(&self.pool).await?;
+        let mut digests = std::collections::BTreeSet::new();
+        for row in &rows {
+            digests.extend(json_col::<Vec<String>>(row, "layers")?);
+        }
+        Ok(digests.into_iter().collect())
+    }
+
     async fn upsert_file(&self, namespace: &str, sha256: &str, size: i64, now_us: i64) -> StoreResult<FileRecord> {
         sqlx::query(
             "INSERT INTO files (uuid, namespace, sha256, size, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
@@ -389,6 +399,15 @@ impl Store for SqliteStore {
         push_page(&mut q, "created_at DESC, uuid", f.limit, f.offset);
         let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter().map(file_from_row).collect()
+    }
+
+    async fn namespace_upload_bytes(&self, namespace: &str) -> StoreResult<u64> {
+        let total: i64 =
+            sqlx::query_scalar("SELECT COALESCE(SUM(size), 0) FROM files WHERE namespace = ? AND size > 0")
+                .bind(namespace)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(u64::try_from(total).unwrap_or(0))
     }
 
     async fn insert_token(&self, t: &TokenRecord) -> StoreResult<()> {

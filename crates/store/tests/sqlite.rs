@@ -161,3 +161,28 @@ async fn files_tokens_tag_removal_and_lineage() {
     assert_eq!(store.delete_tags_of("ns1", child.uuid).await.unwrap(), 1);
     assert!(store.resolve_tag("ns1", "x:2").await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn usage_per_namespace_counts_each_layer_and_upload_once() {
+    let store = SqliteStore::in_memory().await.unwrap();
+    assert!(store.namespace_layers("ns1").await.unwrap().is_empty());
+    assert_eq!(store.namespace_upload_bytes("ns1").await.unwrap(), 0);
+    let mut a = image("ns1", 1);
+    a.layers = vec!["sha256:bb".into(), "sha256:aa".into()];
+    let mut b = image("ns1", 2);
+    b.layers = vec!["sha256:cc".into(), "sha256:bb".into(), "sha256:aa".into()];
+    let mut other = image("ns2", 3);
+    other.layers = vec!["sha256:dd".into(), "sha256:aa".into()];
+    for i in [&a, &b, &other] {
+        store.insert_image(i).await.unwrap();
+    }
+    assert_eq!(store.namespace_layers("ns1").await.unwrap(), ["sha256:aa", "sha256:bb", "sha256:cc"]);
+    assert_eq!(store.namespace_layers("ns2").await.unwrap(), ["sha256:aa", "sha256:dd"]);
+
+    store.upsert_file("ns1", &"a".repeat(64), 5, 100).await.unwrap();
+    store.upsert_file("ns1", &"a".repeat(64), 5, 200).await.unwrap();
+    store.upsert_file("ns1", &"b".repeat(64), 7, 200).await.unwrap();
+    store.upsert_file("ns2", &"a".repeat(64), 5, 300).await.unwrap();
+    assert_eq!(store.namespace_upload_bytes("ns1").await.unwrap(), 12, "the same content twice counts once");
+    assert_eq!(store.namespace_upload_bytes("ns2").await.unwrap(), 5);
+}
