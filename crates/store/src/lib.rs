@@ -44,8 +44,10 @@ pub trait Store: Send + Sync {
     async fn children_of(&self, image: Uuid) -> StoreResult<Vec<ImageRecord>>;
     /// Replaces an image's layer list with an equivalent one (after compaction).
     async fn set_image_layers(&self, image: Uuid, layers: &[String]) -> StoreResult<()>;
-    /// Every layer digest some image of `namespace` uses, each once, sorted.
-    async fn namespace_layers(&self, namespace: &str) -> StoreResult<Vec<String>>;
+    /// The layers `namespace`'s images introduced, each once, sorted: of every image an
+    /// operation made there (runs, imports; not the server's own), the layers its parent does
+    /// not have.
+    async fn introduced_layers(&self, namespace: &str) -> StoreResult<Vec<String>>;
 
     /// Records an upload in `namespace`, or bumps `updated_at` of the same content's record.
     async fn upsert_file(&self, namespace: &str, sha256: &str, size: i64, now_us: i64) -> StoreResult<FileRecord>;

@@ -349,12 +349,22 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    async fn namespace_layers(&self, namespace: &str) -> StoreResult<Vec<String>> {
-        let rows =
-            sqlx::query("SELECT layers FROM images WHERE namespace = ?").bind(namespace).fetch_all(&self.pool).await?;
+    async fn introduced_layers(&self, namespace: &str) -> StoreResult<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT i.layers AS layers, p.layers AS parent_layers FROM images i \
+             LEFT JOIN images p ON p.uuid = i.parent_uuid \
+             WHERE i.namespace = ? AND i.operation_uuid IS NOT NULL",
+        )
+        .bind(namespace)
+        .fetch_all(&self.pool)
+        .await?;
         let mut digests = std::collections::BTreeSet::new();
         for row in &rows {
-            digests.extend(json_col::<Vec<String>>(row, "layers")?);
+            let parent: Vec<String> = match row.try_get::<Option<String>, _>("parent_layers")? {
+                Some(s) => serde_json::from_str(&s).map_err(|_| StoreError::Corrupt { what: "layers", key: s })?,
+                None => Vec::new(),
+            };
+            digests.extend(json_col::<Vec<String>>(row, "layers")?.into_iter().filter(|d| !parent.contains(d)));
         }
         Ok(digests.into_iter().collect())
     }
