@@ -347,3 +347,33 @@ impl Drop for UploadCharge {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_come_from_the_filesystem_and_configured_values_win() {
+        let fs = 400 << 30;
+        let rules = StorageRules::resolve(&QuotaConfig::default(), None, fs);
+        assert_eq!(rules, StorageRules { image_bytes: 100 << 30, upload_bytes: 50 << 30, min_free_bytes: 2 << 30 });
+        // a small disk keeps 5 % free
+        assert_eq!(StorageRules::resolve(&QuotaConfig::default(), None, 10 << 30).min_free_bytes, 512 << 20);
+        let set = QuotaConfig { image_bytes: Some(7), upload_bytes: Some(8) };
+        assert_eq!(
+            StorageRules::resolve(&set, Some(0), fs),
+            StorageRules { image_bytes: 7, upload_bytes: 8, min_free_bytes: 0 }
+        );
+    }
+
+    #[test]
+    fn refusals_map_to_the_clients_statuses_and_say_what_is_full() {
+        let quota = CoreError::from(StorageRefusal::ImageQuota { used: 5, quota: 4, needed: Some(3) });
+        assert!(
+            matches!(quota, CoreError::TooLarge(ref m) if m.contains("image storage quota") && m.contains("needs 3"))
+        );
+        let upload = CoreError::from(StorageRefusal::UploadQuota { used: 1, quota: 1 });
+        assert!(matches!(upload, CoreError::TooLarge(ref m) if m.contains("upload storage quota")));
+        assert!(matches!(CoreError::from(StorageRefusal::LowSpace), CoreError::InsufficientStorage(_)));
+    }
+}

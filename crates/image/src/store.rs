@@ -258,6 +258,7 @@ mod tests {
         let staged_tree = || {
             let tree = store.staging_dir().unwrap();
             std::fs::write(tree.join("data"), vec![1u8; 4 << 20]).unwrap();
+            crate::inert::make_inert(&tree).unwrap();
             tree
         };
         let published = |store: &FsLayerStore| std::fs::read_dir(store.root.join("layers")).unwrap().count();

@@ -11,8 +11,8 @@ use super::{Page, Service};
 use crate::auth::{Caller, Permission};
 use crate::clock::{format_ts, now_us};
 use crate::error::{CoreError, CoreResult, error_chain};
-use crate::quota::UploadCharge;
 use crate::model::{FileResponse, FileView};
+use crate::quota::UploadCharge;
 
 fn view(f: &FileRecord) -> FileView {
     FileView {

@@ -17,8 +17,8 @@ use crate::clock::now_us;
 use crate::error::{CoreError, CoreResult, reported};
 use crate::events::EventLog;
 use crate::model::{ImportRequest, OperationCreated};
-use crate::quota::{PublishError, Storage};
 use crate::operations::{self, KIND_IMAGE_IMPORT, Status};
+use crate::quota::{PublishError, Storage};
 use crate::runner::RunControl;
 use crate::spec::is_valid_tag;
 
@@ -114,12 +114,7 @@ struct ImportJob {
 }
 
 impl ImportJob {
-    async fn execute(
-        mut self,
-        store: Arc<dyn Store>,
-        storage: Arc<Storage>,
-        env: Arc<ImportEnv>,
-    ) -> CoreResult<()> {
+    async fn execute(mut self, store: Arc<dyn Store>, storage: Arc<Storage>, env: Arc<ImportEnv>) -> CoreResult<()> {
         let permit = tokio::select! {
             p = env.slots.clone().acquire_owned() => p.ok(),
             () = self.control.token.cancelled() => None,
