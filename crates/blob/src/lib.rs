@@ -42,6 +42,17 @@ pub trait BlobStore: Send + Sync {
     async fn put(&self, source: &mut (dyn AsyncRead + Send + Unpin), limit: u64) -> BlobResult<BlobInfo>;
     /// The blob's file, if the store has it.
     fn path(&self, sha256: &str) -> BlobResult<Option<PathBuf>>;
+    /// Free and total space of the filesystem the blobs live on.
+    fn space(&self) -> BlobResult<DiskSpace>;
+}
+
+/// Space on the filesystem holding the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskSpace {
+    /// Bytes an unprivileged writer could still allocate (`f_bavail`).
+    pub free_bytes: u64,
+    /// Size of the filesystem (`f_blocks`).
+    pub total_bytes: u64,
 }
 
 /// Blobs in a local directory.
@@ -125,6 +136,16 @@ impl BlobStore for FsBlobStore {
         let p = self.blob_path(&normalize_sha256(sha256)?);
         Ok(p.is_file().then_some(p))
     }
+
+    fn space(&self) -> BlobResult<DiskSpace> {
+        let st = rustix::fs::statvfs(&self.root)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
+            .map_err(io(&self.root))?;
+        Ok(DiskSpace {
+            free_bytes: st.f_bavail.saturating_mul(st.f_frsize),
+            total_bytes: st.f_blocks.saturating_mul(st.f_frsize),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -148,5 +169,7 @@ mod tests {
         assert!(store.path("xyz").is_err());
         let empty = store.put(&mut &b""[..], 100).await.unwrap();
         assert_eq!(empty.size, 0);
+        let space = store.space().unwrap();
+        assert!(space.total_bytes > 0 && space.free_bytes <= space.total_bytes, "{space:?}");
     }
 }

@@ -18,6 +18,8 @@ pub enum ErrorKind {
     TooEarly,
     Unprocessable,
     TooLarge,
+    /// The server is short of disk space for this (its free-space reserve is reached).
+    InsufficientStorage,
     /// Temporarily unable to take the request (shutting down); nothing was done.
     Unavailable,
     Internal,
@@ -44,6 +46,9 @@ pub enum CoreError {
     TooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    /// Storing this would take the host's free-space reserve; nothing was stored.
+    #[error("{0}")]
+    InsufficientStorage(String),
     #[error("metadata store failure")]
     Store(#[from] StoreError),
     /// Image reads and layer work; client-facing for the path errors of inspection.
@@ -65,6 +70,7 @@ impl CoreError {
             CoreError::TooEarly(_) => ErrorKind::TooEarly,
             CoreError::TooLarge(_) => ErrorKind::TooLarge,
             CoreError::Unavailable(_) => ErrorKind::Unavailable,
+            CoreError::InsufficientStorage(_) => ErrorKind::InsufficientStorage,
             // Reading an image: the request named something the image does not have.
             CoreError::Image(ImageError::NotFound { .. }) => ErrorKind::NotFound,
             CoreError::Image(

@@ -10,6 +10,7 @@ mod events;
 pub mod model;
 pub mod operations;
 mod process;
+pub mod quota;
 mod redact;
 mod runner;
 mod service;

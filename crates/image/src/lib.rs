@@ -27,6 +27,7 @@ mod merge;
 mod store;
 pub mod tarname;
 mod unpack;
+mod usage;
 
 pub use base::build_busybox_tree;
 pub use inspect::{
@@ -36,6 +37,7 @@ pub use inspect::{
 pub use merge::merge_layers;
 pub use store::{FsLayerStore, LayerInfo};
 pub use unpack::{UnpackLimits, UnpackStats, unpack_layer, unpack_layer_limited};
+pub use usage::{CommitLimits, DiskSpace, disk_space};
 
 use std::path::{Path, PathBuf};
 
@@ -56,6 +58,14 @@ pub enum ImageError {
     /// The layer's regular files add up to more apparent bytes (holes included) than allowed.
     #[error("the changes exceed the {limit}-byte layer limit (file sizes count whole, holes included)")]
     LayerTooLarge { limit: u64 },
+    /// Publishing would cost more disk than [`CommitLimits::max_stored_bytes`]; nothing was
+    /// published.
+    #[error("the layer needs {needed} bytes on disk, {allowed} allowed")]
+    OverBudget { needed: u64, allowed: u64 },
+    /// Publishing would leave less free space than [`CommitLimits::min_free_bytes`]; nothing
+    /// was published.
+    #[error("the layer would leave less than {reserve} bytes free on the host")]
+    LowSpace { reserve: u64 },
     /// A tree argument that is not what the operation needs (e.g. a non-empty target).
     #[error("invalid tree {path}: {reason}")]
     InvalidTree { path: PathBuf, reason: String },
@@ -94,5 +104,15 @@ pub trait LayerStore: Send + Sync {
     /// A fresh staging directory on the store's filesystem, for building a layer tree.
     fn staging_dir(&self) -> ImageResult<PathBuf>;
     /// Turns a staged tree into a published layer (erofs image + tree), consuming the tree.
-    async fn commit_tree(&self, tree: PathBuf) -> ImageResult<LayerInfo>;
+    async fn commit_tree(&self, tree: PathBuf) -> ImageResult<LayerInfo> {
+        self.commit_tree_limited(tree, CommitLimits::NONE).await
+    }
+    /// [`Self::commit_tree`] within `limits`: the layer is measured (tree, then the written
+    /// erofs image) before it is published; past a limit it is discarded with
+    /// [`ImageError::OverBudget`] or [`ImageError::LowSpace`] and the tree is left to the caller.
+    async fn commit_tree_limited(&self, tree: PathBuf, limits: CommitLimits) -> ImageResult<LayerInfo>;
+    /// What a published layer costs on disk (allocated bytes of its erofs image and its tree).
+    async fn stored_bytes(&self, digest: &str) -> ImageResult<u64>;
+    /// Free and total space of the filesystem the layers live on.
+    fn space(&self) -> ImageResult<DiskSpace>;
 }

@@ -1,14 +1,17 @@
 //! [`FsLayerStore`]: the layer store on a local filesystem (layout in the crate docs).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
 
-use crate::{ImageError, ImageResult, LayerStore, io_err};
+use crate::usage::{file_allocated_bytes, tree_allocated_bytes};
+use crate::{CommitLimits, DiskSpace, ImageError, ImageResult, LayerStore, io_err};
 
 /// A published layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -19,12 +22,16 @@ pub struct LayerInfo {
     pub disk_bytes: u64,
     /// Sum of the sizes of the regular files in the layer.
     pub content_bytes: u64,
+    /// What the layer costs on disk: allocated bytes of the erofs image plus its tree.
+    pub stored_bytes: u64,
 }
 
 /// Layers on a local filesystem.
 #[derive(Debug, Clone)]
 pub struct FsLayerStore {
     root: PathBuf,
+    /// [`LayerStore::stored_bytes`] of layers measured so far (layers are immutable).
+    stored: Arc<Mutex<HashMap<String, u64>>>,
 }
 
 impl FsLayerStore {
@@ -49,7 +56,7 @@ impl FsLayerStore {
                 tracing::info!(tree = %tree.display(), "converted a layer tree to the inert form");
             }
         }
-        Ok(Self { root: root.to_owned() })
+        Ok(Self { root: root.to_owned(), stored: Arc::default() })
     }
 
     fn hex_of(digest: &str) -> ImageResult<&str> {
@@ -85,24 +92,70 @@ impl LayerStore for FsLayerStore {
         Ok(dir)
     }
 
-    async fn commit_tree(&self, tree: PathBuf) -> ImageResult<LayerInfo> {
+    async fn commit_tree_limited(&self, tree: PathBuf, limits: CommitLimits) -> ImageResult<LayerInfo> {
         let staged = self.root.join("tmp").join(format!("{}.erofs", Uuid::new_v4()));
         let root = self.root.clone();
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = crate::erofs::tree_from_dir(&tree).and_then(|t| crate::erofs::write_image(&t, &staged)) {
-                let _ = std::fs::remove_file(&staged);
-                return Err(e);
+        let info = tokio::task::spawn_blocking(move || {
+            let tree_bytes = tree_allocated_bytes(&tree)?;
+            // The erofs image holds the same data again: refuse before writing it when even
+            // that estimate does not fit.
+            check_limits(&root, tree_bytes, tree_bytes, limits)?;
+            let written = crate::erofs::tree_from_dir(&tree)
+                .and_then(|t| crate::erofs::write_image(&t, &staged))
+                .and_then(|()| {
+                    let stored = tree_bytes.saturating_add(file_allocated_bytes(&staged)?);
+                    check_limits(&root, stored, 0, limits)?;
+                    Ok(stored)
+                });
+            match written {
+                Ok(stored) => publish(&root, &staged, &tree, stored),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&staged);
+                    Err(e)
+                }
             }
-            publish(&root, &staged, &tree)
         })
         .await
-        .map_err(|e| ImageError::Io { path: PathBuf::new(), source: std::io::Error::other(e) })?
+        .map_err(|e| ImageError::Io { path: PathBuf::new(), source: std::io::Error::other(e) })??;
+        self.stored.lock().unwrap_or_else(|e| e.into_inner()).insert(info.digest.clone(), info.stored_bytes);
+        Ok(info)
     }
+
+    async fn stored_bytes(&self, digest: &str) -> ImageResult<u64> {
+        if let Some(&n) = self.stored.lock().unwrap_or_else(|e| e.into_inner()).get(digest) {
+            return Ok(n);
+        }
+        let (disk, tree) = (self.layer_disk(digest)?, self.layer_tree(digest)?);
+        let n = tokio::task::spawn_blocking(move || {
+            Ok::<_, ImageError>(file_allocated_bytes(&disk)?.saturating_add(tree_allocated_bytes(&tree)?))
+        })
+        .await
+        .map_err(|e| ImageError::Io { path: PathBuf::new(), source: std::io::Error::other(e) })??;
+        self.stored.lock().unwrap_or_else(|e| e.into_inner()).insert(digest.to_owned(), n);
+        Ok(n)
+    }
+
+    fn space(&self) -> ImageResult<DiskSpace> {
+        crate::disk_space(&self.root)
+    }
+}
+
+/// `stored` bytes measured so far must fit the budget, and `to_write` more must leave the
+/// reserve free.
+fn check_limits(root: &Path, stored: u64, to_write: u64, limits: CommitLimits) -> ImageResult<()> {
+    if stored > limits.max_stored_bytes {
+        return Err(ImageError::OverBudget { needed: stored, allowed: limits.max_stored_bytes });
+    }
+    if limits.min_free_bytes > 0 && crate::disk_space(root)?.free_bytes.saturating_sub(to_write) < limits.min_free_bytes
+    {
+        return Err(ImageError::LowSpace { reserve: limits.min_free_bytes });
+    }
+    Ok(())
 }
 
 /// Hashes the staged erofs file, then moves it and its tree into place (or drops them if an
 /// identical layer is already published).
-fn publish(root: &Path, staged: &Path, tree: &Path) -> ImageResult<LayerInfo> {
+fn publish(root: &Path, staged: &Path, tree: &Path, stored_bytes: u64) -> ImageResult<LayerInfo> {
     let file = File::open(staged).map_err(io_err(staged))?;
     let disk_bytes = file.metadata().map_err(io_err(staged))?.len();
     // Flushing the image to disk, hashing it (from the page cache) and sizing the tree are
@@ -133,7 +186,7 @@ fn publish(root: &Path, staged: &Path, tree: &Path) -> ImageResult<LayerInfo> {
             File::open(&dir).and_then(|d| d.sync_all()).map_err(io_err(&dir))?;
         }
     }
-    Ok(LayerInfo { digest, disk_bytes, content_bytes })
+    Ok(LayerInfo { digest, disk_bytes, content_bytes, stored_bytes })
 }
 
 fn joined<T>(r: std::thread::Result<std::io::Result<T>>) -> std::io::Result<T> {
@@ -196,5 +249,47 @@ mod tests {
         let store = FsLayerStore::open(dir.path()).unwrap();
         assert!(!leftover.exists());
         assert!(store.layer_disk(&info.digest).is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_limited_commit_is_measured_before_it_is_published() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsLayerStore::open(dir.path()).unwrap();
+        let staged_tree = || {
+            let tree = store.staging_dir().unwrap();
+            std::fs::write(tree.join("data"), vec![1u8; 4 << 20]).unwrap();
+            crate::inert::make_inert(&tree).unwrap();
+            tree
+        };
+        let published = |store: &FsLayerStore| std::fs::read_dir(store.root.join("layers")).unwrap().count();
+        // 4 MiB of data is stored twice (tree + erofs): a 6 MiB budget is refused after the
+        // erofs image is measured, and nothing is published.
+        let tree = staged_tree();
+        let limits = CommitLimits { max_stored_bytes: 6 << 20, min_free_bytes: 0 };
+        match store.commit_tree_limited(tree.clone(), limits).await {
+            Err(ImageError::OverBudget { needed, allowed }) => {
+                assert!(needed >= 8 << 20 && allowed == 6 << 20, "{needed} {allowed}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(published(&store), 0);
+        assert!(tree.join("data").is_file(), "the tree stays with the caller");
+        // A 3 MiB budget is refused from the tree alone, before any erofs is written.
+        let limits = CommitLimits { max_stored_bytes: 3 << 20, min_free_bytes: 0 };
+        assert!(matches!(store.commit_tree_limited(tree.clone(), limits).await, Err(ImageError::OverBudget { .. })));
+        // A reserve above the filesystem's free space: refused too.
+        let free = store.space().unwrap().free_bytes;
+        let limits = CommitLimits { max_stored_bytes: u64::MAX, min_free_bytes: free + (1 << 30) };
+        assert!(matches!(store.commit_tree_limited(tree.clone(), limits).await, Err(ImageError::LowSpace { .. })));
+        assert_eq!(published(&store), 0);
+        assert_eq!(std::fs::read_dir(store.root.join("tmp")).unwrap().count(), 1, "only the caller's staging dir");
+        // The positive control: the same tree within limits is published and its cost reported,
+        // measured again the same from disk by a fresh store.
+        let limits = CommitLimits { max_stored_bytes: 9 << 20, min_free_bytes: 0 };
+        let info = store.commit_tree_limited(tree, limits).await.unwrap();
+        assert!(info.stored_bytes >= 8 << 20 && info.stored_bytes <= 9 << 20, "{info:?}");
+        assert_eq!(store.stored_bytes(&info.digest).await.unwrap(), info.stored_bytes);
+        let reopened = FsLayerStore::open(dir.path()).unwrap();
+        assert_eq!(reopened.stored_bytes(&info.digest).await.unwrap(), info.stored_bytes);
     }
 }

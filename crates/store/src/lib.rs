@@ -44,12 +44,18 @@ pub trait Store: Send + Sync {
     async fn children_of(&self, image: Uuid) -> StoreResult<Vec<ImageRecord>>;
     /// Replaces an image's layer list with an equivalent one (after compaction).
     async fn set_image_layers(&self, image: Uuid, layers: &[String]) -> StoreResult<()>;
+    /// The layers `namespace`'s images introduced, each once, sorted: of every image an
+    /// operation made there (runs, imports; not the server's own), the layers its parent does
+    /// not have.
+    async fn introduced_layers(&self, namespace: &str) -> StoreResult<Vec<String>>;
 
     /// Records an upload in `namespace`, or bumps `updated_at` of the same content's record.
     async fn upsert_file(&self, namespace: &str, sha256: &str, size: i64, now_us: i64) -> StoreResult<FileRecord>;
     async fn file_by_sha256(&self, namespace: &str, sha256: &str) -> StoreResult<Option<FileRecord>>;
     async fn file_by_uuid(&self, uuid: Uuid) -> StoreResult<Option<FileRecord>>;
     async fn list_files(&self, filter: &FileFilter) -> StoreResult<Vec<FileRecord>>;
+    /// Sum of the sizes of `namespace`'s uploads.
+    async fn namespace_upload_bytes(&self, namespace: &str) -> StoreResult<u64>;
 
     async fn insert_token(&self, token: &TokenRecord) -> StoreResult<()>;
     /// An unrevoked token by the SHA-256 of its secret.

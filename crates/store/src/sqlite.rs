@@ -349,6 +349,26 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn introduced_layers(&self, namespace: &str) -> StoreResult<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT i.layers AS layers, p.layers AS parent_layers FROM images i \
+             LEFT JOIN images p ON p.uuid = i.parent_uuid \
+             WHERE i.namespace = ? AND i.operation_uuid IS NOT NULL",
+        )
+        .bind(namespace)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut digests = std::collections::BTreeSet::new();
+        for row in &rows {
+            let parent: Vec<String> = match row.try_get::<Option<String>, _>("parent_layers")? {
+                Some(s) => serde_json::from_str(&s).map_err(|_| StoreError::Corrupt { what: "layers", key: s })?,
+                None => Vec::new(),
+            };
+            digests.extend(json_col::<Vec<String>>(row, "layers")?.into_iter().filter(|d| !parent.contains(d)));
+        }
+        Ok(digests.into_iter().collect())
+    }
+
     async fn upsert_file(&self, namespace: &str, sha256: &str, size: i64, now_us: i64) -> StoreResult<FileRecord> {
         sqlx::query(
             "INSERT INTO files (uuid, namespace, sha256, size, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
@@ -389,6 +409,15 @@ impl Store for SqliteStore {
         push_page(&mut q, "created_at DESC, uuid", f.limit, f.offset);
         let rows = q.build().fetch_all(&self.pool).await?;
         rows.iter().map(file_from_row).collect()
+    }
+
+    async fn namespace_upload_bytes(&self, namespace: &str) -> StoreResult<u64> {
+        let total: i64 =
+            sqlx::query_scalar("SELECT COALESCE(SUM(size), 0) FROM files WHERE namespace = ? AND size > 0")
+                .bind(namespace)
+                .fetch_one(&self.pool)
+                .await?;
+        Ok(u64::try_from(total).unwrap_or(0))
     }
 
     async fn insert_token(&self, t: &TokenRecord) -> StoreResult<()> {

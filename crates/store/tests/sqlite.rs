@@ -161,3 +161,41 @@ async fn files_tokens_tag_removal_and_lineage() {
     assert_eq!(store.delete_tags_of("ns1", child.uuid).await.unwrap(), 1);
     assert!(store.resolve_tag("ns1", "x:2").await.unwrap().is_none());
 }
+
+#[tokio::test]
+async fn usage_per_namespace_counts_each_layer_and_upload_once() {
+    let store = SqliteStore::in_memory().await.unwrap();
+    assert!(store.introduced_layers("ns1").await.unwrap().is_empty());
+    assert_eq!(store.namespace_upload_bytes("ns1").await.unwrap(), 0);
+    // The server's own base image (no operation) in public; a run of ns1 on it, a run on that
+    // run's image, an import in ns1; ns2 runs on the same base.
+    let mut base = image("public", 1);
+    base.layers = vec!["sha256:aa".into()];
+    let made = |ns: &str, parent: &ImageRecord, layers: &[&str]| ImageRecord {
+        uuid: Uuid::new_v4(),
+        namespace: ns.into(),
+        parent_uuid: Some(parent.uuid),
+        operation_uuid: Some(Uuid::new_v4()),
+        layers: layers.iter().map(|l| l.to_string()).collect(),
+        ..image(ns, 2)
+    };
+    let a = made("ns1", &base, &["sha256:bb", "sha256:aa"]);
+    let b = made("ns1", &a, &["sha256:cc", "sha256:bb", "sha256:aa"]);
+    let compacted = made("ns1", &a, &["sha256:ee", "sha256:aa"]);
+    let imported = ImageRecord { parent_uuid: None, layers: vec!["sha256:ff".into()], ..made("ns1", &base, &[]) };
+    let other = made("ns2", &base, &["sha256:dd", "sha256:aa"]);
+    for i in [&base, &a, &b, &compacted, &imported, &other] {
+        store.insert_image(i).await.unwrap();
+    }
+    let ns1 = store.introduced_layers("ns1").await.unwrap();
+    assert_eq!(ns1, ["sha256:bb", "sha256:cc", "sha256:ee", "sha256:ff"], "never the base layer");
+    assert_eq!(store.introduced_layers("ns2").await.unwrap(), ["sha256:dd"]);
+    assert!(store.introduced_layers("public").await.unwrap().is_empty(), "the server's base image counts for nobody");
+
+    store.upsert_file("ns1", &"a".repeat(64), 5, 100).await.unwrap();
+    store.upsert_file("ns1", &"a".repeat(64), 5, 200).await.unwrap();
+    store.upsert_file("ns1", &"b".repeat(64), 7, 200).await.unwrap();
+    store.upsert_file("ns2", &"a".repeat(64), 5, 300).await.unwrap();
+    assert_eq!(store.namespace_upload_bytes("ns1").await.unwrap(), 12, "the same content twice counts once");
+    assert_eq!(store.namespace_upload_bytes("ns2").await.unwrap(), 5);
+}

@@ -6,6 +6,7 @@ mod abuse_inert;
 mod abuse_inside;
 mod abuse_jail;
 mod abuse_network;
+mod abuse_sizes;
 mod abuse_sparse;
 mod abuse_state;
 mod api;

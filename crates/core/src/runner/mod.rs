@@ -30,6 +30,7 @@ use crate::error::{CoreResult, error_chain};
 use crate::events::EventLog;
 use crate::model::InstanceResult;
 use crate::operations::{self, Status};
+use crate::quota::Storage;
 use crate::spec::{FileInjection, ValidSpawn};
 
 pub(crate) use live::Live;
@@ -76,6 +77,8 @@ pub(crate) struct RunEnv {
     pub(crate) layers: Arc<dyn LayerStore>,
     pub(crate) runtime: Arc<dyn VmRuntime>,
     pub(crate) slots: Arc<Semaphore>,
+    /// Quotas and the free-space reserve.
+    pub(crate) storage: Arc<Storage>,
     /// One lock per image being compacted, so an image is never compacted twice at once.
     compacting: std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
     background: TaskTracker,
@@ -90,6 +93,7 @@ impl RunEnv {
         layers: Arc<dyn LayerStore>,
         runtime: Arc<dyn VmRuntime>,
         slots: Arc<Semaphore>,
+        storage: Arc<Storage>,
     ) -> Self {
         Self {
             store,
@@ -97,6 +101,7 @@ impl RunEnv {
             layers,
             runtime,
             slots,
+            storage,
             compacting: std::sync::Mutex::new(HashMap::new()),
             background: TaskTracker::new(),
             live: std::sync::Mutex::new(HashMap::new()),
@@ -186,6 +191,12 @@ impl Run {
         self.op.started_at_us = Some(now_us());
         env.store.update_operation(&self.op).await?;
 
+        if !self.spec.disposable {
+            // A run whose changes could not be kept is refused before it boots.
+            if let Err(refusal) = env.storage.check_image_room(&self.op.namespace).await? {
+                return self.finish(Ending::failed(format!("{refusal}; the run was not started"))).await;
+            }
+        }
         if self.image.layers.len() > MAX_LAYER_DISKS {
             match env.compact_now(self.image.uuid).await {
                 Ok(layers) => self.image.layers = layers,

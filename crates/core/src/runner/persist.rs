@@ -13,6 +13,7 @@ use uuid::Uuid;
 use super::{Run, RunEnv, compact::COMPACT_AT};
 use crate::clock::now_us;
 use crate::error::error_chain;
+use crate::quota::{PublishError, StorageRefusal};
 
 /// Export slack for tar headers and padding beyond `max_layer_bytes` (at least this much,
 /// or a quarter of the cap).
@@ -30,7 +31,11 @@ impl Run {
         if let Err(e) = tokio::fs::remove_dir_all(&staging).await {
             tracing::warn!(path = %staging.display(), error = %e, "could not remove a staging dir");
         }
-        result.map_err(|(what, e)| fail(what, e.as_ref()))
+        result.map_err(|(what, e)| match e.downcast_ref::<StorageRefusal>() {
+            // A storage rule is the client's to act on: said plainly, without the chain.
+            Some(refusal) => format!("{refusal}; the run's changes were not kept"),
+            None => fail(what, e.as_ref()),
+        })
     }
 
     async fn persist_in(
@@ -45,7 +50,12 @@ impl Run {
         // the writable layer's cap, plus room for tar headers of many small files.
         let max_layer = self.spec.max_layer_bytes;
         let budget = max_layer.saturating_add((max_layer / 4).max(TAR_OVERHEAD_BYTES));
-        let stats = vm.export_upper(&tar, &budget).await.map_err(|e| ("exporting changes", e.into()))?;
+        let budget = env.storage.export_budget(budget);
+        let stats = vm.export_upper(&tar, &budget).await.map_err(|e| {
+            let e: Box<dyn std::error::Error + Send + Sync> =
+                if budget.hit_reserve() { Box::new(StorageRefusal::LowSpace) } else { e.into() };
+            ("exporting changes", e)
+        })?;
         let exported = t0.elapsed();
         let source = &self.image;
         let env_vars = if self.spec.preserve_env { self.merged_env() } else { source.env.clone() };
@@ -56,6 +66,8 @@ impl Run {
         }
         let mut layers = source.layers.clone();
         let mut written = 0i64;
+        // Held until the image is recorded, so the namespace's next persist sees this layer.
+        let mut quota_guard = None;
         if stats.entries > 0 {
             let tree = staging.join("tree");
             let (tar_path, tree_path) = (tar.clone(), tree.clone());
@@ -70,7 +82,11 @@ impl Run {
             .map_err(|e| ("unpacking changes", e.into()))?
             .map_err(|e| ("unpacking changes", e.into()))?;
             let unpacked_at = t0.elapsed();
-            let layer = env.layers.commit_tree(tree).await.map_err(|e| ("publishing the layer", e.into()))?;
+            let (layer, guard) = env.storage.publish_layer(&self.op.namespace, tree).await.map_err(|e| match e {
+                PublishError::Refused(r) => ("publishing the layer", r.into()),
+                PublishError::Failed(e) => ("publishing the layer", e.into()),
+            })?;
+            quota_guard = Some(guard);
             tracing::debug!(
                 export_ms = exported.as_secs_f64() * 1e3,
                 unpack_ms = (unpacked_at - exported).as_secs_f64() * 1e3,
@@ -93,6 +109,7 @@ impl Run {
             created_at_us: now_us(),
         };
         env.store.insert_image(&image).await.map_err(|e| ("recording the image", e.into()))?;
+        drop(quota_guard);
         if image.layers.len() >= COMPACT_AT {
             env.compact_in_background(image.uuid);
         }

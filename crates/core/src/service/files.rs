@@ -1,14 +1,18 @@
 //! Uploaded files: content-addressed per namespace (the same bytes give the same uuid).
 
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
 use boxwood_blob::{BlobError, normalize_sha256};
 use boxwood_store::{FileFilter, FileRecord};
-use tokio::io::AsyncRead;
+use tokio::io::{AsyncRead, ReadBuf};
 
 use super::{Page, Service};
 use crate::auth::{Caller, Permission};
 use crate::clock::{format_ts, now_us};
-use crate::error::{CoreError, CoreResult};
+use crate::error::{CoreError, CoreResult, error_chain};
 use crate::model::{FileResponse, FileView};
+use crate::quota::UploadCharge;
 
 fn view(f: &FileRecord) -> FileView {
     FileView {
@@ -17,6 +21,25 @@ fn view(f: &FileRecord) -> FileView {
         size: f.size,
         created_at: format_ts(f.created_at_us),
         updated_at: format_ts(f.updated_at_us),
+    }
+}
+
+/// An upload body whose bytes are claimed from the namespace's quota as they are read.
+struct Charged<'a> {
+    inner: &'a mut (dyn AsyncRead + Send + Unpin),
+    charge: &'a UploadCharge,
+}
+
+impl AsyncRead for Charged<'_> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        ready!(Pin::new(&mut *this.inner).poll_read(cx, buf))?;
+        let n = (buf.filled().len() - before) as u64;
+        if n > 0 {
+            this.charge.admit(n).map_err(std::io::Error::other)?;
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
@@ -32,13 +55,26 @@ impl Service {
             caller.require(Permission::Spawn)?;
         }
         let limit = self.inner.config.max_upload_bytes;
-        let blob = self.inner.blobs.put(body, limit).await.map_err(|e| match e {
-            BlobError::TooLarge { limit } => CoreError::TooLarge(format!("uploads are limited to {limit} bytes")),
-            BlobError::Source(e) => CoreError::bad(format!("reading the upload failed: {e}")),
-            other => CoreError::Internal(other.to_string()),
-        })?;
+        // Counted against the namespace's quota and the reserve as it streams: a refused
+        // upload stops there and its partial blob is removed.
+        let charge = self.inner.env.storage.begin_upload(&caller.namespace).await?;
+        let mut charged = Charged { inner: body, charge: &charge };
+        let blob = match self.inner.blobs.put(&mut charged, limit).await {
+            Ok(blob) => blob,
+            Err(e) => {
+                return Err(match (charge.refusal(), e) {
+                    (Some(refusal), _) => refusal.into(),
+                    (None, BlobError::TooLarge { limit }) => {
+                        CoreError::TooLarge(format!("uploads are limited to {limit} bytes"))
+                    }
+                    (None, BlobError::Source(e)) => CoreError::bad(format!("reading the upload failed: {e}")),
+                    (None, other) => CoreError::Internal(error_chain(&other)),
+                });
+            }
+        };
         let size = i64::try_from(blob.size).unwrap_or(i64::MAX);
         let record = self.inner.store.upsert_file(&caller.namespace, &blob.sha256, size, now_us()).await?;
+        charge.complete();
         Ok(FileResponse { uuid: record.uuid.to_string(), sha256: record.sha256, size: record.size })
     }
 

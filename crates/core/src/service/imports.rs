@@ -5,7 +5,6 @@
 
 use std::sync::Arc;
 
-use boxwood_image::LayerStore;
 use boxwood_oci::{ArchiveFile, Credentials, ImageSource, Importer, parse_source};
 use boxwood_store::{ImageRecord, OperationRecord, Store};
 use serde_json::json;
@@ -19,6 +18,7 @@ use crate::error::{CoreError, CoreResult, reported};
 use crate::events::EventLog;
 use crate::model::{ImportRequest, OperationCreated};
 use crate::operations::{self, KIND_IMAGE_IMPORT, Status};
+use crate::quota::{PublishError, Storage};
 use crate::runner::RunControl;
 use crate::spec::is_valid_tag;
 
@@ -37,6 +37,9 @@ impl Service {
         let source = parse_source(&req.registry.url).map_err(|e| CoreError::bad(format!("registry.url: {e}")))?;
         self.inner.imports.importer.check(&source).map_err(|e| CoreError::bad(format!("registry.url: {e}")))?;
         let source = self.open_upload(caller, source).await?;
+        // Refused before anything is fetched when the namespace's image quota or the host's
+        // free-space reserve is already exhausted.
+        self.inner.env.storage.check_image_room(&caller.namespace).await??;
         if let Some(tag) = &req.tag
             && !is_valid_tag(tag)
         {
@@ -70,9 +73,9 @@ impl Service {
         let uuid = job.op.uuid;
         let control = job.control.clone();
         let store = self.inner.store.clone();
-        let layers = self.inner.env.layers.clone();
+        let storage = self.inner.env.storage.clone();
         let imports = self.inner.imports.clone();
-        self.start_operation(&job.op.clone(), control, async move { job.execute(store, layers, imports).await })
+        self.start_operation(&job.op.clone(), control, async move { job.execute(store, storage, imports).await })
             .await?;
         Ok(OperationCreated { uuid: uuid.to_string() })
     }
@@ -111,12 +114,7 @@ struct ImportJob {
 }
 
 impl ImportJob {
-    async fn execute(
-        mut self,
-        store: Arc<dyn Store>,
-        layers: Arc<dyn LayerStore>,
-        env: Arc<ImportEnv>,
-    ) -> CoreResult<()> {
+    async fn execute(mut self, store: Arc<dyn Store>, storage: Arc<Storage>, env: Arc<ImportEnv>) -> CoreResult<()> {
         let permit = tokio::select! {
             p = env.slots.clone().acquire_owned() => p.ok(),
             () = self.control.token.cancelled() => None,
@@ -130,7 +128,7 @@ impl ImportJob {
         store.update_operation(&self.op).await?;
         self.op.status = Status::Executing.as_str().into();
         store.update_operation(&self.op).await?;
-        let work = self.import(&store, &layers, &env.importer);
+        let work = self.import(&store, &storage, &env.importer);
         let outcome = tokio::select! {
             r = tokio::time::timeout(self.timeout, work) => Some(r),
             () = self.control.token.cancelled() => None,
@@ -154,7 +152,7 @@ impl ImportJob {
     async fn import(
         &self,
         store: &Arc<dyn Store>,
-        layers: &Arc<dyn LayerStore>,
+        storage: &Storage,
         importer: &Arc<Importer>,
     ) -> Result<(Uuid, i64), String> {
         let creds = self.creds.as_ref();
@@ -167,24 +165,35 @@ impl ImportJob {
         let store_err = |e: boxwood_store::StoreError| internal(&e);
         let mut written = 0;
         if store.get_image(uuid).await.map_err(store_err)?.is_none() {
-            let staging = layers.staging_dir().map_err(|e| internal(&e))?;
+            // Checked again now that the import has its slot, before anything is fetched.
+            match storage.check_image_room(&self.op.namespace).await {
+                Ok(Ok(())) => {}
+                Ok(Err(refusal)) => return Err(format!("{refusal}; nothing was imported")),
+                Err(e) => return Err(internal(&e)),
+            }
+            let staging = storage.layers().staging_dir().map_err(|e| internal(&e))?;
             let tree = staging.join("rootfs");
             let result = async {
                 std::fs::create_dir(&tree).map_err(|e| internal(&e))?;
                 let imported = importer.import(&self.source, creds, &tree).await.map_err(oci)?;
                 let unpacked = started.elapsed();
-                let layer = layers.commit_tree(tree.clone()).await.map_err(|e| internal(&e))?;
+                let (layer, guard) =
+                    storage.publish_layer(&self.op.namespace, tree.clone()).await.map_err(|e| match e {
+                        PublishError::Refused(refusal) => format!("{refusal}; nothing was imported"),
+                        PublishError::Failed(e) => internal(&e),
+                    })?;
                 tracing::debug!(
                     op = %self.op.uuid,
                     fetch_and_unpack_ms = unpacked.as_millis() as u64,
                     publish_ms = (started.elapsed() - unpacked).as_millis() as u64,
                     "import phases"
                 );
-                Ok::<_, String>((imported, layer))
+                Ok::<_, String>((imported, layer, guard))
             }
             .await;
             let _ = tokio::fs::remove_dir_all(&staging).await;
-            let (imported, layer) = result?;
+            // The quota guard is held until the image is recorded.
+            let (imported, layer, _quota_guard) = result?;
             written = i64::try_from(imported.content_bytes).unwrap_or(i64::MAX);
             let image = ImageRecord {
                 uuid,

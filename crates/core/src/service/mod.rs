@@ -26,6 +26,7 @@ use crate::auth::{Authenticator, Caller, Permission, TokenConfig, caller_from_re
 use crate::error::{CoreError, CoreResult, error_chain};
 use crate::events::{EventHub, fail_operation};
 use crate::model::WhoAmI;
+use crate::quota::{QuotaConfig, Storage, StorageRules};
 use crate::runner::{RunControl, RunEnv, StopReason};
 use crate::spec::RunLimits;
 
@@ -42,6 +43,11 @@ pub struct CoreConfig {
     pub max_upload_bytes: u64,
     /// Image imports running at once; more wait as PENDING.
     pub max_concurrent_imports: usize,
+    /// Free space (bytes) the state dir's filesystem keeps: below it persist, import and
+    /// upload are refused. Default: 5 % of the filesystem, at most 2 GiB; 0 turns it off.
+    pub min_free_bytes: Option<u64>,
+    /// Per-namespace storage quotas.
+    pub quota: QuotaConfig,
     pub limits: RunLimits,
 }
 
@@ -53,6 +59,8 @@ impl Default for CoreConfig {
             max_concurrent_runs_per_namespace: None,
             max_upload_bytes: 16 << 30,
             max_concurrent_imports: 2,
+            min_free_bytes: None,
+            quota: QuotaConfig::default(),
             limits: RunLimits::default(),
         }
     }
@@ -146,11 +154,19 @@ impl Service {
         let hub = Arc::new(EventHub::default());
         let slots = Arc::new(Semaphore::new(config.max_concurrent_runs.max(1)));
         let Backends { store, blobs, layers, runtime, importer } = backends;
+        let rules = StorageRules::resolve(&config.quota, config.min_free_bytes, layers.space()?.total_bytes);
+        tracing::info!(
+            image_quota_bytes = rules.image_bytes,
+            upload_quota_bytes = rules.upload_bytes,
+            min_free_bytes = rules.min_free_bytes,
+            "storage bounds"
+        );
+        let storage = Arc::new(Storage::new(rules, store.clone(), layers.clone(), blobs.clone()));
         let imports = Arc::new(imports::ImportEnv {
             importer,
             slots: Arc::new(Semaphore::new(config.max_concurrent_imports.max(1))),
         });
-        let env = Arc::new(RunEnv::new(store.clone(), blobs.clone(), layers, runtime, slots));
+        let env = Arc::new(RunEnv::new(store.clone(), blobs.clone(), layers, runtime, slots, storage));
         let svc = Service {
             inner: Arc::new(Inner {
                 store,
