@@ -354,9 +354,11 @@ pub fn is_inert(root: &Path) -> ImageResult<bool> {
 }
 
 /// Converts a tree in the live form (entries with their real types, owners, modes and
-/// xattrs, as overlayfs reads them) into the inert form, in place. Idempotent and safe to
-/// repeat after a crash: an entry is replaced by an atomic rename, or gets its record before
-/// it is made inert; the root's record, written last, marks the whole tree converted.
+/// xattrs, as overlayfs reads them) into the inert form, in place. Idempotent: an entry that
+/// already has a record is only made inert (its host mode, owner and xattrs reset). A crash
+/// between making a file or directory inert and writing its record loses that entry's
+/// metadata (it is converted again from what is left); non-files are replaced by an atomic
+/// rename. The store decides with its own marker, not the trees', whether to convert.
 pub fn make_inert(root: &Path) -> ImageResult<()> {
     // A directory's record is taken before its children are converted (replacing a child
     // bumps the directory's live mtime) and written after them.
@@ -364,10 +366,12 @@ pub fn make_inert(root: &Path) -> ImageResult<()> {
     while let Some(visit) = stack.pop() {
         let dir = match visit {
             Visit::Leave(dir, meta) => {
+                // Live xattrs go first: with them and the record (which holds them) on one
+                // inode, a large set would not fit the filesystem's xattr space.
+                neutralize(&dir, true)?;
                 if let Some(meta) = meta {
                     set(&dir, &meta)?;
                 }
-                neutralize(&dir, true)?;
                 continue;
             }
             Visit::Enter(dir) => dir,
@@ -424,8 +428,8 @@ fn live_meta(path: &Path) -> ImageResult<Option<Meta>> {
 fn convert(path: &Path) -> ImageResult<()> {
     let Some(meta) = live_meta(path)? else { return neutralize(path, false) };
     if meta.kind == Kind::File {
-        set(path, &meta)?;
-        return neutralize(path, false);
+        neutralize(path, false)?;
+        return set(path, &meta);
     }
     let content = if meta.kind == Kind::Symlink {
         std::fs::read_link(path).map_err(io_err(path))?.into_os_string().into_encoded_bytes()

@@ -13,6 +13,9 @@ use uuid::Uuid;
 use crate::usage::{file_allocated_bytes, tree_allocated_bytes};
 use crate::{CommitLimits, DiskSpace, ImageError, ImageResult, LayerStore, io_err};
 
+/// Present once every tree of the store is in the inert form.
+const INERT_MARKER: &str = "trees-inert-v1";
+
 /// A published layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerInfo {
@@ -48,12 +51,28 @@ impl FsLayerStore {
             std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))?;
         }
         std::fs::create_dir_all(&tmp).map_err(io_err(&tmp))?;
-        let trees = root.join("trees");
-        for entry in std::fs::read_dir(&trees).map_err(io_err(&trees))? {
-            let tree = entry.map_err(io_err(&trees))?.path();
-            if tree.symlink_metadata().is_ok_and(|m| m.is_dir()) && !crate::inert::is_inert(&tree)? {
-                crate::inert::make_inert(&tree)?;
-                tracing::info!(tree = %tree.display(), "converted a layer tree to the inert form");
+        // Trees of versions before the inert form are converted once; the marker is the
+        // store's own (a tree's root record could have been planted by a tenant's layer).
+        let marker = root.join(INERT_MARKER);
+        if !marker.exists() {
+            let trees = root.join("trees");
+            let mut all = true;
+            for entry in std::fs::read_dir(&trees).map_err(io_err(&trees))? {
+                let tree = entry.map_err(io_err(&trees))?.path();
+                if !tree.symlink_metadata().is_ok_and(|m| m.is_dir()) {
+                    continue;
+                }
+                match crate::inert::make_inert(&tree) {
+                    Ok(()) => tracing::info!(tree = %tree.display(), "layer tree in the inert form"),
+                    Err(e) => {
+                        // One broken tree must not keep the server down: runs needing it fail.
+                        all = false;
+                        tracing::error!(tree = %tree.display(), error = %e, "cannot convert a layer tree");
+                    }
+                }
+            }
+            if all {
+                std::fs::write(&marker, b"1\n").map_err(io_err(&marker))?;
             }
         }
         Ok(Self { root: root.to_owned(), stored: Arc::default() })

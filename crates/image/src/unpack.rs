@@ -391,6 +391,9 @@ fn xattr_refusal(name: &str, value: &[u8]) -> Option<&'static str> {
     if name.starts_with(OVERLAY_XATTR_PREFIX) {
         return Some("overlayfs-private xattr");
     }
+    if name.starts_with("user.boxwood.") {
+        return Some("reserved for the server's own records");
+    }
     if ["user.", "security.", "trusted."].iter().any(|ns| name.starts_with(ns)) {
         return None;
     }

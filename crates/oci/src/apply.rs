@@ -385,7 +385,7 @@ fn read_meta<R: Read>(entry: &mut tar::Entry<'_, R>, digest: &str) -> Result<Met
                     mtime = t;
                 }
             } else if let Some(name) = key.strip_prefix("SCHILY.xattr.") {
-                if name.starts_with("user.") || name == "security.capability" {
+                if (name.starts_with("user.") && !name.starts_with("user.boxwood.")) || name == "security.capability" {
                     xattrs.push((name.to_owned(), record.value_bytes().to_vec()));
                 } else {
                     tracing::debug!(layer = digest, xattr = name, "xattr not kept");
