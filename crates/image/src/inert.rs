@@ -288,6 +288,17 @@ pub fn init_root(path: &Path, meta: &Meta) -> ImageResult<()> {
     set(path, meta)
 }
 
+/// The record of a directory a layer implies but does not describe (the root, a missing
+/// parent): root's, 0755.
+pub fn implied_dir() -> Meta {
+    Meta::new(Kind::Dir, 0o755, 0, 0, (0, 0))
+}
+
+/// Links the new name `new` to the (non-directory) entry `old`: one inode, one record.
+pub fn hard_link(old: &Path, new: &Path) -> ImageResult<()> {
+    fsutil::hard_link(old, new)
+}
+
 /// Creates a directory entry.
 pub fn create_dir(path: &Path, meta: &Meta) -> ImageResult<()> {
     debug_assert_eq!(meta.kind, Kind::Dir);

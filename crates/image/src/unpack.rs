@@ -66,11 +66,6 @@ impl Default for UnpackLimits {
 /// Most segments a sparse map may list (the agent writes at most 4096).
 const MAX_SPARSE_SEGMENTS: u64 = 1 << 16;
 
-/// The record of a directory the tar implies but does not list (a parent of a member).
-fn implied_dir() -> Meta {
-    Meta::new(Kind::Dir, 0o755, 0, 0, (0, 0))
-}
-
 /// Unpacks the layer tar at `tar` into `tree`, which must be an existing empty directory.
 /// Streams: memory use does not grow with file sizes. On error `tree` may hold a partial
 /// unpack (the caller deletes it) but nothing outside it was touched.
@@ -87,7 +82,7 @@ pub fn unpack_layer_limited(tar: &Path, tree: &Path, limits: UnpackLimits) -> Im
     let file = File::open(tar).map_err(io_err(tar))?;
     let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 16, file));
     // The root's record, until the layer's own root member (if any) replaces it.
-    inert::init_root(tree, &implied_dir())?;
+    inert::init_root(tree, &inert::implied_dir())?;
     let mut unpacker = Unpacker { tree, stats: UnpackStats::default(), limits };
     for entry in archive.entries().map_err(io_err(tar))? {
         let entry = entry.map_err(io_err(tar))?;
@@ -198,11 +193,11 @@ impl Unpacker<'_> {
         let path = self.walk_parents(rel, true)?;
         match path.symlink_metadata() {
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(path),
-            Err(e) => Err(format!("cannot inspect {}: {e}", path.display())),
+            Err(e) => Err(format!("cannot inspect {}: {e}", shown(self.tree, &path))),
             Ok(m) if m.is_dir() && want_dir => Ok(path),
             Ok(m) if m.is_dir() => Err("would replace a directory with a non-directory".into()),
             Ok(_) => {
-                std::fs::remove_file(&path).map_err(|e| format!("cannot replace {}: {e}", path.display()))?;
+                std::fs::remove_file(&path).map_err(|e| format!("cannot replace {}: {e}", shown(self.tree, &path)))?;
                 Ok(path)
             }
         }
@@ -234,8 +229,8 @@ impl Unpacker<'_> {
                 }
                 Ok(_) => return Err(format!("parent {} is not a directory", shown(self.tree, &path))),
                 Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
-                    inert::create_dir(&path, &implied_dir())
-                        .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+                    inert::create_dir(&path, &inert::implied_dir())
+                        .map_err(|_| format!("cannot create {}", shown(self.tree, &path)))?;
                 }
                 Err(_) => return Err(format!("parent {} does not exist", shown(self.tree, &path))),
             }

@@ -78,7 +78,7 @@ pub(crate) fn check_tree(tree: &Path) -> Result<(), OciError> {
 /// [`OciError::Cancelled`] once `cancel` is set. Whatever the failure, `tree` ends up empty.
 pub(crate) fn apply_all(layers: &[(BlobLoc, String)], tree: &Path, cancel: &AtomicBool) -> Result<u64, OciError> {
     check_tree(tree)?;
-    let result = inert::init_root(tree, &implied_dir())
+    let result = inert::init_root(tree, &inert::implied_dir())
         .map_err(OciError::from)
         .and_then(|()| layers.iter().try_for_each(|(loc, name)| apply_one(loc, name, tree, cancel)))
         .and_then(|()| fsutil::content_bytes(tree));
@@ -102,11 +102,6 @@ fn apply_one(loc: &BlobLoc, digest: &str, tree: &Path, cancel: &AtomicBool) -> R
         layer.member(entry.map_err(corrupt)?)?;
     }
     Ok(())
-}
-
-/// The record of a directory no member describes (the root, a missing parent).
-fn implied_dir() -> Meta {
-    Meta::new(Kind::Dir, 0o755, 0, 0, (0, 0))
 }
 
 /// One component still to resolve.
@@ -186,7 +181,7 @@ impl Layer<'_> {
                 let original = self.existing(&target)?;
                 let path = self.slot_keeping(&parent, &file_name, &original)?;
                 if path != original {
-                    fsutil::hard_link(&original, &path)?;
+                    inert::hard_link(&original, &path)?;
                 }
             }
             EntryType::Fifo => {
@@ -360,7 +355,7 @@ impl Layer<'_> {
     }
 
     fn mkdir(&mut self, path: &Path, rel: &Path) -> Result<(), OciError> {
-        inert::create_dir(path, &implied_dir())?;
+        inert::create_dir(path, &inert::implied_dir())?;
         self.this_layer.insert(rel.to_owned());
         Ok(())
     }

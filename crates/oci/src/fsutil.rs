@@ -4,18 +4,7 @@
 use std::io;
 use std::path::Path;
 
-use rustix::fs::{AtFlags, CWD};
-
 use crate::{OciError, io_err};
-
-fn errno(e: rustix::io::Errno) -> io::Error {
-    io::Error::from_raw_os_error(e.raw_os_error())
-}
-
-/// Hard-links `new` to `old` without following `old` if it is a symlink.
-pub(crate) fn hard_link(old: &Path, new: &Path) -> Result<(), OciError> {
-    rustix::fs::linkat(CWD, old, CWD, new, AtFlags::empty()).map_err(errno).map_err(io_err(new))
-}
 
 /// Removes whatever is at `path` (a directory recursively, without following symlinks);
 /// a missing entry is fine.

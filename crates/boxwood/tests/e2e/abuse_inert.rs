@@ -83,17 +83,6 @@ fn hostile_archive() -> Vec<u8> {
     outer.into_inner().unwrap()
 }
 
-async fn wait_done(s: &TestServer, id: &str) -> Value {
-    for _ in 0..600 {
-        let (_, op) = s.get_json(&format!("/operations/{id}")).await;
-        if matches!(op["status"].as_str(), Some("SUCCESS" | "FAILED" | "CANCELLED")) {
-            return op;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("operation {id} did not end");
-}
-
 #[tokio::test]
 async fn planted_setuid_files_devices_and_symlinks_are_inert_on_the_host() {
     let s = TestServer::start().await;
@@ -121,7 +110,7 @@ async fn planted_setuid_files_devices_and_symlinks_are_inert_on_the_host() {
         .await
         .unwrap();
     let id = r.json::<Value>().await.unwrap()["uuid"].as_str().unwrap().to_owned();
-    let op = wait_done(&s, &id).await;
+    let op = s.wait_as(&s.token, &id).await;
     assert_eq!(op["status"], "SUCCESS", "{op}");
     let imported = op["result"]["image"].as_str().unwrap().to_owned();
 

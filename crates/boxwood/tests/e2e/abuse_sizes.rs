@@ -28,15 +28,7 @@ async fn persist_mib(s: &TestServer, secret: &str, mib: u32) -> Value {
     let r = s.req_as(secret, Method::POST, "/instances").json(&body).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     let id = r.json::<Value>().await.unwrap()["uuid"].as_str().unwrap().to_owned();
-    for _ in 0..1200 {
-        let r = s.req_as(secret, Method::GET, &format!("/operations/{id}")).send().await.unwrap();
-        let op: Value = r.json().await.unwrap();
-        if matches!(op["status"].as_str(), Some("SUCCESS" | "FAILED" | "CANCELLED")) {
-            return op;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    panic!("run {id} did not end");
+    s.wait_as(secret, &id).await
 }
 
 #[tokio::test]

@@ -157,6 +157,19 @@ impl TestServer {
     }
 
     /// Polls until the operation reaches `status` (or panics after `within`).
+    /// Polls operation `id` as `token` until it ends (any kind: runs and imports).
+    pub async fn wait_as(&self, token: &str, id: &str) -> Value {
+        for _ in 0..1200 {
+            let r = self.req_as(token, Method::GET, &format!("/operations/{id}")).send().await.unwrap();
+            let op: Value = r.json().await.unwrap();
+            if matches!(op["status"].as_str(), Some("SUCCESS" | "FAILED" | "CANCELLED")) {
+                return op;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("operation {id} did not end");
+    }
+
     pub async fn wait_status(&self, op: &str, status: &str, within: Duration) -> Value {
         let deadline = Instant::now() + within;
         loop {

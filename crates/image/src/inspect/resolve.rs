@@ -11,7 +11,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::inert::{self, Stat};
 use crate::{ImageError, ImageResult, io_err};
@@ -47,11 +47,6 @@ impl Entry {
     /// layer that has it.
     pub fn layer(&self) -> usize {
         self.layer
-    }
-
-    /// The entry in its layer tree on the host. Read-only; never follow it as a symlink.
-    pub fn host_path(&self) -> &Path {
-        &self.host
     }
 
     /// The entry's metadata as the image has it.
