@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::{Run, RunEnv, compact::COMPACT_AT};
 use crate::clock::now_us;
-use crate::error::error_chain;
+use crate::error::{error_chain, reported};
 use crate::quota::{PublishError, StorageRefusal};
 
 /// Export slack for tar headers and padding beyond `max_layer_bytes` (at least this much,
@@ -23,8 +23,12 @@ impl Run {
     /// Saves the run's changes; returns the result image (the source image when nothing
     /// changed) and the bytes written. `Err` is the operation's failure message.
     pub(super) async fn persist(&mut self, vm: &dyn Vm, env: &Arc<RunEnv>) -> Result<(Uuid, i64), String> {
-        let fail = |what: &str, e: &dyn std::error::Error| {
-            format!("saving the result image failed: {what}: {}", error_chain(e))
+        // The chain says what the tenant can act on (the layer limit, a refused member, named
+        // inside the image); a host I/O error names host paths, so it goes to the log under
+        // an error id instead.
+        let fail = |what: &str, e: &(dyn std::error::Error + 'static)| {
+            let shown = format!("saving the result image failed: {what}");
+            if names_host_paths(e) { reported(&shown, e) } else { format!("{shown}: {}", error_chain(e)) }
         };
         let staging = env.layers.staging_dir().map_err(|e| fail("staging", &e))?;
         let result = self.persist_in(vm, env, &staging).await;
@@ -127,5 +131,32 @@ impl Run {
             };
         }
         env
+    }
+}
+
+/// Whether `e` or one of its sources is a layer store I/O error (which names host paths).
+fn names_host_paths(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if matches!(err.downcast_ref(), Some(boxwood_image::ImageError::Io { .. })) {
+            return true;
+        }
+        next = err.source();
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use boxwood_image::ImageError;
+
+    #[test]
+    fn host_io_errors_are_told_by_id_and_layer_limits_in_words() {
+        let io = ImageError::Io { path: "/var/lib/boxwood/images/tmp/x".into(), source: std::io::Error::other("full") };
+        assert!(names_host_paths(&io));
+        let boxed: Box<dyn std::error::Error + Send + Sync> = Box::new(io);
+        assert!(names_host_paths(boxed.as_ref()));
+        assert!(!names_host_paths(&ImageError::LayerTooLarge { limit: 5 }));
     }
 }
