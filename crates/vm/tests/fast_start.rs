@@ -70,7 +70,7 @@ async fn clones_get_their_own_entropy_boot_id_and_the_host_clock() {
 
 /// A small erofs layer that shadows one file of the test rootfs.
 fn overlay_layer() -> std::path::PathBuf {
-    let path = assets_dir().join("test-layer-top-v2.erofs");
+    let path = assets_dir().join("test-layer-top-v3.erofs");
     if path.is_file() {
         return path;
     }
@@ -79,6 +79,7 @@ fn overlay_layer() -> std::path::PathBuf {
     std::fs::create_dir_all(tree.join("data")).unwrap();
     std::fs::write(tree.join("data/keep.txt"), "from the top layer\n").unwrap();
     let tmp = work.path().join("top.erofs");
+    boxwood_image::inert::make_inert(&tree).unwrap();
     boxwood_image::erofs::write_image(&boxwood_image::erofs::tree_from_dir(&tree).unwrap(), &tmp).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
     path

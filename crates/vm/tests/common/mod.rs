@@ -46,7 +46,7 @@ pub fn rootfs_image() -> &'static Path {
     IMAGE.get_or_init(|| {
         let busybox = std::fs::read("/bin/busybox").expect("/bin/busybox (busybox-static) is needed");
         // Bump the layout version when the tree below changes.
-        let image = assets_dir().join(format!("test-rootfs-v5-{}.erofs", busybox.len()));
+        let image = assets_dir().join(format!("test-rootfs-v6-{}.erofs", busybox.len()));
         if image.is_file() {
             return image;
         }
@@ -115,6 +115,8 @@ pub fn rootfs_image() -> &'static Path {
         std::fs::write(&greet, "#!/bin/sh\necho greet \"$@\"\n").unwrap();
         std::fs::set_permissions(&greet, std::fs::Permissions::from_mode(0o755)).unwrap();
         let tmp_image = work.path().join("rootfs.erofs");
+        // The erofs writer reads the store's inert form, so the live tree is converted first.
+        boxwood_image::inert::make_inert(&tree).unwrap();
         let built = boxwood_image::erofs::tree_from_dir(&tree).unwrap();
         boxwood_image::erofs::write_image(&built, &tmp_image).unwrap();
         std::fs::rename(&tmp_image, &image).unwrap();
