@@ -3,15 +3,17 @@
 //!
 //! Layout: [`init`] brings the guest up (mounts, kernel modules, channel discovery),
 //! [`channel`] frames messages over the port, [`setup`] builds the sandbox root filesystem and
-//! [`net`] the network, [`spawn`] starts and supervises processes, [`reaper`] collects every
-//! exit status, [`files`] writes injected files (resolving paths via [`inroot`]), [`export`]
-//! streams the run's changes as a [`tar`], and [`server`] dispatches host messages.
+//! [`net`] the network, [`spawn`] starts and supervises processes (inside the [`jobs`]
+//! cgroup), [`reaper`] collects every exit status, [`files`] writes injected files (resolving
+//! paths via [`inroot`]), [`export`] streams the run's changes as a [`tar`], and [`server`]
+//! dispatches host messages.
 
 mod channel;
 mod export;
 mod files;
 mod init;
 mod inroot;
+mod jobs;
 mod net;
 mod reaper;
 mod server;

@@ -6,6 +6,7 @@ use std::time::Duration;
 use boxwood_protocol::{GuestMessage, HostMessage, PORT_NAME};
 
 use crate::files::Files;
+use crate::jobs::Jobs;
 use crate::reaper::Reaper;
 use crate::setup::Sandbox;
 use crate::spawn::Table;
@@ -20,7 +21,7 @@ pub async fn run() -> io::Result<()> {
     let mut port = init::open_port(PORT_NAME, Duration::from_secs(10))?;
     channel::send_now(&mut port, &GuestMessage::Hello(init::hello()))?;
     let channel::Channel { outbox: out, mut inbox, writer } = channel::start(port)?;
-    let table = Table::default();
+    let table = Table::new(Jobs::init());
     let mut sandbox: Option<Sandbox> = None;
     let mut files = Files::default();
     let mut no_net_ns = None;

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,6 +21,7 @@ use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::channel::Outbox;
+use crate::jobs::Jobs;
 use crate::reaper::{ExitInfo, Reaper};
 use crate::setup::ROOT;
 
@@ -29,7 +30,8 @@ const DRAIN_GRACE: Duration = Duration::from_millis(100);
 
 /// Failing step in the child, encoded into the errno std carries back from `pre_exec`.
 const STEP: i32 = 100_000;
-const STEP_NAMES: [&str; 8] = ["exec", "setsid", "chroot", "mkdir cwd", "chdir", "setgroups", "setgid", "setuid"];
+const STEP_NAMES: [&str; 9] =
+    ["exec", "setsid", "chroot", "mkdir cwd", "chdir", "setgroups", "setgid", "setuid", "join the jobs cgroup"];
 
 /// A chunk for a process's stdin.
 struct StdinChunk {
@@ -43,13 +45,18 @@ struct Entry {
     stdin: Option<mpsc::UnboundedSender<StdinChunk>>,
 }
 
-/// Processes that have been spawned and not yet reported `Exited`.
-#[derive(Clone, Default)]
+/// Processes that have been spawned and not yet reported `Exited`, and the cgroup new ones join.
+#[derive(Clone)]
 pub struct Table {
     inner: Arc<Mutex<HashMap<u32, Entry>>>,
+    jobs: Arc<Jobs>,
 }
 
 impl Table {
+    pub fn new(jobs: Jobs) -> Self {
+        Self { inner: Arc::default(), jobs: Arc::new(jobs) }
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut HashMap<u32, Entry>) -> R) -> R {
         f(&mut self.inner.lock().unwrap_or_else(PoisonError::into_inner))
     }
@@ -99,7 +106,7 @@ pub async fn spawn(spec: Spawn, table: &Table, reaper: &Reaper, out: &Outbox) {
     }
     let started = Instant::now();
     let oom_kills = oom_kill_count();
-    let (child, exit_rx) = match fork_exec(&spec, reaper) {
+    let (child, exit_rx) = match fork_exec(&spec, table.jobs.procs_fd(), reaper) {
         Ok(v) => v,
         Err(error) => {
             let _ = out.send(GuestMessage::SpawnFailed { id, error }).await;
@@ -148,7 +155,11 @@ struct Job {
     limit: u64,
 }
 
-fn fork_exec(spec: &Spawn, reaper: &Reaper) -> Result<(Child, oneshot::Receiver<ExitInfo>), String> {
+fn fork_exec(
+    spec: &Spawn,
+    jobs: Option<RawFd>,
+    reaper: &Reaper,
+) -> Result<(Child, oneshot::Receiver<ExitInfo>), String> {
     let program = spec.argv.first().ok_or("empty argv")?;
     if !spec.cwd.starts_with('/') {
         return Err(format!("cwd {:?} is not absolute", spec.cwd));
@@ -178,7 +189,7 @@ fn fork_exec(spec: &Spawn, reaper: &Reaper) -> Result<(Child, oneshot::Receiver<
     // SAFETY: the closure runs in the forked child and only makes async-signal-safe syscalls
     // on memory allocated before the fork; it allocates nothing itself.
     unsafe {
-        cmd.pre_exec(move || child_setup(&root, &prefixes, &cwd, uid, gid));
+        cmd.pre_exec(move || child_setup(jobs, &root, &prefixes, &cwd, uid, gid));
     }
     let spawned = cmd.spawn();
     drop(cmd); // closes the child's ends of the pipes
@@ -210,13 +221,26 @@ fn describe_spawn_error(program: &str, err: &io::Error) -> String {
 }
 
 /// Runs in the child between fork and exec. Errors carry their step (see [`STEP`]).
-fn child_setup(root: &CString, prefixes: &[CString], cwd: &CString, uid: u32, gid: u32) -> io::Result<()> {
+fn child_setup(
+    jobs: Option<RawFd>,
+    root: &CString,
+    prefixes: &[CString],
+    cwd: &CString,
+    uid: u32,
+    gid: u32,
+) -> io::Result<()> {
     let fail = |step: i32| {
         let errno = io::Error::last_os_error().raw_os_error().unwrap_or(libc::EINVAL);
         Err(io::Error::from_raw_os_error(step * STEP + errno))
     };
     // SAFETY (all calls below): plain syscalls with NUL-terminated strings that outlive them.
     unsafe {
+        // First, so that everything the command forks is counted against the jobs' limits.
+        if let Some(fd) = jobs
+            && libc::write(fd, c"0".as_ptr().cast(), 1) != 1
+        {
+            return fail(8);
+        }
         if libc::setsid() < 0 {
             return fail(1);
         }
