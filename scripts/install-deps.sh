@@ -9,9 +9,10 @@ set -euo pipefail
 need_root() { [[ $(id -u) == 0 ]] || { echo "install-deps: run as root" >&2; exit 1; }; }
 
 # nftables: the guest egress filter (crates/vm/src/egress.rs).
+# e2fsprogs: mkfs.ext4 formats the runs' scratch disks (crates/vm/src/scratch.rs).
 # docker-registry, skopeo, umoci, apache2-utils (htpasswd): boxwood-oci's image-import tests.
 # python3-venv, curl: the conformance runs with the published Python clients.
-packages=(busybox-static erofs-utils lz4 linux-image-cloud-amd64 ca-certificates nftables
+packages=(busybox-static erofs-utils e2fsprogs lz4 linux-image-cloud-amd64 ca-certificates nftables
   docker-registry skopeo umoci apache2-utils python3-venv curl)
 missing=()
 for p in "${packages[@]}"; do

@@ -43,7 +43,8 @@ pub async fn run(upper: Option<&Upper>, reaper: &Reaper, port: &PortWriter) {
         crate::log(&format!("export: {left} process(es) survived SIGKILL for {KILL_WAIT:?}; exporting anyway"));
     }
     // Written inline: every process is gone, so nothing else needs the agent meanwhile, and a
-    // thread start costs milliseconds under emulation. The upper dir is a tmpfs: no sync needed.
+    // thread start costs milliseconds under emulation. The export reads through the upper's
+    // filesystem (tmpfs or the scratch disk's ext4), so nothing needs syncing first.
     let mut sink = ChunkSink { port, buf: Vec::with_capacity(CHUNK_BYTES) };
     let result = tar::write_tree(&upper.dir, &upper.excluded, &mut sink).and_then(|stats| sink.flush().map(|()| stats));
     let reply = match result {

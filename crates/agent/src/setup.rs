@@ -1,6 +1,7 @@
-//! `Setup`: the guest clock, entropy, hostname and the sandbox root filesystem
-//! (erofs lower layers found by virtio serial + a tmpfs upper, joined by overlayfs), then the
-//! network. Remembers what it created inside the root so exports can leave it out.
+//! `Setup`: the guest clock, entropy, hostname and the sandbox root filesystem (erofs lower
+//! layers found by virtio serial + an upper on the run's scratch disk or a tmpfs, joined by
+//! overlayfs), then the network. Remembers what it created inside the root so exports can
+//! leave it out.
 #![allow(unsafe_code)]
 
 use std::collections::HashMap;
@@ -155,8 +156,13 @@ pub fn build_root(spec: &RootfsSpec) -> Result<Vec<String>, String> {
         lowers.push(target.display().to_string());
     }
     mkdirs(Path::new(RW))?;
-    let size = format!("size={},mode=0755", spec.upper_size_bytes);
-    do_mount(Path::new("tmpfs"), Path::new(RW), "tmpfs", MsFlags::empty(), &size)?;
+    match &spec.upper_disk {
+        Some(serial) => mount_upper_disk(serial, spec.upper_size_bytes)?,
+        None => {
+            let size = format!("size={},mode=0755", spec.upper_size_bytes);
+            do_mount(Path::new("tmpfs"), Path::new(RW), "tmpfs", MsFlags::empty(), &size)?;
+        }
+    }
     let (upper, work) = (Path::new(RW).join("upper"), Path::new(RW).join("work"));
     mkdirs(&upper)?;
     mkdirs(&work)?;
@@ -190,6 +196,30 @@ pub fn build_root(spec: &RootfsSpec) -> Result<Vec<String>, String> {
         do_mount(Path::new(fstype), &target, fstype, flags, opts)?;
     }
     Ok(created)
+}
+
+/// Mounts the run's scratch disk (an empty ext4 filesystem the host made) on [`RW`]. A clone's
+/// disk grows from the template's placeholder to `bytes` when it is assigned; the kernel
+/// learns the new capacity asynchronously, so it is waited for.
+fn mount_upper_disk(serial: &str, bytes: u64) -> Result<(), String> {
+    let dev = find_disks(&[serial.to_owned()], Duration::from_secs(3))?.remove(0);
+    let sectors = Path::new("/sys/block").join(dev.file_name().unwrap_or_default()).join("size");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let have = fs::read_to_string(&sectors).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(0);
+        if have.saturating_mul(512) >= bytes {
+            break;
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("the scratch disk {} holds {} bytes, not {bytes}", dev.display(), have * 512));
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    flush_buffers(&dev)?;
+    // `noinit_itable`: the host formatted it with lazy inode tables, which need no zeroing
+    // (and zeroing would cost the host disk space for nothing); `discard`: deleted files give
+    // their blocks back to the host.
+    do_mount(&dev, Path::new(RW), "ext4", MsFlags::MS_NOATIME, "noinit_itable,discard")
 }
 
 /// Maps each serial to its `/dev/vdX`, waiting briefly for disks still being probed.

@@ -41,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
         let spec = VmSpec {
             name: format!("raw{i}"),
             disks: vec![],
-            rootfs: RootfsSpec { lower_serials: vec![], upper_size_bytes: 64 << 20 },
+            rootfs: RootfsSpec { lower_serials: vec![], upper_size_bytes: 64 << 20, upper_disk: None },
             hostname: "bench".into(),
             memory_mib: None,
             vcpus: None,

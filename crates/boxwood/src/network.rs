@@ -135,7 +135,7 @@ mod tests {
         VmSpec {
             name: "t".into(),
             disks: Vec::new(),
-            rootfs: RootfsSpec { lower_serials: Vec::new(), upper_size_bytes: 0 },
+            rootfs: RootfsSpec { lower_serials: Vec::new(), upper_size_bytes: 0, upper_disk: None },
             hostname: "t".into(),
             memory_mib: None,
             vcpus: None,

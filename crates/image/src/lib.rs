@@ -24,6 +24,7 @@ mod fsutil;
 pub mod inert;
 mod inspect;
 mod merge;
+pub mod sparse;
 mod store;
 pub mod tarname;
 mod unpack;

@@ -209,8 +209,12 @@ pub struct RootfsSpec {
     /// **topmost layer first**, stacked as overlayfs lower layers. Serials, not `/dev/vdX`
     /// names, because the guest's probe order is not a contract.
     pub lower_serials: Vec<String>,
-    /// Size cap of the writable upper layer (a tmpfs), in bytes.
+    /// Size cap of the writable upper layer, in bytes.
     pub upper_size_bytes: u64,
+    /// Virtio serial of the run's scratch disk: a raw disk of `upper_size_bytes` holding an
+    /// empty ext4 filesystem, which then holds the writable layer (so the guest's RAM does not
+    /// bound what a run writes). `None`: the layer is a tmpfs capped at `upper_size_bytes`.
+    pub upper_disk: Option<String>,
 }
 
 /// `Debug` shows env names only and the stdin's length (env values are secrets).

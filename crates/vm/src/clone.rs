@@ -11,11 +11,12 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 
 use crate::jail::Inherited;
-use crate::qemu::{Devices, SLOTS, VmPaths, check_serial, slot_nodes, slot_serial};
+use crate::qemu::{Devices, SCRATCH_NODE, SLOTS, VmPaths, check_serial, slot_nodes, slot_serial};
 use crate::qmp::{Qmp, is_migration_status};
 use crate::runtime::{
     Base, BootChannel, DirGuard, Shape, boot_err, check_hostname, check_name, fail_boot, foreground, into_vm,
 };
+use crate::scratch::{PLACEHOLDER_BYTES, SCRATCH_SERIAL};
 use crate::stale::ORIGIN_FILE;
 use crate::template::{SLOT_BYTES, Template};
 use crate::vm::{QemuChild, QemuVm};
@@ -33,6 +34,10 @@ pub(crate) struct Restored {
     guard: DirGuard,
     /// QEMU runs at background priority.
     background: bool,
+    /// The clone's scratch disk (QEMU has its own fd): a placeholder until [`Self::assign`]
+    /// fills and grows it.
+    scratch: std::fs::File,
+    scratch_bases: Arc<crate::scratch::Bases>,
 }
 
 /// Starts a clone of `template` named `name` (its scratch dir), returning once the guest runs.
@@ -48,11 +53,13 @@ pub(crate) async fn restore(
     let (paths, guard) = base.create_vm_dir(name, lease.as_ref())?;
     let mut inherited = Inherited::default();
     let ram = template.ram_copy.try_clone().map_err(|e| VmError::io("dup the template RAM", e))?;
+    let scratch = crate::scratch::unlinked_file(&paths.dir, PLACEHOLDER_BYTES)?;
     let devices = Devices::Fixed {
         ram: inherited.add(ram),
         shared_ram: false,
         slot_image: inherited.open(&template.slot_image)?,
         warm_image: inherited.open(&template.warm_image)?,
+        scratch: inherited.add(scratch.try_clone().map_err(|e| VmError::io("dup the scratch disk", e))?),
         incoming: true,
     };
     // QEMU's sandbox forbids `exec:`: the state comes from an inherited fd.
@@ -88,7 +95,10 @@ pub(crate) async fn restore(
         Ok::<_, VmError>((chan, qmp))
     };
     match loaded.await {
-        Ok((chan, qmp)) => Ok(Restored { paths, qemu, chan, qmp, template, guard, background }),
+        Ok((chan, qmp)) => {
+            let scratch_bases = base.scratch.clone();
+            Ok(Restored { paths, qemu, chan, qmp, template, guard, background, scratch, scratch_bases })
+        }
         Err(e) => Err(fail_boot(e, &paths, &qemu).await),
     }
 }
@@ -120,7 +130,7 @@ pub(crate) fn clone_plan(spec: &VmSpec, template: &Template) -> Result<Option<Ro
             .ok_or_else(|| VmError::Invalid(format!("rootfs layer {serial:?} is not among the disks")))?;
         lower_serials.push(slot_serial(slot));
     }
-    Ok(Some(RootfsSpec { lower_serials, upper_size_bytes: spec.rootfs.upper_size_bytes }))
+    Ok(Some(RootfsSpec { lower_serials, ..spec.rootfs.clone() }))
 }
 
 impl Restored {
@@ -171,7 +181,8 @@ impl Restored {
     pub async fn assign(
         mut self,
         spec: &VmSpec,
-        rootfs: RootfsSpec,
+        mut rootfs: RootfsSpec,
+        scratch_size: Option<u64>,
         limit: Duration,
         started: Instant,
     ) -> Result<QemuVm, VmError> {
@@ -223,6 +234,16 @@ impl Restored {
         if spec.network {
             commands.push(("set_link", Some(json!({"name": "net0", "up": true}))));
         }
+        // The scratch disk: the run's empty filesystem written into the placeholder (which the
+        // guest has not used), then grown through QEMU, which tells the guest its new size.
+        if let Some(bytes) = scratch_size {
+            if let Err(e) = self.scratch_bases.fill(&self.scratch, bytes) {
+                return Err(fail_boot(e, &self.paths, &self.qemu).await);
+            }
+            commands.push(("block_resize", Some(json!({"node-name": SCRATCH_NODE, "size": bytes}))));
+            rootfs.upper_size_bytes = bytes;
+            rootfs.upper_disk = Some(SCRATCH_SERIAL.to_owned());
+        }
         let result = async {
             if !commands.is_empty() {
                 self.qmp.execute_batch(&commands).await?;
@@ -265,14 +286,23 @@ mod tests {
                 DiskSpec { path: a.clone(), serial: "layer0".into() },
                 DiskSpec { path: b.clone(), serial: "layer1".into() },
             ],
-            rootfs: RootfsSpec { lower_serials: vec!["layer1".into(), "layer0".into()], upper_size_bytes: 7 },
+            rootfs: RootfsSpec {
+                lower_serials: vec!["layer1".into(), "layer0".into()],
+                upper_size_bytes: 7,
+                upper_disk: None,
+            },
             hostname: "h".into(),
             memory_mib: None,
             vcpus: None,
             network: false,
         };
         let plan = clone_plan(&spec, &t).unwrap().unwrap();
-        assert_eq!(plan, RootfsSpec { lower_serials: vec!["bwslot1".into(), "bwslot0".into()], upper_size_bytes: 7 });
+        let want = RootfsSpec {
+            lower_serials: vec!["bwslot1".into(), "bwslot0".into()],
+            upper_size_bytes: 7,
+            upper_disk: None,
+        };
+        assert_eq!(plan, want);
 
         spec.rootfs.lower_serials.push("nope".into());
         assert!(clone_plan(&spec, &t).is_err(), "a layer that is not a disk");

@@ -24,6 +24,7 @@ mod pool;
 mod qemu;
 mod qmp;
 mod runtime;
+mod scratch;
 mod stale;
 mod template;
 mod transfer;
@@ -77,6 +78,12 @@ pub struct VmConfig {
     pub pool_size: Option<usize>,
     /// How each QEMU is confined (`vm.jail`).
     pub jail: JailConfig,
+    /// Each run's writable layer is an ext4 filesystem on a scratch disk of its size (a sparse,
+    /// unlinked file on the host), so what a run writes is bounded by its cap, not by the
+    /// guest's RAM. `false`: the layer is a tmpfs in guest RAM.
+    pub upper_disk: bool,
+    /// The `mkfs.ext4` that formats scratch disks (e2fsprogs).
+    pub mkfs_ext4: PathBuf,
 }
 
 impl Default for VmConfig {
@@ -92,6 +99,8 @@ impl Default for VmConfig {
             snapshot: true,
             pool_size: None,
             jail: JailConfig::default(),
+            upper_disk: true,
+            mkfs_ext4: scratch::default_mkfs(),
         }
     }
 }

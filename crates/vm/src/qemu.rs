@@ -4,6 +4,7 @@ use std::ffi::OsString;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
 
+use crate::scratch::SCRATCH_SERIAL;
 use crate::{DiskSpec, VmError};
 
 /// Longest usable `sun_path` (108 bytes including the NUL).
@@ -136,6 +137,8 @@ pub enum Devices<'a> {
         disk_fds: &'a [RawFd],
         /// A virtio-net NIC on QEMU's user-mode (slirp) network; `false`: no NIC at all.
         network: bool,
+        /// The inherited read-write fd of the run's scratch disk (see [`crate::scratch`]).
+        scratch: Option<RawFd>,
     },
     Fixed {
         /// Guest RAM as an inherited fd: the template's file, written through (`share=on`);
@@ -147,6 +150,9 @@ pub enum Devices<'a> {
         /// warm-up mounts).
         slot_image: RawFd,
         warm_image: RawFd,
+        /// The inherited read-write fd of this VM's own scratch disk: a placeholder until a
+        /// run is assigned, when it is filled and grown to the run's size.
+        scratch: RawFd,
         /// Start paused, waiting for `migrate-incoming` (a clone).
         incoming: bool,
     },
@@ -175,6 +181,20 @@ pub fn check_serial(serial: &str) -> Result<(), VmError> {
         && serial.len() <= 20
         && serial.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
     if ok { Ok(()) } else { Err(VmError::Invalid(format!("bad disk serial {serial:?}"))) }
+}
+
+/// Node name of the scratch disk's format node (what `block_resize` grows at assignment).
+pub const SCRATCH_NODE: &str = "upper";
+
+/// The scratch disk from fdset `set`: raw, read-write, flushes ignored (its data never
+/// outlives the VM), guest discards punched into the host file, and write errors (the host's
+/// disk full) reported to the guest as I/O errors instead of pausing the VM.
+fn push_scratch(push: &mut impl FnMut(&[&str]), set: usize) {
+    let file =
+        format!("driver=file,node-name={SCRATCH_NODE}f,filename=/dev/fdset/{set},discard=unmap,cache.no-flush=on");
+    let fmt = format!("driver=raw,node-name={SCRATCH_NODE},file={SCRATCH_NODE}f,discard=unmap");
+    let dev = format!("virtio-blk-device,drive={SCRATCH_NODE},serial={SCRATCH_SERIAL},werror=report,rerror=report");
+    push(&["-blockdev", &file, "-blockdev", &fmt, "-device", &dev]);
 }
 
 /// QEMU's arguments (without the binary).
@@ -214,20 +234,28 @@ pub fn qemu_argv(a: &QemuArgs<'_>) -> Result<Vec<OsString>, VmError> {
     let qmp = format!("unix:{QMP_SOCK},server=on,wait=off");
     push(&["-qmp", &qmp]);
     match &a.devices {
-        Devices::Cold { disks, disk_fds, .. } => {
+        Devices::Cold { disks, disk_fds, scratch, .. } => {
             if disks.len() != disk_fds.len() {
                 return Err(VmError::Invalid("one fd per disk".into()));
             }
             for (n, (disk, fd)) in disks.iter().zip(disk_fds.iter()).enumerate() {
                 check_serial(&disk.serial)?;
+                if disk.serial == SCRATCH_SERIAL {
+                    return Err(VmError::Invalid(format!("disk serial {SCRATCH_SERIAL:?} is reserved")));
+                }
                 let set = n + 1;
                 let add = format!("fd={fd},set={set}");
                 let drive = format!("file=/dev/fdset/{set},if=none,id=d{n},format=raw,readonly=on");
                 let dev = format!("virtio-blk-device,drive=d{n},serial={}", disk.serial);
                 push(&["-add-fd", &add, "-drive", &drive, "-device", &dev]);
             }
+            if let Some(fd) = scratch {
+                let set = disks.len() + 1;
+                push(&["-add-fd", &format!("fd={fd},set={set}")]);
+                push_scratch(&mut push, set);
+            }
         }
-        Devices::Fixed { slot_image, warm_image, incoming, .. } => {
+        Devices::Fixed { slot_image, warm_image, scratch, incoming, .. } => {
             // Sets 1 and 2; a run's layers get theirs over QMP (`add-fd`) when it is assigned.
             let (warm_set, slot_set) = (1, 2);
             let adds = [format!("fd={warm_image},set={warm_set}"), format!("fd={slot_image},set={slot_set}")];
@@ -241,6 +269,8 @@ pub fn qemu_argv(a: &QemuArgs<'_>) -> Result<Vec<OsString>, VmError> {
                 let dev = format!("virtio-blk-device,drive={node},serial={}", slot_serial(i));
                 push(&["-blockdev", &file, "-blockdev", &fmt, "-device", &dev]);
             }
+            push(&["-add-fd", &format!("fd={scratch},set=3")]);
+            push_scratch(&mut push, 3);
             if *incoming {
                 push(&["-incoming", "defer"]);
             }
@@ -295,7 +325,7 @@ mod tests {
             kernel: 3,
             initramfs: 4,
             cmdline: "console=ttyS0",
-            devices: Devices::Cold { disks: &disks, disk_fds: &[7, 9], network: false },
+            devices: Devices::Cold { disks: &disks, disk_fds: &[7, 9], network: false, scratch: Some(11) },
         };
         let argv: Vec<String> = qemu_argv(&args).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect();
         let l = argv.join(" ");
@@ -311,6 +341,10 @@ mod tests {
              -device virtio-blk-device,drive=d0,serial=layer0",
             "-add-fd fd=9,set=2 -drive file=/dev/fdset/2,if=none,id=d1,format=raw,readonly=on \
              -device virtio-blk-device,drive=d1,serial=layer1",
+            "-add-fd fd=11,set=3 \
+             -blockdev driver=file,node-name=upperf,filename=/dev/fdset/3,discard=unmap,cache.no-flush=on \
+             -blockdev driver=raw,node-name=upper,file=upperf,discard=unmap \
+             -device virtio-blk-device,drive=upper,serial=bwupper,werror=report,rerror=report",
             "-kernel /proc/self/fd/3 -initrd /proc/self/fd/4",
             "-nic none",
         ] {
@@ -323,24 +357,39 @@ mod tests {
 
         let kvm = QemuArgs { accel: Accelerator::Kvm, ..args.clone() };
         assert!(line(&kvm).contains("-accel kvm -cpu host"));
-        let net =
-            QemuArgs { devices: Devices::Cold { disks: &disks, disk_fds: &[7, 9], network: true }, ..args.clone() };
+        let net = QemuArgs {
+            devices: Devices::Cold { disks: &disks, disk_fds: &[7, 9], network: true, scratch: None },
+            ..args.clone()
+        };
         let l = line(&net);
         assert!(l.contains("-netdev user,id=net0 -device virtio-net-device,netdev=net0"), "{l}");
         assert!(!l.contains("-nic none"), "{l}");
         assert!(!qemu_argv(&args).unwrap().iter().any(|a| a == "-netdev"));
+        assert!(!l.contains("bwupper"), "no scratch disk unless given one: {l}");
+        let reserved = [DiskSpec { path: "/x".into(), serial: "bwupper".into() }];
+        let reserved = Devices::Cold { disks: &reserved, disk_fds: &[7], network: false, scratch: None };
+        assert!(qemu_argv(&QemuArgs { devices: reserved, ..args.clone() }).is_err(), "a layer cannot pose as it");
         let bad = [DiskSpec { path: "/x".into(), serial: "has space".into() }];
-        let bad_args =
-            QemuArgs { devices: Devices::Cold { disks: &bad, disk_fds: &[7], network: false }, ..args.clone() };
+        let bad_args = QemuArgs {
+            devices: Devices::Cold { disks: &bad, disk_fds: &[7], network: false, scratch: None },
+            ..args.clone()
+        };
         assert!(qemu_argv(&bad_args).is_err());
-        let missing = QemuArgs { devices: Devices::Cold { disks: &disks, disk_fds: &[7], network: false }, ..args };
+        let missing = Devices::Cold { disks: &disks, disk_fds: &[7], network: false, scratch: None };
+        let missing = QemuArgs { devices: missing, ..args };
         assert!(qemu_argv(&missing).is_err(), "every disk needs its fd");
     }
 
     #[test]
     fn argv_for_a_clone() {
-        let fixed =
-            |shared_ram, incoming| Devices::Fixed { ram: 5, shared_ram, slot_image: 6, warm_image: 8, incoming };
+        let fixed = |shared_ram, incoming| Devices::Fixed {
+            ram: 5,
+            shared_ram,
+            slot_image: 6,
+            warm_image: 8,
+            scratch: 10,
+            incoming,
+        };
         let args = QemuArgs {
             accel: Accelerator::Tcg,
             memory_mib: 256,
@@ -359,7 +408,10 @@ mod tests {
              -blockdev driver=file,node-name=slot0f,filename=/dev/fdset/2,read-only=on \
              -blockdev driver=qcow2,node-name=slot0,file=slot0f,backing=warm,read-only=on \
              -device virtio-blk-device,drive=slot0,serial=bwslot0",
-            "-device virtio-blk-device,drive=slot5,serial=bwslot5",
+            "-device virtio-blk-device,drive=slot5,serial=bwslot5 -add-fd fd=10,set=3 \
+             -blockdev driver=file,node-name=upperf,filename=/dev/fdset/3,discard=unmap,cache.no-flush=on \
+             -blockdev driver=raw,node-name=upper,file=upperf,discard=unmap \
+             -device virtio-blk-device,drive=upper,serial=bwupper,werror=report,rerror=report",
             "-incoming defer",
         ] {
             let want = want.split_whitespace().collect::<Vec<_>>().join(" ");

@@ -24,6 +24,7 @@ use tokio::time::Instant;
 use crate::jail::{ChildSetup, Confinement, Inherited, Jail, UidLease, VmJail, give_dir};
 use crate::pool::FastStart;
 use crate::qemu::{Accelerator, Devices, QemuArgs, VmPaths, host_tsc_khz, kernel_cmdline, qemu_argv, slot_serial};
+use crate::scratch::{Bases, SCRATCH_SERIAL, scratch_bytes};
 use crate::template::WARM_BINARY;
 use crate::vm::{QemuChild, QemuVm, Shared, describe, route};
 use crate::{Accel, GuestAssets, Vm, VmConfig, VmError, VmRuntime, VmSpec};
@@ -60,6 +61,8 @@ pub(crate) struct Base {
     pub jail: Option<Arc<Jail>>,
     /// The guest kernel and initramfs as sealed memfds (see [`BootFiles`]).
     pub boot: Arc<BootFiles>,
+    /// Formatted scratch filesystems (see [`crate::scratch`]), in `run_dir/.scratch-bases`.
+    pub scratch: Arc<Bases>,
 }
 
 /// QEMU 7.2 opens `-kernel` and `-initrd` by name only, so a jailed QEMU reopens them through
@@ -171,7 +174,7 @@ impl BootChannel {
     /// `WarmedUp`, passing over the warm-up process's own messages. Returns what the agent
     /// said did not work.
     pub async fn warm_up(&mut self, qemu: &QemuChild, deadline: Instant) -> Result<Option<String>, VmError> {
-        let rootfs = RootfsSpec { lower_serials: vec![slot_serial(0)], upper_size_bytes: 16 << 20 };
+        let rootfs = RootfsSpec { lower_serials: vec![slot_serial(0)], upper_size_bytes: 16 << 20, upper_disk: None };
         let warmup = Warmup { rootfs, argv: vec![WARM_BINARY.into()], network: Some(user_net_config()) };
         self.send(&HostMessage::Warmup(warmup)).await?;
         loop {
@@ -288,6 +291,13 @@ impl Base {
         Ok(qemu)
     }
 
+    /// The scratch disk size for a run's `rootfs`, if it gets one (`vm.upper_disk`, a writable
+    /// layer asked for, none given already).
+    pub fn scratch_size(&self, rootfs: &RootfsSpec) -> Option<u64> {
+        (self.config.upper_disk && rootfs.upper_size_bytes > 0 && rootfs.upper_disk.is_none())
+            .then(|| scratch_bytes(rootfs.upper_size_bytes))
+    }
+
     /// A uid for a new VM (`None` when not jailed).
     pub fn lease_uid(&self) -> Result<Option<UidLease>, VmError> {
         self.jail.as_ref().map(|j| j.uids.lease()).transpose()
@@ -325,7 +335,17 @@ impl Base {
         let (paths, mut guard) = self.create_vm_dir(&spec.name, lease.as_ref())?;
         let mut inherited = Inherited::default();
         let disk_fds = spec.disks.iter().map(|d| inherited.open(&d.path)).collect::<Result<Vec<_>, _>>()?;
-        let devices = Devices::Cold { disks: &spec.disks, disk_fds: &disk_fds, network: spec.network };
+        let mut rootfs = spec.rootfs.clone();
+        let scratch = match self.scratch_size(&rootfs) {
+            Some(bytes) => {
+                let disk = self.scratch.create(&paths.dir, bytes)?;
+                rootfs.upper_size_bytes = bytes;
+                rootfs.upper_disk = Some(SCRATCH_SERIAL.to_owned());
+                Some(inherited.add(disk))
+            }
+            None => None,
+        };
+        let devices = Devices::Cold { disks: &spec.disks, disk_fds: &disk_fds, network: spec.network, scratch };
         let shape = Shape {
             accel,
             memory_mib: spec.memory_mib.unwrap_or(self.config.memory_mib),
@@ -340,11 +360,7 @@ impl Base {
         let handshake = async {
             let mut chan = BootChannel::connect(&paths, &qemu, deadline).await?;
             let hello = chan.hello(&qemu, deadline).await?;
-            let report = if setup {
-                chan.setup(spec, spec.rootfs.clone(), &qemu, deadline).await?
-            } else {
-                SetupReport::default()
-            };
+            let report = if setup { chan.setup(spec, rootfs, &qemu, deadline).await? } else { SetupReport::default() };
             Ok::<_, VmError>((chan, hello, report))
         };
         let (chan, mut hello, setup_report) = match handshake.await {
@@ -454,7 +470,8 @@ impl QemuRuntime {
                 .await
                 .map_err(|e| VmError::Invalid(format!("loading the boot files failed: {e}")))??
         };
-        let mut base = Base { config, assets, run_dir, accel: Accelerator::Tcg, cmdline, jail, boot };
+        let scratch = Arc::new(Bases::new(run_dir.join(".scratch-bases"), config.mkfs_ext4.clone()));
+        let mut base = Base { config, assets, run_dir, accel: Accelerator::Tcg, cmdline, jail, boot, scratch };
         base.accel = match base.config.accel {
             Accel::Tcg => Accelerator::Tcg,
             Accel::Kvm => Accelerator::Kvm,
@@ -524,7 +541,7 @@ async fn probe_kvm(base: &Base) -> Accelerator {
     let spec = VmSpec {
         name: format!("kvm-probe-{}-{:08x}", std::process::id(), rand::random::<u32>()),
         disks: Vec::new(),
-        rootfs: RootfsSpec { lower_serials: Vec::new(), upper_size_bytes: 0 },
+        rootfs: RootfsSpec { lower_serials: Vec::new(), upper_size_bytes: 0, upper_disk: None },
         hostname: "probe".into(),
         memory_mib: Some(128),
         vcpus: Some(1),

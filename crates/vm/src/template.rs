@@ -27,10 +27,11 @@ use crate::jail::{Inherited, give_dir};
 use crate::qemu::{Devices, VmPaths};
 use crate::qmp::{Qmp, is_migration_status};
 use crate::runtime::{Base, BootChannel, DirGuard, Shape};
+use crate::scratch::PLACEHOLDER_BYTES;
 
 /// Bump whenever the fixed layout, the snapshot procedure or what a clone expects of the
 /// template changes: the key changes with it and old templates are rebuilt.
-const LAYOUT_VERSION: u32 = 2;
+const LAYOUT_VERSION: u32 = 3;
 /// Virtual size of every slot. The guest reads a disk's capacity once, when it probes the
 /// template's empty slot, so the slot keeps this size whatever is attached later (a qcow2
 /// overlay reads zeros past the end of its backing file); larger layers cold-boot.
@@ -273,6 +274,7 @@ async fn snapshot(base: &Base, build_dir: &Path, tag: &str) -> Result<(), VmErro
         shared_ram: true,
         slot_image: inherited.open(&slot_image)?,
         warm_image: inherited.open(&warm_image)?,
+        scratch: inherited.add(crate::scratch::unlinked_file(&paths.dir, PLACEHOLDER_BYTES)?),
         incoming: false,
     };
     let shape = Shape { accel: base.accel, memory_mib: base.config.memory_mib, vcpus: base.config.vcpus };

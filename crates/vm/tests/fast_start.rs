@@ -97,7 +97,11 @@ async fn pooled_clone_runs_on_its_mounted_layers() {
             DiskSpec { path: rootfs_image().to_path_buf(), serial: "base".into() },
             DiskSpec { path: overlay_layer(), serial: "top".into() },
         ],
-        rootfs: RootfsSpec { lower_serials: vec!["top".into(), "base".into()], upper_size_bytes: 16 << 20 },
+        rootfs: RootfsSpec {
+            lower_serials: vec!["top".into(), "base".into()],
+            upper_size_bytes: 16 << 20,
+            upper_disk: None,
+        },
         ..vm_spec("pooled")
     };
     let started = Instant::now();

@@ -21,7 +21,11 @@ async fn files_in_changes_out_enospc_and_no_network() {
     let dir = run_dir();
     let rt = runtime(dir.path(), Vec::new()).await;
     let spec = VmSpec {
-        rootfs: RootfsSpec { lower_serials: vec![ROOTFS_SERIAL.into()], upper_size_bytes: UPPER_BYTES },
+        rootfs: RootfsSpec {
+            lower_serials: vec![ROOTFS_SERIAL.into()],
+            upper_size_bytes: UPPER_BYTES,
+            upper_disk: None,
+        },
         ..vm_spec("xfer")
     };
     let vm = rt.start(spec).await.expect("boot");

@@ -210,7 +210,7 @@ async fn tmpfs_root_and_drop_kills_qemu() {
     let rt = runtime(dir.path(), Vec::new()).await;
     let spec = VmSpec {
         disks: Vec::new(),
-        rootfs: RootfsSpec { lower_serials: Vec::new(), upper_size_bytes: 8 << 20 },
+        rootfs: RootfsSpec { lower_serials: Vec::new(), upper_size_bytes: 8 << 20, upper_disk: None },
         ..vm_spec("bare")
     };
     let vm = rt.start(spec).await.expect("boot");

@@ -219,6 +219,7 @@ impl Run {
             rootfs: RootfsSpec {
                 lower_serials: disks.iter().map(|d| d.serial.clone()).collect(),
                 upper_size_bytes: self.spec.max_layer_bytes,
+                upper_disk: None,
             },
             disks,
             hostname: self.spec.hostname.clone(),

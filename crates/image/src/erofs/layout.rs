@@ -1,15 +1,12 @@
 //! Where everything goes: a nid for every inode (root first, right after the superblock),
 //! a layout per inode, and data blocks after the metadata area.
 
-use std::fs::File;
-use std::io;
 use std::path::Path;
-
-use rustix::fs::SeekFrom;
 
 use super::format::{BLOCK, DIRENT_SIZE, INODE_SIZE, Layout, NID_ALIGN, SUPER_OFFSET, SUPER_SIZE, xattr_area_size};
 use super::{Content, NodeId, NodeKind, Tree};
 use crate::fsutil::open_nofollow;
+use crate::sparse::data_extents;
 use crate::{ImageError, ImageResult, io_err};
 
 /// Chunks of a chunk-based file: at most this many (a 64 MiB block map).
@@ -223,28 +220,6 @@ fn pack_dir(entries: Vec<(Vec<u8>, NodeId)>) -> Vec<DirBlock> {
         cur.entries.push((name, id));
     }
     blocks
-}
-
-/// The `(start, end)` ranges of `file` that hold data (`SEEK_DATA`/`SEEK_HOLE`).
-fn data_extents(file: &File, size: u64) -> io::Result<Vec<(u64, u64)>> {
-    let mut extents = Vec::new();
-    let mut pos = 0;
-    while pos < size {
-        let start = match rustix::fs::seek(file, SeekFrom::Data(pos)) {
-            Ok(s) => s,
-            Err(rustix::io::Errno::NXIO) => break,
-            Err(e) => return Err(io::Error::from_raw_os_error(e.raw_os_error())),
-        };
-        let end = rustix::fs::seek(file, SeekFrom::Hole(start))
-            .map_err(|e| io::Error::from_raw_os_error(e.raw_os_error()))?
-            .min(size);
-        if start >= end {
-            break;
-        }
-        extents.push((start, end));
-        pos = end;
-    }
-    Ok(extents)
 }
 
 /// Picks the chunk size that costs the least: the block map (4 bytes a chunk) plus the

@@ -15,6 +15,7 @@ use super::format::{
 use super::layout::{NodePlan, Plan, plan};
 use super::{Content, NodeKind, Tree};
 use crate::fsutil::open_nofollow;
+use crate::sparse::copy_range;
 use crate::{ImageError, ImageResult, io_err};
 
 /// Writes `tree` as an erofs image to the new file `out` (fsynced). The image is a function
@@ -169,35 +170,4 @@ fn write_data(tree: &Tree, p: &NodePlan, plan: &Plan, id: usize, out: &File) -> 
         }
         _ => Ok(()),
     }
-}
-
-/// Copies `len` bytes in the kernel (`copy_file_range`), falling back to reads and writes
-/// where the filesystems cannot.
-fn copy_range(src: &File, mut from: u64, dst: &File, mut to: u64, mut len: u64) -> io::Result<()> {
-    while len > 0 {
-        let chunk = len.min(1 << 30) as usize;
-        match rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut to), chunk) {
-            Ok(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file shrank while being written")),
-            Ok(n) => len -= n as u64,
-            Err(
-                rustix::io::Errno::XDEV
-                | rustix::io::Errno::INVAL
-                | rustix::io::Errno::NOSYS
-                | rustix::io::Errno::OPNOTSUPP,
-            ) => return copy_by_hand(src, from, dst, to, len),
-            Err(e) => return Err(io::Error::from_raw_os_error(e.raw_os_error())),
-        }
-    }
-    Ok(())
-}
-
-fn copy_by_hand(src: &File, mut from: u64, dst: &File, mut to: u64, mut len: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; 1 << 20];
-    while len > 0 {
-        let n = len.min(buf.len() as u64) as usize;
-        src.read_exact_at(&mut buf[..n], from)?;
-        dst.write_all_at(&buf[..n], to)?;
-        (from, to, len) = (from + n as u64, to + n as u64, len - n as u64);
-    }
-    Ok(())
 }

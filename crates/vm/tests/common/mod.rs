@@ -159,7 +159,7 @@ pub fn vm_spec(name: &str) -> VmSpec {
     VmSpec {
         name: name.into(),
         disks: vec![DiskSpec { path: rootfs_image().to_path_buf(), serial: ROOTFS_SERIAL.into() }],
-        rootfs: RootfsSpec { lower_serials: vec![ROOTFS_SERIAL.into()], upper_size_bytes: 64 << 20 },
+        rootfs: RootfsSpec { lower_serials: vec![ROOTFS_SERIAL.into()], upper_size_bytes: 64 << 20, upper_disk: None },
         hostname: format!("host-{name}"),
         memory_mib: None,
         vcpus: None,
