@@ -46,6 +46,7 @@ async fn main() -> anyhow::Result<()> {
             memory_mib: None,
             vcpus: None,
             network: false,
+            upper_on_disk: true,
         };
         let t0 = Instant::now();
         let vm = runtime.start(spec).await?;

@@ -34,6 +34,8 @@ pub struct App {
     pub accel: String,
     /// The guest egress filter; removed after the last run has stopped.
     egress: Egress,
+    /// Closed last, so the database is checkpointed and its `-wal` settled when `serve` returns.
+    db: Arc<SqliteStore>,
 }
 
 impl App {
@@ -80,11 +82,12 @@ impl App {
         .await?;
         let runtime = NetworkGate::new(runtime, &egress);
         let importer = Arc::new(boxwood_oci::Importer::new(config.registry.clone(), state.join("imports")));
+        let db = store.clone();
         let backends = Backends { store, blobs, layers: layers.clone(), runtime: Arc::new(runtime), importer };
         let service = Service::start(config.core.clone(), &config.tokens, backends).await?;
         seed_base_image(&service, layers.as_ref(), &config.busybox).await?;
         let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-        Ok(Self { service, listener, bootstrap_token, accel, egress })
+        Ok(Self { service, listener, bootstrap_token, accel, egress, db })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -109,6 +112,7 @@ impl App {
             .await
             .context("serving HTTP");
         drop(self.egress);
+        self.db.close().await;
         served
     }
 }

@@ -140,6 +140,7 @@ mod tests {
             memory_mib: None,
             vcpus: None,
             network,
+            upper_on_disk: true,
         }
     }
 

@@ -1,7 +1,7 @@
 //! Storage bounds on the host: per-namespace quotas for image bytes (what the layers a
 //! namespace's runs and imports introduced cost on disk) and upload bytes, and a server-wide
-//! free-space reserve below which persist, import and upload are refused, so tenants cannot
-//! fill the disk. The numbers come from the stores (`LayerStore::stored_bytes`, the store's
+//! free-space reserve below which persist, import and upload are refused, and grants for the
+//! disk live runs' writable layers may fill, so tenants cannot fill the disk. The numbers come from the stores (`LayerStore::stored_bytes`, the store's
 //! per-namespace sums, `statvfs`); the rules live here.
 
 use std::collections::HashMap;
@@ -108,6 +108,8 @@ pub(crate) struct Storage {
     /// persists or imports of one namespace cannot both fit the same room.
     image_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     uploads: Mutex<HashMap<String, UploadLedger>>,
+    /// Bytes granted to live runs' writable layers (scratch disks on the state's filesystem).
+    scratch_granted: Mutex<u64>,
 }
 
 impl Storage {
@@ -117,7 +119,15 @@ impl Storage {
         layers: Arc<dyn LayerStore>,
         blobs: Arc<dyn BlobStore>,
     ) -> Self {
-        Self { rules, store, layers, blobs, image_locks: Mutex::default(), uploads: Mutex::default() }
+        Self {
+            rules,
+            store,
+            layers,
+            blobs,
+            image_locks: Mutex::default(),
+            uploads: Mutex::default(),
+            scratch_granted: Mutex::default(),
+        }
     }
 
     pub(crate) fn layers(&self) -> &Arc<dyn LayerStore> {
@@ -267,6 +277,48 @@ impl boxwood_vm::ExportBudget for ExportBudget {
     }
 }
 
+/// The smallest writable layer put on the host's disk; with less room the layer stays in the
+/// guest's RAM.
+pub(crate) const MIN_SCRATCH_BYTES: u64 = 16 << 20;
+
+/// How much of the host's disk a run's writable layer may be given: what it asked for, within
+/// the free space that neither the reserve nor other live runs' layers already hold. `0`: too
+/// little is left for a disk.
+fn scratch_share(wanted: u64, free: u64, reserve: u64, granted: u64) -> u64 {
+    let room = free.saturating_sub(reserve).saturating_sub(granted);
+    let share = wanted.min(room);
+    if share >= MIN_SCRATCH_BYTES.min(wanted) { share } else { 0 }
+}
+
+/// A live run's claim on the disk its writable layer may fill, released when dropped.
+pub(crate) struct ScratchGrant {
+    storage: Arc<Storage>,
+    /// `0`: no room on the host's disk; the layer lives in the guest's RAM.
+    pub bytes: u64,
+}
+
+impl Drop for ScratchGrant {
+    fn drop(&mut self) {
+        let mut granted = self.storage.scratch_granted.lock().unwrap_or_else(|e| e.into_inner());
+        *granted = granted.saturating_sub(self.bytes);
+    }
+}
+
+impl Storage {
+    /// Grants a run's writable layer up to `wanted` bytes of the host's disk. Each VM's
+    /// scratch disk is as large as its grant, and grants never add up past the free space
+    /// above the reserve, so runs writing all they may cannot fill the host's disk. A run
+    /// gets less than it asked for when the disk is short (it sees ENOSPC sooner), and none
+    /// below the reserve (its layer is then bounded by the guest's RAM, as a tmpfs).
+    pub(crate) fn grant_scratch(self: &Arc<Self>, wanted: u64) -> CoreResult<ScratchGrant> {
+        let free = self.layers.space()?.free_bytes;
+        let mut granted = self.scratch_granted.lock().unwrap_or_else(|e| e.into_inner());
+        let bytes = scratch_share(wanted, free, self.rules.min_free_bytes, *granted);
+        *granted += bytes;
+        Ok(ScratchGrant { storage: self.clone(), bytes })
+    }
+}
+
 #[derive(Debug, Default)]
 struct ChargeState {
     charged: u64,
@@ -364,6 +416,19 @@ mod tests {
             StorageRules::resolve(&set, Some(0), fs),
             StorageRules { image_bytes: 7, upload_bytes: 8, min_free_bytes: 0 }
         );
+    }
+
+    #[test]
+    fn writable_layers_share_the_free_space_above_the_reserve() {
+        const G: u64 = 1 << 30;
+        // Plenty of room: what was asked for.
+        assert_eq!(scratch_share(12 * G, 100 * G, 2 * G, 0), 12 * G);
+        // Other live layers and the reserve come first.
+        assert_eq!(scratch_share(12 * G, 30 * G, 2 * G, 24 * G), 4 * G);
+        // Too little left: no disk, unless the run asked for less than the minimum anyway.
+        assert_eq!(scratch_share(12 * G, 3 * G, 2 * G, G - (8 << 20)), 0);
+        assert_eq!(scratch_share(4 << 20, 2 * G + (5 << 20), 2 * G, 0), 4 << 20);
+        assert_eq!(scratch_share(12 * G, G, 2 * G, 0), 0, "below the reserve already");
     }
 
     #[test]

@@ -25,6 +25,11 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Closes every connection (the last one checkpoints the WAL), waiting for them.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
     /// Opens (creating if needed) the database file and applies pending migrations.
     pub async fn open(path: &Path) -> StoreResult<Self> {
         let opts = SqliteConnectOptions::new()

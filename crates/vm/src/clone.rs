@@ -295,6 +295,7 @@ mod tests {
             memory_mib: None,
             vcpus: None,
             network: false,
+            upper_on_disk: true,
         };
         let plan = clone_plan(&spec, &t).unwrap().unwrap();
         let want = RootfsSpec {

@@ -128,6 +128,9 @@ pub struct VmSpec {
     /// QEMU user-mode networking (NAT to the host; the guest is `10.0.2.15/24`, gateway
     /// `10.0.2.2` = the host's loopback, DNS `10.0.2.3`). `false`: no network device at all.
     pub network: bool,
+    /// The writable layer goes on a scratch disk of `rootfs.upper_size_bytes` (with
+    /// `vm.upper_disk`); `false`: in guest RAM, costing the host no disk.
+    pub upper_on_disk: bool,
 }
 
 /// Where and how [`Vm::put_file`] creates a file in the guest's root filesystem.

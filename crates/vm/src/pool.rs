@@ -122,7 +122,7 @@ impl FastStart {
                 }
             },
         };
-        clone.assign(spec, rootfs, self.shared.base.scratch_size(&spec.rootfs), limit, started).await.map(Some)
+        clone.assign(spec, rootfs, self.shared.base.scratch_size(spec), limit, started).await.map(Some)
     }
 
     pub async fn wait_ready(&self, limit: Duration) -> bool {

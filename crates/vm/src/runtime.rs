@@ -291,10 +291,11 @@ impl Base {
         Ok(qemu)
     }
 
-    /// The scratch disk size for a run's `rootfs`, if it gets one (`vm.upper_disk`, a writable
-    /// layer asked for, none given already).
-    pub fn scratch_size(&self, rootfs: &RootfsSpec) -> Option<u64> {
-        (self.config.upper_disk && rootfs.upper_size_bytes > 0 && rootfs.upper_disk.is_none())
+    /// The scratch disk size for `spec`, if it gets one (`vm.upper_disk`, a writable layer on
+    /// disk asked for, none given already).
+    pub fn scratch_size(&self, spec: &VmSpec) -> Option<u64> {
+        let rootfs = &spec.rootfs;
+        (self.config.upper_disk && spec.upper_on_disk && rootfs.upper_size_bytes > 0 && rootfs.upper_disk.is_none())
             .then(|| scratch_bytes(rootfs.upper_size_bytes))
     }
 
@@ -336,7 +337,7 @@ impl Base {
         let mut inherited = Inherited::default();
         let disk_fds = spec.disks.iter().map(|d| inherited.open(&d.path)).collect::<Result<Vec<_>, _>>()?;
         let mut rootfs = spec.rootfs.clone();
-        let scratch = match self.scratch_size(&rootfs) {
+        let scratch = match self.scratch_size(spec) {
             Some(bytes) => {
                 let disk = self.scratch.create(&paths.dir, bytes)?;
                 rootfs.upper_size_bytes = bytes;
@@ -546,6 +547,7 @@ async fn probe_kvm(base: &Base) -> Accelerator {
         memory_mib: Some(128),
         vcpus: Some(1),
         network: false,
+        upper_on_disk: true,
     };
     match base.cold_boot(&spec, Accelerator::Kvm, KVM_PROBE_DEADLINE, false).await {
         Ok(vm) => {

@@ -20,9 +20,11 @@ async fn guest_root_cannot_change_its_image_or_outlive_its_run() {
     let image = op["result_image_uuid"].as_str().unwrap().to_owned();
 
     // Layer disks: visible and readable (erofs magic at 1024), but every write fails, by
-    // `dd` and by remounting the layer read-write.
+    // `dd` and by remounting the layer read-write. (The run's own scratch disk, `bwupper`,
+    // is writable by design: it holds only this run's writable layer.)
     let (op, _) = s
         .run(json!({"command": "for d in /dev/vd?; do \
+                                  [ \"$(cat /sys/block/${d#/dev/}/serial)\" = bwupper ] && continue; \
                                   magic=$(dd if=$d bs=1 skip=1024 count=4 2>/dev/null | od -An -tx1 | tr -d ' '); \
                                   echo \"$d $magic\"; \
                                   dd if=/dev/zero of=$d bs=4096 count=16 conv=notrunc 2>/dev/null && echo WROTE $d; \

@@ -214,11 +214,17 @@ impl Run {
                 return self.finish(Ending::failed("Container image not found")).await;
             }
         };
+        // Held until the VM is gone: its writable layer may fill this much of the host's disk.
+        let scratch = env.storage.grant_scratch(self.spec.max_layer_bytes)?;
+        if scratch.bytes < self.spec.max_layer_bytes {
+            tracing::info!(op = %self.op.uuid, granted = scratch.bytes, "the host's free disk bounds this run's writable layer");
+        }
+        let upper_on_disk = scratch.bytes > 0;
         let vm_spec = VmSpec {
             name: self.op.uuid.to_string(),
             rootfs: RootfsSpec {
                 lower_serials: disks.iter().map(|d| d.serial.clone()).collect(),
-                upper_size_bytes: self.spec.max_layer_bytes,
+                upper_size_bytes: if upper_on_disk { scratch.bytes } else { self.spec.max_layer_bytes },
                 upper_disk: None,
             },
             disks,
@@ -226,6 +232,7 @@ impl Run {
             memory_mib: None,
             vcpus: None,
             network: self.spec.networking,
+            upper_on_disk,
         };
         let started = tokio::select! {
             vm = env.runtime.start(vm_spec) => Some(vm),

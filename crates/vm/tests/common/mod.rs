@@ -164,6 +164,7 @@ pub fn vm_spec(name: &str) -> VmSpec {
         memory_mib: None,
         vcpus: None,
         network: false,
+        upper_on_disk: true,
     }
 }
 
