@@ -472,6 +472,9 @@ impl QemuRuntime {
                 .map_err(|e| VmError::Invalid(format!("loading the boot files failed: {e}")))??
         };
         let scratch = Arc::new(Bases::new(run_dir.join(".scratch-bases"), config.mkfs_ext4.clone()));
+        if config.upper_disk {
+            scratch.check().map_err(|e| VmError::Invalid(format!("vm.upper_disk needs a working mkfs.ext4: {e}")))?;
+        }
         let mut base = Base { config, assets, run_dir, accel: Accelerator::Tcg, cmdline, jail, boot, scratch };
         base.accel = match base.config.accel {
             Accel::Tcg => Accelerator::Tcg,

@@ -84,6 +84,12 @@ impl Bases {
         Ok(())
     }
 
+    /// Formats the smallest base now, so a missing or failing `mkfs.ext4` stops the runtime
+    /// at start instead of failing every run.
+    pub fn check(&self) -> Result<(), VmError> {
+        self.base(MIN_SCRATCH_BYTES).map(drop)
+    }
+
     /// The base image of `bytes`, formatted now if it is not cached.
     fn base(&self, bytes: u64) -> Result<File, VmError> {
         let mut used = self.used.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -104,11 +110,16 @@ impl Bases {
             .arg(&tmp)
             .stdin(Stdio::null())
             .output()
-            .map_err(|e| VmError::io(format!("run {}", self.mkfs.display()), e))?;
+            .map_err(|e| {
+                tracing::error!(mkfs = %self.mkfs.display(), error = %e, "cannot run mkfs.ext4 (install e2fsprogs)");
+                VmError::io("run mkfs.ext4", e)
+            })?;
         if !out.status.success() {
             let _ = fs::remove_file(&tmp);
+            // The details name host paths: they go to the log, the run is told less.
             let why = String::from_utf8_lossy(&out.stderr);
-            return Err(VmError::Invalid(format!("{} failed: {}", self.mkfs.display(), why.trim())));
+            tracing::error!(mkfs = %self.mkfs.display(), bytes, stderr = %why.trim(), "formatting a scratch disk failed");
+            return Err(VmError::Invalid("formatting the scratch disk failed (see the server log)".into()));
         }
         fs::rename(&tmp, &path).map_err(|e| VmError::io("store a scratch base", e))?;
         if map.len() > CACHED_BASES
@@ -129,7 +140,7 @@ pub fn unlinked_file(dir: &Path, bytes: u64) -> Result<File, VmError> {
         .mode(0o600)
         .custom_flags(libc::O_TMPFILE)
         .open(dir)
-        .map_err(|e| VmError::io(format!("create a scratch disk in {}", dir.display()), e))?;
+        .map_err(|e| VmError::io("create a scratch disk", e))?;
     file.set_len(bytes).map_err(|e| VmError::io("size the scratch disk", e))?;
     Ok(file)
 }
