@@ -211,6 +211,6 @@ async fn dropping_the_runtime_drains_the_pool() {
     for pid in pids {
         assert!(wait_dead(pid).await, "pooled QEMU {pid} must die with the runtime");
     }
-    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    let left = vm_dirs_left(dir.path());
     assert!(left.is_empty(), "pool dirs left behind: {left:?}");
 }

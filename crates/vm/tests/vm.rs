@@ -243,7 +243,7 @@ async fn auto_accel_probe_cleans_up() {
     let rt = QemuRuntime::new(config, assets().clone(), dir.path().to_path_buf()).await.unwrap();
     eprintln!("accel probe chose {} in {:?}", rt.accel(), started.elapsed());
     assert!(["kvm", "tcg"].contains(&rt.accel()));
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "probe VM dir left behind");
+    assert_eq!(vm_dirs_left(dir.path()), Vec::<std::ffi::OsString>::new(), "probe VM dir left behind");
 }
 
 /// `reap_stale` kills a leftover QEMU that mentions its dir (or the dir's `origin`) and

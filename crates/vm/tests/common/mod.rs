@@ -237,3 +237,9 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();
     v[v.len() / 2]
 }
+
+/// Entries of a run dir other than the runtime's own cache of formatted scratch filesystems
+/// (`.scratch-bases`, which outlives VMs by design): what VMs left behind.
+pub fn vm_dirs_left(run_dir: &Path) -> Vec<std::ffi::OsString> {
+    std::fs::read_dir(run_dir).unwrap().flatten().map(|e| e.file_name()).filter(|n| n != ".scratch-bases").collect()
+}
