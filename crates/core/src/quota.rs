@@ -1,8 +1,9 @@
 //! Storage bounds on the host: per-namespace quotas for image bytes (what the layers a
-//! namespace's runs and imports introduced cost on disk) and upload bytes, and a server-wide
+//! namespace's runs and imports introduced cost on disk) and upload bytes, a server-wide
 //! free-space reserve below which persist, import and upload are refused, and grants for the
-//! disk live runs' writable layers may fill, so tenants cannot fill the disk. The numbers come from the stores (`LayerStore::stored_bytes`, the store's
-//! per-namespace sums, `statvfs`); the rules live here.
+//! disk live runs' writable layers may fill, so tenants cannot fill the disk. The numbers come
+//! from the stores (`LayerStore::stored_bytes`, the store's per-namespace sums, `statvfs`);
+//! the rules live here.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use boxwood_blob::BlobStore;
 use boxwood_image::{CommitLimits, ImageError, LayerInfo, LayerStore};
 use boxwood_store::Store;
+use boxwood_vm::MIN_SCRATCH_BYTES;
 use serde::Deserialize;
 use tokio::sync::OwnedMutexGuard;
 
@@ -277,13 +279,9 @@ impl boxwood_vm::ExportBudget for ExportBudget {
     }
 }
 
-/// The smallest writable layer put on the host's disk; with less room the layer stays in the
-/// guest's RAM.
-pub(crate) const MIN_SCRATCH_BYTES: u64 = 16 << 20;
-
 /// How much of the host's disk a run's writable layer may be given: what it asked for, within
 /// the free space that neither the reserve nor other live runs' layers already hold. `0`: too
-/// little is left for a disk.
+/// little is left for a disk (the VM runtime's smallest, [`MIN_SCRATCH_BYTES`]).
 fn scratch_share(wanted: u64, free: u64, reserve: u64, granted: u64) -> u64 {
     let room = free.saturating_sub(reserve).saturating_sub(granted);
     let share = wanted.min(room);

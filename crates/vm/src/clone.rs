@@ -237,7 +237,11 @@ impl Restored {
         // The scratch disk: the run's empty filesystem written into the placeholder (which the
         // guest has not used), then grown through QEMU, which tells the guest its new size.
         if let Some(bytes) = scratch_size {
-            if let Err(e) = self.scratch_bases.fill(&self.scratch, bytes) {
+            let filled = match self.scratch.try_clone() {
+                Ok(disk) => self.scratch_bases.fill(disk, bytes).await,
+                Err(e) => Err(VmError::io("dup the scratch disk", e)),
+            };
+            if let Err(e) = filled {
                 return Err(fail_boot(e, &self.paths, &self.qemu).await);
             }
             commands.push(("block_resize", Some(json!({"node-name": SCRATCH_NODE, "size": bytes}))));

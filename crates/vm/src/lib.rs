@@ -43,6 +43,7 @@ pub use jail::JailConfig;
 pub use modules::NEEDED_MODULES;
 pub use qemu::kernel_cmdline;
 pub use runtime::QemuRuntime;
+pub use scratch::MIN_SCRATCH_BYTES;
 pub use stale::reap_stale;
 
 /// Which accelerator QEMU uses.

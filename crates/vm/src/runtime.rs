@@ -339,7 +339,7 @@ impl Base {
         let mut rootfs = spec.rootfs.clone();
         let scratch = match self.scratch_size(spec) {
             Some(bytes) => {
-                let disk = self.scratch.create(&paths.dir, bytes)?;
+                let disk = self.scratch.create(&paths.dir, bytes).await?;
                 rootfs.upper_size_bytes = bytes;
                 rootfs.upper_disk = Some(SCRATCH_SERIAL.to_owned());
                 Some(inherited.add(disk))

@@ -16,7 +16,7 @@ use std::fs::{self, File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::VmError;
 
@@ -26,6 +26,10 @@ pub const SCRATCH_SERIAL: &str = "bwupper";
 /// The smallest scratch filesystem: ext4's own metadata needs room, so a smaller cap is
 /// rounded up to this (what a run may persist is still checked against its cap on the host).
 pub const MIN_SCRATCH_BYTES: u64 = 16 << 20;
+
+/// The largest scratch filesystem (ext4 with 4 KiB blocks is fine far beyond; a run's cap is
+/// validated well below this by the core).
+pub const MAX_SCRATCH_BYTES: u64 = 16 << 40;
 
 /// Size of the placeholder a template and its clones carry until a run is assigned.
 pub const PLACEHOLDER_BYTES: u64 = 1 << 20;
@@ -42,10 +46,6 @@ pub fn default_mkfs() -> PathBuf {
         .find(|p| p.is_file())
         .unwrap_or_else(|| PathBuf::from("mkfs.ext4"))
 }
-
-/// The largest scratch filesystem (ext4 with 4 KiB blocks is fine far beyond; a run's cap is
-/// validated well below this by the core).
-pub const MAX_SCRATCH_BYTES: u64 = 16 << 40;
 
 /// The size a scratch disk for an upper of `upper_bytes` gets: whole MiBs, within
 /// [`MIN_SCRATCH_BYTES`] and [`MAX_SCRATCH_BYTES`].
@@ -69,15 +69,24 @@ impl Bases {
 
     /// A new scratch disk of `bytes` (see [`scratch_bytes`]) in `vm_dir`: unlinked, private to
     /// the server, holding an empty ext4 filesystem.
-    pub fn create(&self, vm_dir: &Path, bytes: u64) -> Result<File, VmError> {
-        let disk = unlinked_file(vm_dir, bytes)?;
-        self.fill(&disk, bytes)?;
+    pub async fn create(self: &Arc<Self>, vm_dir: &Path, bytes: u64) -> Result<File, VmError> {
+        let disk = unlinked_file(vm_dir, 0)?;
+        let filled = disk.try_clone().map_err(|e| VmError::io("dup the scratch disk", e))?;
+        self.fill(filled, bytes).await?;
         Ok(disk)
+    }
+
+    /// [`Self::fill_blocking`] off the async threads: a new size runs `mkfs.ext4` (~15 ms).
+    pub async fn fill(self: &Arc<Self>, disk: File, bytes: u64) -> Result<(), VmError> {
+        let bases = self.clone();
+        tokio::task::spawn_blocking(move || bases.fill_blocking(&disk, bytes))
+            .await
+            .map_err(|e| VmError::Invalid(format!("the scratch disk task failed: {e}")))?
     }
 
     /// Writes an empty ext4 filesystem of `bytes` into `disk` (which must read as zeros) and
     /// sets its length to `bytes`.
-    pub fn fill(&self, disk: &File, bytes: u64) -> Result<(), VmError> {
+    pub fn fill_blocking(&self, disk: &File, bytes: u64) -> Result<(), VmError> {
         let base = self.base(bytes)?;
         disk.set_len(bytes).map_err(|e| VmError::io("size the scratch disk", e))?;
         boxwood_image::sparse::copy_sparse(&base, disk).map_err(|e| VmError::io("write the scratch disk", e))?;
@@ -159,13 +168,13 @@ mod tests {
         assert_eq!(scratch_bytes(u64::MAX), MAX_SCRATCH_BYTES);
     }
 
-    #[test]
-    fn disks_are_sparse_unlinked_ext4_and_bases_are_bounded() {
+    #[tokio::test]
+    async fn disks_are_sparse_unlinked_ext4_and_bases_are_bounded() {
         let dir = tempfile::tempdir().unwrap();
-        let bases = Bases::new(dir.path().join("bases"), default_mkfs());
+        let bases = Arc::new(Bases::new(dir.path().join("bases"), default_mkfs()));
         let vm_dir = dir.path().join("vm");
         fs::create_dir(&vm_dir).unwrap();
-        let disk = bases.create(&vm_dir, 12 << 30).unwrap();
+        let disk = bases.create(&vm_dir, 12 << 30).await.unwrap();
         let meta = disk.metadata().unwrap();
         assert_eq!(meta.len(), 12 << 30);
         assert!(meta.blocks() * 512 < 4 << 20, "an empty 12 GiB disk costs {} bytes", meta.blocks() * 512);
@@ -176,7 +185,7 @@ mod tests {
         assert_eq!(magic, [0x53, 0xef], "an ext4 superblock");
 
         for n in 0..CACHED_BASES as u64 + 3 {
-            bases.create(&vm_dir, (32 + n) << 20).unwrap();
+            bases.create(&vm_dir, (32 + n) << 20).await.unwrap();
         }
         let kept = fs::read_dir(dir.path().join("bases")).unwrap().count();
         assert!(kept <= CACHED_BASES + 1, "{kept} bases kept");

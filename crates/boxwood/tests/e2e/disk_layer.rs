@@ -22,12 +22,16 @@ fn stderr(op: &Value) -> String {
     op["metadata"]["result"]["stderr"]["value"].as_str().unwrap_or_default().to_owned()
 }
 
-/// The largest allocation among the unlinked files QEMUs of `state` hold (their scratch disks).
+/// The largest allocation among the unlinked files QEMUs of `state` hold (their scratch disks;
+/// a clone's guest RAM, a memfd, is left out).
 fn scratch_on_host(state: &str) -> u64 {
     let mut largest = 0;
     for (pid, _) in qemu_processes_with(state) {
         for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).into_iter().flatten().flatten() {
-            let deleted = std::fs::read_link(fd.path()).is_ok_and(|l| l.to_string_lossy().ends_with(" (deleted)"));
+            let deleted = std::fs::read_link(fd.path()).is_ok_and(|l| {
+                let l = l.to_string_lossy();
+                l.ends_with(" (deleted)") && !l.starts_with("/memfd:")
+            });
             if let (true, Ok(m)) = (deleted, std::fs::metadata(fd.path())) {
                 largest = largest.max(m.blocks() * 512);
             }
