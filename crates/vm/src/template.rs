@@ -103,9 +103,7 @@ pub(crate) async fn prepare(base: &Base) -> Result<Template, VmError> {
     let version = qemu_version(&base.config.qemu_binary).await?;
     let key = {
         let base = base.clone();
-        tokio::task::spawn_blocking(move || template_key(&base, &version))
-            .await
-            .map_err(|e| VmError::Template(format!("hashing task failed: {e}")))??
+        blocking("hashing", move || template_key(&base, &version)).await?
     };
     let root = templates_root(base);
     fs::create_dir_all(&root).map_err(io(format!("create {}", root.display())))?;
@@ -120,8 +118,23 @@ pub(crate) async fn prepare(base: &Base) -> Result<Template, VmError> {
             t
         }
     };
-    remove_stale(&root, &key);
+    let keep = key.clone();
+    blocking("template cleanup", move || {
+        remove_stale(&root, &keep);
+        Ok(())
+    })
+    .await?;
     Ok(template)
+}
+
+/// Runs `f` off the async threads: the template's files are large and fsynced, and under a
+/// busy disk one `fsync` takes seconds, which on a runtime thread would stall every VM's
+/// agent channel (a reply waited for then times out although it arrived).
+async fn blocking<T: Send + 'static>(
+    what: &str,
+    f: impl FnOnce() -> Result<T, VmError> + Send + 'static,
+) -> Result<T, VmError> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| VmError::Template(format!("{what} task failed: {e}")))?
 }
 
 async fn qemu_version(binary: &Path) -> Result<String, VmError> {
@@ -138,9 +151,7 @@ async fn qemu_version(binary: &Path) -> Result<String, VmError> {
 
 async fn load_blocking(dir: &Path, key: &str, base: &Base, lock: Option<Flock<File>>) -> Result<Template, VmError> {
     let (dir, key, base) = (dir.to_owned(), key.to_owned(), base.clone());
-    tokio::task::spawn_blocking(move || load(&dir, &key, &base, lock))
-        .await
-        .map_err(|e| VmError::Template(format!("loading task failed: {e}")))?
+    blocking("loading", move || load(&dir, &key, &base, lock)).await
 }
 
 /// A sealed memfd (named `name`) holding `path`'s bytes; all-zero runs stay holes (guest RAM
@@ -226,28 +237,31 @@ async fn build(base: &Base, root: &Path, key: &str) -> Result<Option<Flock<File>
     let lock = File::create(build_dir.join("lock")).map_err(io("create lock"))?;
     let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock)
         .map_err(|(_, e)| VmError::Template(format!("lock {}: {e}", build_dir.display())))?;
-    let result = match snapshot(base, &build_dir, &tag).await {
-        Ok(()) => publish(&build_dir, &root.join(key)),
-        Err(e) => Err(e),
-    };
-    if result.is_err() || build_dir.exists() {
-        let _ = fs::remove_dir_all(&build_dir);
-    }
-    // Still there: ours was not renamed into place (another process won).
-    Ok(result?.then_some(lock))
+    let snapshot = snapshot(base, &build_dir, &tag).await;
+    let dest = root.join(key);
+    let published = blocking("template publish", move || {
+        let result = snapshot.and_then(|()| publish(&build_dir, &dest));
+        // Still there: ours was not renamed into place (another process won), or it failed.
+        if result.is_err() || build_dir.exists() {
+            let _ = fs::remove_dir_all(&build_dir);
+        }
+        result
+    })
+    .await?;
+    Ok(published.then_some(lock))
 }
 
 /// Boot → `Hello` → `Warmup` → settle → link down → migrate (RAM stays in the shared file)
 /// → quit.
 async fn snapshot(base: &Base, build_dir: &Path, tag: &str) -> Result<(), VmError> {
     let slot_image = build_dir.join("slot.qcow2");
-    write_file(&slot_image, &empty_qcow2(SLOT_BYTES))?;
     let warm_image = build_dir.join("warm.erofs");
-    let initramfs = base.assets.initramfs.clone();
-    let warm = warm_image.clone();
-    tokio::task::spawn_blocking(move || make_warm_image(&initramfs, &warm))
-        .await
-        .map_err(|e| VmError::Template(format!("warm image task failed: {e}")))??;
+    let (initramfs, slot, warm) = (base.assets.initramfs.clone(), slot_image.clone(), warm_image.clone());
+    blocking("template images", move || {
+        write_file(&slot, &empty_qcow2(SLOT_BYTES))?;
+        make_warm_image(&initramfs, &warm)
+    })
+    .await?;
     let ram = build_dir.join("ram");
     // Sockets and logs live in the run dir: the templates dir may be too deep for a
     // 107-byte socket path. `reap_stale` removes it after a crash.
@@ -309,8 +323,7 @@ async fn snapshot(base: &Base, build_dir: &Path, tag: &str) -> Result<(), VmErro
             return Err(VmError::Template(format!("snapshot failed: {ev}")));
         }
         let _ = qmp.execute("quit", None).await;
-        let hello_json = serde_json::to_vec(&hello).map_err(|e| VmError::Template(format!("hello.json: {e}")))?;
-        write_file(&build_dir.join("hello.json"), &hello_json)
+        serde_json::to_vec(&hello).map_err(|e| VmError::Template(format!("hello.json: {e}")))
     }
     .await;
     if result.is_err() {
@@ -320,18 +333,22 @@ async fn snapshot(base: &Base, build_dir: &Path, tag: &str) -> Result<(), VmErro
         qemu.kill();
         return Err(VmError::Template("the template QEMU did not exit".into()));
     }
-    result?;
-    if base.jail.is_some() {
-        std::os::unix::fs::chown(&ram, Some(0), Some(0)).map_err(io(format!("chown {}", ram.display())))?;
-    }
-    fs::set_permissions(&ram, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-        .map_err(io(format!("chmod {}", ram.display())))?;
-    // The RAM file was written through the page cache by QEMU: make it durable before the
-    // dir is published, so a crash never leaves a template whose RAM is half on disk.
-    for f in [&ram, &build_dir.join("state")] {
-        File::open(f).and_then(|f| f.sync_all()).map_err(io(format!("sync {}", f.display())))?;
-    }
-    Ok(())
+    let hello_json = result?;
+    let (jailed, build_dir) = (base.jail.is_some(), build_dir.to_owned());
+    blocking("template sync", move || {
+        if jailed {
+            std::os::unix::fs::chown(&ram, Some(0), Some(0)).map_err(io(format!("chown {}", ram.display())))?;
+        }
+        fs::set_permissions(&ram, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .map_err(io(format!("chmod {}", ram.display())))?;
+        // The RAM file was written through the page cache by QEMU: make it durable before the
+        // dir is published, so a crash never leaves a template whose RAM is half on disk.
+        for f in [&ram, &build_dir.join("state")] {
+            File::open(f).and_then(|f| f.sync_all()).map_err(io(format!("sync {}", f.display())))?;
+        }
+        write_file(&build_dir.join("hello.json"), &hello_json)
+    })
+    .await
 }
 
 /// Renames the build dir to `dest`; `false` if another process published the same key first

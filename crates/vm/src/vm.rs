@@ -361,7 +361,9 @@ impl Shared {
     pub(crate) fn abandon(&self, why: &str) {
         let status = self.exit.borrow().clone();
         let detail = describe(&self.paths, status.as_deref(), why);
-        tracing::warn!(dir = %self.paths.dir.display(), "agent channel abandoned: {why}");
+        // The console says what the guest was doing (a stall, a hung task, a panic); quoted
+        // with escapes, since the guest writes it and must not forge log lines.
+        tracing::warn!(dir = %self.paths.dir.display(), "agent channel abandoned: {detail:?}");
         self.fail_all(detail);
     }
 

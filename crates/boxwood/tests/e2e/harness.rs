@@ -28,6 +28,14 @@ pub struct Frame {
     pub data: Value,
 }
 
+/// The server's warnings (and `RUST_LOG`'s choice) go to the test's captured output, so a
+/// failed test shows what the server saw (a VM's console tail, a store error).
+fn log_to_test_output() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+}
+
 pub fn test_config(state: &std::path::Path) -> Config {
     let mut cfg = Config { state_dir: state.to_owned(), listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
     cfg.vm.accel = Accel::Tcg;
@@ -45,6 +53,7 @@ impl TestServer {
 
     /// Starts on an existing state dir (e.g. one a stopped server left).
     pub async fn start_in(state: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> Self {
+        log_to_test_output();
         let mut cfg = test_config(state.path());
         tweak(&mut cfg);
         let app = App::start(cfg).await.expect("server starts (build the agent with scripts/build-agent.sh)");
