@@ -8,6 +8,7 @@
 //! paths via [`inroot`]), [`export`] streams the run's changes as a [`tar`], and [`server`]
 //! dispatches host messages.
 
+mod ca;
 mod channel;
 mod export;
 mod files;

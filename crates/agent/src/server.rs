@@ -42,7 +42,12 @@ pub async fn run() -> io::Result<()> {
                 };
                 let _ = out.send(reply).await;
             }
-            HostMessage::Spawn(s) => spawn::spawn(s, &table, &reaper, &out).await,
+            HostMessage::Spawn(mut s) => {
+                if let Some(bundle) = sandbox.as_ref().and_then(|sb| sb.ca_bundle.as_deref()) {
+                    crate::ca::add_env(&mut s.env, bundle);
+                }
+                spawn::spawn(s, &table, &reaper, &out).await;
+            }
             HostMessage::Stdin { id, data, close } => {
                 if let Err(error) = table.stdin(id, data, close) {
                     let _ = out.send(GuestMessage::Rejected { id, error }).await;

@@ -22,6 +22,8 @@ use crate::net;
 pub const ROOT: &str = "/run/boxwood/root";
 const LOWER: &str = "/run/boxwood/lower";
 const RW: &str = "/run/boxwood/rw";
+/// The extra CA certificates' layer (see [`crate::ca`]).
+const CA: &str = "/run/boxwood/ca";
 
 /// `RNDADDENTROPY` = `_IOW('R', 0x03, int[2])`.
 const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
@@ -33,6 +35,8 @@ const BLKFLSBUF: libc::c_ulong = 0x1261;
 /// What Setup leaves behind for later requests.
 pub struct Sandbox {
     pub upper: Upper,
+    /// The bundle holding the host's extra CA certificates, named in every process's env.
+    pub ca_bundle: Option<String>,
 }
 
 /// Applies `setup`; the error text goes back to the host as `SetupFailed`. `no_net_ns`: the
@@ -55,7 +59,7 @@ pub fn apply(setup: &Setup, no_net_ns: Option<&OwnedFd>) -> Result<(Sandbox, Set
         // Processes are forked from this (the runtime) thread, so they inherit it.
         nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
     }
-    let mut created = build_root(&setup.rootfs)?;
+    let Root { mut created, ca_bundle } = build_root(&setup.rootfs, setup.extra_ca_pem.as_deref())?;
     net::loopback_up()?;
     let network = match &setup.network {
         Some(cfg) => Some(net::configure(cfg, &mut created, true).map_err(|e| format!("network: {e}"))?),
@@ -65,7 +69,7 @@ pub fn apply(setup: &Setup, no_net_ns: Option<&OwnedFd>) -> Result<(Sandbox, Set
         Upper { dir: Path::new(RW).join("upper"), excluded: created.into_iter().map(String::into_bytes).collect() };
     // Read only now, after the re-seed: the kernel makes the id on first read.
     let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_owned();
-    Ok((Sandbox { upper }, SetupReport { network, boot_id }))
+    Ok((Sandbox { upper, ca_bundle }, SetupReport { network, boot_id }))
 }
 
 /// Mixes `bytes` into the kernel pool, credits them and re-seeds the CRNG from the pool, so
@@ -133,6 +137,7 @@ pub fn teardown_root(lowers: usize) -> Result<(), String> {
     // The network's bind mount, if any.
     targets.push(Path::new(ROOT).join("etc/resolv.conf"));
     targets.push(PathBuf::from(ROOT));
+    targets.push(PathBuf::from(CA));
     targets.push(PathBuf::from(RW));
     targets.extend((0..lowers).map(|n| PathBuf::from(LOWER).join(n.to_string())));
     for target in targets {
@@ -144,8 +149,16 @@ pub fn teardown_root(lowers: usize) -> Result<(), String> {
     Ok(())
 }
 
-/// Mounts the root; returns the paths (relative) it had to create inside it.
-pub fn build_root(spec: &RootfsSpec) -> Result<Vec<String>, String> {
+/// What [`build_root`] made.
+pub struct Root {
+    /// Paths (relative) it had to create inside the root.
+    pub created: Vec<String>,
+    /// See [`Sandbox::ca_bundle`].
+    pub ca_bundle: Option<String>,
+}
+
+/// Mounts the root, with a layer holding `extra_ca` (PEM) above the image's if given.
+pub fn build_root(spec: &RootfsSpec, extra_ca: Option<&str>) -> Result<Root, String> {
     let disks = find_disks(&spec.lower_serials, Duration::from_secs(3))?;
     let mut lowers = Vec::new();
     for (n, dev) in disks.iter().enumerate() {
@@ -167,19 +180,21 @@ pub fn build_root(spec: &RootfsSpec) -> Result<Vec<String>, String> {
     mkdirs(&upper)?;
     mkdirs(&work)?;
     mkdirs(Path::new(ROOT))?;
-    if lowers.is_empty() {
-        do_mount(&upper, Path::new(ROOT), "", MsFlags::MS_BIND, "")?;
-    } else {
-        // No redirects, index or metacopy: the upper layer then holds only plain files, whiteouts
-        // and opaque dirs, which is what the export format carries. (Renaming a lower dir
-        // gives EXDEV; tools fall back to copy + delete.)
-        let opts = format!(
-            "lowerdir={},upperdir={},workdir={},redirect_dir=off,index=off,metacopy=off",
-            lowers.join(":"),
-            upper.display(),
-            work.display()
-        );
-        do_mount(Path::new("overlay"), Path::new(ROOT), "overlay", MsFlags::empty(), &opts)?;
+    mount_root(&lowers, &upper, &work)?;
+    let mut ca_bundle = None;
+    if let Some(pem) = extra_ca {
+        // The bundles are read through the image's own merged view, then the root is mounted
+        // again with the layer on top. Nothing of the run has run yet.
+        mkdirs(Path::new(CA))?;
+        let flags = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+        do_mount(Path::new("tmpfs"), Path::new(CA), "tmpfs", flags, "mode=0755,size=64m")?;
+        ca_bundle = crate::ca::build_layer(Path::new(ROOT), Path::new(CA), pem)?;
+        if ca_bundle.is_some() {
+            nix::mount::umount2(ROOT, MntFlags::empty()).map_err(|e| format!("umount {ROOT}: {e}"))?;
+            do_mount(Path::new("tmpfs"), Path::new(CA), "", flags | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY, "")?;
+            lowers.insert(0, CA.to_owned());
+            mount_root(&lowers, &upper, &work)?;
+        }
     }
     let mut created = Vec::new();
     for (dir, fstype, opts, flags) in INNER {
@@ -195,7 +210,23 @@ pub fn build_root(spec: &RootfsSpec) -> Result<Vec<String>, String> {
         }
         do_mount(Path::new(fstype), &target, fstype, flags, opts)?;
     }
-    Ok(created)
+    Ok(Root { created, ca_bundle })
+}
+
+fn mount_root(lowers: &[String], upper: &Path, work: &Path) -> Result<(), String> {
+    if lowers.is_empty() {
+        return do_mount(upper, Path::new(ROOT), "", MsFlags::MS_BIND, "");
+    }
+    // No redirects, index or metacopy: the upper layer then holds only plain files, whiteouts
+    // and opaque dirs, which is what the export format carries. (Renaming a lower dir gives
+    // EXDEV; tools fall back to copy + delete.)
+    let opts = format!(
+        "lowerdir={},upperdir={},workdir={},redirect_dir=off,index=off,metacopy=off",
+        lowers.join(":"),
+        upper.display(),
+        work.display()
+    );
+    do_mount(Path::new("overlay"), Path::new(ROOT), "overlay", MsFlags::empty(), &opts)
 }
 
 /// Mounts the run's scratch disk (an empty ext4 filesystem the host made) on [`RW`]. A clone's

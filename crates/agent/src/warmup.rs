@@ -34,8 +34,8 @@ pub async fn run(
             Err(e) => problems.push(e),
         }
     }
-    match setup::build_root(&warm.rootfs) {
-        Ok(mut created) => {
+    match setup::build_root(&warm.rootfs, None) {
+        Ok(setup::Root { mut created, .. }) => {
             if let Some(cfg) = &warm.network
                 && has_nic()
                 && let Err(e) = net::configure(cfg, &mut created, false)

@@ -147,6 +147,10 @@ pub struct Setup {
     pub rootfs: RootfsSpec,
     /// Configure the (single) virtio-net interface; `None`: the VM has no network.
     pub network: Option<NetworkConfig>,
+    /// PEM certificates the run trusts besides its image's CAs: the agent adds them to the
+    /// image's system bundles (on a read-only layer of their own, so a persisted image never
+    /// holds them) and names the bundle in `SSL_CERT_FILE` and its kin for every process.
+    pub extra_ca_pem: Option<String>,
 }
 
 /// Static IPv4 configuration of the guest's interface (QEMU user-mode networking).

@@ -183,6 +183,7 @@ impl Restored {
         spec: &VmSpec,
         mut rootfs: RootfsSpec,
         scratch_size: Option<u64>,
+        extra_ca: Option<&str>,
         limit: Duration,
         started: Instant,
     ) -> Result<QemuVm, VmError> {
@@ -252,7 +253,7 @@ impl Restored {
             if !commands.is_empty() {
                 self.qmp.execute_batch(&commands).await?;
             }
-            self.chan.setup(spec, rootfs, &self.qemu, deadline).await
+            self.chan.setup(spec, rootfs, extra_ca, &self.qemu, deadline).await
         }
         .await;
         let report = match result {

@@ -12,6 +12,7 @@
 //! - [`reap_stale`] cleans up after a crashed server.
 
 mod assets;
+mod ca;
 mod clone;
 mod console;
 mod cpio;
@@ -85,6 +86,10 @@ pub struct VmConfig {
     pub upper_disk: bool,
     /// The `mkfs.ext4` that formats scratch disks (e2fsprogs).
     pub mkfs_ext4: PathBuf,
+    /// PEM files of CA certificates every guest trusts besides its image's own (a
+    /// TLS-intercepting proxy's): added to the system bundles and named by the usual env
+    /// variables for the run, never written into a persisted image. Empty: none.
+    pub extra_ca_certs: Vec<PathBuf>,
 }
 
 impl Default for VmConfig {
@@ -102,6 +107,7 @@ impl Default for VmConfig {
             jail: JailConfig::default(),
             upper_disk: true,
             mkfs_ext4: scratch::default_mkfs(),
+            extra_ca_certs: Vec::new(),
         }
     }
 }

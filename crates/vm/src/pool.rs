@@ -122,7 +122,8 @@ impl FastStart {
                 }
             },
         };
-        clone.assign(spec, rootfs, self.shared.base.scratch_size(spec), limit, started).await.map(Some)
+        let base = &self.shared.base;
+        clone.assign(spec, rootfs, base.scratch_size(spec), base.extra_ca.as_deref(), limit, started).await.map(Some)
     }
 
     pub async fn wait_ready(&self, limit: Duration) -> bool {

@@ -63,6 +63,8 @@ pub(crate) struct Base {
     pub boot: Arc<BootFiles>,
     /// Formatted scratch filesystems (see [`crate::scratch`]), in `run_dir/.scratch-bases`.
     pub scratch: Arc<Bases>,
+    /// `vm.extra_ca_certs`, as certificates only (see [`crate::ca`]).
+    pub extra_ca: Option<Arc<str>>,
 }
 
 /// QEMU 7.2 opens `-kernel` and `-initrd` by name only, so a jailed QEMU reopens them through
@@ -196,6 +198,7 @@ impl BootChannel {
         &mut self,
         spec: &VmSpec,
         rootfs: RootfsSpec,
+        extra_ca: Option<&str>,
         qemu: &QemuChild,
         deadline: Instant,
     ) -> Result<SetupReport, VmError> {
@@ -208,6 +211,7 @@ impl BootChannel {
             hostname: spec.hostname.clone(),
             rootfs,
             network: spec.network.then(user_net_config),
+            extra_ca_pem: extra_ca.map(str::to_owned),
         });
         self.send(&msg).await?;
         match self.recv(qemu, deadline).await? {
@@ -361,7 +365,11 @@ impl Base {
         let handshake = async {
             let mut chan = BootChannel::connect(&paths, &qemu, deadline).await?;
             let hello = chan.hello(&qemu, deadline).await?;
-            let report = if setup { chan.setup(spec, rootfs, &qemu, deadline).await? } else { SetupReport::default() };
+            let report = if setup {
+                chan.setup(spec, rootfs, self.extra_ca.as_deref(), &qemu, deadline).await?
+            } else {
+                SetupReport::default()
+            };
             Ok::<_, VmError>((chan, hello, report))
         };
         let (chan, mut hello, setup_report) = match handshake.await {
@@ -475,7 +483,9 @@ impl QemuRuntime {
         if config.upper_disk {
             scratch.check().map_err(|e| VmError::Invalid(format!("vm.upper_disk needs a working mkfs.ext4: {e}")))?;
         }
-        let mut base = Base { config, assets, run_dir, accel: Accelerator::Tcg, cmdline, jail, boot, scratch };
+        let extra_ca = crate::ca::load(&config.extra_ca_certs)?.map(Arc::from);
+        let mut base =
+            Base { config, assets, run_dir, accel: Accelerator::Tcg, cmdline, jail, boot, scratch, extra_ca };
         base.accel = match base.config.accel {
             Accel::Tcg => Accelerator::Tcg,
             Accel::Kvm => Accelerator::Kvm,

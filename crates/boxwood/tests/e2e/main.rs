@@ -10,6 +10,7 @@ mod abuse_sizes;
 mod abuse_sparse;
 mod abuse_state;
 mod api;
+mod ca_certs;
 mod disk_layer;
 mod files;
 mod harness;
