@@ -12,9 +12,9 @@ need_root() { [[ $(id -u) == 0 ]] || { echo "install-deps: run as root" >&2; exi
 # e2fsprogs: mkfs.ext4 formats the runs' scratch disks (crates/vm/src/scratch.rs).
 # docker-registry, skopeo, umoci, apache2-utils (htpasswd): boxwood-oci's image-import tests.
 # python3-venv, curl: the conformance runs with the published Python clients.
-# openssl: e2e ca_certs makes a CA certificate.
+# openssl: e2e ca_certs makes a CA certificate. mmdebstrap: e2e python builds its image.
 packages=(busybox-static erofs-utils e2fsprogs lz4 linux-image-cloud-amd64 ca-certificates nftables
-  docker-registry skopeo umoci apache2-utils python3-venv curl openssl)
+  docker-registry skopeo umoci apache2-utils python3-venv curl openssl mmdebstrap)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -16,10 +16,10 @@ fn digest(bytes: &[u8]) -> String {
 }
 
 /// `docker-registry serve` on a free loopback port, killed on drop.
-struct Registry {
+pub(crate) struct Registry {
     child: std::process::Child,
     _dir: tempfile::TempDir,
-    host: String,
+    pub host: String,
 }
 
 impl Drop for Registry {
@@ -30,7 +30,7 @@ impl Drop for Registry {
 }
 
 impl Registry {
-    async fn start() -> Self {
+    pub async fn start() -> Self {
         assert!(
             std::path::Path::new("/usr/bin/docker-registry").exists(),
             "install docker-registry (scripts/install-deps.sh)"
@@ -105,7 +105,7 @@ impl Registry {
 }
 
 /// Starts an import and polls it to the end, as the clients do.
-async fn import(s: &TestServer, body: Value) -> Value {
+pub(crate) async fn import(s: &TestServer, body: Value) -> Value {
     let r = s.req(Method::POST, "/images/import").json(&body).send().await.unwrap();
     assert_eq!(r.status(), StatusCode::CREATED);
     assert!(r.headers()["location"].to_str().unwrap().starts_with("/v1/operations/"));

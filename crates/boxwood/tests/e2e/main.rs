@@ -20,4 +20,5 @@ mod inspect;
 mod isolation;
 mod lifecycle;
 mod live;
+mod python;
 mod runs;
