@@ -125,28 +125,6 @@ mod tests {
 
     const PEM: &str = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n";
 
-    /// A fresh dir under the temp dir, removed on drop (the agent has no dev-dependencies).
-    struct TempDir(std::path::PathBuf);
-    impl TempDir {
-        fn path(&self) -> &Path {
-            &self.0
-        }
-    }
-    impl Drop for TempDir {
-        fn drop(&mut self) {
-            let _ = fs::remove_dir_all(&self.0);
-        }
-    }
-    fn tempdir() -> TempDir {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("boxwood-agent-ca-{}-{n}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        fs::create_dir(&dir).unwrap();
-        TempDir(dir)
-    }
-
     fn me() -> (u32, u32) {
         let m = fs::metadata("/proc/self").unwrap();
         (m.uid(), m.gid())
@@ -154,8 +132,8 @@ mod tests {
 
     #[test]
     fn image_bundles_get_the_extras_and_symlinks_are_left_alone() {
-        let (root, layer) = (tempdir(), tempdir());
-        let (r, l) = (root.path(), layer.path());
+        let (root, layer) = (crate::testdir::tempdir("ca"), crate::testdir::tempdir("ca"));
+        let (r, l) = (root.as_path(), layer.as_path());
         fs::create_dir_all(r.join("etc/ssl/certs")).unwrap();
         fs::set_permissions(r.join("etc/ssl"), fs::Permissions::from_mode(0o750)).unwrap();
         fs::write(r.join("etc/ssl/certs/ca-certificates.crt"), "SYSTEM").unwrap();
@@ -175,21 +153,21 @@ mod tests {
 
     #[test]
     fn an_image_without_a_bundle_gets_the_extras_alone_unless_certs_is_a_symlink() {
-        let (root, layer) = (tempdir(), tempdir());
+        let (root, layer) = (crate::testdir::tempdir("ca"), crate::testdir::tempdir("ca"));
         assert_eq!(
-            build_layer(root.path(), layer.path(), PEM).unwrap().as_deref(),
+            build_layer(root.as_path(), layer.as_path(), PEM).unwrap().as_deref(),
             Some("/etc/ssl/certs/ca-certificates.crt")
         );
-        assert_eq!(fs::read_to_string(layer.path().join("etc/ssl/certs/ca-certificates.crt")).unwrap(), PEM);
+        assert_eq!(fs::read_to_string(layer.as_path().join("etc/ssl/certs/ca-certificates.crt")).unwrap(), PEM);
 
-        let (root, layer) = (tempdir(), tempdir());
-        fs::create_dir_all(root.path().join("etc/pki/tls/certs")).unwrap();
-        fs::create_dir_all(root.path().join("etc/ssl")).unwrap();
-        std::os::unix::fs::symlink("/etc/pki/tls/certs", root.path().join("etc/ssl/certs")).unwrap();
-        fs::write(root.path().join("etc/pki/tls/certs/ca-bundle.crt"), "RHEL\n").unwrap();
-        let bundle = build_layer(root.path(), layer.path(), PEM).unwrap();
+        let (root, layer) = (crate::testdir::tempdir("ca"), crate::testdir::tempdir("ca"));
+        fs::create_dir_all(root.as_path().join("etc/pki/tls/certs")).unwrap();
+        fs::create_dir_all(root.as_path().join("etc/ssl")).unwrap();
+        std::os::unix::fs::symlink("/etc/pki/tls/certs", root.as_path().join("etc/ssl/certs")).unwrap();
+        fs::write(root.as_path().join("etc/pki/tls/certs/ca-bundle.crt"), "RHEL\n").unwrap();
+        let bundle = build_layer(root.as_path(), layer.as_path(), PEM).unwrap();
         assert_eq!(bundle.as_deref(), Some("/etc/pki/tls/certs/ca-bundle.crt"));
-        assert!(!layer.path().join("etc/ssl/certs").exists(), "a symlinked dir is never shadowed");
+        assert!(!layer.as_path().join("etc/ssl/certs").exists(), "a symlinked dir is never shadowed");
     }
 
     #[test]

@@ -21,6 +21,7 @@ mod server;
 mod setup;
 mod spawn;
 mod tar;
+mod testdir;
 mod warmup;
 
 use std::time::Duration;

@@ -49,7 +49,7 @@ fn mknod(path: &Path, mode: libc::mode_t, dev: libc::dev_t) -> bool {
 
 #[test]
 fn writes_every_kind_parents_first() {
-    let tmp = tempfile_dir();
+    let tmp = crate::testdir::tempdir("tar");
     let d = tmp.as_path();
     fs::create_dir_all(d.join("a/b")).unwrap();
     fs::write(d.join("a/b/file"), b"hello").unwrap();
@@ -126,7 +126,7 @@ fn writes_every_kind_parents_first() {
 
 #[test]
 fn empty_tree_has_no_entries_and_xattrs_are_filtered() {
-    let tmp = tempfile_dir();
+    let tmp = crate::testdir::tempdir("tar");
     let mut bytes = Vec::new();
     let stats = write_tree(tmp.as_path(), &HashSet::new(), &mut bytes).unwrap();
     assert_eq!(stats, TarStats { entries: 0, bytes: 1024 });
@@ -169,38 +169,9 @@ fn pax_record_lengths_count_themselves() {
     }
 }
 
-/// A scratch dir, on tmpfs when there is one (xattrs, whiteouts behave as in the guest).
-struct TempDir(std::path::PathBuf);
-
-impl TempDir {
-    fn as_path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
-
-fn tempfile_dir() -> TempDir {
-    let base = if Path::new("/dev/shm").is_dir() { Path::new("/dev/shm") } else { Path::new("/tmp") };
-    let dir = base.join(format!("bw-agent-tar-{}-{:x}", std::process::id(), rand_suffix()));
-    fs::create_dir(&dir).unwrap();
-    TempDir(dir)
-}
-
-fn rand_suffix() -> u64 {
-    use std::time::{SystemTime, UNIX_EPOCH};
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64) ^ (n << 48)
-}
-
 #[test]
 fn holes_travel_as_holes_and_gnu_tar_restores_them() {
-    let tmp = tempfile_dir();
+    let tmp = crate::testdir::tempdir("tar");
     let d = tmp.as_path();
     // 1 GiB apparent: a little data at 1 MiB and at the end, holes elsewhere.
     let f = fs::File::create(d.join("sparse")).unwrap();
@@ -222,7 +193,7 @@ fn holes_travel_as_holes_and_gnu_tar_restores_them() {
     assert!(stand_in.data.starts_with(b"2\n"), "map, then data: {:?}", &stand_in.data[..32]);
 
     // GNU tar (a real reader of the format) restores the apparent size and the data, sparse.
-    let x = tempfile_dir();
+    let x = crate::testdir::tempdir("tar");
     let tar_path = x.as_path().join("a.tar");
     fs::write(&tar_path, &out).unwrap();
     let dest = x.as_path().join("out");
