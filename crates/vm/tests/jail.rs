@@ -266,13 +266,13 @@ async fn each_qemu_runs_in_a_bounded_cgroup_released_with_its_uid() {
         assert!(!cgroups_of("self").contains(name));
     }
     let overhead = u64::from(VmConfig::default().jail.memory_overhead_mib);
-    let want_mem = ((192 + overhead) << 20).to_string();
+    let want_mem = ((2 * 192 + overhead) << 20).to_string();
     let file = |name: &str| dirs.iter().map(|d| d.join(name)).find(|p| p.exists());
     let (mem, pids) = match file("memory.max") {
         Some(max) => (read_trim(&max), read_trim(&file("pids.max").unwrap())),
         None => (read_trim(&file("memory.limit_in_bytes").unwrap()), read_trim(&file("pids.max").unwrap())),
     };
-    assert_eq!(mem, want_mem, "guest RAM + QEMU's overhead");
+    assert_eq!(mem, want_mem, "guest RAM twice + QEMU's overhead");
     assert_eq!(pids, (VmConfig::default().jail.pids_max + 1).to_string(), "tasks bounded");
     if let Some(shares) = file("cpu.shares") {
         assert_eq!(read_trim(&shares), "1024");

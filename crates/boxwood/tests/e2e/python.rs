@@ -35,8 +35,8 @@ fn host_extra_cas() -> Vec<PathBuf> {
     cas
 }
 
-#[tokio::test]
-async fn the_documented_run_examples_work_on_python() {
+/// A server with the Python image imported as `python:3.11` (and the host's extra CAs).
+async fn python_server() -> (TestServer, Registry) {
     let layout = python_layout();
     let reg = Registry::start().await;
     let dest = format!("docker://{}/library/python:3.11", reg.host);
@@ -57,6 +57,12 @@ async fn the_documented_run_examples_work_on_python() {
     let op =
         import(&s, json!({"registry": {"url": "docker://docker.io/library/python:3.11"}, "tag": "python:3.11"})).await;
     assert_eq!(op["status"], "SUCCESS", "{op}");
+    (s, reg)
+}
+
+#[tokio::test]
+async fn the_documented_run_examples_work_on_python() {
+    let (s, _reg) = python_server().await;
     let image = "tag:python:3.11";
 
     let (op, _) =
@@ -90,5 +96,32 @@ async fn the_documented_run_examples_work_on_python() {
     let (op, _) = s.run(json!({"command": check, "shell": true, "image": image, "disposable": true})).await;
     let stderr = op["metadata"]["result"]["stderr"]["value"].as_str().unwrap_or_default();
     assert!(stderr.contains("No module named 'flask'"), "the source image is unchanged: {op}");
+    s.stop().await;
+}
+
+/// A package set of over 200 MB from Debian's mirror, installed in a persisted run through the
+/// scratch disk, then used from the child image.
+#[tokio::test]
+async fn apt_get_installs_a_large_package_set_that_the_next_run_uses() {
+    let (s, _reg) = python_server().await;
+    let install = "apt-get update -qq && apt-get install -y -qq --no-install-recommends build-essential >/dev/null \
+                   && du -sm /usr | cut -f1";
+    let (op, _) = s
+        .run(json!({"command": install, "shell": true, "image": "tag:python:3.11", "disposable": false,
+                    "timeout": 1500}))
+        .await;
+    let result = &op["metadata"]["result"];
+    assert_eq!((op["status"].as_str(), result["state"]["exit_code"].as_i64()), (Some("SUCCESS"), Some(0)), "{op}");
+    eprintln!("apt-get install build-essential: {} s, /usr {} MiB", op["duration"], stdout(&op).trim());
+    let child = op["result_image_uuid"].as_str().unwrap().to_owned();
+    let size = op["image_size"].as_u64().unwrap_or_default();
+    assert!(size > 200 << 20, "the persisted diff is over 200 MB: {size}");
+
+    let hello = s.upload(b"#include <stdio.h>\nint main(void) { puts(\"compiled\"); return 0; }\n".to_vec()).await;
+    let (op, _) = s
+        .run(json!({"command": "gcc -O2 -o /tmp/hello /src/hello.c && /tmp/hello", "shell": true, "image": child,
+                    "disposable": true, "files": {"/src/hello.c": {"uuid": hello["uuid"], "mode": "0644"}}}))
+        .await;
+    assert_eq!(stdout(&op), "compiled\n", "{op}");
     s.stop().await;
 }
