@@ -1,5 +1,5 @@
-//! Guest assets: the kernel (an uncompressed `vmlinux` extracted from the installed Debian
-//! cloud kernel, booted via PVH) and the initramfs (agent as `/init` plus kernel modules).
+//! Guest assets: the kernel (an uncompressed `vmlinux` extracted from the installed
+//! distribution kernel, booted via PVH) and the initramfs (agent as `/init` plus kernel modules).
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -9,14 +9,11 @@ use sha2::{Digest, Sha256};
 
 use crate::VmError;
 use crate::cpio::CpioWriter;
+use crate::decompress;
 use crate::modules::{ModulesDep, NEEDED_MODULES};
 
 /// Where the agent finds the module load order inside the initramfs.
 const ORDER_FILE: &str = "boxwood.order";
-/// Magic of the kernel's LZ4 "legacy" stream (0x184C2102, little-endian).
-const LZ4_LEGACY_MAGIC: [u8; 4] = [0x02, 0x21, 0x4c, 0x18];
-/// Uncompressed size of a legacy LZ4 block.
-const LZ4_LEGACY_BLOCK: usize = 8 << 20;
 
 /// A bootable kernel + initramfs pair.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -28,11 +25,12 @@ pub struct GuestAssets {
 
 /// Builds (or reuses, if up to date) the guest kernel and initramfs in `out_dir`.
 ///
-/// - kernel: the uncompressed vmlinux from `/boot/vmlinuz-<release>` (LZ4 payload), falling
-///   back to the bzImage itself if extraction fails. The newest installed `*-cloud-amd64`
-///   release is used unless `kernel_release` is given.
-/// - initramfs: uncompressed newc cpio with `/init` = the agent, the needed `.ko` files (with
-///   dependencies from `modules.dep`) in `/lib/modules/` and their load order in
+/// - kernel: the uncompressed vmlinux from `/boot/vmlinuz-<release>` (LZ4 or zstd payload),
+///   falling back to the bzImage itself if extraction fails. The release is
+///   `default_release` unless `kernel_release` is given.
+/// - initramfs: uncompressed newc cpio with `/init` = the agent, the needed modules (with
+///   dependencies from `modules.dep`, built-in ones skipped, compressed ones decoded) as
+///   plain `.ko` files in `/lib/modules/` and their load order in
 ///   `/lib/modules/boxwood.order`.
 ///
 /// Writes are atomic and the file names carry a content hash.
@@ -78,7 +76,7 @@ pub(crate) fn prepare_from(
 ) -> Result<GuestAssets, VmError> {
     let release = match kernel_release {
         Some(r) => r.to_owned(),
-        None => newest_cloud_release(boot_dir)?,
+        None => default_release(boot_dir)?,
     };
     fs::create_dir_all(out_dir).map_err(|e| VmError::io(format!("create {}", out_dir.display()), e))?;
     let kernel = prepare_kernel(&boot_dir.join(format!("vmlinuz-{release}")), out_dir, &release)?;
@@ -86,16 +84,19 @@ pub(crate) fn prepare_from(
     Ok(GuestAssets { kernel, initramfs, kernel_release: release })
 }
 
-fn newest_cloud_release(boot_dir: &Path) -> Result<String, VmError> {
+/// The release to boot: the newest Debian cloud kernel, else the newest Ubuntu `-kvm` kernel
+/// (both lean, virtio-first builds), else the newest installed kernel of any flavour.
+fn default_release(boot_dir: &Path) -> Result<String, VmError> {
     let entries = fs::read_dir(boot_dir).map_err(|e| VmError::io(format!("read {}", boot_dir.display()), e))?;
     let releases = entries.flatten().filter_map(|e| {
         let name = e.file_name().into_string().ok()?;
         let release = name.strip_prefix("vmlinuz-")?;
-        release.ends_with("-cloud-amd64").then(|| release.to_owned())
+        (!release.is_empty() && !release.ends_with(".old")).then(|| release.to_owned())
     });
+    let flavour = |r: &str| u8::from(r.ends_with("-cloud-amd64")) * 2 + u8::from(r.ends_with("-kvm"));
     releases
-        .max_by_key(|r| version_key(r))
-        .ok_or_else(|| VmError::Assets(format!("no vmlinuz-*-cloud-amd64 in {}", boot_dir.display())))
+        .max_by_key(|r| (flavour(r), version_key(r)))
+        .ok_or_else(|| VmError::Assets(format!("no vmlinuz-* kernel in {}", boot_dir.display())))
 }
 
 /// Numeric components of a release string, for ordering ("6.12.0-1" > "6.1.0-56").
@@ -122,7 +123,7 @@ fn prepare_kernel(vmlinuz: &Path, out_dir: &Path, release: &str) -> Result<PathB
     if out.is_file() {
         return Ok(out);
     }
-    match extract_vmlinux(&image) {
+    match decompress::extract_vmlinux(&image) {
         Some(elf) => {
             write_atomic(&out, &elf)?;
             Ok(out)
@@ -134,53 +135,17 @@ fn prepare_kernel(vmlinuz: &Path, out_dir: &Path, release: &str) -> Result<PathB
     }
 }
 
-/// Finds the LZ4-compressed payload in a bzImage and decompresses it to the vmlinux ELF.
-pub(crate) fn extract_vmlinux(image: &[u8]) -> Option<Vec<u8>> {
-    let mut from = 0;
-    while let Some(pos) = find(&image[from..], &LZ4_LEGACY_MAGIC) {
-        let start = from + pos;
-        if let Some(elf) = lz4_legacy_decode(&image[start..]).filter(|d| d.starts_with(b"\x7fELF")) {
-            return Some(elf);
-        }
-        from = start + 1;
-    }
-    None
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
-}
-
-/// Decodes an LZ4 legacy stream (magic, then blocks of `u32 size` + data) until the data
-/// ends or a size is implausible (the kernel appends the uncompressed size after the last
-/// block, which is how the stream normally ends).
-fn lz4_legacy_decode(data: &[u8]) -> Option<Vec<u8>> {
-    let max_block = LZ4_LEGACY_BLOCK + LZ4_LEGACY_BLOCK / 255 + 16;
-    let mut pos = 4;
-    let mut out = Vec::new();
-    let mut block = vec![0u8; LZ4_LEGACY_BLOCK];
-    while let Some(size) = data.get(pos..pos + 4) {
-        let size = u32::from_le_bytes(size.try_into().ok()?) as usize;
-        if size == u32::from_le_bytes(LZ4_LEGACY_MAGIC) as usize {
-            pos += 4; // concatenated stream
-            continue;
-        }
-        if size == 0 || size > max_block || pos + 4 + size > data.len() {
-            break;
-        }
-        let n = lz4_flex::block::decompress_into(&data[pos + 4..pos + 4 + size], &mut block).ok()?;
-        out.extend_from_slice(&block[..n]);
-        pos += 4 + size;
-    }
-    (!out.is_empty()).then_some(out)
-}
-
 fn prepare_initramfs(agent: &Path, modules_dir: &Path, out_dir: &Path) -> Result<PathBuf, VmError> {
     let agent_bytes = read(agent)?;
     let dep_path = modules_dir.join("modules.dep");
-    let dep = ModulesDep::parse(
+    let mut dep = ModulesDep::parse(
         &fs::read_to_string(&dep_path).map_err(|e| VmError::io(format!("read {}", dep_path.display()), e))?,
     );
+    // Drivers built into the kernel (virtio_console on Debian 13, most of virtio on Ubuntu)
+    // need no file; kernels without the list simply have none.
+    if let Ok(builtin) = fs::read_to_string(modules_dir.join("modules.builtin")) {
+        dep.add_builtin(&builtin);
+    }
     let order = dep.resolve(NEEDED_MODULES)?;
 
     let mut cpio = CpioWriter::new();
@@ -191,12 +156,9 @@ fn prepare_initramfs(agent: &Path, modules_dir: &Path, out_dir: &Path) -> Result
     cpio.file("init", 0o755, &agent_bytes);
     let mut order_file = String::new();
     for rel in &order {
-        if !rel.ends_with(".ko") {
-            return Err(VmError::Assets(format!("compressed module {rel} is not supported")));
-        }
-        let base = rel.rsplit('/').next().unwrap_or(rel);
-        cpio.file(&format!("lib/modules/{base}"), 0o644, &read(&modules_dir.join(rel))?);
-        order_file.push_str(base);
+        let base = decompress::plain_module_name(rel);
+        cpio.file(&format!("lib/modules/{base}"), 0o644, &decompress::module(rel, read(&modules_dir.join(rel))?)?);
+        order_file.push_str(&base);
         order_file.push('\n');
     }
     cpio.file(&format!("lib/modules/{ORDER_FILE}"), 0o644, order_file.as_bytes());
@@ -253,17 +215,18 @@ mod tests {
     }
 
     #[test]
-    fn extracts_a_legacy_lz4_payload_after_junk() {
-        let elf: Vec<u8> = b"\x7fELF".iter().copied().chain((0..100_000u32).map(|i| (i % 251) as u8)).collect();
-        let block = lz4_flex::block::compress(&elf);
-        let mut image = b"MZ setup code \x02\x21 junk".to_vec();
-        image.extend_from_slice(&LZ4_LEGACY_MAGIC);
-        image.extend_from_slice(&u32::try_from(block.len()).unwrap().to_le_bytes());
-        image.extend_from_slice(&block);
-        image.extend_from_slice(&u32::try_from(elf.len()).unwrap().to_le_bytes()); // size trailer
-        image.extend_from_slice(b"trailing bzImage bytes");
-        assert_eq!(extract_vmlinux(&image).as_deref(), Some(&elf[..]));
-        assert_eq!(extract_vmlinux(b"no payload here"), None);
+    fn picks_the_cloud_kernel_then_kvm_then_any() {
+        let tmp = tempfile::tempdir().unwrap();
+        let boot = tmp.path();
+        assert!(default_release(boot).is_err());
+        for name in ["vmlinuz-6.8.0-50-generic", "vmlinuz-6.8.0-49-generic", "vmlinuz-6.8.0-50-generic.old"] {
+            fs::write(boot.join(name), b"k").unwrap();
+        }
+        assert_eq!(default_release(boot).unwrap(), "6.8.0-50-generic");
+        fs::write(boot.join("vmlinuz-6.8.0-40-kvm"), b"k").unwrap();
+        assert_eq!(default_release(boot).unwrap(), "6.8.0-40-kvm");
+        fs::write(boot.join("vmlinuz-6.1.0-9-cloud-amd64"), b"k").unwrap();
+        assert_eq!(default_release(boot).unwrap(), "6.1.0-9-cloud-amd64");
     }
 
     #[test]
@@ -287,14 +250,24 @@ mod tests {
             ("net_failover", "failover.ko"),
             ("virtio_net", "net_failover.ko failover.ko virtio.ko virtio_ring.ko"),
         ];
+        // overlay ships xz-compressed and virtio_console is built in, as on Debian 13.
         let dep: String = deps
             .iter()
+            .filter(|(m, _)| *m != "virtio_console")
             .map(|(m, d)| {
-                fs::write(mdir_path(&mdir, m), m.as_bytes()).unwrap();
+                let elf = [b"\x7fELF".as_slice(), m.as_bytes()].concat();
+                if *m == "overlay" {
+                    let mut xz = Vec::new();
+                    lzma_rs::xz_compress(&mut &elf[..], &mut xz).unwrap();
+                    fs::write(mdir_path(&mdir, "overlay.ko.xz"), xz).unwrap();
+                    return "overlay.ko.xz:\n".to_owned();
+                }
+                fs::write(mdir_path(&mdir, &format!("{m}.ko")), elf).unwrap();
                 format!("{m}.ko: {d}\n")
             })
             .collect();
         fs::write(mdir.join("modules.dep"), dep).unwrap();
+        fs::write(mdir.join("modules.builtin"), "kernel/drivers/char/virtio_console.ko\n").unwrap();
         let agent = tmp.path().join("agent");
         fs::write(&agent, b"agent v1").unwrap();
 
@@ -304,7 +277,8 @@ mod tests {
         let cpio = fs::read(&a.initramfs).unwrap();
         let text = String::from_utf8_lossy(&cpio);
         assert!(text.contains("agent v1") && text.contains("lib/modules/boxwood.order"));
-        assert!(text.contains("virtio_ring.ko\nvirtio.ko\nvirtio_mmio.ko\n"));
+        assert!(text.contains("virtio_ring.ko\nvirtio.ko\nvirtio_mmio.ko\nvirtio_blk.ko\n"), "{text}");
+        assert!(text.contains("\x7fELFoverlay") && text.contains("lib/modules/overlay.ko\0"), "decompressed");
 
         let again = prepare_from(&agent, &out, Some(rel), &boot, &mods).unwrap();
         assert_eq!(again, a, "unchanged inputs reuse the same files");
@@ -313,8 +287,8 @@ mod tests {
         assert_ne!(changed.initramfs, a.initramfs, "a new agent gives a new initramfs name");
     }
 
-    fn mdir_path(dir: &Path, m: &str) -> PathBuf {
+    fn mdir_path(dir: &Path, file: &str) -> PathBuf {
         fs::create_dir_all(dir).unwrap();
-        dir.join(format!("{m}.ko"))
+        dir.join(file)
     }
 }

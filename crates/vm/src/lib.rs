@@ -16,6 +16,7 @@ mod ca;
 mod clone;
 mod console;
 mod cpio;
+mod decompress;
 pub mod egress;
 mod error;
 mod guest;

@@ -16,10 +16,12 @@ pub fn module_name(path: &str) -> String {
     stem.replace('-', "_")
 }
 
-/// Parsed `modules.dep`: module name → (path, direct dependency paths).
+/// Parsed `modules.dep`: module name → (path, direct dependency paths), and the names of
+/// drivers built into the kernel (`modules.builtin`), which need no loading.
 #[derive(Debug, Default)]
 pub struct ModulesDep {
     entries: HashMap<String, (String, Vec<String>)>,
+    builtin: HashSet<String>,
 }
 
 impl ModulesDep {
@@ -36,7 +38,12 @@ impl ModulesDep {
             let deps = deps.split_whitespace().map(str::to_owned).collect();
             entries.insert(module_name(path), (path.to_owned(), deps));
         }
-        Self { entries }
+        Self { entries, builtin: HashSet::new() }
+    }
+
+    /// Adds the drivers listed in a `modules.builtin` file.
+    pub fn add_builtin(&mut self, text: &str) {
+        self.builtin.extend(text.lines().map(str::trim).filter(|l| !l.is_empty()).map(module_name));
     }
 
     /// Paths (relative to the modules dir) of `wanted` and all their dependencies, each
@@ -58,7 +65,7 @@ impl ModulesDep {
         done: &mut HashSet<String>,
         active: &mut HashSet<String>,
     ) -> Result<(), VmError> {
-        if done.contains(name) {
+        if done.contains(name) || (self.builtin.contains(name) && !self.entries.contains_key(name)) {
             return Ok(());
         }
         if !active.insert(name.to_owned()) {
@@ -128,6 +135,21 @@ kernel/net/core/failover.ko:
         assert_eq!(module_name("a/b/zstd.ko.xz"), "zstd");
         let dep = ModulesDep::parse(DEP);
         assert_eq!(dep.resolve(&["crc32c-intel"]).unwrap(), ["kernel/arch/x86/crypto/crc32c-intel.ko"]);
+    }
+
+    #[test]
+    fn built_in_drivers_are_skipped() {
+        // Debian 13's cloud kernel: virtio and virtio_console built in, the rest `.ko.xz`.
+        let mut dep = ModulesDep::parse(
+            "kernel/drivers/virtio/virtio_mmio.ko.xz:\n\
+             kernel/fs/erofs/erofs.ko.xz: kernel/lib/libcrc32c.ko.xz\n\
+             kernel/lib/libcrc32c.ko.xz:\n",
+        );
+        assert!(dep.resolve(&["virtio_console"]).is_err(), "unknown until the builtin list is read");
+        dep.add_builtin("kernel/drivers/char/virtio_console.ko\nkernel/drivers/virtio/virtio.ko\n");
+        let order = dep.resolve(&["virtio_console", "virtio_mmio", "erofs"]).unwrap();
+        assert_eq!(names(&order), ["virtio_mmio", "libcrc32c", "erofs"]);
+        assert!(dep.resolve(&["overlay"]).is_err(), "neither a file nor built in");
     }
 
     #[test]
