@@ -34,19 +34,23 @@ agent=$(scripts/build-agent.sh | tail -n 1)
 cargo nextest archive --workspace --locked --archive-file "$root/var/tmp/tests.tar.zst"
 
 # Inside: the repository at the same path (tests find their sources and the agent there),
-# /proc, /sys and /dev of this machine; the root bound onto itself so that it is a mount point
-# and the jail's pivot_root works as on a real host.
+# /proc, /sys and /dev of this machine; then pivot_root into the root, as a container runtime
+# does, so that the namespace's root is the trixie root (the jail's own pivot_root and its
+# mountinfo checks see what they see on a real host).
 inner=$(cat <<'EOF'
 set -euo pipefail
-mount --make-rprivate /
 mount --bind "$ROOT" "$ROOT"
-mkdir -p "$ROOT$REPO"
+mkdir -p "$ROOT$REPO" "$ROOT/.oldroot"
 mount --bind "$REPO" "$ROOT$REPO"
 mount -t proc proc "$ROOT/proc"
 mount --rbind /sys "$ROOT/sys"
 mount --rbind /dev "$ROOT/dev"
 mount -t tmpfs -o mode=1777 tmpfs "$ROOT/tmp"
-exec chroot "$ROOT" /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+cd "$ROOT"
+pivot_root . .oldroot
+umount -l /.oldroot
+cd /
+exec /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   HOME=/root LANG=C.UTF-8 BOXWOOD_AGENT_BIN="$AGENT" REPO="$REPO" ARCHIVE="$ARCHIVE" NEXTEST_ARGS="$NEXTEST_ARGS" \
   bash -euo pipefail -c '
     update-ca-certificates >/dev/null

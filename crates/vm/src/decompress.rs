@@ -48,11 +48,7 @@ pub(crate) fn module(name: &str, data: Vec<u8>) -> Result<Vec<u8>, VmError> {
 
 /// The module's file name inside the initramfs: always the plain `.ko`.
 pub(crate) fn plain_module_name(name: &str) -> String {
-    let base = name.rsplit('/').next().unwrap_or(name);
-    match base.find(".ko") {
-        Some(i) => format!("{}.ko", &base[..i]),
-        None => base.to_owned(),
-    }
+    format!("{}.ko", crate::modules::module_stem(name))
 }
 
 fn is_elf(data: &[u8]) -> bool {

@@ -11,9 +11,13 @@ pub const NEEDED_MODULES: &[&str] = &["virtio_mmio", "virtio_console", "virtio_b
 
 /// Canonical module name of a `modules.dep` path: basename without `.ko*`, `-` → `_`.
 pub fn module_name(path: &str) -> String {
+    module_stem(path).replace('-', "_")
+}
+
+/// Basename of a module path without its `.ko` / `.ko.xz` / … suffix, spelled as on disk.
+pub(crate) fn module_stem(path: &str) -> &str {
     let base = path.rsplit('/').next().unwrap_or(path);
-    let stem = base.find(".ko").map_or(base, |i| &base[..i]);
-    stem.replace('-', "_")
+    base.find(".ko").map_or(base, |i| &base[..i])
 }
 
 /// Parsed `modules.dep`: module name → (path, direct dependency paths), and the names of
