@@ -6,6 +6,9 @@ pub const S_IFREG: u32 = 0o100_000;
 pub const S_IFDIR: u32 = 0o040_000;
 pub const S_IFCHR: u32 = 0o020_000;
 
+/// The guest's page size, the unit the initrd is placed in.
+const PAGE: usize = 4096;
+
 /// Builds an archive in memory. Entries get mtime 0 and uid/gid 0, so output is reproducible.
 #[derive(Debug, Default)]
 pub struct CpioWriter {
@@ -31,9 +34,16 @@ impl CpioWriter {
         self.entry(path, S_IFCHR | perm, 1, (major, minor), &[]);
     }
 
-    /// Appends the trailer and returns the archive.
+    /// Appends the trailer, pads the archive to whole 4 KiB pages with zeros (the kernel skips
+    /// them) and returns it. The padding matters: QEMU's microvm loads the initrd so that it
+    /// ends at the top of guest RAM less the slack of its last page, and the firmware keeps the
+    /// ACPI tables (~900 bytes) in that same top page; an archive whose last page left less
+    /// slack than the tables need overlapped them and the guest hung in ACPI init (QEMU 10,
+    /// every boot, for one agent build out of a few). A whole number of pages leaves that page
+    /// to the tables.
     pub fn finish(mut self) -> Vec<u8> {
         self.entry("TRAILER!!!", 0, 1, (0, 0), &[]);
+        self.buf.resize(self.buf.len().next_multiple_of(PAGE), 0);
         self.buf
     }
 
@@ -128,7 +138,8 @@ mod tests {
             let data = a[data_start..data_start + size].to_vec();
             a = &a[(data_start + size).next_multiple_of(4).min(a.len())..];
             if name == "TRAILER!!!" {
-                assert!(a.is_empty());
+                assert!(a.iter().all(|&b| b == 0), "only zeros after the trailer");
+                assert_eq!(total % PAGE, 0, "whole pages");
                 return out;
             }
             out.push((name, mode, rmaj, rmin, data));

@@ -197,17 +197,25 @@ fn push_scratch(push: &mut impl FnMut(&[&str]), set: usize) {
     push(&["-blockdev", &file, "-blockdev", &fmt, "-device", &dev]);
 }
 
+/// The machine. No 8259 PIC: under QEMU 10's TCG, with the PIC present, about half of all
+/// boots (kernels 6.1 and 6.12 alike) die where `start_kernel` first enables interrupts, on
+/// an interrupt taken at vector 0 ("divide error" in the idle task; the PIC answering before
+/// it is programmed). Legacy interrupts (the PIT's, the serial port's) reach the IOAPIC
+/// without it. Measured on QEMU 10.0.2 and 10.0.13: 40 of 82 cold boots failed with the PIC,
+/// 0 of 60 without; QEMU 7.2 boots in the same time either way (p50 1.32 s).
+const MACHINE: &str = "microvm,pic=off";
+
 /// QEMU's arguments (without the binary).
 pub fn qemu_argv(a: &QemuArgs<'_>) -> Result<Vec<OsString>, VmError> {
     let mut v: Vec<OsString> = Vec::new();
     let mut push = |args: &[&str]| v.extend(args.iter().map(OsString::from));
     let (mem, smp) = (a.memory_mib.to_string(), a.vcpus.to_string());
     match &a.devices {
-        Devices::Cold { .. } => push(&["-M", "microvm"]),
+        Devices::Cold { .. } => push(&["-M", MACHINE]),
         Devices::Fixed { ram, shared_ram, .. } => {
             let share = if *shared_ram { "on" } else { "off" };
             let ram = format!("memory-backend-file,id=mem,size={mem}M,mem-path={},share={share}", fd_path(*ram));
-            push(&["-M", "microvm,memory-backend=mem", "-object", &ram]);
+            push(&["-M", &format!("{MACHINE},memory-backend=mem"), "-object", &ram]);
         }
     }
     match a.accel {
@@ -330,7 +338,7 @@ mod tests {
         let argv: Vec<String> = qemu_argv(&args).unwrap().into_iter().map(|s| s.into_string().unwrap()).collect();
         let l = argv.join(" ");
         for want in [
-            "-M microvm -accel tcg,thread=multi,tb-size=256 -cpu max,-erms,-fsrm -m 256 -smp 1",
+            "-M microvm,pic=off -accel tcg,thread=multi,tb-size=256 -cpu max,-erms,-fsrm -m 256 -smp 1",
             "-nodefaults -no-reboot -display none \
              -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny",
             "-serial stdio",
@@ -401,7 +409,7 @@ mod tests {
         };
         let l = line(&args);
         for want in [
-            "-M microvm,memory-backend=mem -object memory-backend-file,id=mem,size=256M,mem-path=/proc/self/fd/5,share=off",
+            "-M microvm,pic=off,memory-backend=mem -object memory-backend-file,id=mem,size=256M,mem-path=/proc/self/fd/5,share=off",
             "-netdev user,id=net0 -device virtio-net-device,netdev=net0",
             "-add-fd fd=8,set=1 -add-fd fd=6,set=2 \
              -blockdev driver=file,node-name=warm,filename=/dev/fdset/1,read-only=on \
