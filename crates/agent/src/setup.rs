@@ -172,7 +172,7 @@ pub fn build_root(spec: &RootfsSpec, extra_ca: Option<&str>) -> Result<Root, Str
     match &spec.upper_disk {
         Some(serial) => mount_upper_disk(serial, spec.upper_size_bytes)?,
         None => {
-            let size = format!("size={},mode=0755", spec.upper_size_bytes);
+            let size = format!("size={},mode=0755", spec.upper_size_bytes.min(half_of_ram()));
             do_mount(Path::new("tmpfs"), Path::new(RW), "tmpfs", MsFlags::empty(), &size)?;
         }
     }
@@ -211,6 +211,19 @@ pub fn build_root(spec: &RootfsSpec, extra_ca: Option<&str>) -> Result<Root, Str
         do_mount(Path::new(fstype), &target, fstype, flags, opts)?;
     }
     Ok(Root { created, ca_bundle })
+}
+
+/// Half the guest's RAM (the kernel's own default for a tmpfs): a writable layer in RAM that
+/// may take all of it leaves the kernel nothing to reclaim, and filling it ends in "System is
+/// deadlocked on memory" (seen on 6.12), not in ENOSPC.
+fn half_of_ram() -> u64 {
+    let meminfo = fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let kib = meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+    // Unknown: what the tmpfs itself would default to is unknown too; keep the request.
+    kib.map_or(u64::MAX, |k| k * 1024 / 2)
 }
 
 fn mount_root(lowers: &[String], upper: &Path, work: &Path) -> Result<(), String> {
