@@ -56,8 +56,8 @@ pub enum ImageError {
     /// A layer tar member that cannot be unpacked safely (escapes the tree, bad link, …).
     #[error("refusing layer member {member:?}: {reason}")]
     BadLayer { member: String, reason: String },
-    /// The layer's regular files add up to more apparent bytes (holes included) than allowed.
-    #[error("the changes exceed the {limit}-byte layer limit (file sizes count whole, holes included)")]
+    /// The layer's regular files hold more data than allowed (holes do not count).
+    #[error("the changes exceed the {limit}-byte layer limit")]
     LayerTooLarge { limit: u64 },
     /// Publishing would cost more disk than [`CommitLimits::max_stored_bytes`]; nothing was
     /// published.

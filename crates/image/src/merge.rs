@@ -154,9 +154,11 @@ impl Merger<'_> {
             tracing::warn!(path = %src.display(), "skipping a socket while merging layers");
             return Ok(());
         }
-        let mut from = inert::open(src)?;
-        let mut to = inert::create_file(dst)?;
-        io::copy(&mut from, &mut to).map_err(io_err(dst))?;
+        let from = inert::open(src)?;
+        let to = inert::create_file(dst)?;
+        // Holes stay holes: a layer may hold a 1 TiB sparse file that costs its data.
+        to.set_len(stat.host.len()).map_err(io_err(dst))?;
+        crate::sparse::copy_sparse(&from, &to).map_err(io_err(dst))?;
         drop(to);
         let mut meta = stat.meta.clone();
         meta.xattrs.retain(|(name, _)| !name.starts_with(OVERLAY_XATTR_PREFIX));

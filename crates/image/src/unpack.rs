@@ -10,7 +10,7 @@
 //! data is a decimal sparse map padded to a block, then the data segments) are written with
 //! holes: the unpacker seeks over them, so the tree costs the data, not the apparent size.
 //! A malformed map (segments out of order, overlapping, past `realsize`, or not adding up
-//! to the member's size) is refused. [`UnpackLimits`] bounds the sum of apparent sizes.
+//! to the member's size) is refused. [`UnpackLimits`] bounds the data the files hold.
 //!
 //! Hostile or unsupported input is handled by one rule:
 //! * **refused** (an [`ImageError::BadLayer`] naming the member; the caller deletes the tree)
@@ -53,13 +53,14 @@ pub struct UnpackStats {
 /// Bounds on what one unpack may produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnpackLimits {
-    /// Largest sum of regular files' apparent sizes (holes included).
-    pub max_apparent_bytes: u64,
+    /// Largest sum of the data the regular files hold. Holes are free: the tree, the erofs
+    /// image and merges all keep them, so a 1 TiB sparse file costs its data.
+    pub max_data_bytes: u64,
 }
 
 impl Default for UnpackLimits {
     fn default() -> Self {
-        Self { max_apparent_bytes: u64::MAX }
+        Self { max_data_bytes: u64::MAX }
     }
 }
 
@@ -127,14 +128,14 @@ impl Unpacker<'_> {
                 }
             }
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
-                let apparent = match &sparse {
-                    Some(s) => s.real_size,
-                    None => entry.header().size().map_err(|e| bad(format!("bad size: {e}")))?,
-                };
-                self.stats.apparent_bytes = self.stats.apparent_bytes.saturating_add(apparent);
-                if self.stats.apparent_bytes > self.limits.max_apparent_bytes {
-                    return Err(ImageError::LayerTooLarge { limit: self.limits.max_apparent_bytes });
+                let stored = entry.size();
+                // Checked before anything is written: a member's data on the archive (for a
+                // sparse one, its map and data segments) bounds what it writes.
+                if self.stats.content_bytes.saturating_add(stored) > self.limits.max_data_bytes {
+                    return Err(ImageError::LayerTooLarge { limit: self.limits.max_data_bytes });
                 }
+                let apparent = sparse.as_ref().map_or(stored, |s| s.real_size);
+                self.stats.apparent_bytes = self.stats.apparent_bytes.saturating_add(apparent);
                 let path = self.slot(&rel, false).map_err(bad)?;
                 let mut file = inert::create_file(&path)?;
                 self.stats.content_bytes += match &sparse {

@@ -132,3 +132,36 @@ fn single_layer_merge_is_a_copy_and_bad_targets_are_refused() {
     // whiteouts keep their device type
     assert!(out.join("gone").symlink_metadata().unwrap().file_type().is_char_device());
 }
+
+#[test]
+fn sparse_files_stay_sparse_through_a_merge() {
+    let base = tempfile::tempdir().unwrap();
+    let lower = dir(base.path(), "lower");
+    let upper = dir(base.path(), "upper");
+    file(&lower, "below", "from the lower layer");
+    // 1 TiB apparent with data at 1 MiB and in the last block: a dense copy would need 1 TiB.
+    let path = upper.join("huge");
+    let f = std::fs::File::create(&path).unwrap();
+    f.set_len(1 << 40).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"middle", 1 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"end", (1 << 40) - 3).unwrap();
+    drop(f);
+    let inputs = inert_copies(base.path(), &[&upper, &lower], "sparse");
+    let inputs: Vec<&Path> = inputs.iter().map(|p| p.as_path()).collect();
+    let out = base.path().join("out");
+    merge_layers(&inputs, &out, false).unwrap();
+
+    let merged = out.join("huge");
+    let meta = merged.symlink_metadata().unwrap();
+    assert_eq!(meta.len(), 1 << 40, "apparent size kept");
+    assert!(meta.blocks() * 512 < 1 << 20, "holes stay holes: {} bytes allocated", meta.blocks() * 512);
+    let f = std::fs::File::open(&merged).unwrap();
+    let mut buf = [0u8; 6];
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 1 << 20).unwrap();
+    assert_eq!(&buf, b"middle");
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf[..3], (1 << 40) - 3).unwrap();
+    assert_eq!(&buf[..3], b"end");
+    std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 1 << 30).unwrap();
+    assert_eq!(buf, [0; 6]);
+    assert_eq!(read(&out.join("below")), "from the lower layer");
+}

@@ -366,25 +366,30 @@ fn sparse_files_are_unpacked_with_holes() {
 }
 
 #[test]
-fn apparent_sizes_are_bounded() {
+fn data_is_bounded_and_holes_are_free() {
     let base = tempfile::tempdir().unwrap();
+    // 1 GiB apparent, a few KiB of data: far under a 1 MiB limit, since holes cost nothing.
     let tar = gnu_sparse_tar(base.path());
-    // Positive control: the same archive passes a limit at its size.
     let ok = dir(base.path(), "ok");
-    unpack_layer_limited(&tar, &ok, UnpackLimits { max_apparent_bytes: 1 << 30 }).unwrap();
+    let stats = unpack_layer_limited(&tar, &ok, UnpackLimits { max_data_bytes: 1 << 20 }).unwrap();
+    assert_eq!(stats.apparent_bytes, 1 << 30);
+    // Its data does count: a limit under it refuses the same archive.
     let tree = dir(base.path(), "tree");
-    let limits = UnpackLimits { max_apparent_bytes: (1 << 30) - 1 };
+    let limits = UnpackLimits { max_data_bytes: 1000 };
     match unpack_layer_limited(&tar, &tree, limits) {
-        Err(ImageError::LayerTooLarge { limit }) => assert_eq!(limit, (1 << 30) - 1),
+        Err(ImageError::LayerTooLarge { limit }) => assert_eq!(limit, 1000),
         other => panic!("expected LayerTooLarge, got {other:?}"),
     }
-    // Dense files count too.
+    // Dense files count whole, and the refusal comes before the file that crosses the limit.
     let mut tb = TarBuilder::new();
     tb.file("a", &[1u8; 600], Hdr::default(), &[]).file("b", &[2u8; 600], Hdr::default(), &[]);
     let dense = tb.write(base.path(), "dense");
     let small = dir(base.path(), "small");
-    let r = unpack_layer_limited(&dense, &small, UnpackLimits { max_apparent_bytes: 1000 });
+    let r = unpack_layer_limited(&dense, &small, UnpackLimits { max_data_bytes: 1000 });
     assert!(matches!(r, Err(ImageError::LayerTooLarge { .. })), "{r:?}");
+    assert!(small.join("a").exists() && !small.join("b").exists(), "b was not written");
+    let fits = dir(base.path(), "fits");
+    unpack_layer_limited(&dense, &fits, UnpackLimits { max_data_bytes: 1200 }).unwrap();
 }
 
 fn sparse_member(map_and_data: &[u8], real_size: &str) -> TarBuilder {

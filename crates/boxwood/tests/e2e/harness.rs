@@ -299,3 +299,21 @@ pub fn token(secret: &str, ns: &str, perms: &[boxwood_core::auth::Permission]) -
         permissions: perms.iter().copied().collect(),
     }
 }
+
+/// Bytes allocated on disk under `dir` (each inode once).
+pub fn allocated(dir: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(path) = stack.pop() {
+        let Ok(m) = path.symlink_metadata() else { continue };
+        if seen.insert((m.dev(), m.ino())) {
+            total += m.blocks() * 512;
+        }
+        if m.is_dir() {
+            stack.extend(std::fs::read_dir(&path).into_iter().flatten().flatten().map(|e| e.path()));
+        }
+    }
+    total
+}

@@ -77,9 +77,9 @@ impl Run {
             let (tar_path, tree_path) = (tar.clone(), tree.clone());
             let unpacked = tokio::task::spawn_blocking(move || {
                 std::fs::create_dir(&tree_path)?;
-                // Holes stay holes on the host, but a layer's apparent size is bounded too, so
-                // whatever later materialises the files (mkfs, downloads) stays bounded.
-                unpack_layer_limited(&tar_path, &tree_path, UnpackLimits { max_apparent_bytes: max_layer })
+                // The guest's disk already stopped it at the cap; the host checks again, on
+                // data (holes stay holes in the tree, the erofs image and merges).
+                unpack_layer_limited(&tar_path, &tree_path, UnpackLimits { max_data_bytes: max_layer })
                     .map_err(std::io::Error::other)
             })
             .await
