@@ -328,6 +328,33 @@ impl Drop for EgressFilter {
 /// keeps its new table). Returns the names deleted. A stale table only restricts uids nobody uses, and a
 /// server that claims the block again replaces it, so this is tidiness, not safety.
 pub fn sweep_stale<G>(nft_binary: &Path, hold_if_free: impl Fn(u32) -> Option<G>) -> Result<Vec<String>, VmError> {
+    let mut removed = Vec::new();
+    for (name, base) in tables(nft_binary)? {
+        let Some(guard) = hold_if_free(base) else { continue };
+        nft(nft_binary, &format!("delete table inet {name}\n"))?;
+        drop(guard);
+        tracing::info!(table = name, "removed a stale guest egress filter");
+        removed.push(name);
+    }
+    Ok(removed)
+}
+
+/// Deletes the filter table of the uid block `uids`, which the caller has just claimed: a
+/// table for it is a dead server's. [`EgressFilter::install`] replaces it anyway; this is for
+/// a runtime that installs none (`network.filter = "off"`, the VM tests), whose guests it
+/// would otherwise keep from reaching what they were allowed to. Returns whether one existed.
+pub fn remove_own_stale(nft_binary: &Path, uids: &RangeInclusive<u32>) -> Result<bool, VmError> {
+    let name = table_name(uids);
+    if !tables(nft_binary)?.iter().any(|(n, _)| *n == name) {
+        return Ok(false);
+    }
+    nft(nft_binary, &format!("delete table inet {name}\n"))?;
+    tracing::info!(table = name, "removed a stale guest egress filter of this runtime's uid block");
+    Ok(true)
+}
+
+/// The Boxwood filter tables there are: (name, first uid of their block).
+fn tables(nft_binary: &Path) -> Result<Vec<(String, u32)>, VmError> {
     let out = Command::new(nft_binary)
         .args(["list", "tables", "inet"])
         .stdin(Stdio::null())
@@ -336,17 +363,14 @@ pub fn sweep_stale<G>(nft_binary: &Path, hold_if_free: impl Fn(u32) -> Option<G>
     if !out.status.success() {
         return Err(VmError::Egress(format!("nft list tables: {}", String::from_utf8_lossy(&out.stderr).trim())));
     }
-    let mut removed = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Some(name) = line.trim().strip_prefix("table inet ") else { continue };
-        let Some(base) = name.strip_prefix(TABLE_PREFIX).and_then(|b| b.parse::<u32>().ok()) else { continue };
-        let Some(guard) = hold_if_free(base) else { continue };
-        nft(nft_binary, &format!("delete table inet {name}\n"))?;
-        drop(guard);
-        tracing::info!(table = name, "removed a stale guest egress filter");
-        removed.push(name.to_owned());
-    }
-    Ok(removed)
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| {
+            let name = line.trim().strip_prefix("table inet ")?;
+            let base = name.strip_prefix(TABLE_PREFIX)?.parse::<u32>().ok()?;
+            Some((name.to_owned(), base))
+        })
+        .collect())
 }
 
 /// Runs `nft -f -` with `script`.

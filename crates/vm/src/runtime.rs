@@ -465,7 +465,12 @@ impl QemuRuntime {
         };
         let cmdline = kernel_cmdline(tsc_khz, &config.extra_kernel_args);
         let jail = if config.jail.enabled {
-            Some(Arc::new(Jail::new(&config.jail, &config.qemu_binary)?))
+            let jail = Jail::new(&config.jail, &config.qemu_binary)?;
+            // No nft (a host without the egress filter) is no stale table either.
+            if let Err(e) = crate::egress::remove_own_stale(std::path::Path::new("nft"), &jail.uids.range()) {
+                tracing::debug!(error = %e, "could not look for a stale egress filter of this uid block");
+            }
+            Some(Arc::new(jail))
         } else {
             tracing::warn!(
                 "vm.jail.enabled = false: QEMU runs with the server's own privileges, in its namespaces, \
