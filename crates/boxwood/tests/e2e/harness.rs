@@ -39,6 +39,9 @@ fn log_to_test_output() {
 pub fn test_config(state: &std::path::Path) -> Config {
     let mut cfg = Config { state_dir: state.to_owned(), listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
     cfg.vm.accel = Accel::Tcg;
+    // As `boxwood serve` would take it; without it the agent is looked for next to the test
+    // binary, which a nextest archive unpacks elsewhere (scripts/distro-tests.sh).
+    cfg.agent_binary = std::env::var_os("BOXWOOD_AGENT_BIN").map(std::path::PathBuf::from);
     cfg
 }
 
