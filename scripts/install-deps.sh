@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
-# Installs the Debian packages Boxwood needs on a fresh Debian 12 machine (idempotent).
-#
-# A fresh machine may carry qemu-utils 10 from backports, which Breaks Debian 12's
-# qemu-system-common 7.2; QEMU 7.2 is the one whose microvm/TCG behaviour Boxwood is
-# tuned for, so all three QEMU packages are pinned to the qemu-system-x86 candidate.
+# Installs the Debian packages Boxwood needs on a fresh Debian 12 or 13 machine (idempotent),
+# each with its own QEMU and cloud kernel. Nothing is downgraded: a machine that already has
+# a QEMU package (qemu-utils from backports, say, which Breaks an older qemu-system-common)
+# gets qemu-system-x86 at that same version, from the suite it came from.
 set -euo pipefail
 
 need_root() { [[ $(id -u) == 0 ]] || { echo "install-deps: run as root" >&2; exit 1; }; }
@@ -28,9 +27,41 @@ fi
 need_root
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
+# The archive suite that offers qemu-system-x86 at version $1 (e.g. bookworm-backports), if any.
+# (`apt-cache show pkg=version` succeeds even for a version it does not know; madison lists.)
+suite_of() {
+  apt-cache madison qemu-system-x86 | awk -F'|' -v v="$1" '{gsub(/ /, "", $2)} $2 == v {split($3, w, " "); sub(/\/.*/, "", w[2]); print w[2]; exit}'
+}
+qemu=()
 if ((have_qemu == 0)); then
-  qv=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/{print $2}')
-  [[ -n $qv && $qv != "(none)" ]] || { echo "install-deps: no qemu-system-x86 candidate" >&2; exit 1; }
-  missing+=("qemu-system-x86=$qv" "qemu-system-common=$qv" "qemu-utils=$qv")
+  # The version of a QEMU package already installed, if any.
+  have=$(dpkg-query -W -f='${Status} ${Version}\n' qemu-utils qemu-system-common 2>/dev/null |
+    awk '$3 == "installed" {print $4; exit}')
+  if [[ -z $have ]]; then
+    missing+=(qemu-system-x86)
+  else
+    if [[ -z $(suite_of "$have") && $have == *~bpo* ]]; then
+      # It came from backports, which this machine no longer lists: list it again (nothing is
+      # taken from it unless asked for, as below).
+      . /etc/os-release
+      echo "install-deps: QEMU $have is installed; adding ${VERSION_CODENAME}-backports for its qemu-system-x86" >&2
+      printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s-backports\nComponents: main\n' \
+        "$VERSION_CODENAME" >/etc/apt/sources.list.d/boxwood-backports.sources
+      apt-get update -qq
+    fi
+    suite=$(suite_of "$have")
+    [[ -n $suite ]] || {
+      echo "install-deps: QEMU $have is installed but qemu-system-x86 $have is not available;" \
+        "install qemu-system-x86 of that version, or remove the other QEMU packages" >&2
+      exit 1
+    }
+    # Its dependencies at versions from the same suite (qemu-system-data, seabios, …).
+    qemu=(-t "$suite" "qemu-system-x86=$have" "qemu-system-common=$have")
+  fi
 fi
-apt-get install -y -qq --no-install-recommends --allow-downgrades "${missing[@]}"
+if ((${#missing[@]} > 0)); then
+  apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+if ((${#qemu[@]} > 0)); then
+  apt-get install -y -qq --no-install-recommends "${qemu[@]}"
+fi
