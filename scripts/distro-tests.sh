@@ -50,7 +50,10 @@ mount --bind "$REPO" "$ROOT$REPO"
 mount -t proc proc "$ROOT/proc"
 mount --rbind /sys "$ROOT/sys"
 mount --rbind /dev "$ROOT/dev"
-mount -t tmpfs -o mode=1777 tmpfs "$ROOT/tmp"
+# /tmp on disk, as on the host: the tests' state dirs (and so the runs' scratch disks) live
+# there, and on a tmpfs a scratch disk's data would be RAM charged to its VM's memory limit.
+rm -rf "$WORK/tmp" && mkdir -m 1777 "$WORK/tmp"
+mount --bind "$WORK/tmp" "$ROOT/tmp"
 # uid blocks are claimed with locks here, and what they guard (cgroups, nft tables, uids) is
 # this host's: share the locks with runtimes outside the root.
 mkdir -p /run/boxwood "$ROOT/run/boxwood"
@@ -71,5 +74,5 @@ exec /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbi
 EOF
 )
 echo "== $suite: running the tests in the root"
-SUITE=$suite ROOT=$root REPO=$repo AGENT=$agent ARCHIVE=/var/tmp/tests.tar.zst NEXTEST_ARGS=${NEXTEST_ARGS:-} \
+SUITE=$suite WORK=$work ROOT=$root REPO=$repo AGENT=$agent ARCHIVE=/var/tmp/tests.tar.zst NEXTEST_ARGS=${NEXTEST_ARGS:-} \
   unshare --mount --propagation private bash -c "$inner"

@@ -12,8 +12,10 @@ need_root() { [[ $(id -u) == 0 ]] || { echo "install-deps: run as root" >&2; exi
 # docker-registry, skopeo, umoci, apache2-utils (htpasswd): boxwood-oci's image-import tests.
 # python3-venv, curl: the conformance runs with the published Python clients.
 # openssl: e2e ca_certs makes a CA certificate. mmdebstrap: e2e python builds its image.
+# gcc, libc6-dev: e2e abuse_guest builds a static guest program (and cargo links with cc).
+# procps: scripts/scan-state.sh (e2e abuse_state) lists the server's QEMUs with ps.
 packages=(busybox-static erofs-utils e2fsprogs lz4 linux-image-cloud-amd64 ca-certificates nftables
-  docker-registry skopeo umoci apache2-utils python3-venv curl openssl mmdebstrap)
+  docker-registry skopeo umoci apache2-utils python3-venv curl openssl mmdebstrap gcc libc6-dev procps)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

@@ -166,16 +166,12 @@ fn metadata_as_data_devices_setuid_hardlinks_and_sparse_files() {
     assert_eq!(std::fs::read_dir(out.join("tmp")).unwrap().count(), 400);
     assert_eq!(std::fs::read_link(out.join("tmp/entry-with-a-long-name-0123")).unwrap(), Path::new("/target/123"));
     // fsck.erofs 1.5 (Debian 12) checks a chunk-based file's chunks but extracts only the
-    // mapped ones, back to back (no holes): the 16 KiB chunk holding the data comes out alone.
-    // 1.8 (Debian 13) extracts it whole, holes read as zeros.
+    // mapped ones, back to back (no holes): the 16 KiB chunk holding the data comes out alone
+    // (1.8, Debian 13, then sets the full size). The data is checked at its place in the guest
+    // tests, where the kernel reads the image.
     assert!(dump(&image, "/sparse").contains("Size: 67108864"));
     let s = std::fs::read(out.join("sparse")).unwrap();
-    if s.len() == 64 << 20 {
-        assert_eq!(&s[32 << 20..(32 << 20) + 6], b"middle");
-        assert!(s[..32 << 20].iter().all(|&b| b == 0));
-    } else {
-        assert_eq!(&s[..6], b"middle");
-        assert!(s.len() < 1 << 20);
-    }
+    let at = s.windows(6).position(|w| w == b"middle");
+    assert!(at == Some(0) || at == Some(32 << 20), "extracted data at {at:?} of {} bytes", s.len());
     assert_eq!(md("sparse").mtime(), 1_700_000_000);
 }
