@@ -11,6 +11,9 @@ a run sees when it finds a warm clone). Throughput: disposable runs/s with 4 cli
 sustained over many more runs than the pool holds. PSS: /proc/PID/smaps_rollup of each idle
 pooled QEMU after the pool is full.
 
+SCRATCH_COST=1: each mode with the writable layer in guest RAM (`upper_disk = false`, the
+layout before scratch disks) and on its scratch disk (the default); prints what the disk adds.
+
 JAIL_COST=1: each mode is measured twice, back to back, unjailed first (`[vm.jail] enabled =
 false` with `[network] filter = "off"`: without the jail's uid block the egress filter cannot
 scope) and then jailed (the default), and the jailed/unjailed ratios are printed.
@@ -33,6 +36,7 @@ STATE = os.path.join(WORK, "state")
 THROUGHPUT_RUNS = int(os.environ.get("THROUGHPUT_RUNS", "60"))
 POOLED_SPACING = float(os.environ.get("POOLED_SPACING", "1.5"))
 JAIL_COST = os.environ.get("JAIL_COST", "") not in ("", "0")
+SCRATCH_COST = os.environ.get("SCRATCH_COST", "") not in ("", "0")
 UNJAILED = "[vm.jail]\nenabled = false\n[network]\nfilter = \"off\"\n"
 
 
@@ -196,7 +200,12 @@ def report(label, data):
         print(f"PSS per idle pooled VM: no pooled VMs found{tag}")
 
 
-variants = [("unjailed", UNJAILED), ("jailed", "")] if JAIL_COST else [("", "")]
+if JAIL_COST:
+    variants = [("unjailed", UNJAILED), ("jailed", "")]
+elif SCRATCH_COST:
+    variants = [("tmpfs", "upper_disk = false\n"), ("disk", "")]
+else:
+    variants = [("", "")]
 data = measure(variants)
 print()
 print(f"Fast start: client-side spawn -> completion of `true` on busybox (contree-client), {time.strftime('%F %T')}")
@@ -211,3 +220,9 @@ if JAIL_COST:
         print(f"  {mode:8s} latency p50 x{p50:.2f}  p95 x{p95:.2f}")
     for mode in ("clone", "pooled"):
         print(f"  {mode:8s} throughput x{jailed_tp[mode] / free_tp[mode]:.2f}")
+if SCRATCH_COST:
+    (ram, _, _, _), (disk, _, _, _) = data["tmpfs"], data["disk"]
+    print("scratch disk cost (writable layer on its disk - in guest RAM), p50:")
+    for mode in ("cold", "clone", "pooled"):
+        added = statistics.median(disk[mode]) - statistics.median(ram[mode])
+        print(f"  {mode:8s} {added:+6.0f} ms (target for pooled: <= 10 ms)")
