@@ -37,7 +37,8 @@ suite_of() {
 qemu=()
 if ((have_qemu == 0)); then
   # The version of a QEMU package already installed, if any.
-  have=$(dpkg-query -W -f='${Status} ${Version}\n' qemu-utils qemu-system-common 2>/dev/null |
+  # (dpkg-query fails when a package is unknown: not an error here.)
+  have=$({ dpkg-query -W -f='${Status} ${Version}\n' qemu-utils qemu-system-common 2>/dev/null || true; } |
     awk '$3 == "installed" {print $4; exit}')
   if [[ -z $have ]]; then
     missing+=(qemu-system-x86)
