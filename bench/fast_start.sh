@@ -7,11 +7,7 @@
 #   JAIL_COST=1 bench/fast_start.sh N  each mode unjailed ([vm.jail] enabled = false, network
 #                                     filter off) and jailed, back to back; prints the ratios
 set -euo pipefail
-cd "$(dirname "$0")/.."
-root=$PWD
-export BOXWOOD_AGENT_BIN
-BOXWOOD_AGENT_BIN=$(scripts/build-agent.sh | tail -n 1)
-cargo build --release --locked -p boxwood >&2
+. "$(dirname "$0")/prepare.sh"
 venv=$("$root/../shared/conformance/setup.sh" | tail -n 1)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -7,11 +7,7 @@
 #   bench/workloads.sh [N=3] [FAST_START_N=20]
 # Needs root (mmdebstrap builds the image; scripts/install-deps.sh) and the network.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-root=$PWD
-export BOXWOOD_AGENT_BIN
-BOXWOOD_AGENT_BIN=$(scripts/build-agent.sh | tail -n 1)
-cargo build --release --locked -p boxwood >&2
+. "$(dirname "$0")/prepare.sh"
 images=$root/target/test-images/python
 scripts/python-image.sh "$images"
 work=$(mktemp -d)

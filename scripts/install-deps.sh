@@ -43,7 +43,8 @@ if ((have_qemu == 0)); then
   if [[ -z $have ]]; then
     missing+=(qemu-system-x86)
   else
-    if [[ -z $(suite_of "$have") && $have == *~bpo* ]]; then
+    suite=$(suite_of "$have")
+    if [[ -z $suite && $have == *~bpo* ]]; then
       # It came from backports, which this machine no longer lists: list it again (nothing is
       # taken from it unless asked for, as below).
       . /etc/os-release
@@ -51,8 +52,8 @@ if ((have_qemu == 0)); then
       printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s-backports\nComponents: main\n' \
         "$VERSION_CODENAME" >/etc/apt/sources.list.d/boxwood-backports.sources
       apt-get update -qq
+      suite=$(suite_of "$have")
     fi
-    suite=$(suite_of "$have")
     [[ -n $suite ]] || {
       echo "install-deps: QEMU $have is installed but qemu-system-x86 $have is not available;" \
         "install qemu-system-x86 of that version, or remove the other QEMU packages" >&2

@@ -467,7 +467,9 @@ impl QemuRuntime {
         let jail = if config.jail.enabled {
             let jail = Jail::new(&config.jail, &config.qemu_binary)?;
             // No nft (a host without the egress filter) is no stale table either.
-            if let Err(e) = crate::egress::remove_own_stale(std::path::Path::new("nft"), &jail.uids.range()) {
+            if let Err(e) =
+                crate::egress::remove_own_stale(&crate::egress::NetworkConfig::default().nft_binary, &jail.uids.range())
+            {
                 tracing::debug!(error = %e, "could not look for a stale egress filter of this uid block");
             }
             Some(Arc::new(jail))
