@@ -9,7 +9,7 @@ use std::io::{self, Read, Write};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use boxwood_protocol::{FrameDecoder, GuestMessage, HostMessage, MAX_FRAME_BYTES, encode_frame};
+use boxwood_protocol::{FrameDecoder, GuestMessage, HostMessage, MAX_FRAME_BYTES, encode_frame, upper_chunk_header};
 use tokio::sync::mpsc;
 
 /// Messages queued for the host. Bounded, so a flood of output waits for the channel.
@@ -27,6 +27,15 @@ impl PortWriter {
     pub fn send_blocking(&self, msg: &GuestMessage) -> io::Result<()> {
         let frame = encode_frame(msg).map_err(io::Error::other)?;
         self.port.lock().unwrap_or_else(PoisonError::into_inner).write_all(&frame)
+    }
+
+    /// Writes `GuestMessage::UpperChunk { data }` from `data` in place, without copying it
+    /// into a frame first.
+    pub fn send_upper_chunk(&self, data: &[u8]) -> io::Result<()> {
+        let header = upper_chunk_header(data.len()).map_err(io::Error::other)?;
+        let mut port = self.port.lock().unwrap_or_else(PoisonError::into_inner);
+        port.write_all(&header)?;
+        port.write_all(data)
     }
 }
 

@@ -104,24 +104,37 @@ fn user_processes() -> usize {
         .count()
 }
 
-/// Collects the tar stream into chunks of at most [`CHUNK_BYTES`] and sends each as it fills.
+/// Sends the tar stream as chunks of at most [`CHUNK_BYTES`]: a large write (file data) goes
+/// out as it is, small ones (headers, small files) are collected first, so the data is copied
+/// only by the kernel's reads and writes.
 struct ChunkSink<'a> {
     port: &'a PortWriter,
     buf: Vec<u8>,
 }
+
+/// Writes at least this long skip the collecting buffer.
+const DIRECT_BYTES: usize = 64 << 10;
 
 impl ChunkSink<'_> {
     fn send_buf(&mut self) -> io::Result<()> {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let data = std::mem::replace(&mut self.buf, Vec::with_capacity(CHUNK_BYTES));
-        self.port.send_blocking(&GuestMessage::UpperChunk { data })
+        self.port.send_upper_chunk(&self.buf)?;
+        self.buf.clear();
+        Ok(())
     }
 }
 
 impl Write for ChunkSink<'_> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if data.len() >= DIRECT_BYTES {
+            // Order is kept: what was collected goes first.
+            self.send_buf()?;
+            let n = data.len().min(CHUNK_BYTES);
+            self.port.send_upper_chunk(&data[..n])?;
+            return Ok(n);
+        }
         let n = data.len().min(CHUNK_BYTES - self.buf.len());
         self.buf.extend_from_slice(&data[..n]);
         if self.buf.len() == CHUNK_BYTES {

@@ -26,6 +26,8 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 const BLOCK: usize = 512;
+/// See `Walker::buf`.
+const COPY_BUF_BYTES: usize = 256 << 10;
 /// Largest value of an 11-digit octal field (size, mtime).
 const MAX_OCTAL_11: u64 = 0o777_7777_7777;
 /// Largest value of a 7-digit octal field (uid, gid).
@@ -55,6 +57,7 @@ pub fn write_tree(dir: &Path, excluded: &HashSet<Vec<u8>>, out: impl Write) -> i
         links: HashMap::new(),
         pending: Vec::new(),
         entries: 0,
+        buf: vec![0; COPY_BUF_BYTES],
     };
     w.walk(dir, b"")?;
     w.out.write_all(&[0u8; 2 * BLOCK])?;
@@ -174,6 +177,9 @@ struct Walker<'a, W> {
     /// Excluded ancestor directories not written yet, outermost first.
     pending: Vec<Member>,
     entries: u64,
+    /// File data passes through here: reads as large as a chunk rather than `io::copy`'s
+    /// 8 KiB, each a syscall and a copy that cost microseconds under emulation.
+    buf: Vec<u8>,
 }
 
 impl<W: Write> Walker<'_, W> {
@@ -365,12 +371,24 @@ impl<W: Write> Walker<'_, W> {
     /// Copies exactly `size` bytes (the size in the header): a file that shrank is padded
     /// with zeros, one that grew is cut, so the archive stays well-formed.
     fn copy_exactly(&mut self, file: &mut File, size: u64) -> io::Result<()> {
-        let copied = io::copy(&mut Read::by_ref(file).take(size), &mut self.out)?;
-        let mut missing = size - copied;
-        let zeros = [0u8; 64 * 1024];
+        let mut missing = size;
         while missing > 0 {
-            let n = usize::try_from(missing.min(zeros.len() as u64)).unwrap_or(zeros.len());
-            self.out.write_all(&zeros[..n])?;
+            let want = usize::try_from(missing).unwrap_or(usize::MAX).min(self.buf.len());
+            let n = match file.read(&mut self.buf[..want]) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.out.write_all(&self.buf[..n])?;
+            missing -= n as u64;
+        }
+        if missing > 0 {
+            self.buf.fill(0);
+        }
+        while missing > 0 {
+            let n = usize::try_from(missing).unwrap_or(usize::MAX).min(self.buf.len());
+            self.out.write_all(&self.buf[..n])?;
             missing -= n as u64;
         }
         Ok(())

@@ -18,15 +18,38 @@ pub enum ProtocolError {
 
 /// Encodes `msg` as one frame (length prefix included).
 pub fn encode_frame<T: Serialize>(msg: &T) -> Result<Vec<u8>, ProtocolError> {
-    let payload = postcard::to_allocvec(msg).map_err(ProtocolError::Encode)?;
-    let too_large = ProtocolError::FrameTooLarge { len: payload.len(), max: MAX_FRAME_BYTES };
-    if payload.len() > MAX_FRAME_BYTES {
+    // Encoded after room for the prefix, so the payload is not copied again.
+    let mut out = postcard::to_extend(msg, vec![0u8; 4]).map_err(ProtocolError::Encode)?;
+    let len = out.len() - 4;
+    let too_large = ProtocolError::FrameTooLarge { len, max: MAX_FRAME_BYTES };
+    if len > MAX_FRAME_BYTES {
         return Err(too_large);
     }
-    let prefix = u32::try_from(payload.len()).map_err(|_| too_large)?;
-    let mut out = Vec::with_capacity(4 + payload.len());
+    let prefix = u32::try_from(len).map_err(|_| too_large)?;
+    out[..4].copy_from_slice(&prefix.to_le_bytes());
+    Ok(out)
+}
+
+/// The start of the frame [`encode_frame`] gives for `GuestMessage::UpperChunk { data }` with
+/// `data_len` bytes of data: written, then followed by the data itself, it is that frame, so
+/// a bulk sender never copies its data into a message (each copy costs under emulation).
+pub fn upper_chunk_header(data_len: usize) -> Result<Vec<u8>, ProtocolError> {
+    // The variant's tag as postcard writes it, then the byte string's varint length; postcard
+    // writes a usize as the same varint.
+    let empty =
+        postcard::to_allocvec(&crate::GuestMessage::UpperChunk { data: Vec::new() }).map_err(ProtocolError::Encode)?;
+    let tag = &empty[..empty.len() - 1];
+    let len = postcard::to_allocvec(&data_len).map_err(ProtocolError::Encode)?;
+    let payload = tag.len() + len.len() + data_len;
+    let too_large = ProtocolError::FrameTooLarge { len: payload, max: MAX_FRAME_BYTES };
+    if payload > MAX_FRAME_BYTES {
+        return Err(too_large);
+    }
+    let prefix = u32::try_from(payload).map_err(|_| too_large)?;
+    let mut out = Vec::with_capacity(4 + tag.len() + len.len());
     out.extend_from_slice(&prefix.to_le_bytes());
-    out.extend_from_slice(&payload);
+    out.extend_from_slice(tag);
+    out.extend_from_slice(&len);
     Ok(out)
 }
 
@@ -131,6 +154,32 @@ mod tests {
             assert_eq!(got, msgs, "chunk size {chunk}");
             assert_eq!(dec.pending(), 0);
         }
+    }
+
+    #[test]
+    fn byte_payloads_are_a_length_and_the_raw_bytes() {
+        // The same bytes a sequence of u8 gives, so either side of the change reads the other.
+        #[derive(serde::Serialize)]
+        struct AsSeq {
+            data: Vec<u8>,
+        }
+        let chunk = GuestMessage::UpperChunk { data: vec![1, 2, 3] };
+        let payload = postcard::to_allocvec(&chunk).unwrap();
+        assert_eq!(&payload[payload.len() - 4..], &[3, 1, 2, 3]);
+        assert!(payload.ends_with(&postcard::to_allocvec(&AsSeq { data: vec![1, 2, 3] }).unwrap()));
+        let out = HostMessage::Stdin { id: 1, data: vec![9; 200], close: true };
+        assert_eq!(postcard::from_bytes::<HostMessage>(&postcard::to_allocvec(&out).unwrap()).unwrap(), out);
+    }
+
+    #[test]
+    fn an_upper_chunk_header_and_its_data_are_the_encoded_frame() {
+        for n in [0usize, 1, 127, 128, 300, 16_383, 16_384, 1 << 20] {
+            let data: Vec<u8> = (0..n).map(|i| i as u8).collect();
+            let mut frame = upper_chunk_header(n).unwrap();
+            frame.extend_from_slice(&data);
+            assert_eq!(frame, encode_frame(&GuestMessage::UpperChunk { data }).unwrap(), "{n} bytes");
+        }
+        assert!(matches!(upper_chunk_header(MAX_FRAME_BYTES), Err(ProtocolError::FrameTooLarge { .. })));
     }
 
     #[test]

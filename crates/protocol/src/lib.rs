@@ -28,7 +28,7 @@
 mod codec;
 mod messages;
 
-pub use codec::{FrameDecoder, ProtocolError, encode_frame};
+pub use codec::{FrameDecoder, ProtocolError, encode_frame, upper_chunk_header};
 pub use messages::*;
 
 /// Version carried in [`Hello`]; bump on any incompatible message change.

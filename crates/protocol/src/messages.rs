@@ -1,5 +1,8 @@
 //! The messages themselves. Field names are part of the protocol; postcard encodes by
 //! position, so only append fields at the end of a struct and bump the version otherwise.
+//! Byte payloads are `serde_bytes`: postcard copies them whole rather than one element at a
+//! time (the bytes on the wire are the same), which is most of a bulk transfer's cost in a
+//! TCG guest.
 
 use serde::{Deserialize, Serialize};
 
@@ -11,7 +14,12 @@ pub enum HostMessage {
     /// Start a process.
     Spawn(Spawn),
     /// Write to a process's stdin, optionally closing it afterwards.
-    Stdin { id: u32, data: Vec<u8>, close: bool },
+    Stdin {
+        id: u32,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+        close: bool,
+    },
     /// Send a signal to a process's whole process group.
     Signal { id: u32, signal: i32 },
     /// Sync filesystems and power off.
@@ -57,6 +65,7 @@ pub enum GuestMessage {
     Output {
         id: u32,
         stream: OutputStream,
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The process ended; all of its `Output` precedes this message.
@@ -75,6 +84,7 @@ pub enum GuestMessage {
     },
     /// Part of the upper-directory tar (see [`HostMessage::ExportUpper`]).
     UpperChunk {
+        #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
     /// The tar is complete: `entries` members, `bytes` of tar stream in total. An upper
@@ -202,6 +212,7 @@ pub struct PutFile {
     pub uid: u32,
     pub gid: u32,
     pub offset: u64,
+    #[serde(with = "serde_bytes")]
     pub data: Vec<u8>,
     pub last: bool,
 }
