@@ -214,7 +214,8 @@ pub trait Vm: Send + Sync {
     /// the guest path resolve inside the root. Guest-side failure → [`VmError::FileFailed`].
     async fn put_file(&self, file: &FileSpec, source: &Path) -> Result<(), VmError>;
     /// Kills every guest process, syncs, and writes the overlay's upper directory (the run's
-    /// changes) as a PAX tar to `dest` (streamed, then fsynced). Guest-side failure →
+    /// changes) as a PAX tar to `dest` (streamed; not fsynced, it is for reading back at
+    /// once). Guest-side failure →
     /// [`VmError::ExportFailed`]; past `budget` → [`VmError::ExportRefused`]; on any error
     /// `dest` is removed.
     async fn export_upper(&self, dest: &Path, budget: &dyn ExportBudget) -> Result<UpperStats, VmError>;

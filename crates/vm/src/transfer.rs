@@ -214,14 +214,9 @@ async fn receive_upper(
                     let error = format!("agent reported {bytes} tar bytes, {written} arrived");
                     return Err(VmError::ExportFailed { error });
                 }
+                // Not fsynced: the tar is read back at once and then dropped; what has to
+                // survive a crash is the layer made from it, and that is synced when published.
                 out.flush().await.map_err(write_err)?;
-                out.sync_all().await.map_err(|e| VmError::io(format!("fsync {}", dest.display()), e))?;
-                if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    // Best effort: the directory entry too, so a crash keeps the file.
-                    if let Ok(d) = tokio::fs::File::open(dir).await {
-                        let _ = d.sync_all().await;
-                    }
-                }
                 return Ok(UpperStats { entries, tar_bytes: written });
             }
             Some(GuestMessage::UpperFailed { error }) => {
