@@ -25,6 +25,8 @@ pub async fn run() -> io::Result<()> {
     let mut sandbox: Option<Sandbox> = None;
     let mut files = Files::default();
     let mut no_net_ns = None;
+    // The scratch disk a warm-up left mounted for the coming `Setup`.
+    let mut prepared = None;
 
     while let Some(msg) = inbox.recv().await {
         match msg {
@@ -32,7 +34,7 @@ pub async fn run() -> io::Result<()> {
                 let reply = if sandbox.is_some() {
                     GuestMessage::SetupFailed { error: "already set up".into() }
                 } else {
-                    match setup::apply(&s, no_net_ns.as_ref()) {
+                    match setup::apply(&s, no_net_ns.as_ref(), prepared.take()) {
                         Ok((sb, report)) => {
                             sandbox = Some(sb);
                             GuestMessage::SetupDone(report)
@@ -72,10 +74,22 @@ pub async fn run() -> io::Result<()> {
             HostMessage::Warmup(w) => {
                 let error = if sandbox.is_some() {
                     Some("already set up".into())
+                } else if prepared.is_some() {
+                    Some("already warmed up".into())
                 } else {
-                    warmup::run(&w, &mut no_net_ns, &table, &reaper, &out).await
+                    warmup::run(&w, &mut no_net_ns, &mut prepared, &table, &reaper, &out).await
                 };
                 let _ = out.send(GuestMessage::WarmedUp { error }).await;
+            }
+            HostMessage::ReleaseUpper => {
+                let error = if sandbox.is_some() {
+                    Some("already set up".into())
+                } else if prepared.take().is_some() {
+                    setup::release_upper().err()
+                } else {
+                    None
+                };
+                let _ = out.send(GuestMessage::UpperReleased { error }).await;
             }
             HostMessage::Shutdown => {
                 table.kill_all();

@@ -10,7 +10,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use boxwood_protocol::{RootfsSpec, Setup, SetupReport};
+use boxwood_protocol::{RootfsSpec, Setup, SetupReport, UpperDisk};
 use nix::mount::{MntFlags, MsFlags, mount};
 use nix::sys::time::TimeSpec;
 use nix::time::{ClockId, clock_settime};
@@ -43,7 +43,12 @@ pub struct Sandbox {
 /// empty network namespace a warmed-up clone keeps for runs without networking (see
 /// [`crate::warmup`]); the agent's thread joins it before the root's `/sys` is mounted, so the
 /// run's processes see only `lo` although the VM has a NIC.
-pub fn apply(setup: &Setup, no_net_ns: Option<&OwnedFd>) -> Result<(Sandbox, SetupReport), String> {
+/// `prepared`: see [`build_root`].
+pub fn apply(
+    setup: &Setup,
+    no_net_ns: Option<&OwnedFd>,
+    prepared: Option<UpperDisk>,
+) -> Result<(Sandbox, SetupReport), String> {
     let secs = setup.wall_clock_unix_ns / 1_000_000_000;
     let nanos = setup.wall_clock_unix_ns % 1_000_000_000;
     let ts = TimeSpec::new(
@@ -59,7 +64,7 @@ pub fn apply(setup: &Setup, no_net_ns: Option<&OwnedFd>) -> Result<(Sandbox, Set
         // Processes are forked from this (the runtime) thread, so they inherit it.
         nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| format!("setns: {e}"))?;
     }
-    let Root { mut created, ca_bundle } = build_root(&setup.rootfs, setup.extra_ca_pem.as_deref())?;
+    let Root { mut created, ca_bundle } = build_root(&setup.rootfs, setup.extra_ca_pem.as_deref(), prepared)?;
     net::loopback_up()?;
     let network = match &setup.network {
         Some(cfg) => Some(net::configure(cfg, &mut created, true).map_err(|e| format!("network: {e}"))?),
@@ -131,14 +136,17 @@ const INNER: [(&str, &str, &str, MsFlags); 5] = [
 
 /// Unmounts what [`build_root`] (and `net::configure`) mounted for `lowers` layers (the
 /// warm-up's root), so `Setup` can build the run's root in the same place. Targets that are
-/// not mount points are skipped.
-pub fn teardown_root(lowers: usize) -> Result<(), String> {
+/// not mount points are skipped. `keep_rw`: [`RW`] stays mounted (a scratch disk prepared
+/// for a run).
+pub fn teardown_root(lowers: usize, keep_rw: bool) -> Result<(), String> {
     let mut targets: Vec<PathBuf> = INNER.iter().rev().map(|(dir, ..)| Path::new(ROOT).join(dir)).collect();
     // The network's bind mount, if any.
     targets.push(Path::new(ROOT).join("etc/resolv.conf"));
     targets.push(PathBuf::from(ROOT));
     targets.push(PathBuf::from(CA));
-    targets.push(PathBuf::from(RW));
+    if !keep_rw {
+        targets.push(PathBuf::from(RW));
+    }
     targets.extend((0..lowers).map(|n| PathBuf::from(LOWER).join(n.to_string())));
     for target in targets {
         match nix::mount::umount2(&target, MntFlags::empty()) {
@@ -158,7 +166,8 @@ pub struct Root {
 }
 
 /// Mounts the root, with a layer holding `extra_ca` (PEM) above the image's if given.
-pub fn build_root(spec: &RootfsSpec, extra_ca: Option<&str>) -> Result<Root, String> {
+/// `prepared`: the scratch disk a `Warmup` mounted on [`RW`], which `spec` must name.
+pub fn build_root(spec: &RootfsSpec, extra_ca: Option<&str>, prepared: Option<UpperDisk>) -> Result<Root, String> {
     let disks = find_disks(&spec.lower_serials, Duration::from_secs(3))?;
     let mut lowers = Vec::new();
     for (n, dev) in disks.iter().enumerate() {
@@ -169,9 +178,12 @@ pub fn build_root(spec: &RootfsSpec, extra_ca: Option<&str>) -> Result<Root, Str
         lowers.push(target.display().to_string());
     }
     mkdirs(Path::new(RW))?;
-    match &spec.upper_disk {
-        Some(serial) => mount_upper_disk(serial, spec.upper_size_bytes)?,
-        None => {
+    match (&spec.upper_disk, prepared) {
+        (Some(serial), Some(p)) if *serial == p.serial && spec.upper_size_bytes == p.bytes => {}
+        // The host releases a prepared disk before it asks for another.
+        (_, Some(_)) => return Err("the scratch disk mounted at warm-up is not the one asked for".into()),
+        (Some(serial), None) => mount_upper_disk(serial, spec.upper_size_bytes)?,
+        (None, None) => {
             let size = format!("size={},mode=0755", spec.upper_size_bytes.min(half_of_ram()));
             do_mount(Path::new("tmpfs"), Path::new(RW), "tmpfs", MsFlags::empty(), &size)?;
         }
@@ -245,7 +257,7 @@ fn mount_root(lowers: &[String], upper: &Path, work: &Path) -> Result<(), String
 /// Mounts the run's scratch disk (an empty ext4 filesystem the host made) on [`RW`]. A clone's
 /// disk grows from the template's placeholder to `bytes` when it is assigned; the kernel
 /// learns the new capacity asynchronously, so it is waited for.
-fn mount_upper_disk(serial: &str, bytes: u64) -> Result<(), String> {
+pub fn mount_upper_disk(serial: &str, bytes: u64) -> Result<(), String> {
     let dev = find_disks(&[serial.to_owned()], Duration::from_secs(3))?.remove(0);
     let sectors = Path::new("/sys/block").join(dev.file_name().unwrap_or_default()).join("size");
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -264,6 +276,25 @@ fn mount_upper_disk(serial: &str, bytes: u64) -> Result<(), String> {
     // (and zeroing would cost the host disk space for nothing); `discard`: deleted files give
     // their blocks back to the host.
     do_mount(&dev, Path::new(RW), "ext4", MsFlags::MS_NOATIME, "noinit_itable,discard")
+}
+
+/// Removes the upper and work dirs of a root taken down with [`RW`] kept, so the next root on
+/// it starts empty.
+pub fn clear_upper() -> Result<(), String> {
+    for dir in ["upper", "work"] {
+        let path = Path::new(RW).join(dir);
+        match fs::remove_dir_all(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("remove {}: {e}", path.display())),
+        }
+    }
+    Ok(())
+}
+
+/// Unmounts the scratch disk a warm-up mounted (see [`mount_upper_disk`]).
+pub fn release_upper() -> Result<(), String> {
+    nix::mount::umount2(RW, MntFlags::empty()).map_err(|e| format!("umount {RW}: {e}"))
 }
 
 /// Maps each serial to its `/dev/vdX`, waiting briefly for disks still being probed.

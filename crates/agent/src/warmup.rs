@@ -3,13 +3,14 @@
 //! the root down again. Under TCG every restored VM starts with an empty translation cache:
 //! paying that here, before the clone is handed out, is what makes its run's first command
 //! cost milliseconds. The host sends it once to the template too (before the snapshot), which
-//! is when the empty network namespace for runs without networking is made.
+//! is when the empty network namespace for runs without networking is made. A pooled clone
+//! also mounts its scratch disk here, ready for a run of the usual size.
 
 use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
-use boxwood_protocol::{Spawn, WARMUP_ID, Warmup};
+use boxwood_protocol::{Spawn, UpperDisk, WARMUP_ID, Warmup};
 
 use crate::channel::Outbox;
 use crate::reaper::Reaper;
@@ -20,9 +21,11 @@ use crate::{net, setup};
 const PROCESS_LIMIT: Duration = Duration::from_secs(20);
 
 /// Does the warm-up; returns what did not work (the VM stays usable either way).
+/// `prepared` is set to the scratch disk it leaves mounted (`warm.upper`).
 pub async fn run(
     warm: &Warmup,
     no_net_ns: &mut Option<OwnedFd>,
+    prepared: &mut Option<UpperDisk>,
     table: &Table,
     reaper: &Reaper,
     out: &Outbox,
@@ -34,7 +37,22 @@ pub async fn run(
             Err(e) => problems.push(e),
         }
     }
-    match setup::build_root(&warm.rootfs, None) {
+    // With a scratch disk to prepare, the warm-up's root is built on it, so that a run's
+    // first writes find ext4 and overlayfs on ext4 translated already; the warm-up's own
+    // upper is removed afterwards and the disk stays mounted.
+    let mut rootfs = warm.rootfs.clone();
+    let mut on_disk = None;
+    if let Some(upper) = &warm.upper {
+        match setup::mount_upper_disk(&upper.serial, upper.bytes) {
+            Ok(()) => {
+                rootfs.upper_disk = Some(upper.serial.clone());
+                rootfs.upper_size_bytes = upper.bytes;
+                on_disk = Some(upper.clone());
+            }
+            Err(e) => problems.push(format!("scratch disk: {e}")),
+        }
+    }
+    match setup::build_root(&rootfs, None, on_disk.clone()) {
         Ok(setup::Root { mut created, .. }) => {
             if let Some(cfg) = &warm.network
                 && has_nic()
@@ -63,8 +81,12 @@ pub async fn run(
         }
         Err(e) => problems.push(format!("root: {e}")),
     }
-    if let Err(e) = setup::teardown_root(warm.rootfs.lower_serials.len()) {
-        problems.push(e);
+    let kept = on_disk.is_some();
+    match setup::teardown_root(warm.rootfs.lower_serials.len(), kept)
+        .and_then(|()| if kept { setup::clear_upper() } else { Ok(()) })
+    {
+        Ok(()) => *prepared = on_disk,
+        Err(e) => problems.push(e),
     }
     (!problems.is_empty()).then(|| problems.join("; "))
 }

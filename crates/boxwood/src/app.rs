@@ -15,7 +15,7 @@ use boxwood_core::spec::DEFAULT_PATH;
 use boxwood_core::{Backends, Service};
 use boxwood_image::{FsLayerStore, LayerStore, build_busybox_tree};
 use boxwood_store::{ImageRecord, SqliteStore};
-use boxwood_vm::{QemuRuntime, VmRuntime, prepare_guest_assets, reap_stale};
+use boxwood_vm::{QemuRuntime, VmConfig, VmRuntime, prepare_guest_assets, reap_stale};
 use tokio::net::TcpListener;
 
 use crate::config::Config;
@@ -69,7 +69,8 @@ impl App {
         if !reaped.is_empty() {
             tracing::warn!(count = reaped.len(), "removed leftovers of VMs from a previous server process");
         }
-        let runtime = QemuRuntime::new(config.vm.clone(), assets, run_dir).await.context("starting the VM runtime")?;
+        let vm = VmConfig { usual_upper_bytes: Some(config.core.limits.max_layer_bytes), ..config.vm.clone() };
+        let runtime = QemuRuntime::new(vm, assets, run_dir).await.context("starting the VM runtime")?;
         let accel = runtime.accel().to_owned();
         // The uid block every QEMU of this server runs under (none when the jail is off); the
         // filter matches the sockets of exactly those uids. Runs take VMs only after it is in.

@@ -41,6 +41,10 @@ pub enum HostMessage {
     /// freshly restored VM runs this once before it is handed to a run. Answered with
     /// `WarmedUp`.
     Warmup(Warmup),
+    /// Before `Setup` only: unmount the scratch disk a `Warmup` mounted (see
+    /// [`Warmup::upper`]), so the host can replace its filesystem. Answered with
+    /// `UpperReleased`.
+    ReleaseUpper,
 }
 
 /// Guest → host.
@@ -100,6 +104,10 @@ pub enum GuestMessage {
     WarmedUp {
         error: Option<String>,
     },
+    /// `ReleaseUpper` is done (`error`: it could not be; the VM is not usable for a run).
+    UpperReleased {
+        error: Option<String>,
+    },
 }
 
 impl GuestMessage {
@@ -120,6 +128,7 @@ impl GuestMessage {
             GuestMessage::UpperDone { .. } => "UpperDone",
             GuestMessage::UpperFailed { .. } => "UpperFailed",
             GuestMessage::WarmedUp { .. } => "WarmedUp",
+            GuestMessage::UpperReleased { .. } => "UpperReleased",
         }
     }
 }
@@ -145,6 +154,18 @@ pub struct Warmup {
     /// Configure the NIC (if the VM has one) as a later `Setup` with this network would; it
     /// stays configured, in the namespace runs with networking use.
     pub network: Option<NetworkConfig>,
+    /// After the warm-up, mount this scratch disk (an empty filesystem the host made) as the
+    /// writable layer's filesystem, where a `Setup` naming the same disk and size finds it
+    /// ready: mounting it costs a pooled VM tens of milliseconds under TCG, paid here instead
+    /// of in a run. Any other `Setup` fails until `ReleaseUpper`.
+    pub upper: Option<UpperDisk>,
+}
+
+/// A scratch disk by its virtio serial and the size of its filesystem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpperDisk {
+    pub serial: String,
+    pub bytes: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use boxwood_protocol::RootfsSpec;
+use boxwood_protocol::{RootfsSpec, UpperDisk};
 use serde_json::{Value, json};
 use tokio::time::Instant;
 
@@ -34,10 +34,12 @@ pub(crate) struct Restored {
     guard: DirGuard,
     /// QEMU runs at background priority.
     background: bool,
-    /// The clone's scratch disk (QEMU has its own fd): a placeholder until [`Self::assign`]
-    /// fills and grows it.
+    /// The clone's scratch disk (QEMU has its own fd): a placeholder until [`Self::warm_up`]
+    /// or [`Self::assign`] fills and grows it.
     scratch: std::fs::File,
     scratch_bases: Arc<crate::scratch::Bases>,
+    /// The size of the filesystem the warm-up left mounted on the scratch disk, if any.
+    prepared: Option<u64>,
 }
 
 /// Starts a clone of `template` named `name` (its scratch dir), returning once the guest runs.
@@ -97,7 +99,7 @@ pub(crate) async fn restore(
     match loaded.await {
         Ok((chan, qmp)) => {
             let scratch_bases = base.scratch.clone();
-            Ok(Restored { paths, qemu, chan, qmp, template, guard, background, scratch, scratch_bases })
+            Ok(Restored { paths, qemu, chan, qmp, template, guard, background, scratch, scratch_bases, prepared: None })
         }
         Err(e) => Err(fail_boot(e, &paths, &qemu).await),
     }
@@ -136,10 +138,54 @@ pub(crate) fn clone_plan(spec: &VmSpec, template: &Template) -> Result<Option<Ro
 impl Restored {
     /// Runs `Warmup` in the guest. A warm-up that did not fully work fails: the clone might
     /// not be in the state a run's `Setup` expects (its root still mounted, say).
-    pub async fn warm_up(&mut self, limit: Duration) -> Result<(), VmError> {
-        match self.chan.warm_up(&self.qemu, Instant::now() + limit).await? {
-            None => Ok(()),
+    /// `upper_bytes`: the scratch disk is made this size and left mounted, so a run of that
+    /// size finds it ready.
+    pub async fn warm_up(&mut self, limit: Duration, upper_bytes: Option<u64>) -> Result<(), VmError> {
+        let deadline = Instant::now() + limit;
+        self.qmp.set_deadline(deadline);
+        let upper = match upper_bytes {
+            Some(bytes) => {
+                self.resize_scratch(bytes).await?;
+                Some(UpperDisk { serial: SCRATCH_SERIAL.to_owned(), bytes })
+            }
+            None => None,
+        };
+        match self.chan.warm_up(&self.qemu, deadline, upper).await? {
+            None => {
+                self.prepared = upper_bytes;
+                Ok(())
+            }
             Some(error) => Err(VmError::Boot { reason: format!("warm-up failed: {error}"), detail: String::new() }),
+        }
+    }
+
+    /// Gives the scratch disk a new empty filesystem of `bytes` (the guest does not have it
+    /// mounted) and tells QEMU, which tells the guest, its new size.
+    async fn resize_scratch(&mut self, bytes: u64) -> Result<(), VmError> {
+        let disk = self.scratch.try_clone().map_err(|e| VmError::io("dup the scratch disk", e))?;
+        // Whatever the disk held is dropped: a fill starts from zeros.
+        disk.set_len(0).map_err(|e| VmError::io("empty the scratch disk", e))?;
+        self.scratch_bases.fill(disk, bytes).await?;
+        self.qmp.execute_batch(&[("block_resize", Some(json!({"node-name": SCRATCH_NODE, "size": bytes})))]).await?;
+        Ok(())
+    }
+
+    /// Makes the scratch disk what `want` says (a filesystem of that size, or the placeholder)
+    /// when the warm-up prepared another: the guest unmounts it first.
+    async fn replace_prepared(&mut self, want: Option<u64>, deadline: Instant) -> Result<(), VmError> {
+        if self.prepared.is_none() || self.prepared == want {
+            return Ok(());
+        }
+        self.chan.release_upper(&self.qemu, deadline).await?;
+        self.prepared = None;
+        match want {
+            Some(bytes) => self.resize_scratch(bytes).await,
+            None => {
+                // The placeholder again: no run may write more than its own cap to the raw disk.
+                self.scratch.set_len(PLACEHOLDER_BYTES).map_err(|e| VmError::io("empty the scratch disk", e))?;
+                let size = json!({"node-name": SCRATCH_NODE, "size": PLACEHOLDER_BYTES});
+                self.qmp.execute_batch(&[("block_resize", Some(size))]).await.map(drop)
+            }
         }
     }
 
@@ -235,27 +281,43 @@ impl Restored {
         if spec.network {
             commands.push(("set_link", Some(json!({"name": "net0", "up": true}))));
         }
-        // The scratch disk: the run's empty filesystem written into the placeholder (which the
-        // guest has not used), then grown through QEMU, which tells the guest its new size.
+        let t0 = Instant::now();
+        if let Err(e) = self.replace_prepared(scratch_size, deadline).await {
+            return Err(fail_boot(e, &self.paths, &self.qemu).await);
+        }
         if let Some(bytes) = scratch_size {
-            let filled = match self.scratch.try_clone() {
-                Ok(disk) => self.scratch_bases.fill(disk, bytes).await,
-                Err(e) => Err(VmError::io("dup the scratch disk", e)),
-            };
-            if let Err(e) = filled {
-                return Err(fail_boot(e, &self.paths, &self.qemu).await);
+            // Made at warm-up, or now: the run's empty filesystem written into the placeholder
+            // (which the guest has not used), then grown through QEMU, which tells the guest.
+            if self.prepared != Some(bytes) {
+                let filled = match self.scratch.try_clone() {
+                    Ok(disk) => self.scratch_bases.fill(disk, bytes).await,
+                    Err(e) => Err(VmError::io("dup the scratch disk", e)),
+                };
+                if let Err(e) = filled {
+                    return Err(fail_boot(e, &self.paths, &self.qemu).await);
+                }
+                commands.push(("block_resize", Some(json!({"node-name": SCRATCH_NODE, "size": bytes}))));
             }
-            commands.push(("block_resize", Some(json!({"node-name": SCRATCH_NODE, "size": bytes}))));
             rootfs.upper_size_bytes = bytes;
             rootfs.upper_disk = Some(SCRATCH_SERIAL.to_owned());
         }
+        let filled_at = t0.elapsed();
+        let mut qmp_at = filled_at;
         let result = async {
             if !commands.is_empty() {
                 self.qmp.execute_batch(&commands).await?;
             }
+            qmp_at = t0.elapsed();
             self.chan.setup(spec, rootfs, extra_ca, &self.qemu, deadline).await
         }
         .await;
+        tracing::debug!(
+            vm = spec.name,
+            scratch_ms = filled_at.as_secs_f64() * 1e3,
+            qmp_ms = (qmp_at - filled_at).as_secs_f64() * 1e3,
+            setup_ms = (t0.elapsed() - qmp_at).as_secs_f64() * 1e3,
+            "clone assignment phases"
+        );
         let report = match result {
             Ok(r) => r,
             Err(e) => return Err(fail_boot(e, &self.paths, &self.qemu).await),

@@ -91,6 +91,12 @@ pub struct VmConfig {
     /// TLS-intercepting proxy's): added to the system bundles and named by the usual env
     /// variables for the run, never written into a persisted image. Empty: none.
     pub extra_ca_certs: Vec<PathBuf>,
+    /// The writable-layer size of a run that asks for none (the server's
+    /// `core.limits.max_layer_bytes`; set by the server, not read from the file): pooled
+    /// clones have a scratch disk of this size mounted before a run takes one. `None`: made
+    /// when a run takes it.
+    #[serde(skip)]
+    pub usual_upper_bytes: Option<u64>,
 }
 
 impl Default for VmConfig {
@@ -109,6 +115,7 @@ impl Default for VmConfig {
             upper_disk: true,
             mkfs_ext4: scratch::default_mkfs(),
             extra_ca_certs: Vec::new(),
+            usual_upper_bytes: None,
         }
     }
 }

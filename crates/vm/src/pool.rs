@@ -223,7 +223,7 @@ async fn fresh_clone(shared: &Shared, template: &Arc<Template>) -> Result<Restor
     let started = Instant::now();
     let mut clone = restore(&shared.base, template.clone(), &name, shared.limit(), true).await?;
     let restored = started.elapsed();
-    clone.warm_up(shared.limit()).await?;
+    clone.warm_up(shared.limit(), shared.base.pooled_scratch_size()).await?;
     tracing::debug!(vm = name, restore_ms = restored.as_millis(), total_ms = started.elapsed().as_millis(), "pooled");
     Ok(clone)
 }

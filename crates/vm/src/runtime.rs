@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use boxwood_protocol::{
     FrameDecoder, GuestMessage, Hello, HostMessage, MAX_GUEST_FRAME_BYTES, NetworkConfig, PROTOCOL_VERSION, RootfsSpec,
-    Setup, SetupReport, WARMUP_ID, Warmup, encode_frame,
+    Setup, SetupReport, UpperDisk, WARMUP_ID, Warmup, encode_frame,
 };
 use rand::Rng;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -173,11 +173,16 @@ impl BootChannel {
 
     /// Sends `Warmup` (the warm-up image in slot 0, its `/warm` run, the NIC configured as
     /// runs with networking have it) and waits for
-    /// `WarmedUp`, passing over the warm-up process's own messages. Returns what the agent
-    /// said did not work.
-    pub async fn warm_up(&mut self, qemu: &QemuChild, deadline: Instant) -> Result<Option<String>, VmError> {
+    /// `WarmedUp`, passing over the warm-up process's own messages; `upper`: the scratch disk
+    /// to leave mounted for a run. Returns what the agent said did not work.
+    pub async fn warm_up(
+        &mut self,
+        qemu: &QemuChild,
+        deadline: Instant,
+        upper: Option<UpperDisk>,
+    ) -> Result<Option<String>, VmError> {
         let rootfs = RootfsSpec { lower_serials: vec![slot_serial(0)], upper_size_bytes: 16 << 20, upper_disk: None };
-        let warmup = Warmup { rootfs, argv: vec![WARM_BINARY.into()], network: Some(user_net_config()) };
+        let warmup = Warmup { rootfs, argv: vec![WARM_BINARY.into()], network: Some(user_net_config()), upper };
         self.send(&HostMessage::Warmup(warmup)).await?;
         loop {
             match self.recv(qemu, deadline).await? {
@@ -189,6 +194,18 @@ impl BootChannel {
                     if id == WARMUP_ID => {}
                 other => return Err(boot_err(&format!("expected WarmedUp, got {}", other.kind()))),
             }
+        }
+    }
+
+    /// Sends `ReleaseUpper` and waits for `UpperReleased`; `Err` if the agent could not.
+    pub async fn release_upper(&mut self, qemu: &QemuChild, deadline: Instant) -> Result<(), VmError> {
+        self.send(&HostMessage::ReleaseUpper).await?;
+        match self.recv(qemu, deadline).await? {
+            GuestMessage::UpperReleased { error: None } => Ok(()),
+            GuestMessage::UpperReleased { error: Some(e) } => {
+                Err(boot_err(&format!("releasing the scratch disk failed: {}", crate::guest::text(e))))
+            }
+            other => Err(boot_err(&format!("expected UpperReleased, got {}", other.kind()))),
         }
     }
 
@@ -301,6 +318,12 @@ impl Base {
         let rootfs = &spec.rootfs;
         (self.config.upper_disk && spec.upper_on_disk && rootfs.upper_size_bytes > 0 && rootfs.upper_disk.is_none())
             .then(|| scratch_bytes(rootfs.upper_size_bytes))
+    }
+
+    /// The scratch disk pooled clones have ready: that of a run of the usual size
+    /// ([`VmConfig::usual_upper_bytes`]), if runs get one.
+    pub fn pooled_scratch_size(&self) -> Option<u64> {
+        self.config.usual_upper_bytes.filter(|&b| self.config.upper_disk && b > 0).map(scratch_bytes)
     }
 
     /// A uid for a new VM (`None` when not jailed).

@@ -301,7 +301,7 @@ async fn snapshot(base: &Base, build_dir: &Path, tag: &str) -> Result<(), VmErro
         let hello = chan.hello(&qemu, deadline).await?;
         // What a warm-up leaves in guest memory (the empty network namespace, caches) is then
         // in every clone for free.
-        if let Some(error) = chan.warm_up(&qemu, deadline).await? {
+        if let Some(error) = chan.warm_up(&qemu, deadline, None).await? {
             return Err(VmError::Template(format!("the template's warm-up failed: {error}")));
         }
         tokio::time::sleep(SETTLE).await;

@@ -214,3 +214,52 @@ async fn dropping_the_runtime_drains_the_pool() {
     let left = vm_dirs_left(dir.path());
     assert!(left.is_empty(), "pool dirs left behind: {left:?}");
 }
+
+/// The sizes of the pooled clone's open scratch-sized files (its unlinked disks), by fd.
+fn open_file_sizes(pid: u32) -> Vec<u64> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap();
+    fds.flatten().filter_map(|fd| std::fs::metadata(fd.path()).ok()).filter(|m| m.is_file()).map(|m| m.len()).collect()
+}
+
+/// A pooled clone comes with its scratch disk made and mounted for a run of the usual size
+/// (`usual_upper_bytes`); a run of another size, or with its layer in RAM, gets the disk
+/// remade (or back to the placeholder) first. Each sees an empty upper (nothing of the
+/// warm-up) and the cap of its own size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pooled_scratch_disks_are_ready_for_the_usual_size_and_remade_for_others() {
+    const USUAL: u64 = 64 << 20;
+    let dir = run_dir();
+    let host = tempfile::tempdir().unwrap();
+    let config = VmConfig { pool_size: Some(1), usual_upper_bytes: Some(USUAL), ..test_config(Vec::new()) };
+    let rt = QemuRuntime::new(config, assets().clone(), dir.path().to_path_buf()).await.unwrap();
+    let scratch_sectors = "for d in /sys/block/vd*; do [ \"$(cat $d/serial)\" = bwupper ] && cat $d/size; done";
+    for (n, (upper_bytes, on_disk)) in [(USUAL, true), (32 << 20, true), (USUAL, false)].into_iter().enumerate() {
+        assert!(rt.wait_ready(Duration::from_secs(180)).await, "the template must build");
+        let pooled = rt.pooled_pids();
+        assert_eq!(pooled.len(), 1);
+        assert!(open_file_sizes(pooled[0]).contains(&USUAL), "case {n}: the idle clone's disk is made already");
+        let mut spec = vm_spec(&format!("scratch{n}"));
+        spec.rootfs.upper_size_bytes = upper_bytes;
+        spec.upper_on_disk = on_disk;
+        let vm = rt.start(spec).await.expect("pooled clone");
+        assert_eq!(vm.qemu_pid(), pooled[0], "case {n}: the pooled clone was used");
+        let stats = vm.export_upper(&host.path().join(format!("{n}-empty.tar")), &u64::MAX).await.expect("export");
+        assert_eq!(stats.entries, 0, "case {n}: the upper starts empty");
+        let r = sh(vm.as_ref(), 1, scratch_sectors).await;
+        let want = if on_disk { upper_bytes } else { 1 << 20 };
+        assert_eq!(r.out().trim(), (want / 512).to_string(), "case {n}: the scratch disk's size");
+        if on_disk {
+            let mib = upper_bytes >> 20;
+            let r = sh(vm.as_ref(), 2, &format!("dd if=/dev/zero of=/big bs=1M count={}", mib + 8)).await;
+            assert_ne!(r.exit.code, 0, "case {n}: the layer is capped at {mib} MiB");
+            let err = String::from_utf8_lossy(&r.stderr);
+            assert!(err.contains("No space left"), "case {n}: {err}");
+        } else {
+            sh(vm.as_ref(), 2, "echo x > /small").await;
+        }
+        // The positive control of the empty-upper check: a change shows.
+        let stats = vm.export_upper(&host.path().join(format!("{n}.tar")), &u64::MAX).await.expect("export");
+        assert!(stats.entries > 0, "case {n}: the write is in the upper");
+        vm.shutdown().await.unwrap();
+    }
+}
