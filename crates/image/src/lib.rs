@@ -37,7 +37,7 @@ pub use inspect::{
 };
 pub use merge::merge_layers;
 pub use store::{FsLayerStore, LayerInfo};
-pub use unpack::{UnpackLimits, UnpackStats, unpack_layer, unpack_layer_limited};
+pub use unpack::{UnpackLimits, UnpackStats, unpack_layer, unpack_layer_from, unpack_layer_limited};
 pub use usage::{CommitLimits, DiskSpace, disk_space};
 
 use std::path::{Path, PathBuf};

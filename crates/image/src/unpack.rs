@@ -76,12 +76,23 @@ pub fn unpack_layer(tar: &Path, tree: &Path) -> ImageResult<UnpackStats> {
 
 /// [`unpack_layer`] within `limits`: past them it stops with [`ImageError::LayerTooLarge`].
 pub fn unpack_layer_limited(tar: &Path, tree: &Path, limits: UnpackLimits) -> ImageResult<UnpackStats> {
+    let file = File::open(tar).map_err(io_err(tar))?;
+    unpack_from(file, tar, tree, limits)
+}
+
+/// [`unpack_layer_limited`] from a stream (the export as it arrives): reads up to the end
+/// of the archive, not necessarily to the end of `reader`.
+pub fn unpack_layer_from(reader: impl Read, tree: &Path, limits: UnpackLimits) -> ImageResult<UnpackStats> {
+    unpack_from(reader, Path::new("(the exported changes)"), tree, limits)
+}
+
+/// `tar` names the source in errors.
+fn unpack_from(reader: impl Read, tar: &Path, tree: &Path, limits: UnpackLimits) -> ImageResult<UnpackStats> {
     let root_meta = tree.symlink_metadata().map_err(io_err(tree))?;
     if !root_meta.is_dir() || std::fs::read_dir(tree).map_err(io_err(tree))?.next().is_some() {
         return Err(ImageError::InvalidTree { path: tree.to_owned(), reason: "not an empty directory".into() });
     }
-    let file = File::open(tar).map_err(io_err(tar))?;
-    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 16, file));
+    let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 16, reader));
     // The root's record, until the layer's own root member (if any) replaces it.
     inert::init_root(tree, &inert::implied_dir())?;
     let mut unpacker = Unpacker { tree, stats: UnpackStats::default(), limits };

@@ -38,6 +38,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use boxwood_protocol::{Exit, Hello, OutputStream, RootfsSpec, SetupReport, Spawn};
 use serde::Deserialize;
+use tokio::io::AsyncWrite;
 
 pub use assets::{GuestAssets, prepare_guest_assets};
 pub use error::VmError;
@@ -178,7 +179,7 @@ impl ExportBudget for u64 {
 pub struct UpperStats {
     /// Tar members; 0 when the run changed nothing.
     pub entries: u64,
-    /// Size of the tar file.
+    /// Bytes of tar stream.
     pub tar_bytes: u64,
 }
 
@@ -220,12 +221,16 @@ pub trait Vm: Send + Sync {
     /// `source`, streamed in chunks of at most 1 MiB, then applies owner and mode. Symlinks in
     /// the guest path resolve inside the root. Guest-side failure → [`VmError::FileFailed`].
     async fn put_file(&self, file: &FileSpec, source: &Path) -> Result<(), VmError>;
-    /// Kills every guest process, syncs, and writes the overlay's upper directory (the run's
-    /// changes) as a PAX tar to `dest` (streamed; not fsynced, it is for reading back at
-    /// once). Guest-side failure →
+    /// Kills every guest process, syncs, and streams the overlay's upper directory (the run's
+    /// changes) as a PAX tar into `out` (a file, or a pipe to a reader unpacking it as it
+    /// comes), counted against `budget` before each write. Guest-side failure →
     /// [`VmError::ExportFailed`]; past `budget` → [`VmError::ExportRefused`]; on any error
-    /// `dest` is removed.
-    async fn export_upper(&self, dest: &Path, budget: &dyn ExportBudget) -> Result<UpperStats, VmError>;
+    /// `out` holds a cut-off tar.
+    async fn export_upper(
+        &self,
+        out: &mut (dyn AsyncWrite + Send + Unpin),
+        budget: &dyn ExportBudget,
+    ) -> Result<UpperStats, VmError>;
     /// Asks the agent to power off, waits up to a few seconds, then SIGKILLs QEMU; always reaps
     /// QEMU and removes the scratch dir. Later calls do nothing.
     async fn shutdown(&self) -> Result<(), VmError>;

@@ -1,6 +1,6 @@
 //! File transfers over the agent channel: [`put_file`] streams a host file into the guest's
-//! root as `PutFile` chunks, [`export_upper`] receives the upper directory's tar into a host
-//! file. One transfer runs at a time per VM; an abandoned one (its future dropped) is
+//! root as `PutFile` chunks, [`export_upper`] streams the upper directory's tar to a host
+//! writer. One transfer runs at a time per VM; an abandoned one (its future dropped) is
 //! remembered so its late replies are not mistaken for the next one's, and an abandoned
 //! upload is ended with a chunk the agent rejects, so it removes the partial file.
 
@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use boxwood_protocol::{GuestMessage, HostMessage, PutFile};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{OwnedMutexGuard, mpsc, oneshot};
 
 use crate::vm::{REPLY_DEADLINE, Shared};
@@ -161,24 +161,12 @@ impl Drop for FileGuard {
 }
 
 /// See [`crate::Vm::export_upper`].
-pub async fn export_upper(shared: &Shared, dest: &Path, budget: &dyn ExportBudget) -> Result<UpperStats, VmError> {
-    let _one_at_a_time = shared.transfers.lock().await;
-    let mut out =
-        tokio::fs::File::create(dest).await.map_err(|e| VmError::io(format!("create {}", dest.display()), e))?;
-    let result = receive_upper(shared, &mut out, dest, budget).await;
-    if result.is_err() {
-        drop(out);
-        let _ = tokio::fs::remove_file(dest).await;
-    }
-    result
-}
-
-async fn receive_upper(
+pub async fn export_upper(
     shared: &Shared,
-    out: &mut tokio::fs::File,
-    dest: &Path,
+    out: &mut (dyn AsyncWrite + Send + Unpin),
     budget: &dyn ExportBudget,
 ) -> Result<UpperStats, VmError> {
+    let _one_at_a_time = shared.transfers.lock().await;
     let (tx, mut rx) = mpsc::channel(EXPORT_QUEUE);
     {
         let mut st = shared.state();
@@ -189,7 +177,7 @@ async fn receive_upper(
     }
     let _guard = UpperGuard { shared };
     shared.send(&HostMessage::ExportUpper).await?;
-    let write_err = |e| VmError::io(format!("write {}", dest.display()), e);
+    let write_err = |e| VmError::io("write the exported changes", e);
     let mut written = 0u64;
     loop {
         let Ok(msg) = tokio::time::timeout(REPLY_DEADLINE, rx.recv()).await else {

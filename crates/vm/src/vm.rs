@@ -13,7 +13,7 @@ use boxwood_protocol::{
 };
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -565,8 +565,12 @@ impl Vm for QemuVm {
         transfer::put_file(self.shared.clone(), file, source).await
     }
 
-    async fn export_upper(&self, dest: &Path, budget: &dyn ExportBudget) -> Result<UpperStats, VmError> {
-        transfer::export_upper(&self.shared, dest, budget).await
+    async fn export_upper(
+        &self,
+        out: &mut (dyn AsyncWrite + Send + Unpin),
+        budget: &dyn ExportBudget,
+    ) -> Result<UpperStats, VmError> {
+        transfer::export_upper(&self.shared, out, budget).await
     }
 
     async fn shutdown(&self) -> Result<(), VmError> {

@@ -243,7 +243,7 @@ async fn pooled_scratch_disks_are_ready_for_the_usual_size_and_remade_for_others
         spec.upper_on_disk = on_disk;
         let vm = rt.start(spec).await.expect("pooled clone");
         assert_eq!(vm.qemu_pid(), pooled[0], "case {n}: the pooled clone was used");
-        let stats = vm.export_upper(&host.path().join(format!("{n}-empty.tar")), &u64::MAX).await.expect("export");
+        let stats = export_to(&*vm, &host.path().join(format!("{n}-empty.tar")), &u64::MAX).await.expect("export");
         assert_eq!(stats.entries, 0, "case {n}: the upper starts empty");
         let r = sh(vm.as_ref(), 1, scratch_sectors).await;
         let want = if on_disk { upper_bytes } else { 1 << 20 };
@@ -258,7 +258,7 @@ async fn pooled_scratch_disks_are_ready_for_the_usual_size_and_remade_for_others
             sh(vm.as_ref(), 2, "echo x > /small").await;
         }
         // The positive control of the empty-upper check: a change shows.
-        let stats = vm.export_upper(&host.path().join(format!("{n}.tar")), &u64::MAX).await.expect("export");
+        let stats = export_to(&*vm, &host.path().join(format!("{n}.tar")), &u64::MAX).await.expect("export");
         assert!(stats.entries > 0, "case {n}: the write is in the upper");
         vm.shutdown().await.unwrap();
     }

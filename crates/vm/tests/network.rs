@@ -70,27 +70,27 @@ async fn network_route_fetch_dns_and_counters() {
 
     // resolv.conf (and the placeholder the image needed) stay out of the export.
     let host = tempfile::tempdir().unwrap();
-    let stats = vm.export_upper(&host.path().join("none.tar"), &u64::MAX).await.expect("export");
+    let stats = export_to(vm, &host.path().join("none.tar"), &u64::MAX).await.expect("export");
     assert_eq!(stats.entries, 0, "{stats:?}");
 
     // The cost of exporting a 1 KiB change.
     let r = run(vm, spawn_req(3, &["sh", "-c", "head -c 1024 /dev/urandom > /k1"])).await;
     assert_eq!(r.exit.code, 0);
     let started = Instant::now();
-    let stats = vm.export_upper(&host.path().join("k1.tar"), &u64::MAX).await.expect("export");
+    let stats = export_to(vm, &host.path().join("k1.tar"), &u64::MAX).await.expect("export");
     eprintln!("EXPORT 1 KiB change: {:?} {stats:?}", started.elapsed());
     assert_eq!(stats.entries, 1);
 
     // An export abandoned midway does not confuse the next one.
     let cut =
-        tokio::time::timeout(Duration::from_millis(5), vm.export_upper(&host.path().join("cut.tar"), &u64::MAX)).await;
+        tokio::time::timeout(Duration::from_millis(5), export_to(vm, &host.path().join("cut.tar"), &u64::MAX)).await;
     eprintln!("abandoned export finished anyway: {}", cut.is_ok());
 
     // A file the run puts next to the placeholder brings its (placeholder-made) parent along.
     let r = run(vm, spawn_req(4, &["sh", "-c", "echo '127.0.0.1 x' > /etc/hosts"])).await;
     assert_eq!(r.exit.code, 0);
     let tar_path = host.path().join("etc.tar");
-    vm.export_upper(&tar_path, &u64::MAX).await.expect("export");
+    export_to(vm, &tar_path, &u64::MAX).await.expect("export");
     let mut archive = tar::Archive::new(std::fs::File::open(&tar_path).unwrap());
     let mut names: Vec<String> =
         archive.entries().unwrap().map(|e| String::from_utf8(e.unwrap().path_bytes().into_owned()).unwrap()).collect();

@@ -224,7 +224,7 @@ async fn tmpfs_root_and_drop_kills_qemu() {
     assert!(matches!(vm.spawn(s).await, Err(VmError::SpawnFailed { .. })));
     // The mount points the agent made in the bare root are not the run's changes.
     let host = tempfile::tempdir().unwrap();
-    let stats = vm.export_upper(&host.path().join("bare.tar"), &u64::MAX).await.expect("export");
+    let stats = export_to(&*vm, &host.path().join("bare.tar"), &u64::MAX).await.expect("export");
     assert_eq!(stats.entries, 0, "{stats:?}");
     let (pid, vm_dir) = (vm.qemu_pid(), vm.dir().to_path_buf());
     drop(vm);

@@ -102,6 +102,25 @@ async fn runs_write_gigabytes_to_a_disk_bounded_by_their_cap() {
     assert_ne!(op["metadata"]["result"]["state"]["exit_code"], 0, "{op}");
     assert!(stderr(&op).contains("No space left on device"), "{op}");
 
+    // Below 16 MiB the disk is larger than the cap (ext4 needs the room), so the host's own
+    // check on what it unpacks stops a persist past the cap. The tar is unpacked as it
+    // streams: the unpack's refusal ends the export, and the refusal is what the run says.
+    // Within the cap the same run persists (the positive control).
+    for (mib, kept) in [(2, true), (12, false)] {
+        let (op, _) = s
+            .run(json!({"command": format!("head -c {} /dev/urandom > /f", mib * MIB), "shell": true,
+                        "image": "tag:busybox:latest", "resources_limits": {"max_layer_bytes": 4 * MIB}}))
+            .await;
+        if kept {
+            assert_eq!(op["status"], "SUCCESS", "{op}");
+            assert!(op["result_image_uuid"].is_string(), "{op}");
+        } else {
+            assert_eq!(op["status"], "FAILED", "{op}");
+            let error = op["error"].as_str().unwrap_or_default();
+            assert!(error.contains("4194304"), "the layer limit is named: {error}");
+        }
+    }
+
     // While a run lives its scratch disk holds what it wrote (the positive control); once
     // the run is over it is gone, and nothing of it stays in the state dir.
     let op = s

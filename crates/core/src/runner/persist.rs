@@ -1,11 +1,11 @@
 //! Saving a run's filesystem changes as a new image: the guest streams its overlay upper
-//! directory (the diff) as a tar, the host unpacks it into a new layer on top of the source
-//! image's stack. Costs the changed bytes only; the source image is never copied.
+//! directory (the diff) as a tar, the host unpacks it as it arrives into a new layer on top of
+//! the source image's stack. Costs the changed bytes only; the source image is never copied.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use boxwood_image::{UnpackLimits, unpack_layer_limited};
+use boxwood_image::{UnpackLimits, unpack_layer_from};
 use boxwood_store::ImageRecord;
 use boxwood_vm::Vm;
 use uuid::Uuid;
@@ -48,19 +48,52 @@ impl Run {
         env: &Arc<RunEnv>,
         staging: &std::path::Path,
     ) -> Result<(Uuid, i64), (&'static str, Box<dyn std::error::Error + Send + Sync>)> {
-        let tar = staging.join("upper.tar");
         let t0 = std::time::Instant::now();
         // The host counts the tar itself (the guest is not trusted): the data cannot exceed
         // the writable layer's cap, plus room for tar headers of many small files.
         let max_layer = self.spec.max_layer_bytes;
         let budget = max_layer.saturating_add((max_layer / 4).max(TAR_OVERHEAD_BYTES));
         let budget = env.storage.export_budget(budget);
-        let stats = vm.export_upper(&tar, &budget).await.map_err(|e| {
-            let e: Box<dyn std::error::Error + Send + Sync> =
-                if budget.hit_reserve() { Box::new(StorageRefusal::LowSpace) } else { e.into() };
-            ("exporting changes", e)
-        })?;
-        let exported = t0.elapsed();
+        // The tar is unpacked as it arrives, through a pipe: never stored, and the unpack
+        // keeps pace with the export instead of following it.
+        let tree = staging.join("tree");
+        let (reader, writer) = std::io::pipe().map_err(|e| ("exporting changes", e.into()))?;
+        let mut pipe = tokio::net::unix::pipe::Sender::from_owned_fd(writer.into())
+            .map_err(|e| ("exporting changes", e.into()))?;
+        let tree_path = tree.clone();
+        let unpacking = tokio::task::spawn_blocking(move || {
+            let mut reader = reader;
+            std::fs::create_dir(&tree_path).map_err(std::io::Error::other)?;
+            // The guest's disk already stopped it at the cap; the host checks again, on data
+            // (holes stay holes in the tree, the erofs image and merges).
+            let stats = unpack_layer_from(&mut reader, &tree_path, UnpackLimits { max_data_bytes: max_layer })
+                .map_err(std::io::Error::other)?;
+            // What follows the archive's end (its padding) is read too, so the export's last
+            // writes find a reader.
+            std::io::copy(&mut reader, &mut std::io::sink())?;
+            Ok::<_, std::io::Error>(stats)
+        });
+        let exported = vm.export_upper(&mut pipe, &budget).await;
+        drop(pipe);
+        let unpacked = unpacking.await.map_err(|e| ("unpacking changes", e.into()))?;
+        // A refused member or the layer limit ends the unpack, and with it the export (its
+        // writes find no reader): then the unpack's error is the cause. An export that fails
+        // by itself leaves the unpack a cut-off archive: then the export's is.
+        let (stats, unpacked) = match (exported, unpacked) {
+            (Ok(stats), Ok(unpacked)) => (stats, unpacked),
+            (Ok(_), Err(e)) => return Err(("unpacking changes", e.into())),
+            (Err(boxwood_vm::VmError::Io { source, .. }), Err(e))
+                if source.kind() == std::io::ErrorKind::BrokenPipe =>
+            {
+                return Err(("unpacking changes", e.into()));
+            }
+            (Err(e), _) => {
+                let e: Box<dyn std::error::Error + Send + Sync> =
+                    if budget.hit_reserve() { Box::new(StorageRefusal::LowSpace) } else { e.into() };
+                return Err(("exporting changes", e));
+            }
+        };
+        let unpacked_at = t0.elapsed();
         let source = &self.image;
         let env_vars = if self.spec.preserve_env { self.merged_env() } else { source.env.clone() };
         let workdir =
@@ -73,27 +106,13 @@ impl Run {
         // Held until the image is recorded, so the namespace's next persist sees this layer.
         let mut quota_guard = None;
         if stats.entries > 0 {
-            let tree = staging.join("tree");
-            let (tar_path, tree_path) = (tar.clone(), tree.clone());
-            let unpacked = tokio::task::spawn_blocking(move || {
-                std::fs::create_dir(&tree_path)?;
-                // The guest's disk already stopped it at the cap; the host checks again, on
-                // data (holes stay holes in the tree, the erofs image and merges).
-                unpack_layer_limited(&tar_path, &tree_path, UnpackLimits { max_data_bytes: max_layer })
-                    .map_err(std::io::Error::other)
-            })
-            .await
-            .map_err(|e| ("unpacking changes", e.into()))?
-            .map_err(|e| ("unpacking changes", e.into()))?;
-            let unpacked_at = t0.elapsed();
             let (layer, guard) = env.storage.publish_layer(&self.op.namespace, tree).await.map_err(|e| match e {
                 PublishError::Refused(r) => ("publishing the layer", r.into()),
                 PublishError::Failed(e) => ("publishing the layer", e.into()),
             })?;
             quota_guard = Some(guard);
             tracing::debug!(
-                export_ms = exported.as_secs_f64() * 1e3,
-                unpack_ms = (unpacked_at - exported).as_secs_f64() * 1e3,
+                export_and_unpack_ms = unpacked_at.as_secs_f64() * 1e3,
                 publish_ms = (t0.elapsed() - unpacked_at).as_secs_f64() * 1e3,
                 entries = stats.entries,
                 "persist phases"

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 
 use boxwood_protocol::{Exit, OutputStream, RootfsSpec, Spawn};
 use boxwood_vm::{
-    Accel, DiskSpec, GuestAssets, ProcessEvent, QemuRuntime, Vm, VmConfig, VmRuntime, VmSpec, prepare_guest_assets,
+    Accel, DiskSpec, ExportBudget, GuestAssets, ProcessEvent, QemuRuntime, UpperStats, Vm, VmConfig, VmError,
+    VmRuntime, VmSpec, prepare_guest_assets,
 };
 
 pub const WORKSPACE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
@@ -242,4 +243,12 @@ pub fn median(mut v: Vec<Duration>) -> Duration {
 /// (`.scratch-bases`, which outlives VMs by design): what VMs left behind.
 pub fn vm_dirs_left(run_dir: &Path) -> Vec<std::ffi::OsString> {
     std::fs::read_dir(run_dir).unwrap().flatten().map(|e| e.file_name()).filter(|n| n != ".scratch-bases").collect()
+}
+
+/// Exports the VM's upper directory into a new file at `path`.
+pub async fn export_to(vm: &dyn Vm, path: &Path, budget: &dyn ExportBudget) -> Result<UpperStats, VmError> {
+    let mut file = tokio::fs::File::create(path).await.unwrap();
+    let stats = vm.export_upper(&mut file, budget).await;
+    tokio::io::AsyncWriteExt::flush(&mut file).await.unwrap();
+    stats
 }
