@@ -255,8 +255,8 @@ fn mount_root(lowers: &[String], upper: &Path, work: &Path) -> Result<(), String
 }
 
 /// Mounts the run's scratch disk (an empty ext4 filesystem the host made) on [`RW`]. A clone's
-/// disk grows from the template's placeholder to `bytes` when it is assigned; the kernel
-/// learns the new capacity asynchronously, so it is waited for.
+/// disk grows from the template's placeholder to `bytes` at its warm-up or its assignment;
+/// the kernel learns the new capacity asynchronously, so it is waited for.
 pub fn mount_upper_disk(serial: &str, bytes: u64) -> Result<(), String> {
     let dev = find_disks(&[serial.to_owned()], Duration::from_secs(3))?.remove(0);
     let sectors = Path::new("/sys/block").join(dev.file_name().unwrap_or_default()).join("size");

@@ -170,22 +170,30 @@ impl Restored {
         Ok(())
     }
 
-    /// Makes the scratch disk what `want` says (a filesystem of that size, or the placeholder)
-    /// when the warm-up prepared another: the guest unmounts it first.
-    async fn replace_prepared(&mut self, want: Option<u64>, deadline: Instant) -> Result<(), VmError> {
-        if self.prepared.is_none() || self.prepared == want {
+    /// Makes the scratch disk what `want` says: a filesystem of that size, or the empty
+    /// placeholder. A disk the warm-up prepared at that size is used as it is; one prepared at
+    /// another is first released by the guest (it unmounts it).
+    async fn make_scratch(&mut self, want: Option<u64>, deadline: Instant) -> Result<(), VmError> {
+        let prepared = self.prepared.take();
+        if prepared.is_some() && prepared == want {
+            self.prepared = prepared;
             return Ok(());
         }
-        self.chan.release_upper(&self.qemu, deadline).await?;
-        self.prepared = None;
+        if prepared.is_some() {
+            self.chan.release_upper(&self.qemu, deadline).await?;
+        }
         match want {
             Some(bytes) => self.resize_scratch(bytes).await,
-            None => {
-                // The placeholder again: no run may write more than its own cap to the raw disk.
-                self.scratch.set_len(PLACEHOLDER_BYTES).map_err(|e| VmError::io("empty the scratch disk", e))?;
+            None if prepared.is_some() => {
+                // The placeholder again, zeros: no run may write more than its own cap to the
+                // raw disk.
+                let emptied = self.scratch.set_len(0).and_then(|()| self.scratch.set_len(PLACEHOLDER_BYTES));
+                emptied.map_err(|e| VmError::io("empty the scratch disk", e))?;
                 let size = json!({"node-name": SCRATCH_NODE, "size": PLACEHOLDER_BYTES});
                 self.qmp.execute_batch(&[("block_resize", Some(size))]).await.map(drop)
             }
+            // The placeholder it has, which the guest never used.
+            None => Ok(()),
         }
     }
 
@@ -282,22 +290,10 @@ impl Restored {
             commands.push(("set_link", Some(json!({"name": "net0", "up": true}))));
         }
         let t0 = Instant::now();
-        if let Err(e) = self.replace_prepared(scratch_size, deadline).await {
+        if let Err(e) = self.make_scratch(scratch_size, deadline).await {
             return Err(fail_boot(e, &self.paths, &self.qemu).await);
         }
         if let Some(bytes) = scratch_size {
-            // Made at warm-up, or now: the run's empty filesystem written into the placeholder
-            // (which the guest has not used), then grown through QEMU, which tells the guest.
-            if self.prepared != Some(bytes) {
-                let filled = match self.scratch.try_clone() {
-                    Ok(disk) => self.scratch_bases.fill(disk, bytes).await,
-                    Err(e) => Err(VmError::io("dup the scratch disk", e)),
-                };
-                if let Err(e) = filled {
-                    return Err(fail_boot(e, &self.paths, &self.qemu).await);
-                }
-                commands.push(("block_resize", Some(json!({"node-name": SCRATCH_NODE, "size": bytes}))));
-            }
             rootfs.upper_size_bytes = bytes;
             rootfs.upper_disk = Some(SCRATCH_SERIAL.to_owned());
         }

@@ -31,7 +31,8 @@ pub const MIN_SCRATCH_BYTES: u64 = 16 << 20;
 /// validated well below this by the core).
 pub const MAX_SCRATCH_BYTES: u64 = 16 << 40;
 
-/// Size of the placeholder a template and its clones carry until a run is assigned.
+/// Size of the placeholder a template carries, and a clone until its warm-up or its run
+/// gives it a filesystem.
 pub const PLACEHOLDER_BYTES: u64 = 1 << 20;
 
 /// Base images kept; past this the least recently used goes (sizes come from tenants).

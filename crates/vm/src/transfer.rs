@@ -202,8 +202,8 @@ pub async fn export_upper(
                     let error = format!("agent reported {bytes} tar bytes, {written} arrived");
                     return Err(VmError::ExportFailed { error });
                 }
-                // Not fsynced: the tar is read back at once and then dropped; what has to
-                // survive a crash is the layer made from it, and that is synced when published.
+                // Not fsynced: the tar is unpacked as it comes (or read back at once); what has
+                // to survive a crash is the layer made from it, synced when published.
                 out.flush().await.map_err(write_err)?;
                 return Ok(UpperStats { entries, tar_bytes: written });
             }

@@ -21,12 +21,10 @@ fn sh(id: u32, script: &str) -> boxwood_protocol::Spawn {
 /// Bytes the host holds for the VM's scratch disk: the file among QEMU's fds whose size is
 /// the run's cap (it has no name: it was created unlinked).
 fn scratch_on_host(qemu_pid: u32) -> u64 {
-    let fds = std::fs::read_dir(format!("/proc/{qemu_pid}/fd")).expect("QEMU's fds");
     // QEMU holds it twice (the inherited fd and its fdset's own dup): one inode.
-    let disks: std::collections::BTreeMap<(u64, u64), u64> = fds
-        .flatten()
-        .filter_map(|fd| std::fs::metadata(fd.path()).ok())
-        .filter(|m| m.is_file() && m.len() == CAP)
+    let disks: std::collections::BTreeMap<(u64, u64), u64> = open_files(qemu_pid)
+        .into_iter()
+        .filter(|m| m.len() == CAP)
         .map(|m| ((m.dev(), m.ino()), m.blocks() * 512))
         .collect();
     assert_eq!(disks.len(), 1, "one scratch disk of {CAP} bytes among QEMU's fds");

@@ -61,17 +61,17 @@ impl Run {
         let mut pipe = tokio::net::unix::pipe::Sender::from_owned_fd(writer.into())
             .map_err(|e| ("exporting changes", e.into()))?;
         let tree_path = tree.clone();
-        let unpacking = tokio::task::spawn_blocking(move || {
+        // Errors stay typed (an `ImageError` names host paths: `names_host_paths`).
+        let unpacking = tokio::task::spawn_blocking(move || -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
             let mut reader = reader;
-            std::fs::create_dir(&tree_path).map_err(std::io::Error::other)?;
+            std::fs::create_dir(&tree_path)?;
             // The guest's disk already stopped it at the cap; the host checks again, on data
             // (holes stay holes in the tree, the erofs image and merges).
-            let stats = unpack_layer_from(&mut reader, &tree_path, UnpackLimits { max_data_bytes: max_layer })
-                .map_err(std::io::Error::other)?;
+            let stats = unpack_layer_from(&mut reader, &tree_path, UnpackLimits { max_data_bytes: max_layer })?;
             // What follows the archive's end (its padding) is read too, so the export's last
             // writes find a reader.
             std::io::copy(&mut reader, &mut std::io::sink())?;
-            Ok::<_, std::io::Error>(stats)
+            Ok(stats)
         });
         let exported = vm.export_upper(&mut pipe, &budget).await;
         drop(pipe);
@@ -79,13 +79,14 @@ impl Run {
         // A refused member or the layer limit ends the unpack, and with it the export (its
         // writes find no reader): then the unpack's error is the cause. An export that fails
         // by itself leaves the unpack a cut-off archive: then the export's is.
-        let (stats, unpacked) = match (exported, unpacked) {
-            (Ok(stats), Ok(unpacked)) => (stats, unpacked),
-            (Ok(_), Err(e)) => return Err(("unpacking changes", e.into())),
+        // What the host unpacked counts, not what the agent says it sent.
+        let unpacked = match (exported, unpacked) {
+            (Ok(_), Ok(unpacked)) => unpacked,
+            (Ok(_), Err(e)) => return Err(("unpacking changes", e)),
             (Err(boxwood_vm::VmError::Io { source, .. }), Err(e))
                 if source.kind() == std::io::ErrorKind::BrokenPipe =>
             {
-                return Err(("unpacking changes", e.into()));
+                return Err(("unpacking changes", e));
             }
             (Err(e), _) => {
                 let e: Box<dyn std::error::Error + Send + Sync> =
@@ -98,14 +99,14 @@ impl Run {
         let env_vars = if self.spec.preserve_env { self.merged_env() } else { source.env.clone() };
         let workdir =
             if self.spec.preserve_cwd { Some(self.spec.process.plan(source).cwd) } else { source.workdir.clone() };
-        if stats.entries == 0 && env_vars == source.env && workdir == source.workdir {
+        if unpacked.entries == 0 && env_vars == source.env && workdir == source.workdir {
             return Ok((source.uuid, 0));
         }
         let mut layers = source.layers.clone();
         let mut written = 0i64;
         // Held until the image is recorded, so the namespace's next persist sees this layer.
         let mut quota_guard = None;
-        if stats.entries > 0 {
+        if unpacked.entries > 0 {
             let (layer, guard) = env.storage.publish_layer(&self.op.namespace, tree).await.map_err(|e| match e {
                 PublishError::Refused(r) => ("publishing the layer", r.into()),
                 PublishError::Failed(e) => ("publishing the layer", e.into()),
@@ -114,7 +115,7 @@ impl Run {
             tracing::debug!(
                 export_and_unpack_ms = unpacked_at.as_secs_f64() * 1e3,
                 publish_ms = (t0.elapsed() - unpacked_at).as_secs_f64() * 1e3,
-                entries = stats.entries,
+                entries = unpacked.entries,
                 "persist phases"
             );
             layers.insert(0, layer.digest);

@@ -252,3 +252,9 @@ pub async fn export_to(vm: &dyn Vm, path: &Path, budget: &dyn ExportBudget) -> R
     tokio::io::AsyncWriteExt::flush(&mut file).await.unwrap();
     stats
 }
+
+/// The regular files a process holds open (unlinked ones included), by fd.
+pub fn open_files(pid: u32) -> Vec<std::fs::Metadata> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).expect("the process's fds");
+    fds.flatten().filter_map(|fd| std::fs::metadata(fd.path()).ok()).filter(|m| m.is_file()).collect()
+}
