@@ -14,7 +14,7 @@
 //! A layer becomes visible only by `rename` of a fully written, fsynced file and tree, so a
 //! crash leaves either the whole layer or stray staging files that start-up removes.
 //!
-//! Trees come from [`unpack_layer`] (a layer tar exported by the guest agent, unpacked
+//! Trees come from [`unpack_layer_from`] (a layer tar exported by the guest agent, unpacked
 //! without ever writing outside the staging tree) or [`merge_layers`] (squashing a stack of
 //! trees with overlayfs semantics).
 
@@ -37,7 +37,7 @@ pub use inspect::{
 };
 pub use merge::merge_layers;
 pub use store::{FsLayerStore, LayerInfo};
-pub use unpack::{UnpackLimits, UnpackStats, unpack_layer, unpack_layer_from, unpack_layer_limited};
+pub use unpack::{UnpackLimits, UnpackStats, unpack_layer_from};
 pub use usage::{CommitLimits, DiskSpace, disk_space};
 
 use std::path::{Path, PathBuf};

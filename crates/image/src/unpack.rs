@@ -1,4 +1,4 @@
-//! [`unpack_layer`]: turns a layer tar from the guest agent into an inert tree (see
+//! [`unpack_layer_from`]: turns a layer tar from the guest agent into an inert tree (see
 //! [`crate::inert`]) holding a layer in overlayfs "upper" format, refusing any member that
 //! would write outside the tree.
 //!
@@ -67,27 +67,14 @@ impl Default for UnpackLimits {
 /// Most segments a sparse map may list (the agent writes at most 4096).
 const MAX_SPARSE_SEGMENTS: u64 = 1 << 16;
 
-/// Unpacks the layer tar at `tar` into `tree`, which must be an existing empty directory.
-/// Streams: memory use does not grow with file sizes. On error `tree` may hold a partial
-/// unpack (the caller deletes it) but nothing outside it was touched.
-pub fn unpack_layer(tar: &Path, tree: &Path) -> ImageResult<UnpackStats> {
-    unpack_layer_limited(tar, tree, UnpackLimits::default())
-}
-
-/// [`unpack_layer`] within `limits`: past them it stops with [`ImageError::LayerTooLarge`].
-pub fn unpack_layer_limited(tar: &Path, tree: &Path, limits: UnpackLimits) -> ImageResult<UnpackStats> {
-    let file = File::open(tar).map_err(io_err(tar))?;
-    unpack_from(file, tar, tree, limits)
-}
-
-/// [`unpack_layer_limited`] from a stream (the export as it arrives): reads up to the end
-/// of the archive, not necessarily to the end of `reader`.
+/// Unpacks the layer tar read from `reader` (the export as it arrives) into `tree`, which
+/// must be an existing empty directory, within `limits` (past them it stops with
+/// [`ImageError::LayerTooLarge`]). Streams: memory use does not grow with file sizes. Reads up
+/// to the end of the archive, not necessarily to the end of `reader`. On error `tree` may
+/// hold a partial unpack (the caller deletes it) but nothing outside it was touched.
 pub fn unpack_layer_from(reader: impl Read, tree: &Path, limits: UnpackLimits) -> ImageResult<UnpackStats> {
-    unpack_from(reader, Path::new("(the exported changes)"), tree, limits)
-}
-
-/// `tar` names the source in errors.
-fn unpack_from(reader: impl Read, tar: &Path, tree: &Path, limits: UnpackLimits) -> ImageResult<UnpackStats> {
+    // Names the source in errors.
+    let tar = Path::new("(the exported changes)");
     let root_meta = tree.symlink_metadata().map_err(io_err(tree))?;
     if !root_meta.is_dir() || std::fs::read_dir(tree).map_err(io_err(tree))?.next().is_some() {
         return Err(ImageError::InvalidTree { path: tree.to_owned(), reason: "not an empty directory".into() });

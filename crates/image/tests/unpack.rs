@@ -1,4 +1,4 @@
-//! `unpack_layer`: every member type round-trips, the tree is inert (no live setuid file,
+//! `unpack_layer_from`: every member type round-trips, the tree is inert (no live setuid file,
 //! device, symlink or capability on the host), and hostile tars never write outside the
 //! tree (each hostile case checks a sentinel directory and the tree's parent afterwards).
 //! Round trips are asserted on a live copy materialized from the inert tree's records.
@@ -8,9 +8,17 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
-use boxwood_image::{ImageError, UnpackLimits, UnpackStats, unpack_layer, unpack_layer_limited};
+use boxwood_image::{ImageError, UnpackLimits, UnpackStats, unpack_layer_from};
 use common::*;
 use tar::EntryType;
+
+fn unpack_layer(tar: &Path, tree: &Path) -> Result<UnpackStats, ImageError> {
+    unpack_layer_limited(tar, tree, UnpackLimits::default())
+}
+
+fn unpack_layer_limited(tar: &Path, tree: &Path, limits: UnpackLimits) -> Result<UnpackStats, ImageError> {
+    unpack_layer_from(std::fs::File::open(tar).unwrap(), tree, limits)
+}
 
 /// A valid `security.capability` (v2, effective, cap_net_bind_service permitted).
 const CAP: [u8; 20] = [1, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];

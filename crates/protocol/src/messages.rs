@@ -154,10 +154,11 @@ pub struct Warmup {
     /// Configure the NIC (if the VM has one) as a later `Setup` with this network would; it
     /// stays configured, in the namespace runs with networking use.
     pub network: Option<NetworkConfig>,
-    /// After the warm-up, mount this scratch disk (an empty filesystem the host made) as the
-    /// writable layer's filesystem, where a `Setup` naming the same disk and size finds it
-    /// ready: mounting it costs a pooled VM tens of milliseconds under TCG, paid here instead
-    /// of in a run. Any other `Setup` fails until `ReleaseUpper`.
+    /// Mount this scratch disk (an empty filesystem the host made) first, build the warm-up's
+    /// root on it, and leave it mounted, emptied again, where a `Setup` naming the same disk
+    /// and size finds it ready: mounting it, and the first ext4 writes, cost a pooled VM tens
+    /// of milliseconds under TCG, paid here instead of in a run. Any other `Setup` fails until
+    /// `ReleaseUpper`.
     pub upper: Option<UpperDisk>,
 }
 

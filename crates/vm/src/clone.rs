@@ -145,7 +145,7 @@ impl Restored {
         self.qmp.set_deadline(deadline);
         let upper = match upper_bytes {
             Some(bytes) => {
-                self.resize_scratch(bytes).await?;
+                self.remake_scratch(Some(bytes)).await?;
                 Some(UpperDisk { serial: SCRATCH_SERIAL.to_owned(), bytes })
             }
             None => None,
@@ -159,42 +159,41 @@ impl Restored {
         }
     }
 
-    /// Gives the scratch disk a new empty filesystem of `bytes` (the guest does not have it
-    /// mounted) and tells QEMU, which tells the guest, its new size.
-    async fn resize_scratch(&mut self, bytes: u64) -> Result<(), VmError> {
+    /// Makes the scratch disk, which the guest does not have mounted, anew from zeros: an
+    /// empty filesystem of `want` bytes, or the placeholder (so no run writes more than its
+    /// own cap to the raw disk); then tells QEMU, which tells the guest, its new size.
+    async fn remake_scratch(&mut self, want: Option<u64>) -> Result<(), VmError> {
         let disk = self.scratch.try_clone().map_err(|e| VmError::io("dup the scratch disk", e))?;
-        // Whatever the disk held is dropped: a fill starts from zeros.
         disk.set_len(0).map_err(|e| VmError::io("empty the scratch disk", e))?;
-        self.scratch_bases.fill(disk, bytes).await?;
-        self.qmp.execute_batch(&[("block_resize", Some(json!({"node-name": SCRATCH_NODE, "size": bytes})))]).await?;
+        let size = match want {
+            Some(bytes) => {
+                self.scratch_bases.fill(disk, bytes).await?;
+                bytes
+            }
+            None => {
+                disk.set_len(PLACEHOLDER_BYTES).map_err(|e| VmError::io("empty the scratch disk", e))?;
+                PLACEHOLDER_BYTES
+            }
+        };
+        self.qmp.execute_batch(&[("block_resize", Some(json!({"node-name": SCRATCH_NODE, "size": size})))]).await?;
         Ok(())
     }
 
-    /// Makes the scratch disk what `want` says: a filesystem of that size, or the empty
-    /// placeholder. A disk the warm-up prepared at that size is used as it is; one prepared at
-    /// another is first released by the guest (it unmounts it).
+    /// Makes the scratch disk what a run wants: a filesystem of `want` bytes, or the
+    /// placeholder. A disk the warm-up prepared at that size is used as it is; one prepared
+    /// at another is released by the guest (it unmounts it) and remade.
     async fn make_scratch(&mut self, want: Option<u64>, deadline: Instant) -> Result<(), VmError> {
-        let prepared = self.prepared.take();
-        if prepared.is_some() && prepared == want {
-            self.prepared = prepared;
-            return Ok(());
-        }
-        if prepared.is_some() {
-            self.chan.release_upper(&self.qemu, deadline).await?;
-        }
-        match want {
-            Some(bytes) => self.resize_scratch(bytes).await,
-            None if prepared.is_some() => {
-                // The placeholder again, zeros: no run may write more than its own cap to the
-                // raw disk.
-                let emptied = self.scratch.set_len(0).and_then(|()| self.scratch.set_len(PLACEHOLDER_BYTES));
-                emptied.map_err(|e| VmError::io("empty the scratch disk", e))?;
-                let size = json!({"node-name": SCRATCH_NODE, "size": PLACEHOLDER_BYTES});
-                self.qmp.execute_batch(&[("block_resize", Some(size))]).await.map(drop)
+        match self.prepared {
+            Some(_) if self.prepared == want => return Ok(()),
+            Some(_) => {
+                self.prepared = None;
+                self.chan.release_upper(&self.qemu, deadline).await?;
             }
-            // The placeholder it has, which the guest never used.
-            None => Ok(()),
+            // The placeholder, which the guest never used.
+            None if want.is_none() => return Ok(()),
+            None => {}
         }
+        self.remake_scratch(want).await
     }
 
     /// Moves a pooled clone's scratch dir to `run_dir/<name>`, where a VM of that name is

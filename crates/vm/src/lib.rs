@@ -177,7 +177,7 @@ impl ExportBudget for u64 {
 /// What [`Vm::export_upper`] wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UpperStats {
-    /// Tar members; 0 when the run changed nothing.
+    /// Tar members as the agent counts them (a guest's claim; 0 when the run changed nothing).
     pub entries: u64,
     /// Bytes of tar stream.
     pub tar_bytes: u64,
