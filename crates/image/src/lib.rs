@@ -67,6 +67,9 @@ pub enum ImageError {
     /// was published.
     #[error("the layer would leave less than {reserve} bytes free on the host")]
     LowSpace { reserve: u64 },
+    /// A published layer file that does not read as the erofs image it should be.
+    #[error("corrupt layer image {path}: {reason}")]
+    CorruptLayer { path: PathBuf, reason: String },
     /// A tree argument that is not what the operation needs (e.g. a non-empty target).
     #[error("invalid tree {path}: {reason}")]
     InvalidTree { path: PathBuf, reason: String },

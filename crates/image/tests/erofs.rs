@@ -7,7 +7,9 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::Command;
 
-use boxwood_image::erofs::{Content, Node, NodeKind, NodeMeta, Tree, tree_from_dir, write_image};
+use std::os::unix::ffi::OsStrExt;
+
+use boxwood_image::erofs::{Content, ErofsImage, Node, NodeKind, NodeMeta, Tree, tree_from_dir, write_image};
 
 fn fsck_extract(image: &Path, out: &Path) {
     let res = Command::new("fsck.erofs").arg(format!("--extract={}", out.display())).arg(image).output();
@@ -174,4 +176,209 @@ fn metadata_as_data_devices_setuid_hardlinks_and_sparse_files() {
     let at = s.windows(6).position(|w| w == b"middle");
     assert!(at == Some(0) || at == Some(32 << 20), "extracted data at {at:?} of {} bytes", s.len());
     assert_eq!(md("sparse").mtime(), 1_700_000_000);
+}
+
+/// An erofs image mounted read-only by the host kernel for as long as it lives.
+struct KernelMount(std::path::PathBuf);
+
+impl KernelMount {
+    fn new(image: &Path, at: &Path) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount").args(["-t", "erofs", "-o", "ro,loop"]).arg(image).arg(at).output().unwrap();
+        assert!(out.status.success(), "mount erofs: {}", String::from_utf8_lossy(&out.stderr));
+        Self(at.to_owned())
+    }
+}
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+/// What [`ErofsImage`] reads, in the form of `common::snapshot` (overlayfs-private xattrs
+/// left out as there).
+fn reader_snapshot(image: &ErofsImage) -> std::collections::BTreeMap<std::path::PathBuf, common::Node> {
+    use boxwood_image::inert::Kind as K;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![(std::path::PathBuf::new(), image.root().unwrap())];
+    while let Some((rel, inode)) = stack.pop() {
+        let kind = match inode.kind() {
+            K::Dir => {
+                for e in image.read_dir(&inode).unwrap().iter() {
+                    let name = std::ffi::OsStr::from_bytes(&e.name);
+                    stack.push((rel.join(name), image.inode(e.nid).unwrap()));
+                }
+                common::Kind::Dir
+            }
+            K::File => {
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut image.reader(&inode), &mut data).unwrap();
+                assert_eq!(data.len() as u64, inode.len());
+                common::Kind::File(data)
+            }
+            K::Symlink => common::Kind::Symlink(std::ffi::OsStr::from_bytes(&image.read_link(&inode).unwrap()).into()),
+            K::Fifo => common::Kind::Fifo,
+            K::Char(r) => common::Kind::Char(r),
+            K::Block(r) => common::Kind::Block(r),
+            K::Socket => common::Kind::Other,
+        };
+        let mode = if inode.is_symlink() { 0 } else { inode.meta.perm };
+        let xattrs = inode.meta.xattrs.iter().filter(|(n, _)| !n.starts_with("trusted.overlay.")).cloned().collect();
+        let node = common::Node { kind, mode, uid: inode.uid(), gid: inode.gid(), mtime: inode.mtime(), xattrs };
+        out.insert(rel, node);
+    }
+    out
+}
+
+/// A tree with every kind of entry and data layout the writer has.
+fn varied_tree(dir: &Path) -> Tree {
+    let sparse = dir.join("sparse-src");
+    let f = std::fs::File::create(&sparse).unwrap();
+    f.set_len(64 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, b"middle", 32 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[9u8; 70_000], 50 << 20).unwrap();
+    drop(f);
+    let mut tree = Tree::new(meta(0o755, 0, 0));
+    let etc = tree.add(0, b"etc", Node { kind: NodeKind::Dir(Vec::new()), meta: meta(0o750, 3, 4) });
+    let su = tree.add(
+        0,
+        b"su",
+        Node { kind: NodeKind::Regular(Content::Bytes(b"#!/bin/sh\n".to_vec())), meta: meta(0o4755, 0, 0) },
+    );
+    tree.link(etc, b"su-link", su);
+    let mut cap = meta(0o755, 0, 0);
+    cap.xattrs
+        .push((b"security.capability".to_vec(), vec![1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]));
+    cap.xattrs.push((b"user.note".to_vec(), b"hi".to_vec()));
+    tree.add(0, b"capped", Node { kind: NodeKind::Regular(Content::Bytes(vec![1; 5000])), meta: cap });
+    let body: Vec<u8> = (0..300_001u32).map(|i| (i % 251) as u8).collect();
+    tree.add(0, b"big", Node { kind: NodeKind::Regular(Content::Bytes(body)), meta: meta(0o2755, 0, 50) });
+    tree.add(0, b"empty", Node { kind: NodeKind::Regular(Content::Bytes(Vec::new())), meta: meta(0o644, 0, 0) });
+    tree.add(0, b"null", Node { kind: NodeKind::Char(rustix::fs::makedev(1, 3)), meta: meta(0o666, 0, 0) });
+    tree.add(0, b"loop9", Node { kind: NodeKind::Block(rustix::fs::makedev(7, 300)), meta: meta(0o660, 0, 6) });
+    tree.add(0, b"fifo", Node { kind: NodeKind::Fifo, meta: meta(0o644, 1000, 1000) });
+    tree.add(0, b"wh", Node { kind: NodeKind::Char(0), meta: meta(0, 0, 0) });
+    let mut opaque = meta(0o1777, 0, 0);
+    opaque.xattrs.push((b"trusted.overlay.opaque".to_vec(), b"y".to_vec()));
+    let tmp = tree.add(0, b"tmp", Node { kind: NodeKind::Dir(Vec::new()), meta: opaque });
+    for i in 0..400 {
+        tree.add(
+            tmp,
+            format!("entry-with-a-long-name-{i:04}").as_bytes(),
+            Node { kind: NodeKind::Symlink(format!("/target/{i}").into_bytes()), meta: meta(0o777, 0, 0) },
+        );
+    }
+    tree.add(0, b"sparse", Node { kind: NodeKind::Regular(Content::File(sparse)), meta: meta(0o600, 5, 5) });
+    tree
+}
+
+#[test]
+fn the_reader_sees_what_the_kernel_mounts_of_the_writers_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("img.erofs");
+    write_image(&varied_tree(dir.path()), &image).unwrap();
+    let reader = ErofsImage::open(&image).unwrap();
+    let mounted = KernelMount::new(&image, &dir.path().join("mnt"));
+    let expected = common::snapshot(&mounted.0);
+    assert!(expected.len() > 400, "the oracle sees the tree: {}", expected.len());
+    common::assert_same_view(&expected, &reader_snapshot(&reader), "reader vs kernel");
+    // what a snapshot leaves out: links, opacity, holes
+    let root = reader.root().unwrap();
+    let su = reader.lookup(&root, b"su").unwrap().unwrap();
+    let etc = reader.lookup(&root, b"etc").unwrap().unwrap();
+    let link = reader.lookup(&etc, b"su-link").unwrap().unwrap();
+    assert_eq!((su.nid, su.nlink()), (link.nid, 2));
+    assert!(reader.lookup(&root, b"tmp").unwrap().unwrap().is_opaque());
+    assert!(reader.lookup(&root, b"wh").unwrap().unwrap().is_whiteout());
+    assert!(reader.lookup(&root, b"nope").unwrap().is_none());
+    let sparse = reader.lookup(&root, b"sparse").unwrap().unwrap();
+    let extents = reader.data_extents(&sparse).unwrap();
+    let data: u64 = extents.iter().map(|(a, b)| b - a).sum();
+    assert!(data < 1 << 20 && extents.len() == 2, "only the chunks holding data: {extents:?}");
+}
+
+#[test]
+fn the_reader_sees_what_the_kernel_mounts_of_mkfs_erofs_images() {
+    // mkfs.erofs writes compact inodes, tail-packed data and shared xattrs, which the
+    // writer never does
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    common::file(&src, "a/small", "tail");
+    std::fs::write(src.join("a/tailpacked"), vec![3u8; 3 * 4096 + 100]).unwrap();
+    std::fs::write(src.join("a/aligned"), vec![4u8; 2 * 4096]).unwrap();
+    common::link(&src, "a/rel", "small");
+    common::fifo(&src, "fifo");
+    for i in 0..30 {
+        let f = common::file(&src, &format!("x/{i}"), &"y".repeat(i * 300));
+        common::set_xattr(&f, "user.shared", b"same value everywhere");
+        common::set_owner(&f, 1000 + i as u32, 2000);
+    }
+    let image = dir.path().join("mkfs.erofs");
+    let out = Command::new("mkfs.erofs").args(["--quiet", "-x1"]).arg(&image).arg(&src).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let reader = ErofsImage::open(&image).unwrap();
+    let mounted = KernelMount::new(&image, &dir.path().join("mnt"));
+    let expected = common::snapshot(&mounted.0);
+    assert!(expected.len() > 30, "the oracle sees the tree: {}", expected.len());
+    common::assert_same_view(&expected, &reader_snapshot(&reader), "reader vs kernel (mkfs.erofs)");
+}
+
+#[test]
+fn a_damaged_image_is_an_error_not_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("img.erofs");
+    write_image(&varied_tree(dir.path()), &image).unwrap();
+    let good = std::fs::read(&image).unwrap();
+    assert!(reader_walks(&image).is_ok(), "the intact image reads");
+    // flip bytes all over the metadata area (and cut the file short): every read either
+    // succeeds or fails with a typed error
+    let meta_end = 64 << 10;
+    for (i, at) in (1024..meta_end.min(good.len())).step_by(97).enumerate() {
+        let mut bad = good.clone();
+        bad[at] ^= 0x5a ^ (i as u8);
+        if i % 7 == 0 {
+            bad.truncate(at + 200);
+        }
+        std::fs::write(&image, &bad).unwrap();
+        let _ = reader_walks(&image);
+    }
+    std::fs::write(&image, b"not erofs at all").unwrap();
+    assert!(matches!(ErofsImage::open(&image), Err(boxwood_image::ImageError::CorruptLayer { .. })));
+}
+
+/// Walks the whole image, reading every entry (bounded: a corrupt size is not read past
+/// a few MiB).
+fn reader_walks(image: &Path) -> boxwood_image::ImageResult<usize> {
+    let reader = ErofsImage::open(image)?;
+    let mut stack = vec![reader.root()?];
+    let mut seen = 0;
+    while let Some(inode) = stack.pop() {
+        seen += 1;
+        if seen > 10_000 {
+            break; // a corrupt directory can point back at its parent
+        }
+        match inode.kind() {
+            boxwood_image::inert::Kind::Dir => {
+                for e in reader.read_dir(&inode)?.iter() {
+                    stack.push(reader.inode(e.nid)?);
+                }
+            }
+            boxwood_image::inert::Kind::Symlink => drop(reader.read_link(&inode)?),
+            boxwood_image::inert::Kind::File => {
+                let mut buf = vec![0u8; 1 << 16];
+                let mut at = 0;
+                while at < inode.len().min(4 << 20) {
+                    let n = reader.read_at(&inode, at, &mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    at += n as u64;
+                }
+                reader.data_extents(&inode)?;
+            }
+            _ => {}
+        }
+    }
+    Ok(seen)
 }

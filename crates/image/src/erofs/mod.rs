@@ -6,9 +6,11 @@
 
 mod format;
 mod layout;
+mod read;
 mod source;
 mod write;
 
+pub use read::{DirEntry, ErofsImage, ErofsInode, ErofsReader};
 pub use source::tree_from_dir;
 pub use write::write_image;
 
