@@ -8,7 +8,6 @@ use axum::response::{IntoResponse, Response};
 use boxwood_core::Service;
 use boxwood_core::inspect::{GrepCase, GrepRequest};
 use futures::StreamExt;
-use tokio_util::io::ReaderStream;
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, QueryPairs, parse_uuid};
@@ -56,8 +55,8 @@ pub async fn download(
     q: QueryPairs,
 ) -> ApiResult<Response> {
     let uuid = parse_uuid("image", &id)?;
-    let (file, size) = svc.inspect_open(&caller, uuid, image_path(&q)?).await?;
-    let body = Body::from_stream(ReaderStream::new(tokio::fs::File::from_std(file)));
+    let (size, rx) = svc.inspect_download(&caller, uuid, image_path(&q)?).await?;
+    let body = Body::from_stream(tokio_stream::wrappers::ReceiverStream::new(rx).map(|chunk| chunk.map(Bytes::from)));
     Ok((file_headers(&q, size)?, body).into_response())
 }
 
@@ -68,7 +67,7 @@ pub async fn head_download(
     q: QueryPairs,
 ) -> ApiResult<Response> {
     let uuid = parse_uuid("image", &id)?;
-    let (_, size) = svc.inspect_open(&caller, uuid, image_path(&q)?).await?;
+    let size = svc.inspect_file_size(&caller, uuid, image_path(&q)?).await?;
     Ok((StatusCode::OK, file_headers(&q, size)?).into_response())
 }
 

@@ -198,7 +198,7 @@ impl Drop for KernelMount {
 
 /// What [`ErofsImage`] reads, in the form of `common::snapshot` (overlayfs-private xattrs
 /// left out as there).
-fn reader_snapshot(image: &ErofsImage) -> std::collections::BTreeMap<std::path::PathBuf, common::Node> {
+fn reader_snapshot(image: &std::sync::Arc<ErofsImage>) -> std::collections::BTreeMap<std::path::PathBuf, common::Node> {
     use boxwood_image::inert::Kind as K;
     let mut out = std::collections::BTreeMap::new();
     let mut stack = vec![(std::path::PathBuf::new(), image.root().unwrap())];
@@ -213,7 +213,7 @@ fn reader_snapshot(image: &ErofsImage) -> std::collections::BTreeMap<std::path::
             }
             K::File => {
                 let mut data = Vec::new();
-                std::io::Read::read_to_end(&mut image.reader(&inode), &mut data).unwrap();
+                std::io::Read::read_to_end(&mut image.reader(inode.clone()), &mut data).unwrap();
                 assert_eq!(data.len() as u64, inode.len());
                 common::Kind::File(data)
             }
@@ -278,7 +278,7 @@ fn the_reader_sees_what_the_kernel_mounts_of_the_writers_images() {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("img.erofs");
     write_image(&varied_tree(dir.path()), &image).unwrap();
-    let reader = ErofsImage::open(&image).unwrap();
+    let reader = std::sync::Arc::new(ErofsImage::open(&image).unwrap());
     let mounted = KernelMount::new(&image, &dir.path().join("mnt"));
     let expected = common::snapshot(&mounted.0);
     assert!(expected.len() > 400, "the oracle sees the tree: {}", expected.len());
@@ -317,7 +317,7 @@ fn the_reader_sees_what_the_kernel_mounts_of_mkfs_erofs_images() {
     let image = dir.path().join("mkfs.erofs");
     let out = Command::new("mkfs.erofs").args(["--quiet", "-x1"]).arg(&image).arg(&src).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let reader = ErofsImage::open(&image).unwrap();
+    let reader = std::sync::Arc::new(ErofsImage::open(&image).unwrap());
     let mounted = KernelMount::new(&image, &dir.path().join("mnt"));
     let expected = common::snapshot(&mounted.0);
     assert!(expected.len() > 30, "the oracle sees the tree: {}", expected.len());

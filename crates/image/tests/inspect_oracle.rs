@@ -36,7 +36,7 @@ fn node(view: &ImageView, path: &str, item: &FileItem) -> Node {
     let kind = if item.is_dir {
         Kind::Dir
     } else if item.is_regular {
-        let (mut file, _) = view.open(path).unwrap();
+        let (mut file, _) = view.open_file(path).unwrap();
         let mut body = Vec::new();
         file.read_to_end(&mut body).unwrap();
         Kind::File(body)
@@ -58,7 +58,9 @@ fn check(base: &Path, layers: &[PathBuf], tag: &str) {
     for node in expected.values_mut() {
         node.xattrs.clear();
     }
-    let actual = view_snapshot(&ImageView::new(inert_copies(base, &all, tag)));
+    let images = base.join(format!("images-{tag}"));
+    std::fs::create_dir_all(&images).unwrap();
+    let actual = view_snapshot(&ImageView::of_trees(&inert_copies(base, &all, tag), &images).unwrap());
     assert_same_view(&expected, &actual, &format!("{tag}: ImageView vs overlayfs"));
 }
 

@@ -79,7 +79,9 @@ impl Registry {
         boxwood_image::build_busybox_tree(std::path::Path::new("/bin/busybox"), src.path()).unwrap();
         // The tree is inert on the host; its tar export carries the image's real metadata.
         let mut tar = Vec::new();
-        boxwood_image::ImageView::new(vec![src.path().to_owned()]).write_archive("/", &mut tar).unwrap();
+        let images = tempfile::tempdir().unwrap();
+        let view = boxwood_image::ImageView::of_trees(&[src.path().to_owned()], images.path()).unwrap();
+        view.write_archive("/", &mut tar).unwrap();
         let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
         std::io::Write::write_all(&mut gz, &tar).unwrap();
         let layer = gz.finish().unwrap();

@@ -1,5 +1,5 @@
 //! Reading an image without a VM (`/inspect/{uuid}/…`): listings, file contents, archives and
-//! grep over the merged view of its layer trees.
+//! grep over the merged view of its layers, read in place.
 
 use boxwood_image::{DirectoryList, GrepRequest, GrepResult, ImageView, format_listing};
 use tokio::sync::mpsc;
@@ -19,8 +19,11 @@ impl Service {
         caller.require(Permission::List)?;
         let img = self.visible_image(caller, uuid).await?;
         let layers = &self.inner.env.layers;
-        let trees = img.layers.iter().map(|d| layers.layer_tree(d)).collect::<Result<Vec<_>, _>>()?;
-        Ok(ImageView::new(trees))
+        let disks = img.layers.iter().map(|d| layers.layer_disk(d)).collect::<Result<Vec<_>, _>>()?;
+        tokio::task::spawn_blocking(move || ImageView::open(&disks))
+            .await
+            .map_err(|e| CoreError::Internal(format!("inspection task failed: {e}")))?
+            .map_err(CoreError::from)
     }
 
     /// Runs blocking filesystem work on an image view.
@@ -46,9 +49,40 @@ impl Service {
         self.with_view(caller, uuid, move |v| Ok(format_listing(&path, &v.list(&path)?))).await
     }
 
-    /// A regular file (symlinks followed inside the image) and its size.
-    pub async fn inspect_open(&self, caller: &Caller, uuid: Uuid, path: String) -> CoreResult<(std::fs::File, u64)> {
-        self.with_view(caller, uuid, move |v| v.open(&path)).await
+    /// The size of a regular file (symlinks followed inside the image): the `HEAD` answer.
+    pub async fn inspect_file_size(&self, caller: &Caller, uuid: Uuid, path: String) -> CoreResult<u64> {
+        self.with_view(caller, uuid, move |v| v.open_file(&path).map(|(_, size)| size)).await
+    }
+
+    /// A regular file's size and its bytes, streamed like an archive (an `Err` chunk if the
+    /// read broke midway).
+    pub async fn inspect_download(
+        &self,
+        caller: &Caller,
+        uuid: Uuid,
+        path: String,
+    ) -> CoreResult<(u64, mpsc::Receiver<std::io::Result<Vec<u8>>>)> {
+        let (mut file, size) = self.with_view(caller, uuid, move |v| v.open_file(&path)).await?;
+        let (tx, rx) = mpsc::channel(4);
+        tokio::task::spawn_blocking(move || {
+            let mut out = ChunkWriter { tx: tx.clone(), buf: Vec::with_capacity(ARCHIVE_CHUNK) };
+            let mut buf = vec![0u8; ARCHIVE_CHUNK];
+            let result = loop {
+                match std::io::Read::read(&mut file, &mut buf) {
+                    Ok(0) => break std::io::Write::flush(&mut out),
+                    Ok(n) => {
+                        if let Err(e) = std::io::Write::write_all(&mut out, &buf[..n]) {
+                            break Err(e);
+                        }
+                    }
+                    Err(e) => break Err(e),
+                }
+            };
+            if let Err(e) = result {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        Ok((size, rx))
     }
 
     /// Whether `path` can be archived (a file or a directory).

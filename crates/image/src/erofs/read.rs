@@ -473,23 +473,24 @@ impl ErofsImage {
         }
     }
 
-    /// A reader of the inode's data from the start.
-    pub fn reader<'a>(&'a self, inode: &'a ErofsInode) -> ErofsReader<'a> {
-        ErofsReader { image: self, inode, pos: 0 }
+    /// A reader of the inode's data from the start; it holds the image open, so it can
+    /// outlive the caller's handle.
+    pub fn reader(self: &Arc<Self>, inode: ErofsInode) -> ErofsReader {
+        ErofsReader { image: self.clone(), inode, pos: 0 }
     }
 }
 
-/// `std::io::Read` over one inode's data.
+/// `std::io::Read` over one inode's data, read in place.
 #[derive(Debug)]
-pub struct ErofsReader<'a> {
-    image: &'a ErofsImage,
-    inode: &'a ErofsInode,
+pub struct ErofsReader {
+    image: Arc<ErofsImage>,
+    inode: ErofsInode,
     pos: u64,
 }
 
-impl io::Read for ErofsReader<'_> {
+impl io::Read for ErofsReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.image.read_at(self.inode, self.pos, buf).map_err(io::Error::other)?;
+        let n = self.image.read_at(&self.inode, self.pos, buf).map_err(io::Error::other)?;
         self.pos += n as u64;
         Ok(n)
     }

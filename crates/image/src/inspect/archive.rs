@@ -16,7 +16,6 @@
 //! blocks), so a reader sees a truncated archive rather than a short valid one.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -24,7 +23,7 @@ use std::path::Path;
 use tar::{EntryType, Header};
 
 use super::{Entry, ImageView, requested_name};
-use crate::inert::{self, Kind};
+use crate::inert::Kind;
 use crate::{ImageError, ImageResult};
 
 const BLOCK: usize = 512;
@@ -77,8 +76,8 @@ pub(super) fn write_archive(view: &ImageView, path: &str, out: &mut dyn Write) -
 struct Archiver<'a> {
     view: &'a ImageView,
     out: &'a mut dyn Write,
-    /// (layer, dev, ino) of multiply-linked non-directories already archived → member name.
-    links: HashMap<(usize, u64, u64), Vec<u8>>,
+    /// (layer, inode) of multiply-linked non-directories already archived → member name.
+    links: HashMap<(usize, u64), Vec<u8>>,
 }
 
 impl Archiver<'_> {
@@ -90,7 +89,7 @@ impl Archiver<'_> {
             tracing::debug!(path = %entry.path(), "not archiving a socket");
             return Ok(());
         }
-        let key = (entry.layer, meta.dev(), meta.ino());
+        let key = (entry.layer, meta.nid);
         if meta.nlink() > 1 {
             if let Some(first) = self.links.get(&key) {
                 let first = first.clone();
@@ -100,12 +99,12 @@ impl Archiver<'_> {
         }
         match meta.kind() {
             Kind::File => {
-                let file = inert::open(&entry.host)?;
+                let file = self.view.file_of(entry);
                 self.member(name, entry, EntryType::Regular, None)?;
-                self.copy_content(file, meta.len(), &entry.host)
+                self.copy_content(file, meta.len(), &entry.path())
             }
             Kind::Symlink => {
-                let target = inert::read_link(&entry.host)?;
+                let target = self.view.layers[entry.layer].read_link(&entry.meta)?;
                 self.member(name, entry, EntryType::Symlink, Some(&target))
             }
             Kind::Fifo => self.member(name, entry, EntryType::Fifo, None),
@@ -213,12 +212,12 @@ impl Archiver<'_> {
     }
 
     /// The content of a regular file: exactly `size` bytes, then padding to a block.
-    fn copy_content(&mut self, file: File, size: u64, host: &Path) -> ImageResult<()> {
+    fn copy_content(&mut self, file: crate::erofs::ErofsReader, size: u64, image_path: &str) -> ImageResult<()> {
         let mut reader = file.take(size);
         let mut buf = vec![0u8; 1 << 16];
         let mut copied = 0u64;
         loop {
-            let n = reader.read(&mut buf).map_err(crate::io_err(host))?;
+            let n = reader.read(&mut buf).map_err(crate::io_err(Path::new(image_path)))?;
             if n == 0 {
                 break;
             }
@@ -227,7 +226,7 @@ impl Archiver<'_> {
         }
         if copied != size {
             return Err(ImageError::Io {
-                path: host.to_owned(),
+                path: image_path.into(),
                 source: io::Error::new(io::ErrorKind::UnexpectedEof, "layer file shrank while archiving"),
             });
         }

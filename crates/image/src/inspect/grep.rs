@@ -19,7 +19,6 @@
 //!   submatch `start`/`end` are in bytes of the raw line.
 
 use std::cell::Cell;
-use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -32,7 +31,7 @@ use ignore::overrides::{Override, OverrideBuilder};
 use serde::{Deserialize, Serialize};
 
 use super::{Entry, ImageView};
-use crate::{ImageError, ImageResult, fsutil};
+use crate::{ImageError, ImageResult};
 
 const MAX_PATTERNS: usize = 16;
 const MAX_PATTERN_CHARS: usize = 1024;
@@ -259,7 +258,7 @@ impl Run {
     fn search_root(&mut self, view: &ImageView, display: &str, root: Entry) -> ImageResult<()> {
         if !root.is_dir() {
             if root.is_file() {
-                self.search_file(&root, display.to_owned());
+                self.search_file(view, &root, display.to_owned());
             }
             return Ok(());
         }
@@ -288,7 +287,7 @@ impl Run {
                 }
             } else if entry.is_file() && !self.globs.matched(&rel, false).is_ignore() {
                 let base = display.trim_end_matches('/');
-                self.search_file(&entry, format!("{base}/{}", rel.to_string_lossy()));
+                self.search_file(view, &entry, format!("{base}/{}", rel.to_string_lossy()));
             }
         }
         Ok(())
@@ -296,14 +295,8 @@ impl Run {
 
     /// Searches one regular file, appending its lines unless it turns out binary. Files that
     /// cannot be read are skipped.
-    fn search_file(&mut self, entry: &Entry, path: String) {
-        let file = match fsutil::open_nofollow(&entry.host) {
-            Ok(file) => file,
-            Err(e) => {
-                tracing::debug!(path, error = %e, "grep: skipping unreadable file");
-                return;
-            }
-        };
+    fn search_file(&mut self, view: &ImageView, entry: &Entry, path: String) {
+        let file = view.file_of(entry);
         let expired = Cell::new(false);
         let reader = DeadlineReader { file, deadline: self.deadline, expired: &expired };
         let mut sink = FileSink {
@@ -335,7 +328,7 @@ impl Run {
 /// A file reader that reports end of file once the deadline has passed (so one huge file
 /// cannot hold the search past it), noting that it did.
 struct DeadlineReader<'a> {
-    file: File,
+    file: crate::erofs::ErofsReader,
     deadline: Instant,
     expired: &'a Cell<bool>,
 }

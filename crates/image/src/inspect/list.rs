@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::{Entry, ImageView};
-use crate::inert::{self, Kind};
+use crate::inert::Kind;
 
 /// One entry of a listing or a stat, as the contree `FileItem` (all 15 keys always sent).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -48,7 +48,10 @@ impl ImageView {
         let meta = &entry.meta;
         let kind = meta.kind();
         let symlink_to = if kind == Kind::Symlink {
-            inert::read_link(&entry.host).map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default()
+            self.layers[entry.layer]
+                .read_link(&entry.meta)
+                .map(|t| String::from_utf8_lossy(&t).into_owned())
+                .unwrap_or_default()
         } else {
             String::new()
         };

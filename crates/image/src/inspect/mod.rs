@@ -1,10 +1,10 @@
-//! [`ImageView`]: a read model of an image (a stack of layer trees in overlayfs "upper"
-//! format) for the inspect endpoints, with no VM and no mount: path resolution that keeps
-//! symlinks inside the image ([`resolve`]), stat and directory listings ([`list`]), file
-//! content, tar export ([`archive`]) and ripgrep-style search ([`grep`]).
+//! [`ImageView`]: a read model of an image (a stack of erofs layer images in overlayfs
+//! "upper" format, read in place) for the inspect endpoints, with no VM and no mount: path
+//! resolution that keeps symlinks inside the image ([`resolve`]), stat and directory listings
+//! ([`list`]), file content, tar export ([`archive`]) and ripgrep-style search ([`grep`]).
 //!
 //! Everything here is synchronous, blocking file I/O: async callers run it in
-//! `spawn_blocking`. Layer trees are immutable once published, so no locking is needed.
+//! `spawn_blocking`. Layers are immutable once published, so no locking is needed.
 
 mod archive;
 mod grep;
@@ -15,24 +15,24 @@ mod resolve;
 mod tests;
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{Read, Write};
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 pub use grep::{GrepCase, GrepLineKind, GrepMatch, GrepRequest, GrepResult, GrepSubmatch};
 pub use list::{DirectoryList, FileItem, format_listing};
 pub use resolve::Entry;
 
-use crate::{ImageError, ImageResult, fsutil};
+use crate::erofs::{ErofsImage, ErofsReader};
+use crate::{ImageError, ImageResult};
 
 /// `/etc/passwd` and `/etc/group` larger than this are not read for owner names.
 const MAX_ACCOUNTS_FILE: u64 = 4 << 20;
 
-/// A read-only view of an image: the merge of its layer trees, topmost first.
+/// A read-only view of an image: the merge of its layers, topmost first.
 #[derive(Debug)]
 pub struct ImageView {
-    layers: Vec<PathBuf>,
+    layers: Vec<Arc<ErofsImage>>,
     accounts: OnceLock<Accounts>,
 }
 
@@ -44,14 +44,23 @@ struct Accounts {
 }
 
 impl ImageView {
-    /// A view of the image made of `layers` (unpacked trees, topmost first).
-    pub fn new(layers: Vec<PathBuf>) -> Self {
-        Self { layers, accounts: OnceLock::new() }
+    /// A view of the image made of the erofs layer images at `disks` (topmost first).
+    pub fn open(disks: &[PathBuf]) -> ImageResult<Self> {
+        let layers = disks.iter().map(|d| ErofsImage::open(d).map(Arc::new)).collect::<ImageResult<_>>()?;
+        Ok(Self { layers, accounts: OnceLock::new() })
     }
 
-    /// The layer trees, topmost first.
-    pub fn layers(&self) -> &[PathBuf] {
-        &self.layers
+    /// A view of inert layer trees (topmost first), each first written as an erofs image
+    /// into `images_dir`: how tests and tools look at trees the way the store serves them.
+    pub fn of_trees(trees: &[PathBuf], images_dir: &std::path::Path) -> ImageResult<Self> {
+        let mut disks = Vec::with_capacity(trees.len());
+        for (i, tree) in trees.iter().enumerate() {
+            let disk = images_dir.join(format!("layer-{i}.erofs"));
+            let _ = std::fs::remove_file(&disk);
+            crate::erofs::write_image(&crate::erofs::tree_from_dir(tree)?, &disk)?;
+            disks.push(disk);
+        }
+        Self::open(&disks)
     }
 
     /// Resolves an absolute image path (a relative one is taken from the root). Symlinks,
@@ -95,13 +104,18 @@ impl ImageView {
     /// Opens the regular file at `path` (following symlinks) for reading, with its size.
     /// Dangling links are [`ImageError::NotFound`]; anything but a regular file is
     /// [`ImageError::NotRegular`].
-    pub fn open(&self, path: &str) -> ImageResult<(File, u64)> {
+    pub fn open_file(&self, path: &str) -> ImageResult<(ErofsReader, u64)> {
         let entry = self.resolve(path, true)?;
         if !entry.is_file() {
             return Err(ImageError::NotRegular { path: path.to_owned() });
         }
-        let file = fsutil::open_nofollow(&entry.host)?;
-        Ok((file, entry.meta.len()))
+        let size = entry.meta.len();
+        Ok((self.file_of(&entry), size))
+    }
+
+    /// A reader of a regular file's entry.
+    pub(super) fn file_of(&self, entry: &Entry) -> ErofsReader {
+        self.layers[entry.layer].reader(entry.meta.clone())
     }
 
     /// The user name of `uid` in the image's `/etc/passwd`, if any.
@@ -123,7 +137,7 @@ impl ImageView {
     /// `id_field`; the first line for an id wins. Missing or unreadable → empty.
     fn read_ids(&self, path: &str, id_field: usize) -> HashMap<u32, String> {
         let mut text = Vec::new();
-        let read = self.open(path).and_then(|(file, _)| {
+        let read = self.open_file(path).and_then(|(file, _)| {
             file.take(MAX_ACCOUNTS_FILE)
                 .read_to_end(&mut text)
                 .map_err(|source| ImageError::Io { path: path.into(), source })

@@ -4,17 +4,16 @@
 //! A name in a directory resolves to its topmost entry, scanning only the layers where the
 //! parent is a directory: a whiteout (char device 0/0) hides it, a non-directory ends the
 //! scan, directories merge downwards until an opaque one (`trusted.overlay.opaque=y`).
-//! Symlinks are read from the winning layer's records and followed *inside the image*: an
-//! absolute target restarts at the image root and `..` stops at the root, like `chroot`. So
-//! no lookup ever leaves the layer trees (inert trees hold no host symlinks, and each host
-//! path joined here has only real directories as its parent components).
+//! Symlinks are read from the winning layer and followed *inside the image*: an absolute
+//! target restarts at the image root and `..` stops at the root, like `chroot`. Layers are
+//! read in place (inode numbers within each image), so no lookup ever touches a host path.
 
 use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
 
-use crate::inert::{self, Stat};
-use crate::{ImageError, ImageResult, io_err};
+use crate::erofs::ErofsInode;
+use crate::{ImageError, ImageResult};
 
 use super::ImageView;
 
@@ -29,12 +28,11 @@ pub struct Entry {
     pub(super) rel: PathBuf,
     /// Index (topmost first) of the layer the entry comes from.
     pub(super) layer: usize,
-    /// The entry in that layer's tree on the host.
-    pub(super) host: PathBuf,
-    /// The entry's record (and its host inode's `lstat`).
-    pub(super) meta: Stat,
-    /// For a directory, the layers (top first) whose directories merge into it.
-    pub(super) stack: Vec<usize>,
+    /// The entry's inode in that layer.
+    pub(super) meta: ErofsInode,
+    /// For a directory, the layers (top first) whose directories merge into it, each with
+    /// its directory's inode.
+    pub(super) stack: Vec<(usize, ErofsInode)>,
 }
 
 impl Entry {
@@ -50,7 +48,7 @@ impl Entry {
     }
 
     /// The entry's metadata as the image has it.
-    pub fn metadata(&self) -> &Stat {
+    pub fn metadata(&self) -> &ErofsInode {
         &self.meta
     }
 
@@ -76,30 +74,27 @@ impl ImageView {
     /// The image root: the merge of every layer's root directory (whose opacity overlayfs
     /// ignores, and so does this).
     pub(super) fn root(&self) -> ImageResult<Entry> {
-        let Some(top) = self.layers.first() else {
+        if self.layers.is_empty() {
             return Err(ImageError::NotFound { path: "/".into() });
-        };
-        let meta = inert::stat(top)?;
-        if !meta.is_dir() {
-            return Err(ImageError::InvalidTree { path: top.clone(), reason: "layer is not a directory".into() });
         }
-        Ok(Entry { rel: PathBuf::new(), layer: 0, host: top.clone(), meta, stack: (0..self.layers.len()).collect() })
+        let stack = self.layers.iter().enumerate().map(|(i, l)| Ok((i, l.root()?))).collect::<ImageResult<Vec<_>>>()?;
+        Ok(Entry { rel: PathBuf::new(), layer: 0, meta: stack[0].1.clone(), stack })
     }
 
     /// Looks `name` up in the directory `dir`; `None` when absent or whited out.
     pub(super) fn lookup(&self, dir: &Entry, name: &OsStr) -> ImageResult<Option<Entry>> {
         let rel = dir.rel.join(name);
-        let mut found: Option<(usize, PathBuf, Stat)> = None;
+        let mut found: Option<(usize, ErofsInode)> = None;
         let mut stack = Vec::new();
-        for &layer in &dir.stack {
-            let host = self.layers[layer].join(&rel);
-            let Some(meta) = inert::try_stat(&host)? else { continue };
+        for (layer, parent) in &dir.stack {
+            let layer = *layer;
+            let Some(meta) = self.layers[layer].lookup(parent, name.as_bytes())? else { continue };
             if meta.is_dir() {
                 let opaque = meta.is_opaque();
                 if found.is_none() {
-                    found = Some((layer, host, meta));
+                    found = Some((layer, meta.clone()));
                 }
-                stack.push(layer);
+                stack.push((layer, meta));
                 if opaque {
                     break;
                 }
@@ -108,23 +103,22 @@ impl ImageView {
             } else if meta.is_whiteout() {
                 return Ok(None);
             } else {
-                found = Some((layer, host, meta));
+                found = Some((layer, meta));
                 break;
             }
         }
-        Ok(found.map(|(layer, host, meta)| {
+        Ok(found.map(|(layer, meta)| {
             let stack = if meta.is_dir() { stack } else { Vec::new() };
-            Entry { rel, layer, host, meta, stack }
+            Entry { rel, layer, meta, stack }
         }))
     }
 
     /// The visible children of a directory, sorted by name (bytewise).
     pub(super) fn children(&self, dir: &Entry) -> ImageResult<Vec<Entry>> {
         let mut names = std::collections::BTreeSet::<OsString>::new();
-        for &layer in &dir.stack {
-            let host = self.layers[layer].join(&dir.rel);
-            for entry in std::fs::read_dir(&host).map_err(io_err(&host))? {
-                names.insert(entry.map_err(io_err(&host))?.file_name());
+        for (layer, inode) in &dir.stack {
+            for entry in self.layers[*layer].read_dir(inode)?.iter() {
+                names.insert(OsStr::from_bytes(&entry.name).to_owned());
             }
         }
         let mut out = Vec::with_capacity(names.len());
@@ -165,7 +159,7 @@ impl ImageView {
                 if links > MAX_SYMLINKS {
                     return Err(ImageError::SymlinkLoop { path: path.to_owned() });
                 }
-                let target = inert::read_link(&entry.host)?;
+                let target = self.layers[entry.layer].read_link(&entry.meta)?;
                 let target = target.as_slice();
                 if target.starts_with(b"/") {
                     walked.clear();

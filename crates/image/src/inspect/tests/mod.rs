@@ -46,7 +46,7 @@ pub(super) struct Fixture {
 
 impl Fixture {
     pub fn view(&self) -> ImageView {
-        ImageView::new(self.layers.clone())
+        ImageView::of_trees(&self.layers, self._dir.path()).unwrap()
     }
 }
 
@@ -142,7 +142,7 @@ fn names(items: &[FileItem]) -> Vec<&str> {
 }
 
 fn read_all(view: &ImageView, path: &str) -> Vec<u8> {
-    let (mut file, size) = view.open(path).unwrap();
+    let (mut file, size) = view.open_file(path).unwrap();
     let mut body = Vec::new();
     file.read_to_end(&mut body).unwrap();
     assert_eq!(body.len() as u64, size);
@@ -186,7 +186,7 @@ fn resolve_follows_symlinks_inside_the_image() {
     assert!(matches!(view.resolve("/etc/passwd/..", true), Err(ImageError::NotFound { .. })));
     assert!(matches!(view.resolve("/etc/hosts/", true), Err(ImageError::NotDirectory { .. })));
     assert!(matches!(view.resolve("/etc\0", true), Err(ImageError::BadRequest(_))));
-    assert!(matches!(ImageView::new(Vec::new()).resolve("/", true), Err(ImageError::NotFound { .. })));
+    assert!(matches!(ImageView::open(&[]).unwrap().resolve("/", true), Err(ImageError::NotFound { .. })));
 }
 
 #[test]
@@ -318,12 +318,12 @@ fn open_follows_links_to_regular_files_only() {
     assert_eq!(read_all(&view, "/bin/sh"), BUSYBOX);
     assert_eq!(read_all(&view, "/etc/x"), PASSWD.as_bytes());
     assert_eq!(read_all(&view, "/etc/hosts"), b"10.0.0.1 boxwood\n");
-    assert!(matches!(view.open("/dangling"), Err(ImageError::NotFound { .. })));
-    assert!(matches!(view.open("/etc/old.conf"), Err(ImageError::NotFound { .. })));
-    assert!(matches!(view.open("/etc"), Err(ImageError::NotRegular { .. })));
-    assert!(matches!(view.open("/etc/lib"), Err(ImageError::NotRegular { .. })));
-    assert!(matches!(view.open("/srv/fifo"), Err(ImageError::NotRegular { .. })));
-    assert!(matches!(view.open("/loop2"), Err(ImageError::SymlinkLoop { .. })));
+    assert!(matches!(view.open_file("/dangling"), Err(ImageError::NotFound { .. })));
+    assert!(matches!(view.open_file("/etc/old.conf"), Err(ImageError::NotFound { .. })));
+    assert!(matches!(view.open_file("/etc"), Err(ImageError::NotRegular { .. })));
+    assert!(matches!(view.open_file("/etc/lib"), Err(ImageError::NotRegular { .. })));
+    assert!(matches!(view.open_file("/srv/fifo"), Err(ImageError::NotRegular { .. })));
+    assert!(matches!(view.open_file("/loop2"), Err(ImageError::SymlinkLoop { .. })));
     assert!(view.check_archive("/etc/lib").is_ok());
     assert!(matches!(view.check_archive("/srv/fifo"), Err(ImageError::NotRegular { .. })));
     assert!(matches!(view.check_archive("/nope"), Err(ImageError::NotFound { .. })));
@@ -340,8 +340,8 @@ fn busybox_tree_sh_opens_busybox() {
     let tree = dir.path().join("tree");
     std::fs::create_dir(&tree).unwrap();
     crate::build_busybox_tree(busybox, &tree).unwrap();
-    let view = ImageView::new(vec![tree]);
-    let (_, size) = view.open("/bin/sh").unwrap();
+    let view = ImageView::of_trees(&[tree], dir.path()).unwrap();
+    let (_, size) = view.open_file("/bin/sh").unwrap();
     assert_eq!(size, std::fs::metadata(busybox).unwrap().len());
     assert_eq!(view.resolve("/bin/sh", true).unwrap().path(), "/bin/busybox");
     assert!(view.lstat("/bin/sh").unwrap().is_symlink);
