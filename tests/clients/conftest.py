@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import uuid
@@ -158,12 +159,23 @@ class Cli:
         return result
 
     def popen(self, *args: str, **kwargs) -> subprocess.Popen:
-        return subprocess.Popen(
-            [str(CONTREE_BIN), *args],
-            env=self.env,
-            cwd=self.cwd or self.home,
-            **kwargs,
-        )
+        """Start `contree ARGS...` with SIGINT deliverable, as from a terminal.
+
+        A process started in the background by a non-interactive shell (CI runners,
+        `nohup ... &`) inherits SIGINT ignored, and so would the CLI: Python installs its
+        KeyboardInterrupt handler only when SIGINT is not ignored at start-up. A handler in
+        this process during the fork is reset to the default by exec.
+        """
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+        try:
+            return subprocess.Popen(
+                [str(CONTREE_BIN), *args],
+                env=self.env,
+                cwd=self.cwd or self.home,
+                **kwargs,
+            )
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
     def with_session(self, session: str) -> Cli:
         return Cli(home=self.home, session=session, cwd=self.cwd)

@@ -170,6 +170,13 @@ def test_run_interpreter_shebang_script(cli: Cli, tmp_path: Path) -> None:
     assert proc.stdout.decode() == "shebang-ok host=linuxkit\n1\n", detail
 
 
+def sigint_ignored(pid: int) -> bool:
+    """Whether SIGINT is ignored by process `pid` (its `SigIgn` mask in /proc)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return bool(mask & (1 << (signal.SIGINT - 1)))
+
+
 def test_ctrl_c_sends_sigint_to_main_process(cli: Cli) -> None:
     remote = (
         'trap "echo got-int; kill \\$pid 2>/dev/null; exit 7" INT; '
@@ -206,6 +213,8 @@ def test_ctrl_c_sends_sigint_to_main_process(cli: Cli) -> None:
             raise AssertionError(fail("remote command never printed 'ready'")) from None
         stdout.append(first)
         assert first == b"ready\n", fail("unexpected first line")
+        # A CLI that ignores SIGINT (inherited from a background launch) could never pass.
+        assert not sigint_ignored(proc.pid), fail("the CLI process ignores SIGINT")
 
         proc.send_signal(signal.SIGINT)
         interrupted_at = time.monotonic()
