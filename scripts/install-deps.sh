@@ -14,8 +14,10 @@ need_root() { [[ $(id -u) == 0 ]] || { echo "install-deps: run as root" >&2; exi
 # openssl: e2e ca_certs makes a CA certificate. mmdebstrap: e2e python builds its image.
 # gcc, libc6-dev: e2e abuse_guest builds a static guest program (and cargo links with cc).
 # procps: scripts/scan-state.sh (e2e abuse_state) lists the server's QEMUs with ps.
+# prometheus: e2e metrics scrapes /metrics with a real Prometheus.
 packages=(busybox-static erofs-utils e2fsprogs lz4 linux-image-cloud-amd64 ca-certificates nftables
-  docker-registry skopeo umoci apache2-utils python3-venv curl openssl mmdebstrap gcc libc6-dev procps)
+  docker-registry skopeo umoci apache2-utils python3-venv curl openssl mmdebstrap gcc libc6-dev procps
+  prometheus)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -28,6 +30,12 @@ if ((${#missing[@]} == 0 && have_qemu == 1)); then
 fi
 need_root
 export DEBIAN_FRONTEND=noninteractive
+# No service of these packages is started (docker-registry and prometheus ship one; the tests
+# run their own on random ports): the standard policy-rc.d veto, for this install only.
+if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+  printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d && chmod 0755 /usr/sbin/policy-rc.d
+  trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+fi
 apt-get update -qq
 # The archive suite that offers qemu-system-x86 at version $1 (e.g. bookworm-backports), if any.
 # (`apt-cache show pkg=version` succeeds even for a version it does not know; madison lists.)

@@ -191,7 +191,10 @@ fn fork_exec(
     unsafe {
         cmd.pre_exec(move || child_setup(jobs, &root, &prefixes, &cwd, uid, gid));
     }
+    // std waits here until the child has exec'd: a child blocked before that blocks the agent.
+    let watch = crate::stuck::Watch::start();
     let spawned = cmd.spawn();
+    drop(watch);
     drop(cmd); // closes the child's ends of the pipes
     match spawned {
         Ok(child) => {

@@ -54,7 +54,7 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = Json(json!({"error": self.message, "status": self.status.as_u16()}));
         let mut response = (self.status, body).into_response();
-        if matches!(self.status, StatusCode::GONE | StatusCode::TOO_EARLY) {
+        if matches!(self.status, StatusCode::GONE | StatusCode::TOO_EARLY | StatusCode::SERVICE_UNAVAILABLE) {
             // Clients with a retry policy wait this many seconds before trying again.
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }

@@ -182,3 +182,24 @@ pub async fn import_image(
     let loc = location(&format!("/v1/operations/{}", created.uuid));
     Ok((StatusCode::CREATED, [(header::LOCATION, loc)], Json(created)).into_response())
 }
+
+/// Liveness: the process answers. No token: orchestrators probe without one.
+pub async fn healthz() -> Response {
+    Json(serde_json::json!({"status": "ok"})).into_response()
+}
+
+/// Readiness: 200 when the server can take work, else 503 in the error envelope naming the
+/// failing checks. No token, and nothing but check states.
+pub async fn readyz(State(svc): State<Service>) -> Response {
+    let r = svc.readiness().await;
+    if r.ready {
+        return Json(r).into_response();
+    }
+    let body = serde_json::json!({
+        "error": format!("not ready: {}", r.checks.failing().join(", ")),
+        "status": 503,
+        "ready": false,
+        "checks": r.checks,
+    });
+    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+}

@@ -1,11 +1,14 @@
 //! Boxwood's HTTP API: the Contree v1 routes (`/v1/...`) over [`boxwood_core::Service`].
 //! Handlers parse and delegate; errors become the contract's envelope in [`error`].
 
+mod admin;
 mod error;
 mod extract;
 mod handlers;
 mod inspect;
+mod metrics;
 mod processes;
+mod serve;
 mod sse;
 
 use std::any::Any;
@@ -22,7 +25,10 @@ use tower_http::compression::CompressionLayer;
 use tower_http::compression::predicate::NotForContentType;
 use tower_http::trace::TraceLayer;
 
+pub use admin::{ADMIN_SOCKET, admin_router};
 pub use error::{ApiError, ApiResult};
+pub use metrics::install_metrics;
+pub use serve::{HttpConfig, serve};
 
 /// Spawn requests carry stdin inline; allow generous bodies.
 const MAX_JSON_BODY: usize = 64 * 1024 * 1024;
@@ -54,6 +60,9 @@ pub fn router(service: Service) -> Router {
         .route("/inspect/{id}/archive", get(inspect::archive).head(inspect::head_archive))
         .route("/inspect/{id}/grep", get(inspect::grep));
     Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics::metrics))
         .nest("/v1", v1)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -44,6 +44,10 @@ pub trait BlobStore: Send + Sync {
     fn path(&self, sha256: &str) -> BlobResult<Option<PathBuf>>;
     /// Free and total space of the filesystem the blobs live on.
     fn space(&self) -> BlobResult<DiskSpace>;
+    /// Disk the stored blobs take (allocated bytes).
+    fn stored_bytes_total(&self) -> BlobResult<u64>;
+    /// Deletes a blob; returns the bytes it took on disk (0 if it was not there).
+    fn remove(&self, sha256: &str) -> BlobResult<u64>;
 }
 
 /// Space on the filesystem holding the store.
@@ -137,6 +141,39 @@ impl BlobStore for FsBlobStore {
         Ok(p.is_file().then_some(p))
     }
 
+    fn remove(&self, sha256: &str) -> BlobResult<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        let p = self.blob_path(&normalize_sha256(sha256)?);
+        let bytes = match std::fs::metadata(&p) {
+            Ok(m) => m.blocks() * 512,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io(&p)(e)),
+        };
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(io(&p)(e)),
+        }
+    }
+
+    fn stored_bytes_total(&self) -> BlobResult<u64> {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut total = 0;
+        let mut stack = vec![self.root.join("sha256")];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let Ok(m) = entry.metadata() else { continue };
+                if m.is_dir() {
+                    stack.push(entry.path());
+                } else {
+                    total += m.blocks() * 512;
+                }
+            }
+        }
+        Ok(total)
+    }
+
     fn space(&self) -> BlobResult<DiskSpace> {
         let st = rustix::fs::statvfs(&self.root)
             .map_err(|e| std::io::Error::from_raw_os_error(e.raw_os_error()))
@@ -171,5 +208,8 @@ mod tests {
         assert_eq!(empty.size, 0);
         let space = store.space().unwrap();
         assert!(space.total_bytes > 0 && space.free_bytes <= space.total_bytes, "{space:?}");
+        assert!(store.remove(&a.sha256).unwrap() > 0);
+        assert!(store.path(&a.sha256).unwrap().is_none());
+        assert_eq!(store.remove(&a.sha256).unwrap(), 0, "removing twice is not an error");
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -16,7 +16,7 @@ use boxwood_core::{Backends, Service};
 use boxwood_image::{FsLayerStore, LayerStore, build_busybox_tree};
 use boxwood_store::{ImageRecord, SqliteStore};
 use boxwood_vm::{QemuRuntime, VmConfig, VmRuntime, prepare_guest_assets, reap_stale};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 
 use crate::config::Config;
 use crate::network::{Egress, NetworkGate, start_egress};
@@ -36,10 +36,15 @@ pub struct App {
     egress: Egress,
     /// Closed last, so the database is checkpointed and its `-wal` settled when `serve` returns.
     db: Arc<SqliteStore>,
+    http: boxwood_api::HttpConfig,
+    /// The operator's socket (`boxwood gc`, `boxwood usage`) and its path.
+    admin: (UnixListener, PathBuf),
 }
 
 impl App {
     pub async fn start(mut config: Config) -> anyhow::Result<Self> {
+        // First, so the start-up's own work (the template, the first sweep) is counted.
+        boxwood_api::install_metrics();
         let state = config.state_dir.clone();
         crate::state::prepare(&state)?;
         let bootstrap_token = if config.tokens.is_empty() {
@@ -88,7 +93,8 @@ impl App {
         let service = Service::start(config.core.clone(), &config.tokens, backends).await?;
         seed_base_image(&service, layers.as_ref(), &config.busybox).await?;
         let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
-        Ok(Self { service, listener, bootstrap_token, accel, egress, db })
+        let admin = bind_admin(&state.join(boxwood_api::ADMIN_SOCKET))?;
+        Ok(Self { service, listener, bootstrap_token, accel, egress, db, http: config.http.clone(), admin })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -100,21 +106,32 @@ impl App {
     }
 
     /// Serves until `shutdown` resolves; then stops every run (each ends with its completion
-    /// written and its VM gone) before the last connections close.
+    /// written and its VM gone) and lets requests in flight finish, within the shutdown
+    /// grace (`[http]`), before the last connections close.
     pub async fn serve(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let service = self.service.clone();
+        let (admin_listener, admin_path) = self.admin;
+        let admin_stop = tokio_util::sync::CancellationToken::new();
+        let admin = axum::serve(admin_listener, boxwood_api::admin_router(self.service.clone()))
+            .with_graceful_shutdown(admin_stop.clone().cancelled_owned());
+        let admin = tokio::spawn(async move {
+            if let Err(e) = admin.await {
+                tracing::warn!(error = %e, "the admin socket stopped serving");
+            }
+        });
         let router = boxwood_api::router(self.service);
-        let served = axum::serve(self.listener, router)
-            .with_graceful_shutdown(async move {
-                shutdown.await;
-                tracing::info!("shutting down: stopping active runs");
-                service.shutdown().await;
-            })
-            .await
-            .context("serving HTTP");
+        boxwood_api::serve(self.listener, router, &self.http, shutdown, async move { service.shutdown().await }).await;
+        admin_stop.cancel();
+        if tokio::time::timeout(std::time::Duration::from_secs(2), admin).await.is_err() {
+            tracing::warn!("an admin request outlived the shutdown");
+        }
+        let _ = std::fs::remove_file(&admin_path);
         drop(self.egress);
-        self.db.close().await;
-        served
+        // A task the grace cut short may still hold a connection; the WAL is safe either way.
+        if tokio::time::timeout(std::time::Duration::from_secs(5), self.db.close()).await.is_err() {
+            tracing::warn!("the database did not close in time");
+        }
+        Ok(())
     }
 }
 
@@ -128,6 +145,20 @@ pub async fn open_store(state_dir: &Path) -> anyhow::Result<Arc<SqliteStore>> {
 
 async fn open_db(state_dir: &Path) -> anyhow::Result<Arc<SqliteStore>> {
     Ok(Arc::new(SqliteStore::open(&state_dir.join("boxwood.db")).await.context("opening the database")?))
+}
+
+/// Binds the operator's socket, replacing one a previous process left (the state dir is
+/// this server's alone: its stores are locked by now). Owner-only, inside a 0700 dir.
+fn bind_admin(path: &Path) -> anyhow::Result<(UnixListener, PathBuf)> {
+    use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        anyhow::ensure!(m.file_type().is_socket(), "{} exists and is not a socket", path.display());
+        std::fs::remove_file(path).with_context(|| format!("removing the stale {}", path.display()))?;
+    }
+    let listener = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} private", path.display()))?;
+    Ok((listener, path.to_owned()))
 }
 
 /// Reads the bootstrap token, creating it (0600) on first start.

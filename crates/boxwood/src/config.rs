@@ -30,6 +30,9 @@ pub struct Config {
     /// "Guest networks").
     pub network: NetworkConfig,
     pub core: CoreConfig,
+    /// Deadlines for peers that stall (headers, bodies, writes), the connection cap and the
+    /// shutdown grace.
+    pub http: boxwood_api::HttpConfig,
     /// Image imports: registry mirrors, plain-http registries, internal hosts imports may reach
     /// (`allow_hosts`) and the directories local sources may name (`local_dirs`, none by default).
     pub registry: boxwood_oci::RegistryConfig,
@@ -49,6 +52,7 @@ impl Default for Config {
             vm: VmConfig::default(),
             network: NetworkConfig::default(),
             core: CoreConfig::default(),
+            http: boxwood_api::HttpConfig::default(),
             registry: boxwood_oci::RegistryConfig::default(),
             tokens: Vec::new(),
         }
@@ -114,6 +118,7 @@ impl Config {
         };
         env.apply(&mut cfg)?;
         flags.apply(&mut cfg)?;
+        cfg.core.retention.validate().map_err(anyhow::Error::msg)?;
         Ok(cfg)
     }
 

@@ -12,8 +12,18 @@ use tracing_subscriber::EnvFilter;
 #[derive(Parser)]
 #[command(name = "boxwood", version, about = "Self-hosted microVM sandboxes speaking the Contree API")]
 struct Cli {
+    /// Log lines on stderr: `text`, or `json` (one object per line, with the operation id of
+    /// a run's lines in its span).
+    #[arg(long, global = true, env = "BOXWOOD_LOG_FORMAT", default_value = "text")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Subcommand)]
@@ -38,6 +48,25 @@ enum Command {
     },
     /// Print the SHA-256 to put in a `[[tokens]]` entry instead of the secret.
     HashToken { secret: String },
+    /// Run one pass of the retention policy ([core.retention]) on the running server now.
+    Gc {
+        /// List what the pass would remove first, and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the server's JSON report.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
+    /// Show what each namespace keeps on the running server (images, uploads, event logs).
+    Usage {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        state: StateArgs,
+    },
     /// Manage API tokens kept in the server's database (only their hashes are stored).
     Token {
         #[command(subcommand)]
@@ -49,6 +78,24 @@ enum Command {
         #[arg(long, global = true)]
         state_dir: Option<PathBuf>,
     },
+}
+
+/// Where a command finds the server's state dir.
+#[derive(clap::Args)]
+struct StateArgs {
+    /// TOML configuration file (for its state_dir).
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// State directory (overrides config and BOXWOOD_STATE_DIR).
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+}
+
+impl StateArgs {
+    fn load(self) -> anyhow::Result<Config> {
+        let flags = Overrides { state_dir: self.state_dir, ..Overrides::default() };
+        Config::load(self.config.as_deref(), Overrides::from_env()?, flags)
+    }
 }
 
 #[derive(Subcommand)]
@@ -74,11 +121,15 @@ enum TokenAction {
 async fn main() -> anyhow::Result<()> {
     // First: the database, blobs, layers, guest assets and every QEMU's files are private.
     boxwood::state::set_private_umask();
-    tracing_subscriber::fmt()
+    let cli = Cli::parse();
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
-    match Cli::parse().command {
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
+    }
+    match cli.command {
         Command::HashToken { secret } => {
             println!("{}", boxwood_core::auth::sha256_hex(&secret));
             Ok(())
@@ -87,6 +138,27 @@ async fn main() -> anyhow::Result<()> {
             let flags = Overrides { state_dir, ..Overrides::default() };
             let cfg = Config::load(config.as_deref(), Overrides::from_env()?, flags)?;
             token_command(action, &cfg).await
+        }
+        Command::Gc { dry_run, json, state } => {
+            let cfg = state.load()?;
+            let target = if dry_run { "/gc?dry_run=true" } else { "/gc" };
+            let report = boxwood::admin::request(&cfg.state_dir, "POST", target).await?;
+            if json {
+                println!("{report:#}")
+            } else {
+                boxwood::admin::print_gc(&report)
+            }
+            Ok(())
+        }
+        Command::Usage { json, state } => {
+            let cfg = state.load()?;
+            let rows = boxwood::admin::request(&cfg.state_dir, "GET", "/usage").await?;
+            if json {
+                println!("{rows:#}")
+            } else {
+                boxwood::admin::print_usage(&rows)
+            }
+            Ok(())
         }
         Command::Serve { config, listen, state_dir, accel, agent } => {
             let flags = Overrides { listen, state_dir, accel, agent_binary: agent };

@@ -101,6 +101,14 @@ impl VmRuntime for NetworkGate {
     fn accel(&self) -> &str {
         self.inner.accel()
     }
+
+    fn fast_start(&self) -> boxwood_vm::FastStartState {
+        self.inner.fast_start()
+    }
+
+    fn idle_qemu_pids(&self) -> Vec<u32> {
+        self.inner.idle_qemu_pids()
+    }
 }
 
 #[cfg(test)]

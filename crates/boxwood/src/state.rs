@@ -3,8 +3,8 @@
 //!
 //! Everything the server creates gets its mode from the umask ([`PRIVATE_UMASK`]: files 0600,
 //! dirs 0700); the few files another uid must open are handed over as fds, never by path
-//! (see "The QEMU jail" in docs/ARCHITECTURE.md). The unpacked image trees (`images/trees/`)
-//! are left to the image store, which keeps their modes as data.
+//! (see "The QEMU jail" in docs/ARCHITECTURE.md). The unpacked layer trees older versions
+//! kept (`images/trees/`) are left to the image store, which removes them when it opens.
 
 use std::fs;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

@@ -2,7 +2,7 @@
 //! codes in exactly one place.
 
 use boxwood_image::ImageError;
-use boxwood_store::StoreError;
+use boxwood_store::{Condition, StoreError};
 
 /// What kind of failure an error is, independent of transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub enum CoreError {
     /// Storing this would take the host's free-space reserve; nothing was stored.
     #[error("{0}")]
     InsufficientStorage(String),
-    #[error("metadata store failure")]
+    #[error("{}", store_message(.0))]
     Store(#[from] StoreError),
     /// Image reads and layer work; client-facing for the path errors of inspection.
     #[error("{0}")]
@@ -77,8 +77,19 @@ impl CoreError {
                 ImageError::NotDirectory { .. } | ImageError::NotRegular { .. } | ImageError::SymlinkLoop { .. },
             ) => ErrorKind::Unprocessable,
             CoreError::Image(ImageError::BadRequest(_)) => ErrorKind::BadRequest,
-            CoreError::Store(_) | CoreError::Image(_) | CoreError::Internal(_) => ErrorKind::Internal,
+            CoreError::Store(e) => match e.condition() {
+                Condition::Full => ErrorKind::InsufficientStorage,
+                Condition::Unavailable => ErrorKind::Unavailable,
+                Condition::Broken => ErrorKind::Internal,
+            },
+            CoreError::Image(_) | CoreError::Internal(_) => ErrorKind::Internal,
         }
+    }
+
+    /// The host's disk filled up under this request (below the reserve, something else took
+    /// the space); nothing of it was kept.
+    pub(crate) fn disk_full() -> Self {
+        CoreError::InsufficientStorage(DISK_FULL.into())
     }
 
     pub(crate) fn bad(msg: impl Into<String>) -> Self {
@@ -87,6 +98,17 @@ impl CoreError {
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;
+
+const DISK_FULL: &str = "the server's disk is full; retry once space is freed";
+
+/// What a client is told of a store failure: its condition, never SQLite's text.
+fn store_message(e: &StoreError) -> &'static str {
+    match e.condition() {
+        Condition::Full => DISK_FULL,
+        Condition::Unavailable => "the metadata store is temporarily unavailable; retry shortly",
+        Condition::Broken => "metadata store failure",
+    }
+}
 
 /// Logs `e` in full under a fresh error id and returns `shown` (what the client may read)
 /// with that id, so an operator can find the details the client was not told.
@@ -102,6 +124,20 @@ pub fn error_id() -> String {
     let mut id = uuid::Uuid::new_v4().simple().to_string();
     id.truncate(12);
     id
+}
+
+/// Whether `e` or one of its sources is the host's filesystem running out of space (or of
+/// its quota).
+pub(crate) fn out_of_space(e: &(dyn std::error::Error + 'static)) -> bool {
+    use std::io::ErrorKind::{QuotaExceeded, StorageFull};
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if e.downcast_ref::<std::io::Error>().is_some_and(|e| matches!(e.kind(), StorageFull | QuotaExceeded)) {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// An error and its sources on one line, for logs.

@@ -134,6 +134,7 @@ impl EventLog {
         let mut w = self.inner.lock().await;
         let ev = w.record(None, "completion", completion_data(op));
         w.store.finish_operation(op, &ev).await?;
+        crate::metrics::operation_finished(op);
         w.completed = true;
         w.notify.send_replace(ev.id);
         Ok(())

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod clock;
 mod error;
 mod events;
+pub mod metrics;
 pub mod model;
 pub mod operations;
 mod process;
@@ -22,4 +23,6 @@ pub mod inspect {
 }
 
 pub use error::{CoreError, CoreResult, ErrorKind, error_chain, error_id, reported};
-pub use service::{Backends, CoreConfig, ImageQuery, OperationQuery, Page, Service};
+pub use service::{
+    Backends, CoreConfig, GcImage, GcReport, ImageQuery, NamespaceUsage, OperationQuery, Page, RetentionConfig, Service,
+};

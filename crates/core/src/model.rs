@@ -308,6 +308,72 @@ pub struct LineageView {
     pub ancestors: Vec<ImageView>,
     /// Direct children, oldest first.
     pub children: Vec<ImageView>,
+    /// Direct children the retention policy removed, oldest first.
+    pub removed_children: Vec<RemovedImageView>,
+}
+
+/// An image the retention policy removed, as lineage names it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RemovedImageView {
+    pub uuid: String,
+    pub created_at: String,
+    pub removed_at: String,
+    pub reason: String,
+}
+
+/// `GET /readyz`: whether this server can take work now, check by check (no numbers, no
+/// paths: the probe needs no token).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub checks: ReadinessChecks,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ReadinessChecks {
+    /// A write to the metadata store commits.
+    pub store: Check,
+    /// Free space on the state dir's filesystem is above the reserve (and not zero).
+    pub disk: Check,
+    /// Fast start: `building` is not ready yet; `cold_boot` (no template could be made) and
+    /// `off` still serve, more slowly.
+    pub template: TemplateCheck,
+    /// New runs are accepted (not shutting down).
+    pub runs: Check,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Check {
+    Ok,
+    Failing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TemplateCheck {
+    Building,
+    Ready,
+    ColdBoot,
+    Off,
+}
+
+impl ReadinessChecks {
+    /// The names of the checks that fail.
+    pub fn failing(&self) -> Vec<&'static str> {
+        let mut v = Vec::new();
+        for (name, ok) in [
+            ("store", self.store == Check::Ok),
+            ("disk", self.disk == Check::Ok),
+            ("template", self.template != TemplateCheck::Building),
+            ("runs", self.runs == Check::Ok),
+        ] {
+            if !ok {
+                v.push(name);
+            }
+        }
+        v
+    }
 }
 
 /// `WhoAmIResponse`.

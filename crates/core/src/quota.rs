@@ -84,6 +84,13 @@ impl From<StorageRefusal> for CoreError {
     }
 }
 
+/// Held from a layer's publication until the image naming it is recorded: the namespace's
+/// storage lock (its next persist sees this layer) and the layer's pin (a sweep keeps it).
+pub(crate) struct PublishGuard {
+    _storage: OwnedMutexGuard<()>,
+    _pin: boxwood_image::LayerPin,
+}
+
 /// A layer that failed to publish: refused by a storage rule, or broken otherwise.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PublishError {
@@ -152,6 +159,13 @@ impl Storage {
         Ok(total)
     }
 
+    /// Free space is above the reserve and above 1 MiB (for readiness: with the reserve off,
+    /// a full disk still fails).
+    pub(crate) fn above_reserve(&self) -> CoreResult<bool> {
+        let space = self.layers.space()?;
+        Ok(space.free_bytes >= self.rules.min_free_bytes.max(1 << 20))
+    }
+
     /// Free space on the layers' filesystem is above the reserve.
     fn layers_have_room(&self) -> CoreResult<bool> {
         if self.rules.min_free_bytes == 0 {
@@ -174,12 +188,12 @@ impl Storage {
 
     /// Publishes a staged layer for `namespace` if it fits the namespace's remaining image
     /// quota and leaves the reserve free. The guard must be held until the image that uses
-    /// the layer is recorded.
+    /// the layer is recorded (it holds the namespace's storage lock and the layer's pin).
     pub(crate) async fn publish_layer(
         &self,
         namespace: &str,
         tree: std::path::PathBuf,
-    ) -> Result<(LayerInfo, OwnedMutexGuard<()>), PublishError> {
+    ) -> Result<(LayerInfo, PublishGuard), PublishError> {
         let lock = {
             let mut locks = self.image_locks.lock().unwrap_or_else(|e| e.into_inner());
             locks.entry(namespace.to_owned()).or_default().clone()
@@ -190,7 +204,10 @@ impl Storage {
         let limits =
             CommitLimits { max_stored_bytes: quota.saturating_sub(used), min_free_bytes: self.rules.min_free_bytes };
         match self.layers.commit_tree_limited(tree, limits).await {
-            Ok(info) => Ok((info, guard)),
+            Ok(info) => {
+                let pin = info.pin.clone();
+                Ok((info, PublishGuard { _storage: guard, _pin: pin }))
+            }
             Err(ImageError::OverBudget { needed, .. }) => {
                 Err(StorageRefusal::ImageQuota { used, quota, needed: Some(needed) }.into())
             }

@@ -1,22 +1,21 @@
 //! Image layers on the host. An image is a stack of immutable layers (topmost first); each
-//! layer is kept twice under the store root:
+//! layer is one file under the store root:
 //!
 //! ```text
 //! <root>/layers/<sha256>.erofs   the layer as a read-only erofs image, attached to VMs as a
-//!                                virtio-blk disk and stacked with overlayfs in the guest;
-//!                                named by the sha256 of the file itself
-//! <root>/trees/<sha256>/         the same layer unpacked in overlayfs "upper" format as an
-//!                                inert tree (see [`inert`]: only 0700 dirs and 0600 files,
-//!                                the image's metadata kept as data), read by host-side
-//!                                inspection and by squashing, never by a VM
+//!                                virtio-blk disk and stacked with overlayfs in the guest,
+//!                                read in place by host-side inspection and merging
+//!                                ([`erofs::ErofsImage`]); named by the sha256 of the file
 //! <root>/tmp/                    staging; on the same filesystem, so publishing is a rename
 //! ```
-//! A layer becomes visible only by `rename` of a fully written, fsynced file and tree, so a
-//! crash leaves either the whole layer or stray staging files that start-up removes.
+//! A layer becomes visible only by `rename` of a fully written, fsynced file, so a crash
+//! leaves either the whole layer or stray staging files that start-up removes.
 //!
-//! Trees come from [`unpack_layer_from`] (a layer tar exported by the guest agent, unpacked
-//! without ever writing outside the staging tree) or [`merge_layers`] (squashing a stack of
-//! trees with overlayfs semantics).
+//! Layers are written from an inert staging tree (see [`inert`]: only 0700 dirs and 0600
+//! files, the image's metadata kept as data) that [`unpack_layer_from`] fills from a layer
+//! tar (exported by the guest agent or pulled from a registry, never writing outside the
+//! tree) and that is removed once its erofs image is published, or by [`merge_layers`]
+//! straight from other layers' images (squashing a stack with overlayfs semantics).
 
 mod base;
 pub mod erofs;
@@ -24,6 +23,7 @@ mod fsutil;
 pub mod inert;
 mod inspect;
 mod merge;
+mod pins;
 pub mod sparse;
 mod store;
 pub mod tarname;
@@ -36,10 +36,12 @@ pub use inspect::{
     ImageView, format_listing,
 };
 pub use merge::merge_layers;
+pub use pins::{LayerPin, Sweep};
 pub use store::{FsLayerStore, LayerInfo};
 pub use unpack::{UnpackLimits, UnpackStats, unpack_layer_from};
 pub use usage::{CommitLimits, DiskSpace, disk_space};
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
 use async_trait::async_trait;
@@ -101,22 +103,48 @@ pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ImageError +
 /// Where layers live; the core sees only this.
 #[async_trait]
 pub trait LayerStore: Send + Sync {
-    /// The erofs disk image of a layer, to attach to a VM.
-    fn layer_disk(&self, digest: &str) -> ImageResult<PathBuf>;
-    /// The unpacked tree of a layer (overlayfs "upper" format), read-only for callers.
-    fn layer_tree(&self, digest: &str) -> ImageResult<PathBuf>;
+    /// The erofs disk images of `digests`, pinned (not removed by a sweep) while the pin is
+    /// held: keep it until the files are open (a VM has its disks, a view its files).
+    /// [`ImageError::MissingLayer`] if one is gone.
+    fn open_layers(&self, digests: &[String]) -> ImageResult<PinnedLayers>;
     /// A fresh staging directory on the store's filesystem, for building a layer tree.
     fn staging_dir(&self) -> ImageResult<PathBuf>;
-    /// Turns a staged tree into a published layer (erofs image + tree), consuming the tree.
+    /// Turns a staged tree into a published layer (its erofs image), consuming the tree.
     async fn commit_tree(&self, tree: PathBuf) -> ImageResult<LayerInfo> {
         self.commit_tree_limited(tree, CommitLimits::NONE).await
     }
-    /// [`Self::commit_tree`] within `limits`: the layer is measured (tree, then the written
-    /// erofs image) before it is published; past a limit it is discarded with
+    /// [`Self::commit_tree`] within `limits`: the layer is measured (the tree, then the
+    /// written erofs image) before it is published; past a limit it is discarded with
     /// [`ImageError::OverBudget`] or [`ImageError::LowSpace`] and the tree is left to the caller.
     async fn commit_tree_limited(&self, tree: PathBuf, limits: CommitLimits) -> ImageResult<LayerInfo>;
-    /// What a published layer costs on disk (allocated bytes of its erofs image and its tree).
+    /// Publishes an erofs image written in a staging directory (a [`merge_layers`] result
+    /// holding `content_bytes` of file data) within `limits`, consuming the file.
+    async fn commit_image(&self, image: PathBuf, content_bytes: u64, limits: CommitLimits) -> ImageResult<LayerInfo>;
+    /// What a published layer costs on disk (allocated bytes of its erofs image).
     async fn stored_bytes(&self, digest: &str) -> ImageResult<u64>;
     /// Free and total space of the filesystem the layers live on.
     fn space(&self) -> ImageResult<DiskSpace>;
+    /// Disk every published layer takes together (allocated bytes).
+    fn stored_bytes_total(&self) -> ImageResult<u64>;
+    /// Starts a sweep of unreferenced layers: notes the layers no one has pinned now. The
+    /// caller then reads which layers images reference and calls [`Self::sweep_finish`].
+    fn sweep_begin(&self) -> ImageResult<Sweep>;
+    /// Removes the layers of `sweep` that `referenced` lacks and that were not pinned since
+    /// it began; returns what was reclaimed.
+    async fn sweep_finish(&self, sweep: Sweep, referenced: &HashSet<String>) -> ImageResult<Reclaimed>;
+}
+
+/// Layer files and the pin that keeps them in place.
+#[derive(Debug)]
+pub struct PinnedLayers {
+    pub paths: Vec<PathBuf>,
+    pub pin: LayerPin,
+}
+
+/// What a sweep removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reclaimed {
+    pub layers: Vec<String>,
+    /// Allocated bytes the removed layer files took.
+    pub bytes: u64,
 }

@@ -1,23 +1,25 @@
-//! [`merge_layers`]: squashes a stack of (inert) layer trees into one tree with overlayfs
-//! semantics.
+//! [`merge_layers`]: squashes a stack of erofs layer images into one erofs image with
+//! overlayfs semantics, reading the layers in place (no tree is unpacked).
 //!
 //! The walk is top-down: each path is resolved once, the way overlayfs looks it up, by
 //! scanning the layers from the top and stopping at the first non-directory, whiteout or
-//! opaque directory. So the cost is one record read per layer per name and one copy of each
-//! visible entry, never a copy of something a higher layer hides.
+//! opaque directory. So the cost is one lookup per layer per name and one copy of each
+//! visible file's data, never a copy of something a higher layer hides.
 
 use std::collections::{BTreeSet, HashMap};
-use std::ffi::OsString;
-use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 
-use crate::fsutil::{self, OPAQUE_XATTR, OVERLAY_XATTR_PREFIX};
-use crate::inert::{self, Kind, Meta, Stat};
-use crate::{ImageError, ImageResult, io_err};
+use crate::erofs::source::node_meta;
+use crate::erofs::{Content, ErofsImage, ErofsInode, Node, NodeId, NodeKind, Tree, write_image};
+use crate::fsutil::{OPAQUE_XATTR, OVERLAY_XATTR_PREFIX};
+use crate::inert::{Kind, Meta};
+use crate::{ImageError, ImageResult};
 
-/// Squashes `layers` (topmost first, each a tree in overlayfs "upper" format) into `out`
-/// (created if missing, else it must be an empty directory), so that `out` stacked on the
-/// layers that were below `layers` shows exactly what the original stack showed.
+/// Squashes `layers` (erofs images, topmost first, each in overlayfs "upper" format) into
+/// the new erofs image `out`, so that `out` stacked on the layers that were below `layers`
+/// shows exactly what the original stack showed. Returns the bytes of regular-file content
+/// the result holds, counted per name.
 ///
 /// * A path resolves to its topmost entry; a whiteout there hides it; directories merge
 ///   downwards until an opaque one, a non-directory or a whiteout (which they hide).
@@ -30,141 +32,130 @@ use crate::{ImageError, ImageResult, io_err};
 /// * Owner, mode, times and xattrs are copied from the entry that wins (for a directory,
 ///   the topmost one, as overlayfs shows it), except the overlayfs-private
 ///   `trusted.overlay.*` xattrs, which only this function writes. Names hardlinked within
-///   one layer stay hardlinked. Sockets are skipped with a warning. Like overlayfs, opacity
-///   of a layer's root directory is ignored.
-pub fn merge_layers(layers: &[&Path], out: &Path, keep_whiteouts: bool) -> ImageResult<()> {
-    let Some(top) = layers.first() else {
+///   one layer stay hardlinked; holes stay holes. Sockets are skipped with a warning. Like
+///   overlayfs, opacity of a layer's root directory is ignored.
+pub fn merge_layers(layers: &[&Path], out: &Path, keep_whiteouts: bool) -> ImageResult<u64> {
+    if layers.is_empty() {
         return Err(ImageError::InvalidTree { path: out.to_owned(), reason: "no layers to merge".into() });
-    };
-    for layer in layers {
-        if !inert::stat(layer)?.is_dir() {
-            return Err(ImageError::InvalidTree {
-                path: layer.to_path_buf(),
-                reason: "layer is not a directory".into(),
-            });
-        }
     }
-    match out.symlink_metadata() {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::create_dir(out).map_err(io_err(out))?,
-        Err(e) => return Err(io_err(out)(e)),
-        Ok(m) if m.is_dir() && std::fs::read_dir(out).map_err(io_err(out))?.next().is_none() => {}
-        Ok(_) => {
-            return Err(ImageError::InvalidTree { path: out.to_owned(), reason: "not an empty directory".into() });
-        }
+    let images = layers.iter().map(|l| ErofsImage::open(l).map(Arc::new)).collect::<ImageResult<Vec<_>>>()?;
+    let roots = images.iter().enumerate().map(|(i, im)| Ok((i, im.root()?))).collect::<ImageResult<Vec<_>>>()?;
+    let mut tree = Tree::new(node_meta(&dir_record(&roots[0].1.meta, false)));
+    let mut merger = Merger { images: &images, links: HashMap::new(), content_bytes: 0 };
+    let mut tasks = vec![Task { node: 0, stack: roots, hides_below: keep_whiteouts }];
+    while let Some(task) = tasks.pop() {
+        merger.dir(&mut tree, task, &mut tasks)?;
     }
-    let mut merger = Merger { layers, out, links: HashMap::new() };
-    inert::init_root(out, &dir_record(&inert::stat(top)?.meta, false))?;
-    let mut tasks = vec![Task { rel: PathBuf::new(), stack: (0..layers.len()).collect(), hides_below: keep_whiteouts }];
-    while let Some(Task { rel, stack, hides_below }) = tasks.pop() {
-        merger.dir(&rel, &stack, hides_below, &mut tasks)?;
-    }
-    Ok(())
+    write_image(&tree, out)?;
+    Ok(merger.content_bytes)
 }
 
-/// Fill the (created) output directory `rel` from the layers in `stack` (indices, top
-/// first) where `rel` is a directory. `hides_below`: whiteouts and opaque marks written
-/// here still matter, as layers below the merge may be visible through this directory.
+/// Fill the output directory `node` from the layers' directories in `stack` (layer index
+/// and inode, top first). `hides_below`: whiteouts and opaque marks written here still
+/// matter, as layers below the merge may be visible through this directory.
 struct Task {
-    rel: PathBuf,
-    stack: Vec<usize>,
+    node: NodeId,
+    stack: Vec<(usize, ErofsInode)>,
     hides_below: bool,
 }
 
 /// How the layers resolve one name.
 enum Resolved {
     /// Hidden by a whiteout in layer `usize` (nothing above it).
-    Whiteout(usize, Stat),
+    Whiteout(usize, ErofsInode),
     /// A non-directory from layer `usize`.
-    Leaf(usize, Stat),
+    Leaf(usize, ErofsInode),
     /// A directory merged from these layers (top first); `hides` when it hides whatever is
     /// at this path below the last of them.
-    Dir { stack: Vec<usize>, hides: bool },
+    Dir { stack: Vec<(usize, ErofsInode)>, hides: bool },
 }
 
 struct Merger<'a> {
-    layers: &'a [&'a Path],
-    out: &'a Path,
-    /// (layer, dev, ino) of multiply-linked non-directories already copied → their copy.
-    links: HashMap<(usize, u64, u64), PathBuf>,
+    images: &'a [Arc<ErofsImage>],
+    /// (layer, nid) of multiply-linked non-directories already added → their node.
+    links: HashMap<(usize, u64), NodeId>,
+    content_bytes: u64,
 }
 
 impl Merger<'_> {
-    fn dir(&mut self, rel: &Path, stack: &[usize], hides_below: bool, tasks: &mut Vec<Task>) -> ImageResult<()> {
-        let mut names = BTreeSet::<OsString>::new();
-        for &layer in stack {
-            let dir = self.layers[layer].join(rel);
-            for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
-                names.insert(entry.map_err(io_err(&dir))?.file_name());
-            }
+    fn dir(&mut self, tree: &mut Tree, task: Task, tasks: &mut Vec<Task>) -> ImageResult<()> {
+        let mut names = BTreeSet::<Vec<u8>>::new();
+        for (layer, dir) in &task.stack {
+            names.extend(self.images[*layer].read_dir(dir)?.iter().map(|e| e.name.clone()));
         }
         for name in names {
-            let rel = rel.join(&name);
-            let dst = self.out.join(&rel);
-            match self.resolve(&rel, stack)? {
-                Resolved::Whiteout(layer, meta) => {
-                    if hides_below {
-                        self.copy_leaf(layer, &self.layers[layer].join(&rel), &dst, &meta)?;
+            match self.resolve(&name, &task.stack)? {
+                Resolved::Whiteout(layer, inode) => {
+                    if task.hides_below {
+                        self.leaf(tree, task.node, &name, layer, inode)?;
                     }
                 }
-                Resolved::Leaf(layer, meta) => self.copy_leaf(layer, &self.layers[layer].join(&rel), &dst, &meta)?,
+                Resolved::Leaf(layer, inode) => self.leaf(tree, task.node, &name, layer, inode)?,
                 Resolved::Dir { stack, hides } => {
-                    let src = inert::stat(&self.layers[stack[0]].join(&rel))?;
-                    inert::create_dir(&dst, &dir_record(&src.meta, hides_below && hides))?;
-                    tasks.push(Task { rel, stack, hides_below: hides_below && !hides });
+                    let meta = node_meta(&dir_record(&stack[0].1.meta, task.hides_below && hides));
+                    let node = tree.add(task.node, &name, Node { kind: NodeKind::Dir(Vec::new()), meta });
+                    tasks.push(Task { node, stack, hides_below: task.hides_below && !hides });
                 }
             }
         }
         Ok(())
     }
 
-    /// Looks `rel` up in the layers of its parent's `stack`, as overlayfs does.
-    fn resolve(&self, rel: &Path, stack: &[usize]) -> ImageResult<Resolved> {
+    /// Looks `name` up in the directories of its parent's `stack`, as overlayfs does.
+    fn resolve(&self, name: &[u8], stack: &[(usize, ErofsInode)]) -> ImageResult<Resolved> {
         let mut dirs = Vec::new();
-        for &layer in stack {
-            let path = self.layers[layer].join(rel);
-            let Some(meta) = inert::try_stat(&path)? else { continue };
-            if meta.is_dir() {
-                dirs.push(layer);
-                if meta.is_opaque() {
+        for (layer, dir) in stack {
+            let Some(inode) = self.images[*layer].lookup(dir, name)? else { continue };
+            if inode.is_dir() {
+                let opaque = inode.is_opaque();
+                dirs.push((*layer, inode));
+                if opaque {
                     return Ok(Resolved::Dir { stack: dirs, hides: true });
                 }
             } else if !dirs.is_empty() {
                 // a directory above a whiteout or non-directory: it hides that, and so
                 // whatever the layers below the merge have at this path
                 return Ok(Resolved::Dir { stack: dirs, hides: true });
-            } else if meta.is_whiteout() {
-                return Ok(Resolved::Whiteout(layer, meta));
+            } else if inode.is_whiteout() {
+                return Ok(Resolved::Whiteout(*layer, inode));
             } else {
-                return Ok(Resolved::Leaf(layer, meta));
+                return Ok(Resolved::Leaf(*layer, inode));
             }
         }
         Ok(Resolved::Dir { stack: dirs, hides: false })
     }
 
-    /// Copies one non-directory with its metadata, or hardlinks it to an earlier copy of the
-    /// same inode of the same layer.
-    fn copy_leaf(&mut self, layer: usize, src: &Path, dst: &Path, stat: &Stat) -> ImageResult<()> {
-        let key = (layer, stat.dev(), stat.ino());
-        if stat.nlink() > 1
-            && let Some(first) = self.links.get(&key)
-        {
-            return fsutil::hard_link(first, dst);
+    /// Adds one non-directory with its metadata, or another name for a node already added
+    /// from the same inode of the same layer.
+    fn leaf(&mut self, tree: &mut Tree, dir: NodeId, name: &[u8], layer: usize, inode: ErofsInode) -> ImageResult<()> {
+        let key = (layer, inode.nid);
+        if inode.is_file() {
+            self.content_bytes = self.content_bytes.saturating_add(inode.len());
         }
-        if stat.kind() == Kind::Socket {
-            tracing::warn!(path = %src.display(), "skipping a socket while merging layers");
+        if inode.nlink() > 1
+            && let Some(&node) = self.links.get(&key)
+        {
+            tree.link(dir, name, node);
             return Ok(());
         }
-        let from = inert::open(src)?;
-        let to = inert::create_file(dst)?;
-        // Holes stay holes: a layer may hold a 1 TiB sparse file that costs its data.
-        to.set_len(stat.host.len()).map_err(io_err(dst))?;
-        crate::sparse::copy_sparse(&from, &to).map_err(io_err(dst))?;
-        drop(to);
-        let mut meta = stat.meta.clone();
+        let image = &self.images[layer];
+        let kind = match inode.kind() {
+            Kind::File => NodeKind::Regular(Content::Layer(image.clone(), inode.clone())),
+            Kind::Symlink => NodeKind::Symlink(image.read_link(&inode)?),
+            Kind::Char(rdev) => NodeKind::Char(rdev),
+            Kind::Block(rdev) => NodeKind::Block(rdev),
+            Kind::Fifo => NodeKind::Fifo,
+            Kind::Socket => {
+                tracing::warn!(image = %image.path().display(), "skipping a socket while merging layers");
+                return Ok(());
+            }
+            Kind::Dir => unreachable!("`resolve` never makes a leaf of a directory"),
+        };
+        let mut meta = inode.meta.clone();
         meta.xattrs.retain(|(name, _)| !name.starts_with(OVERLAY_XATTR_PREFIX));
-        inert::set(dst, &meta)?;
-        if stat.nlink() > 1 {
-            self.links.insert(key, dst.to_owned());
+        let node = tree.add(dir, name, Node { kind, meta: node_meta(&meta) });
+        if inode.nlink() > 1 {
+            self.links.insert(key, node);
         }
         Ok(())
     }

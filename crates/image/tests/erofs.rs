@@ -179,23 +179,6 @@ fn metadata_as_data_devices_setuid_hardlinks_and_sparse_files() {
 }
 
 /// An erofs image mounted read-only by the host kernel for as long as it lives.
-struct KernelMount(std::path::PathBuf);
-
-impl KernelMount {
-    fn new(image: &Path, at: &Path) -> Self {
-        std::fs::create_dir_all(at).unwrap();
-        let out = Command::new("mount").args(["-t", "erofs", "-o", "ro,loop"]).arg(image).arg(at).output().unwrap();
-        assert!(out.status.success(), "mount erofs: {}", String::from_utf8_lossy(&out.stderr));
-        Self(at.to_owned())
-    }
-}
-
-impl Drop for KernelMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.0).status();
-    }
-}
-
 /// What [`ErofsImage`] reads, in the form of `common::snapshot` (overlayfs-private xattrs
 /// left out as there).
 fn reader_snapshot(image: &std::sync::Arc<ErofsImage>) -> std::collections::BTreeMap<std::path::PathBuf, common::Node> {
@@ -279,7 +262,7 @@ fn the_reader_sees_what_the_kernel_mounts_of_the_writers_images() {
     let image = dir.path().join("img.erofs");
     write_image(&varied_tree(dir.path()), &image).unwrap();
     let reader = std::sync::Arc::new(ErofsImage::open(&image).unwrap());
-    let mounted = KernelMount::new(&image, &dir.path().join("mnt"));
+    let mounted = common::KernelMount::new(&image, &dir.path().join("mnt"));
     let expected = common::snapshot(&mounted.0);
     assert!(expected.len() > 400, "the oracle sees the tree: {}", expected.len());
     common::assert_same_view(&expected, &reader_snapshot(&reader), "reader vs kernel");
@@ -318,7 +301,7 @@ fn the_reader_sees_what_the_kernel_mounts_of_mkfs_erofs_images() {
     let out = Command::new("mkfs.erofs").args(["--quiet", "-x1"]).arg(&image).arg(&src).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let reader = std::sync::Arc::new(ErofsImage::open(&image).unwrap());
-    let mounted = KernelMount::new(&image, &dir.path().join("mnt"));
+    let mounted = common::KernelMount::new(&image, &dir.path().join("mnt"));
     let expected = common::snapshot(&mounted.0);
     assert!(expected.len() > 30, "the oracle sees the tree: {}", expected.len());
     common::assert_same_view(&expected, &reader_snapshot(&reader), "reader vs kernel (mkfs.erofs)");

@@ -1,4 +1,5 @@
-//! `merge_layers` on the hand-built stack of `common::scenario`, asserted file by file.
+//! `merge_layers` on the hand-built stack of `common::scenario`, asserted file by file on
+//! the kernel's mount of the merged erofs image.
 
 mod common;
 
@@ -77,7 +78,7 @@ fn merge_keeping_whiteouts_keeps_what_hides_lower_layers() {
     let layers = scenario::build(base.path());
     let out = base.path().join("out");
     let merged: Vec<&Path> = layers[..3].iter().map(|p| p.as_path()).collect();
-    merge_live(&merged, &out, true).unwrap();
+    let _mount = merge_live(&merged, &out, true).unwrap();
     common_expectations(&out);
 
     for w in ["b", "e", "f/old", "j", "r"] {
@@ -97,7 +98,7 @@ fn full_merge_leaves_no_whiteouts_or_opaque_marks() {
     let layers = scenario::build(base.path());
     let out = base.path().join("out");
     let merged: Vec<&Path> = layers[..3].iter().map(|p| p.as_path()).collect();
-    merge_live(&merged, &out, false).unwrap();
+    let _mount = merge_live(&merged, &out, false).unwrap();
     common_expectations(&out);
     for gone in ["b", "e", "f/old", "j", "r", "k/below"] {
         assert!(!exists(&out.join(gone)), "{gone} must be gone");
@@ -109,7 +110,7 @@ fn full_merge_leaves_no_whiteouts_or_opaque_marks() {
 }
 
 #[test]
-fn single_layer_merge_is_a_copy_and_bad_targets_are_refused() {
+fn single_layer_merge_is_a_copy_and_bad_inputs_are_refused() {
     let base = tempfile::tempdir().unwrap();
     let layer = dir(base.path(), "layer");
     let f = file(&layer, "etc/passwd", "root:x:0:0\n");
@@ -117,20 +118,25 @@ fn single_layer_merge_is_a_copy_and_bad_targets_are_refused() {
     whiteout(&layer, "gone");
     opaque_dir(&layer, "opq");
     let out = base.path().join("out");
-    merge_live(&[&layer], &out, true).unwrap();
+    let mount = merge_live(&[&layer], &out, true).unwrap();
     assert_eq!(read(&out.join("etc/passwd")), "root:x:0:0\n");
     assert_eq!(out.join("etc/passwd").symlink_metadata().unwrap().uid(), 7);
     assert!(is_whiteout(&out.join("gone")));
     assert!(opaque(&out.join("opq")));
-    // out must be empty or missing
-    let layer = inert_copy(&layer, &base.path().join("layer-inert"));
-    let err = merge_layers(&[&layer], &out, true).unwrap_err();
-    assert!(matches!(err, ImageError::InvalidTree { .. }), "{err}");
+    // whiteouts keep their device type
+    assert!(out.join("gone").symlink_metadata().unwrap().file_type().is_char_device());
+    drop(mount);
+    // the output must be new; a layer must be an erofs image
+    let image = erofs_of(&inert_copy(&layer, &base.path().join("layer-inert")));
+    let existing = base.path().join("existing");
+    std::fs::write(&existing, b"x").unwrap();
+    let err = merge_layers(&[&image], &existing, true).unwrap_err();
+    assert!(matches!(err, ImageError::Io { .. }), "{err}");
+    assert_eq!(std::fs::read(&existing).unwrap(), b"x");
     assert!(matches!(merge_layers(&[], &base.path().join("x"), true), Err(ImageError::InvalidTree { .. })));
     let missing = base.path().join("missing");
     assert!(merge_layers(&[&missing], &base.path().join("y"), true).is_err());
-    // whiteouts keep their device type
-    assert!(out.join("gone").symlink_metadata().unwrap().file_type().is_char_device());
+    assert!(matches!(merge_layers(&[&existing], &base.path().join("z"), true), Err(ImageError::CorruptLayer { .. })));
 }
 
 #[test]
@@ -146,15 +152,14 @@ fn sparse_files_stay_sparse_through_a_merge() {
     std::os::unix::fs::FileExt::write_all_at(&f, b"middle", 1 << 20).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&f, b"end", (1 << 40) - 3).unwrap();
     drop(f);
-    let inputs = inert_copies(base.path(), &[&upper, &lower], "sparse");
-    let inputs: Vec<&Path> = inputs.iter().map(|p| p.as_path()).collect();
     let out = base.path().join("out");
-    merge_layers(&inputs, &out, false).unwrap();
+    let _mount = merge_live(&[&upper, &lower], &out, false).unwrap();
+    let image = base.path().join("out-merged.erofs");
+    let allocated = image.metadata().unwrap().blocks() * 512;
+    assert!(allocated < 8 << 20, "holes stay holes: {allocated} bytes allocated");
 
     let merged = out.join("huge");
-    let meta = merged.symlink_metadata().unwrap();
-    assert_eq!(meta.len(), 1 << 40, "apparent size kept");
-    assert!(meta.blocks() * 512 < 1 << 20, "holes stay holes: {} bytes allocated", meta.blocks() * 512);
+    assert_eq!(merged.symlink_metadata().unwrap().len(), 1 << 40, "apparent size kept");
     let f = std::fs::File::open(&merged).unwrap();
     let mut buf = [0u8; 6];
     std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, 1 << 20).unwrap();

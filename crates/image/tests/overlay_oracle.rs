@@ -1,6 +1,6 @@
 //! The kernel as oracle: a stack of layers mounted with overlayfs must show exactly what the
-//! stack with some of its layers replaced by their `merge_layers` result shows, entry by
-//! entry (type, content, mode, owner, mtime, xattrs, symlink target). Needs root and
+//! stack with some of its layers replaced by their `merge_layers` result (an erofs image,
+//! mounted by the kernel as the guest stacks it) shows, entry by entry (type, content, mode, owner, mtime, xattrs, symlink target). Needs root and
 //! overlayfs, both verified on the dev machine and in CI: a failed mount fails the test.
 
 mod common;
@@ -23,7 +23,7 @@ fn check_split(base: &Path, layers: &[PathBuf], from: usize, to: usize, tag: &st
     let expected = mounted_view(&all, &base.join(format!("mnt-all-{tag}")));
     let out = base.join(format!("merged-{tag}-{from}-{to}"));
     let whole = from == 0 && to == layers.len();
-    merge_live(&all[from..to], &out, !whole).unwrap();
+    let _mount = merge_live(&all[from..to], &out, !whole).unwrap();
     let actual = if whole {
         snapshot(&out)
     } else {

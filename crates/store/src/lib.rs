@@ -4,9 +4,11 @@
 //! can follow).
 
 mod records;
+mod retention;
 mod sqlite;
 
 pub use records::*;
+pub use retention::{ExpiredOperation, NamespaceCounts, RemovedImage, Retention};
 pub use sqlite::SqliteStore;
 
 use async_trait::async_trait;
@@ -16,18 +18,66 @@ use uuid::Uuid;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database error")]
-    Database(#[from] sqlx::Error),
+    Database(#[source] sqlx::Error),
     #[error("database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("corrupt {what} in row {key}")]
     Corrupt { what: &'static str, key: String },
 }
 
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        let e = StoreError::Database(e);
+        let condition = match e.condition() {
+            Condition::Full => "full",
+            Condition::Unavailable => "unavailable",
+            Condition::Broken => "broken",
+        };
+        metrics::counter!("boxwood_store_errors_total", "condition" => condition).increment(1);
+        e
+    }
+}
+
+impl StoreError {
+    /// What the failure means for the caller, from SQLite's primary result code.
+    pub fn condition(&self) -> Condition {
+        let StoreError::Database(sqlx::Error::Database(e)) = self else {
+            return match self {
+                StoreError::Database(sqlx::Error::PoolTimedOut | sqlx::Error::Io(_)) => Condition::Unavailable,
+                _ => Condition::Broken,
+            };
+        };
+        // Extended result codes keep the primary code in the low byte.
+        match e.code().and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff) {
+            Some(SQLITE_FULL) => Condition::Full,
+            Some(SQLITE_BUSY | SQLITE_LOCKED | SQLITE_IOERR | SQLITE_CANTOPEN) => Condition::Unavailable,
+            _ => Condition::Broken,
+        }
+    }
+}
+
+const SQLITE_BUSY: i32 = 5;
+const SQLITE_LOCKED: i32 = 6;
+const SQLITE_IOERR: i32 = 10;
+const SQLITE_FULL: i32 = 13;
+const SQLITE_CANTOPEN: i32 = 14;
+
+/// The state of the store a failed call reveals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Condition {
+    /// The disk is full: nothing was written; the same call succeeds once space returns.
+    Full,
+    /// Contended or failing I/O: nothing was written; worth retrying later.
+    Unavailable,
+    /// Anything else (a bug, a corrupt row, a constraint).
+    Broken,
+}
+
 pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Persistence of everything the core needs to survive a restart.
 #[async_trait]
-pub trait Store: Send + Sync {
+pub trait Store: Retention + Send + Sync {
     async fn insert_image(&self, image: &ImageRecord) -> StoreResult<()>;
     async fn get_image(&self, uuid: Uuid) -> StoreResult<Option<ImageRecord>>;
     /// Points `tag` in `namespace` at `image`, taking it from any previous holder.
@@ -48,6 +98,8 @@ pub trait Store: Send + Sync {
     /// operation made there (runs, imports; not the server's own), the layers its parent does
     /// not have.
     async fn introduced_layers(&self, namespace: &str) -> StoreResult<Vec<String>>;
+    /// Every layer any image names, in any namespace (what a layer sweep must keep).
+    async fn referenced_layers(&self) -> StoreResult<std::collections::HashSet<String>>;
 
     /// Records an upload in `namespace`, or bumps `updated_at` of the same content's record.
     async fn upsert_file(&self, namespace: &str, sha256: &str, size: i64, now_us: i64) -> StoreResult<FileRecord>;
@@ -85,4 +137,9 @@ pub trait Store: Send + Sync {
         limit: i64,
     ) -> StoreResult<Vec<EventRecord>>;
     async fn last_event_id(&self, operation: Uuid) -> StoreResult<Option<i64>>;
+
+    /// A small committed write, to show the store accepts writes (readiness).
+    async fn probe_write(&self, now_us: i64) -> StoreResult<()>;
+    /// Bytes the database takes (its pages).
+    async fn size_bytes(&self) -> StoreResult<u64>;
 }

@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{Connection as _, QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
+
+mod retention;
 
 use crate::records::EnvMap;
 use crate::{
@@ -21,7 +24,7 @@ use crate::{
 /// The embedded store.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
-    pool: SqlitePool,
+    pub(crate) pool: SqlitePool,
 }
 
 impl SqliteStore {
@@ -50,10 +53,32 @@ impl SqliteStore {
     }
 
     async fn with_options(opts: SqliteConnectOptions, max: u32) -> StoreResult<Self> {
-        let pool = SqlitePoolOptions::new().max_connections(max).connect_with(opts).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(max)
+            .after_release(|conn, _| Box::pin(reusable(conn)))
+            .connect_with(opts)
+            .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         Ok(Self { pool })
     }
+}
+
+/// Whether a connection handed back to the pool may serve again. A failed statement or commit
+/// on a full disk (SQLITE_FULL, IOERR) makes SQLite roll the transaction back by itself; the
+/// ROLLBACK sqlx then sends fails, and sqlx goes on counting the connection inside a
+/// transaction. Its next transaction would be a SAVEPOINT, whose failure rolls back only to
+/// the savepoint and leaves a real transaction open: the write lock held, every other writer
+/// "database is locked", this connection reading an old snapshot. Such a connection is closed
+/// (which ends whatever SQLite still holds) and the pool opens a fresh one.
+async fn reusable(conn: &mut SqliteConnection) -> Result<bool, sqlx::Error> {
+    // Lets the rollback a dropped transaction queued run first, so only a connection it left
+    // inside a transaction is counted as one.
+    conn.ping().await?;
+    let clean = !conn.is_in_transaction();
+    if !clean {
+        tracing::warn!("closing a database connection a failed transaction left open");
+    }
+    Ok(clean)
 }
 
 fn uuid_col(row: &SqliteRow, col: &'static str) -> StoreResult<Uuid> {
@@ -374,6 +399,15 @@ impl Store for SqliteStore {
         Ok(digests.into_iter().collect())
     }
 
+    async fn referenced_layers(&self) -> StoreResult<std::collections::HashSet<String>> {
+        let rows = sqlx::query("SELECT layers FROM images").fetch_all(&self.pool).await?;
+        let mut digests = std::collections::HashSet::new();
+        for row in &rows {
+            digests.extend(json_col::<Vec<String>>(row, "layers")?);
+        }
+        Ok(digests)
+    }
+
     async fn upsert_file(&self, namespace: &str, sha256: &str, size: i64, now_us: i64) -> StoreResult<FileRecord> {
         sqlx::query(
             "INSERT INTO files (uuid, namespace, sha256, size, created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?) \
@@ -557,5 +591,20 @@ impl Store for SqliteStore {
             .fetch_one(&self.pool)
             .await?;
         Ok(row.try_get("id")?)
+    }
+
+    async fn size_bytes(&self) -> StoreResult<u64> {
+        let row = sqlx::query("SELECT page_count * page_size AS n FROM pragma_page_count(), pragma_page_size()")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0))
+    }
+
+    async fn probe_write(&self, now_us: i64) -> StoreResult<()> {
+        sqlx::query("INSERT INTO health (id, checked_at) VALUES (1, ?) ON CONFLICT (id) DO UPDATE SET checked_at = excluded.checked_at")
+            .bind(now_us)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }

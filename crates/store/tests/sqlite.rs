@@ -199,3 +199,44 @@ async fn usage_per_namespace_counts_each_layer_and_upload_once() {
     assert_eq!(store.namespace_upload_bytes("ns1").await.unwrap(), 12, "the same content twice counts once");
     assert_eq!(store.namespace_upload_bytes("ns2").await.unwrap(), 5);
 }
+
+/// Store failures are told apart by what they mean for the caller: a full database is
+/// `Full`, a write lock held elsewhere `Unavailable`, a broken constraint `Broken`.
+#[tokio::test]
+async fn failures_say_full_unavailable_or_broken() {
+    use sqlx::{ConnectOptions as _, Connection as _, Executor as _};
+    let dir = tempfile::tempdir().unwrap();
+    let opts = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(dir.path().join("t.db"))
+        .create_if_missing(true)
+        .busy_timeout(std::time::Duration::ZERO);
+    let mut a = opts.connect().await.unwrap();
+    a.execute("CREATE TABLE t (k INTEGER PRIMARY KEY, v TEXT NOT NULL)").await.unwrap();
+
+    let broken = a.execute("INSERT INTO t (k) VALUES (1)").await.unwrap_err();
+    assert_eq!(StoreError::from(broken).condition(), Condition::Broken);
+
+    // A database capped at a few pages fills up like a full disk (SQLITE_FULL).
+    a.execute("PRAGMA max_page_count = 4").await.unwrap();
+    let full = a.execute(sqlx::query("INSERT INTO t (v) VALUES (?)").bind("x".repeat(64 << 10))).await.unwrap_err();
+    assert_eq!(StoreError::from(full).condition(), Condition::Full);
+
+    let mut b = opts.connect().await.unwrap();
+    let mut tx = a.begin().await.unwrap();
+    tx.execute("INSERT INTO t (v) VALUES ('held')").await.unwrap();
+    let busy = b.execute("INSERT INTO t (v) VALUES ('blocked')").await.unwrap_err();
+    assert_eq!(StoreError::from(busy).condition(), Condition::Unavailable);
+    tx.rollback().await.unwrap();
+    b.execute("INSERT INTO t (v) VALUES ('free again')").await.unwrap();
+}
+
+/// The readiness probe's write commits again and again (one row, rewritten in place).
+#[tokio::test]
+async fn the_probe_write_commits_repeatedly() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("db.sqlite")).await.unwrap();
+    for t in 0..3 {
+        store.probe_write(t).await.unwrap();
+    }
+    store.close().await;
+}

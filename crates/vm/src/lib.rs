@@ -22,6 +22,7 @@ mod error;
 mod guest;
 mod jail;
 mod modules;
+mod patience;
 mod pool;
 mod qemu;
 mod qmp;
@@ -192,6 +193,62 @@ pub trait VmRuntime: Send + Sync {
     async fn start(&self, spec: VmSpec) -> Result<Box<dyn Vm>, VmError>;
     /// The accelerator actually in use ("kvm" or "tcg").
     fn accel(&self) -> &str;
+    /// Whether VMs start from a template snapshot yet (readiness).
+    fn fast_start(&self) -> FastStartState {
+        FastStartState::Off
+    }
+    /// QEMU processes kept waiting for runs (the warm pool, the template's builder).
+    fn idle_qemu_pids(&self) -> Vec<u32> {
+        Vec::new()
+    }
+}
+
+/// CPU time and proportional memory of a set of processes, read from `/proc` (processes that
+/// are gone count nothing).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct ProcessUsage {
+    pub cpu_seconds: f64,
+    pub pss_bytes: u64,
+}
+
+impl ProcessUsage {
+    pub fn of(pids: &[u32]) -> Self {
+        let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+        let mut usage = Self::default();
+        for pid in pids {
+            // Fields after the parenthesised command: utime and stime are the 12th and 13th.
+            if let Some(rest) = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit_once(')').map(|(_, r)| r.to_owned()))
+            {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let t = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                usage.cpu_seconds += (t(11) + t(12)) as f64 / ticks;
+            }
+            if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
+                let kib = s
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Pss:"))
+                    .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok());
+                usage.pss_bytes += kib.unwrap_or(0) * 1024;
+            }
+        }
+        usage
+    }
+}
+
+/// Where fast start is: VMs cold-boot until the template is ready, and for good when it is
+/// off or could not be made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FastStartState {
+    /// The template is being built.
+    Building,
+    /// Runs start from pooled or restored template clones; `pooled` are warm now.
+    Ready { pooled: usize, target: usize },
+    /// No template could be made: every VM cold-boots.
+    Unavailable,
+    /// Configured off (`vm.snapshot = false`).
+    Off,
 }
 
 /// A running VM.

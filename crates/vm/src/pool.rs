@@ -112,10 +112,14 @@ impl FastStart {
         let clone = match self.shared.take() {
             Some(clone) => {
                 self.shared.taken.notify_one();
+                metrics::counter!("boxwood_vm_starts_total", "path" => "pooled").increment(1);
                 clone
             }
             None => match restore(&self.shared.base, template.clone(), &spec.name, limit, false).await {
-                Ok(clone) => clone,
+                Ok(clone) => {
+                    metrics::counter!("boxwood_vm_starts_total", "path" => "restored").increment(1);
+                    clone
+                }
                 Err(e) => {
                     tracing::warn!(vm = spec.name, "restoring a template clone failed, cold-booting: {e}");
                     return Ok(None);
@@ -124,6 +128,15 @@ impl FastStart {
         };
         let base = &self.shared.base;
         clone.assign(spec, rootfs, base.scratch_size(spec), base.extra_ca.as_deref(), limit, started).await.map(Some)
+    }
+
+    pub fn state(&self) -> crate::FastStartState {
+        let sh = &self.shared;
+        match (sh.template.get(), sh.settled.load(Ordering::SeqCst)) {
+            (Some(_), _) => crate::FastStartState::Ready { pooled: sh.idle().len(), target: sh.size },
+            (None, false) => crate::FastStartState::Building,
+            (None, true) => crate::FastStartState::Unavailable,
+        }
     }
 
     pub async fn wait_ready(&self, limit: Duration) -> bool {

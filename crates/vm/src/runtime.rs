@@ -463,7 +463,7 @@ pub(crate) fn into_vm(
 ) -> QemuVm {
     let name = spec.name.clone();
     let export_limit = export_limit(spec.rootfs.upper_size_bytes);
-    let shared = Arc::new(Shared::new(paths, chan.writer, qemu.exit.clone(), export_limit));
+    let shared = Arc::new(Shared::new(paths, chan.writer, qemu.exit.clone(), export_limit, qemu.pid));
     tokio::spawn(route(shared.clone(), chan.reader, chan.decoder));
     QemuVm { name, hello, setup_report, boot_duration, qemu, shared, fast_teardown, finished: AtomicBool::new(false) }
 }
@@ -648,11 +648,20 @@ impl VmRuntime for QemuRuntime {
             return Ok(Box::new(vm));
         }
         let limit = Duration::from_secs(self.base.config.boot_timeout_secs);
+        metrics::counter!("boxwood_vm_starts_total", "path" => "cold").increment(1);
         Ok(Box::new(self.base.cold_boot(&spec, self.base.accel, limit, true).await?))
     }
 
     fn accel(&self) -> &str {
         self.base.accel.as_str()
+    }
+
+    fn fast_start(&self) -> crate::FastStartState {
+        self.fast.as_ref().map_or(crate::FastStartState::Off, FastStart::state)
+    }
+
+    fn idle_qemu_pids(&self) -> Vec<u32> {
+        self.fast.as_ref().map(FastStart::pooled_pids).unwrap_or_default()
     }
 }
 

@@ -88,10 +88,10 @@ pub async fn put_file(shared: Arc<Shared>, file: &FileSpec, source: &Path) -> Re
             break;
         }
     }
-    let reply = match tokio::time::timeout(REPLY_DEADLINE, rx).await {
+    let reply = match shared.reply(rx).await {
         Ok(reply) => reply.map_err(|_| crashed(&shared))?,
-        Err(_) => {
-            let why = format!("the agent did not confirm {path} within {} s", REPLY_DEADLINE.as_secs());
+        Err(waited) => {
+            let why = format!("the agent did not confirm {path} within {}", waited.describe(REPLY_DEADLINE));
             shared.abandon(&why);
             return Err(VmError::Crashed { detail: why });
         }
@@ -180,10 +180,14 @@ pub async fn export_upper(
     let write_err = |e| VmError::io("write the exported changes", e);
     let mut written = 0u64;
     loop {
-        let Ok(msg) = tokio::time::timeout(REPLY_DEADLINE, rx.recv()).await else {
-            let why = format!("the agent stopped sending the run's changes for {} s", REPLY_DEADLINE.as_secs());
-            shared.abandon(&why);
-            return Err(VmError::Crashed { detail: why });
+        let msg = match shared.reply(rx.recv()).await {
+            Ok(msg) => msg,
+            Err(waited) => {
+                let why =
+                    format!("the agent stopped sending the run's changes for {}", waited.describe(REPLY_DEADLINE));
+                shared.abandon(&why);
+                return Err(VmError::Crashed { detail: why });
+            }
         };
         match msg {
             Some(GuestMessage::UpperChunk { data }) => {

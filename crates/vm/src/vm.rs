@@ -2,8 +2,9 @@
 //! processes, crash reporting and teardown.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -17,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::patience::{self, HostStalls, Waited};
 use crate::qemu::VmPaths;
 use crate::{ExportBudget, FileSpec, Process, ProcessEvent, UpperStats, Vm, VmError, guest, transfer};
 
@@ -29,7 +31,8 @@ const CONSOLE_TAIL_LINES: usize = 20;
 /// header and stops would otherwise hold the run until its timeout.
 pub(crate) const FRAME_DEADLINE: Duration = Duration::from_secs(5);
 /// How long the agent may take to answer a request the host waits on (`Spawn`, the last
-/// `PutFile` chunk, each chunk of an export) or to take a frame the host writes.
+/// `PutFile` chunk, each chunk of an export) or to take a frame the host writes, counted in
+/// the time the guest could run (`patience`).
 pub(crate) const REPLY_DEADLINE: Duration = Duration::from_secs(20);
 /// Messages nobody asked for (unknown process ids, replies to nothing) tolerated per VM
 /// before the channel counts as hostile; only the first few are logged.
@@ -211,6 +214,10 @@ pub(crate) struct Shared {
     pub transfers: Arc<tokio::sync::Mutex<()>>,
     /// Most tar bytes an export may deliver (counted here, whatever the agent claims).
     pub export_limit: u64,
+    /// Whose run delay tells a loaded host from a silent guest.
+    qemu_pid: u32,
+    /// Messages decoded from the guest (a busy channel is not a silent guest).
+    received: AtomicU64,
 }
 
 impl Shared {
@@ -219,6 +226,7 @@ impl Shared {
         writer: OwnedWriteHalf,
         exit: watch::Receiver<Option<String>>,
         export_limit: u64,
+        qemu_pid: u32,
     ) -> Self {
         Self {
             paths,
@@ -227,11 +235,18 @@ impl Shared {
             exit,
             transfers: Arc::new(tokio::sync::Mutex::new(())),
             export_limit,
+            qemu_pid,
+            received: AtomicU64::new(0),
         }
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Waits up to `REPLY_DEADLINE` of the guest's time for the agent (`patience`).
+    pub async fn reply<T>(&self, fut: impl Future<Output = T>) -> Result<T, Waited> {
+        patience::within(REPLY_DEADLINE, &mut HostStalls::new(self.qemu_pid, &self.received), fut).await
     }
 
     pub fn check_alive(&self) -> Result<(), VmError> {
@@ -251,12 +266,12 @@ impl Shared {
         let write = tokio::spawn(async move { writer.lock().await.write_all(&frame).await });
         // A guest that stops reading its port fills the socket: give up rather than wait
         // forever (the write task ends when QEMU goes).
-        match tokio::time::timeout(REPLY_DEADLINE, write).await {
+        match self.reply(write).await {
             Ok(Ok(Ok(()))) => Ok(()),
             Ok(Ok(Err(e))) => Err(VmError::Crashed { detail: format!("agent channel write failed: {e}") }),
             Ok(Err(e)) => Err(VmError::Crashed { detail: format!("agent channel write task failed: {e}") }),
-            Err(_) => {
-                let why = format!("the agent did not read its channel for {} s", REPLY_DEADLINE.as_secs());
+            Err(waited) => {
+                let why = format!("the agent did not read its channel for {}", waited.describe(REPLY_DEADLINE));
                 self.abandon(&why);
                 Err(VmError::Crashed { detail: why })
             }
@@ -396,7 +411,11 @@ pub(crate) async fn route(shared: Arc<Shared>, mut reader: OwnedReadHalf, mut de
     let mut partial_since: Option<tokio::time::Instant> = None;
     let reason = 'read: loop {
         loop {
-            match decoder.next_message::<GuestMessage>() {
+            let next = decoder.next_message::<GuestMessage>();
+            if let Ok(Some(_)) = next {
+                shared.received.fetch_add(1, Ordering::Relaxed);
+            }
+            match next {
                 Ok(Some(
                     msg @ (GuestMessage::UpperChunk { .. }
                     | GuestMessage::UpperDone { .. }
@@ -519,10 +538,10 @@ impl Vm for QemuVm {
             self.shared.state().procs.remove(&id);
             return Err(e);
         }
-        let pid = match tokio::time::timeout(REPLY_DEADLINE, reply_rx).await {
+        let pid = match self.shared.reply(reply_rx).await {
             Ok(reply) => reply.map_err(|_| VmError::Crashed { detail: "agent channel closed".into() })??,
-            Err(_) => {
-                let why = format!("the agent did not answer Spawn within {} s", REPLY_DEADLINE.as_secs());
+            Err(waited) => {
+                let why = format!("the agent did not answer Spawn within {}", waited.describe(REPLY_DEADLINE));
                 self.shared.abandon(&why);
                 return Err(VmError::Crashed { detail: why });
             }

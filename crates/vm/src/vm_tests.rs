@@ -21,7 +21,7 @@ fn harness() -> Harness {
     let (reader, writer) = host.into_split();
     // QEMU "exited" already, so the router does not wait for it when the channel ends.
     let (_tx, exit) = watch::channel(Some("exit status: 0".to_owned()));
-    let shared = Arc::new(Shared::new(paths, writer, exit, 1 << 20));
+    let shared = Arc::new(Shared::new(paths, writer, exit, 1 << 20, std::process::id()));
     tokio::spawn(route(shared.clone(), reader, FrameDecoder::with_limit(MAX_GUEST_FRAME_BYTES)));
     Harness { shared, guest, _dir: dir }
 }

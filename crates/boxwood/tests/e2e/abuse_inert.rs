@@ -1,7 +1,8 @@
 //! Abuse: a tenant plants setuid-root files, setgid dirs, FIFOs, whiteouts and symlinks to
 //! host secrets through a persisted run (`chmod u+s` in the guest, `files` with mode 4755) and
-//! through an imported archive; the VM must still see them exactly, and the host's layer
-//! trees must hold nothing live: a scan of the state dir finds only private dirs and files.
+//! through an imported archive; the VM must still see them exactly, and the host's image store
+//! must hold nothing live: its layers are private erofs files (data, never a host tree), and a
+//! scan finds only private dirs and files.
 
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
@@ -44,7 +45,6 @@ fn xattr_names(path: &Path) -> Vec<String> {
 /// A `docker save` archive of one layer holding a setuid-root shell, a setgid dir and a
 /// symlink to the host's shadow file.
 fn hostile_archive() -> Vec<u8> {
-    use sha2::Digest;
     let mut b = tar::Builder::new(Vec::new());
     let mut add = |name: &str, kind: tar::EntryType, mode: u32, link: Option<&str>, body: &[u8]| {
         let mut h = tar::Header::new_ustar();
@@ -64,23 +64,7 @@ fn hostile_archive() -> Vec<u8> {
     add("rootsh", tar::EntryType::Regular, 0o4755, None, b"#!/bin/sh\nexec /bin/sh\n");
     add("sgid/", tar::EntryType::Directory, 0o2777, None, b"");
     add("shadow", tar::EntryType::Symlink, 0o777, Some("/etc/shadow"), b"");
-    let layer = b.into_inner().unwrap();
-    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&layer)));
-    let config = json!({"architecture": "amd64", "os": "linux", "config": {},
-                        "rootfs": {"type": "layers", "diff_ids": [diff_id]}})
-    .to_string();
-    let manifest = json!([{"Config": "config.json", "RepoTags": ["x:1"], "Layers": ["layer.tar"]}]).to_string();
-    let mut outer = tar::Builder::new(Vec::new());
-    for (name, bytes) in
-        [("layer.tar", &layer[..]), ("config.json", config.as_bytes()), ("manifest.json", manifest.as_bytes())]
-    {
-        let mut h = tar::Header::new_gnu();
-        h.set_size(bytes.len() as u64);
-        h.set_mode(0o644);
-        h.set_cksum();
-        outer.append_data(&mut h, name, bytes).unwrap();
-    }
-    outer.into_inner().unwrap()
+    crate::harness::docker_archive(&b.into_inner().unwrap())
 }
 
 #[tokio::test]
@@ -144,15 +128,13 @@ async fn planted_setuid_files_devices_and_symlinks_are_inert_on_the_host() {
     std::fs::set_permissions(&control, std::os::unix::fs::PermissionsExt::from_mode(0o4755)).unwrap();
     assert_eq!(live_entries(&control).len(), 1, "the scan flags a live setuid file");
     std::fs::remove_file(&control).unwrap();
-    // … and finds nothing live in any layer tree.
-    let trees = state.join("images/trees");
-    let mut count = 0;
-    for tree in std::fs::read_dir(&trees).unwrap() {
-        let tree = tree.unwrap().path();
-        let found = live_entries(&tree);
-        assert!(found.is_empty(), "live entries in a layer tree:\n{}", found.join("\n"));
-        count += 1;
-    }
-    assert!(count >= 3, "base, persisted and imported layers scanned: {count}");
+    // … and finds nothing live in the image store: no tree outlives its commit, each layer is
+    // one private erofs file.
+    let images = state.join("images");
+    let found = live_entries(&images);
+    assert!(found.is_empty(), "live entries in the image store:\n{}", found.join("\n"));
+    let layers = std::fs::read_dir(images.join("layers")).unwrap().count();
+    assert!(layers >= 3, "base, persisted and imported layers scanned: {layers}");
+    assert_eq!(std::fs::read_dir(images.join("tmp")).map(|d| d.count()).unwrap_or(0), 0, "no staging tree left");
     s.stop().await;
 }

@@ -52,7 +52,7 @@ async fn uploads_are_content_addressed_and_injected_into_runs() {
     let child = op["result_image_uuid"].as_str().unwrap();
     let (op, _) =
         s.run(json!({"command": "cat /opt/in/a.txt", "shell": true, "image": child, "disposable": true})).await;
-    assert_eq!(op["metadata"]["result"]["stdout"]["value"], "print-me-from-upload\n");
+    assert_eq!(op["metadata"]["result"]["stdout"]["value"], "print-me-from-upload\n", "{op}");
 
     let unknown = uuid::Uuid::new_v4();
     let (status, body) =

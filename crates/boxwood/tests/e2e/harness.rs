@@ -104,15 +104,21 @@ impl TestServer {
 
     /// Uploads bytes with `POST /files`; returns the `FileResponse`.
     pub async fn upload(&self, bytes: Vec<u8>) -> Value {
+        let (status, body) = self.try_upload_as(&self.token, bytes).await;
+        assert_eq!(status, StatusCode::CREATED, "{body}");
+        body
+    }
+
+    /// `POST /files` as `token`: the status and the body, whatever they are.
+    pub async fn try_upload_as(&self, token: &str, bytes: Vec<u8>) -> (StatusCode, Value) {
         let r = self
-            .req(Method::POST, "/files")
+            .req_as(token, Method::POST, "/files")
             .header("Content-Type", "application/octet-stream")
             .body(bytes)
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), StatusCode::CREATED);
-        r.json().await.unwrap()
+        (r.status(), r.json().await.unwrap_or(Value::Null))
     }
 
     pub async fn get_json(&self, path: &str) -> (StatusCode, Value) {
@@ -319,4 +325,57 @@ pub fn allocated(dir: &std::path::Path) -> u64 {
         }
     }
     total
+}
+
+/// Starts the `boxwood` binary (`args` before `serve`, `serve_args` after it) on `state`;
+/// returns it with its URL and token once it serves.
+pub async fn spawn_server_with(
+    state: &std::path::Path,
+    args: &[&str],
+    serve_args: &[&str],
+    stderr: std::process::Stdio,
+) -> (tokio::process::Child, String, String) {
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_boxwood"))
+        .args(args)
+        .args(["serve", "--listen", "127.0.0.1:0", "--accel", "tcg", "--state-dir"])
+        .arg(state)
+        .args(serve_args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(stderr)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(child.stdout.take().unwrap()));
+    let (mut url, mut token) = (None, None);
+    while let Some(line) = tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await.unwrap().unwrap() {
+        if let Some(v) = line.strip_prefix("BOXWOOD_URL=") {
+            url = Some(v.to_owned());
+        }
+        if let Some(v) = line.strip_prefix("BOXWOOD_TOKEN=") {
+            token = Some(v.to_owned());
+            break;
+        }
+    }
+    (child, url.unwrap(), token.unwrap())
+}
+
+/// A `docker save` archive of one image whose only layer is the tar `layer`.
+pub fn docker_archive(layer: &[u8]) -> Vec<u8> {
+    use sha2::Digest as _;
+    let diff_id = format!("sha256:{}", hex::encode(sha2::Sha256::digest(layer)));
+    let config = json!({"architecture": "amd64", "os": "linux", "config": {},
+                        "rootfs": {"type": "layers", "diff_ids": [diff_id]}})
+    .to_string();
+    let manifest = json!([{"Config": "config.json", "RepoTags": ["x:1"], "Layers": ["layer.tar"]}]).to_string();
+    let mut outer = tar::Builder::new(Vec::new());
+    for (name, bytes) in
+        [("layer.tar", layer), ("config.json", config.as_bytes()), ("manifest.json", manifest.as_bytes())]
+    {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(bytes.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        outer.append_data(&mut h, name, bytes).unwrap();
+    }
+    outer.into_inner().unwrap()
 }

@@ -129,6 +129,32 @@ async fn twenty_step_chain_keeps_every_change() {
         settled = depth(db.clone()).await;
     }
     assert!(settled <= 3, "background compaction flattened the diffs (depth {settled})");
+
+    // What compaction replaced is removed, not kept beside its merge: every layer file is one
+    // an image names (once the background compactions are done), and a restart finds nothing
+    // to reclaim either.
+    let layers_dir = s.state.as_ref().unwrap().path().join("images/layers");
+    let files = || -> std::collections::HashSet<String> {
+        std::fs::read_dir(&layers_dir)
+            .unwrap()
+            .map(|e| format!("sha256:{}", e.unwrap().file_name().to_string_lossy().trim_end_matches(".erofs")))
+            .collect()
+    };
+    let referenced = || async { boxwood_store::Store::referenced_layers(&db).await.unwrap() };
+    let mut unreferenced = files().len() - referenced().await.len();
+    for _ in 0..100 {
+        if unreferenced == 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        unreferenced = files().difference(&referenced().await).count();
+    }
+    let (on_disk, named) = (files(), referenced().await);
+    assert_eq!(on_disk, named, "layer files are exactly the layers images name");
+    eprintln!("{} layer files for 22 images after the compactions", on_disk.len());
+    let dir = s.stop().await.unwrap();
+    let s = TestServer::start_in(dir, |_| {}).await;
+    assert_eq!(files(), named, "nothing left for the start-up sweep");
     s.stop().await;
 }
 

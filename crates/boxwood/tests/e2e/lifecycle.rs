@@ -6,9 +6,8 @@ use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
 
-use crate::harness::{TestServer, qemu_processes_with, run_vms, until_gone};
+use crate::harness::{TestServer, qemu_processes_with, run_vms, spawn_server_with, until_gone};
 
 #[tokio::test]
 async fn spawn_failure_and_guest_crash_end_failed_with_completion() {
@@ -175,25 +174,36 @@ async fn restart_after_a_crash_fails_interrupted_operations() {
     let _: Value = op2;
 }
 
+/// `boxwood serve --log-format json`: every stderr line is a JSON object, and the lines a run
+/// logs carry its operation id.
+#[tokio::test]
+async fn json_logs_carry_the_operation_id() {
+    let (state, logs) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let log = logs.path().join("server.log");
+    let (mut child, url, token) =
+        spawn_server_with(state.path(), &["--log-format", "json"], &[], std::fs::File::create(&log).unwrap().into())
+            .await;
+    let s = TestServer::attach(url, token);
+    let (op, _) = s.run(json!({"command": "echo hi", "shell": true, "disposable": true})).await;
+    let id = op["uuid"].as_str().unwrap().to_owned();
+    child.kill().await.unwrap();
+    let _ = child.wait().await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(lines.iter().all(|l| l["level"].is_string() && l["fields"].is_object()), "{text}");
+    let of_run: Vec<&Value> = lines.iter().filter(|l| l["span"]["op"] == id.as_str()).collect();
+    assert!(
+        of_run.iter().any(|l| l["fields"]["message"] == "operation finished"),
+        "the run's own lines name it ({} of {}):\n{text}",
+        of_run.len(),
+        lines.len()
+    );
+}
+
 async fn spawn_server(state: &std::path::Path) -> (tokio::process::Child, String, String) {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_boxwood"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--accel", "tcg", "--state-dir"])
-        .arg(state)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let (mut url, mut token) = (None, None);
-    while let Some(line) = tokio::time::timeout(Duration::from_secs(120), lines.next_line()).await.unwrap().unwrap() {
-        if let Some(v) = line.strip_prefix("BOXWOOD_URL=") {
-            url = Some(v.to_owned());
-        }
-        if let Some(v) = line.strip_prefix("BOXWOOD_TOKEN=") {
-            token = Some(v.to_owned());
-            break;
-        }
-    }
-    (child, url.unwrap(), token.unwrap())
+    spawn_server_with(state, &[], &[], Stdio::null()).await
 }

@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use boxwood_image::merge_layers;
+use boxwood_image::{CommitLimits, merge_layers};
 use uuid::Uuid;
 
 use super::{MAX_LAYER_DISKS, RunEnv};
@@ -38,21 +38,31 @@ impl RunEnv {
             return Ok(record.layers);
         }
         let (diffs, bottom) = record.layers.split_at(record.layers.len() - 1);
-        let trees = diffs.iter().map(|d| self.layers.layer_tree(d)).collect::<Result<Vec<_>, _>>()?;
+        let pinned = self.layers.open_layers(diffs)?;
+        let disks = pinned.paths.clone();
         let out = self.layers.staging_dir()?;
-        let merged = out.join("tree");
+        let merged = out.join("merged.erofs");
         let target = merged.clone();
-        tokio::task::spawn_blocking(move || {
-            let refs: Vec<&std::path::Path> = trees.iter().map(|t| t.as_path()).collect();
+        let merging = tokio::task::spawn_blocking(move || {
+            let refs: Vec<&std::path::Path> = disks.iter().map(|d| d.as_path()).collect();
             merge_layers(&refs, &target, true)
-        })
-        .await
-        .map_err(|e| CoreError::Internal(format!("compaction task failed: {e}")))??;
-        let layer = self.layers.commit_tree(merged).await;
+        });
+        let layer = match merging.await {
+            Ok(Ok(content_bytes)) => self.layers.commit_image(merged, content_bytes, CommitLimits::NONE).await,
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(boxwood_image::ImageError::Io { path: out.clone(), source: std::io::Error::other(e) }),
+        };
         let _ = tokio::fs::remove_dir_all(&out).await;
-        let layers = vec![layer?.digest, bottom[0].clone()];
+        drop(pinned);
+        let layer = layer?;
+        let layers = vec![layer.digest.clone(), bottom[0].clone()];
         self.store.set_image_layers(image, &layers).await?;
+        drop(layer);
         tracing::info!(%image, from = record.layers.len(), "compacted the image's diff layers");
+        // The diffs it replaced are no one's now, unless another image shares them.
+        if let Err(e) = self.reclaim_layers().await {
+            tracing::warn!(error = %crate::error::error_chain(&e), "sweeping layers after a compaction failed");
+        }
         Ok(layers)
     }
 

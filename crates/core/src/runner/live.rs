@@ -77,6 +77,10 @@ pub(crate) struct Live {
 }
 
 impl Live {
+    pub(crate) fn qemu_pid(&self) -> u32 {
+        self.vm.qemu_pid()
+    }
+
     pub(crate) fn new(vm: Arc<dyn Vm>, log: EventLog, image: ImageRecord, timeout_secs: u64) -> Self {
         Self {
             vm,

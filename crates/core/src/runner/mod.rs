@@ -8,6 +8,7 @@ mod compact;
 mod live;
 mod main_process;
 mod persist;
+mod reclaim;
 pub(crate) mod slots;
 
 use std::collections::HashMap;
@@ -15,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use boxwood_blob::BlobStore;
-use boxwood_image::{ImageError, LayerStore};
+use boxwood_image::LayerStore;
 use boxwood_protocol::RootfsSpec;
 use boxwood_store::{ImageRecord, OperationRecord, Store};
 use boxwood_vm::{DiskSpec, FileSpec, Vm, VmRuntime, VmSpec};
@@ -81,6 +82,8 @@ pub(crate) struct RunEnv {
     pub(crate) storage: Arc<Storage>,
     /// One lock per image being compacted, so an image is never compacted twice at once.
     compacting: std::sync::Mutex<HashMap<Uuid, Arc<tokio::sync::Mutex<()>>>>,
+    /// Held by the one layer sweep under way.
+    sweeping: tokio::sync::Mutex<()>,
     background: TaskTracker,
     /// Instances whose VM is up, for subprocess, stdin and signal requests.
     live: std::sync::Mutex<HashMap<Uuid, Arc<Live>>>,
@@ -103,6 +106,7 @@ impl RunEnv {
             slots,
             storage,
             compacting: std::sync::Mutex::new(HashMap::new()),
+            sweeping: tokio::sync::Mutex::new(()),
             background: TaskTracker::new(),
             live: std::sync::Mutex::new(HashMap::new()),
         }
@@ -111,6 +115,11 @@ impl RunEnv {
     /// The live phase of an instance operation, if its VM is up and its main process runs.
     pub(crate) fn live(&self, op: Uuid) -> Option<Arc<Live>> {
         self.live_map().get(&op).cloned()
+    }
+
+    /// The QEMUs of runs whose command is running.
+    pub(crate) fn live_qemu_pids(&self) -> Vec<u32> {
+        self.live_map().values().map(|l| l.qemu_pid()).collect()
     }
 
     fn live_map(&self) -> std::sync::MutexGuard<'_, HashMap<Uuid, Arc<Live>>> {
@@ -207,8 +216,9 @@ impl Run {
                 }
             }
         }
-        let disks = match self.disks(env.layers.as_ref()) {
-            Ok(d) => d,
+        // Pinned until the run ends: a sweep leaves them while the VM may still open them.
+        let (disks, _pinned) = match env.open_image_layers(&mut self.image).await {
+            Ok(pinned) => (self.disks(&pinned.paths), pinned.pin),
             Err(e) => {
                 tracing::warn!(op = %self.op.uuid, error = %error_chain(&e), "image layers unavailable");
                 return self.finish(Ending::failed("Container image not found")).await;
@@ -312,13 +322,8 @@ impl Run {
         Ok((Ending { status: Status::Success, error: None, result: Some(result) }, reason))
     }
 
-    fn disks(&self, layers: &dyn LayerStore) -> Result<Vec<DiskSpec>, ImageError> {
-        self.image
-            .layers
-            .iter()
-            .enumerate()
-            .map(|(i, digest)| Ok(DiskSpec { path: layers.layer_disk(digest)?, serial: format!("layer{i}") }))
-            .collect()
+    fn disks(&self, paths: &[std::path::PathBuf]) -> Vec<DiskSpec> {
+        paths.iter().enumerate().map(|(i, path)| DiskSpec { path: path.clone(), serial: format!("layer{i}") }).collect()
     }
 
     async fn log_boot(&mut self, vm: &dyn Vm) -> CoreResult<()> {

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use super::{Run, RunEnv, compact::COMPACT_AT};
 use crate::clock::now_us;
-use crate::error::{error_chain, reported};
+use crate::error::{error_chain, out_of_space, reported};
 use crate::quota::{PublishError, StorageRefusal};
 
 /// Export slack for tar headers and padding beyond `max_layer_bytes` (at least this much,
@@ -38,6 +38,10 @@ impl Run {
         result.map_err(|(what, e)| match e.downcast_ref::<StorageRefusal>() {
             // A storage rule is the client's to act on: said plainly, without the chain.
             Some(refusal) => format!("{refusal}; the run's changes were not kept"),
+            None if out_of_space(e.as_ref()) => {
+                tracing::warn!(op = %self.op.uuid, error = %error_chain(e.as_ref()), "persist: the disk is full");
+                "saving the result image failed: the server's disk is full; the run's changes were not kept".into()
+            }
             None => fail(what, e.as_ref()),
         })
     }

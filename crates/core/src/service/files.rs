@@ -10,7 +10,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 use super::{Page, Service};
 use crate::auth::{Caller, Permission};
 use crate::clock::{format_ts, now_us};
-use crate::error::{CoreError, CoreResult, error_chain};
+use crate::error::{CoreError, CoreResult, error_chain, out_of_space};
 use crate::model::{FileResponse, FileView};
 use crate::quota::UploadCharge;
 
@@ -68,12 +68,23 @@ impl Service {
                         CoreError::TooLarge(format!("uploads are limited to {limit} bytes"))
                     }
                     (None, BlobError::Source(e)) => CoreError::bad(format!("reading the upload failed: {e}")),
+                    (None, e) if out_of_space(&e) => CoreError::disk_full(),
                     (None, other) => CoreError::Internal(error_chain(&other)),
                 });
             }
         };
         let size = i64::try_from(blob.size).unwrap_or(i64::MAX);
-        let record = self.inner.store.upsert_file(&caller.namespace, &blob.sha256, size, now_us()).await?;
+        let record = {
+            // Retention removes an unreferenced blob under the write side: the blob this
+            // upload found or wrote is either still there, and recorded now, or gone.
+            let _gate = self.inner.uploads_gate.read().await;
+            if self.inner.blobs.path(&blob.sha256).map_err(|e| CoreError::Internal(e.to_string()))?.is_none() {
+                return Err(CoreError::Unavailable(
+                    "the same content was being removed by the retention policy; send the upload again".into(),
+                ));
+            }
+            self.inner.store.upsert_file(&caller.namespace, &blob.sha256, size, now_us()).await?
+        };
         charge.complete();
         Ok(FileResponse { uuid: record.uuid.to_string(), sha256: record.sha256, size: record.size })
     }

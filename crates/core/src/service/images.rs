@@ -7,15 +7,23 @@ use super::{ImageQuery, Page, Service};
 use crate::auth::{Caller, Permission};
 use crate::clock::{format_ts, now_us};
 use crate::error::{CoreError, CoreResult};
-use crate::model::{ImageView, LineageView};
+use crate::model::{ImageView, LineageView, RemovedImageView};
 use crate::spec::is_valid_tag;
 
 impl Service {
     /// An image the caller can see (its own namespace or the public one).
     pub(super) async fn visible_image(&self, caller: &Caller, uuid: Uuid) -> CoreResult<ImageRecord> {
+        let visible = caller.visible_namespaces();
         match self.inner.store.get_image(uuid).await? {
-            Some(img) if caller.visible_namespaces().contains(&img.namespace) => Ok(img),
-            _ => Err(CoreError::NotFound(format!("image {uuid}"))),
+            Some(img) if visible.contains(&img.namespace) => Ok(img),
+            Some(_) => Err(CoreError::NotFound(format!("image {uuid}"))),
+            None => match self.inner.store.removed_image(uuid).await? {
+                Some(r) if visible.contains(&r.namespace) => Err(CoreError::NotFound(format!(
+                    "image {uuid} (removed by the retention policy at {})",
+                    format_ts(r.removed_at_us)
+                ))),
+                _ => Err(CoreError::NotFound(format!("image {uuid}"))),
+            },
         }
     }
 
@@ -157,11 +165,26 @@ impl Service {
                 children.push(self.view_of(caller, &c).await?);
             }
         }
+        let removed_children = self
+            .inner
+            .store
+            .removed_children(uuid)
+            .await?
+            .into_iter()
+            .filter(|r| visible.contains(&r.namespace))
+            .map(|r| RemovedImageView {
+                uuid: r.uuid.to_string(),
+                created_at: format_ts(r.created_at_us),
+                removed_at: format_ts(r.removed_at_us),
+                reason: r.reason,
+            })
+            .collect();
         Ok(LineageView {
             image: self.view_of(caller, &img).await?,
             parent: img.parent_uuid.map(|u| u.to_string()),
             ancestors,
             children,
+            removed_children,
         })
     }
 

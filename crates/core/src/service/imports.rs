@@ -92,6 +92,10 @@ impl Service {
             Some(r) if r.namespace == caller.namespace => r,
             _ => return Err(missing()),
         };
+        // Marked used before its blob is opened, so retention keeps it (or removed it first).
+        if !self.inner.store.touch_file(uuid, crate::clock::now_us()).await? {
+            return Err(missing());
+        }
         let path = self.inner.blobs.path(&record.sha256).map_err(|e| CoreError::Internal(e.to_string()))?;
         let Some(path) = path else {
             tracing::error!(file = %uuid, sha256 = %record.sha256, "an upload's blob is missing");

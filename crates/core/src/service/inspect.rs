@@ -17,10 +17,11 @@ impl Service {
     /// The merged read-only view of an image the caller can see.
     async fn view(&self, caller: &Caller, uuid: Uuid) -> CoreResult<ImageView> {
         caller.require(Permission::List)?;
-        let img = self.visible_image(caller, uuid).await?;
-        let layers = &self.inner.env.layers;
-        let disks = img.layers.iter().map(|d| layers.layer_disk(d)).collect::<Result<Vec<_>, _>>()?;
-        tokio::task::spawn_blocking(move || ImageView::open(&disks))
+        let mut img = self.visible_image(caller, uuid).await?;
+        // Pinned until the view has its files open; then they stay readable whatever a
+        // sweep does.
+        let pinned = self.inner.env.open_image_layers(&mut img).await?;
+        tokio::task::spawn_blocking(move || ImageView::open(&pinned.paths))
             .await
             .map_err(|e| CoreError::Internal(format!("inspection task failed: {e}")))?
             .map_err(CoreError::from)

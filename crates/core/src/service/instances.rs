@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::Service;
 use crate::auth::{Caller, Permission};
+use crate::clock::now_us;
 use crate::error::{CoreError, CoreResult};
 use crate::events::EventLog;
 use crate::model::{SpawnRequest, SpawnResponse};
@@ -20,12 +21,22 @@ impl Service {
             ImageRef::Tag(t) => self.lookup_tag(caller, t).await?,
         };
         let image = self.visible_image(caller, image_uuid).await?;
+        // Marked used before the run is recorded: retention re-checks the mark when it removes,
+        // so either the image stays or it went first and the run is refused here.
+        let now = now_us();
+        if !self.inner.store.touch_image(image.uuid, now).await? {
+            return Err(CoreError::NotFound(format!("image {}", image.uuid)));
+        }
         let mut files = Vec::with_capacity(spec.files.len());
         for f in &spec.files {
+            let missing = || CoreError::NotFound(format!("file {} (for {})", f.uuid, f.path));
             let record = match self.inner.store.file_by_uuid(f.uuid).await? {
                 Some(r) if r.namespace == caller.namespace => r,
-                _ => return Err(CoreError::NotFound(format!("file {} (for {})", f.uuid, f.path))),
+                _ => return Err(missing()),
             };
+            if !self.inner.store.touch_file(record.uuid, now).await? {
+                return Err(missing());
+            }
             files.push(InjectedFile { spec: f.clone(), sha256: record.sha256 });
         }
         let metadata = spec.metadata(image.uuid);

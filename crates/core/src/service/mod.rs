@@ -3,12 +3,14 @@
 //! methods are grouped by resource in the submodules.
 
 mod files;
+mod health;
 mod images;
 mod imports;
 mod inspect;
 mod instances;
 mod operations;
 mod processes;
+mod retention;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
@@ -19,16 +21,19 @@ use boxwood_store::{OperationRecord, Store};
 use boxwood_vm::VmRuntime;
 use serde::Deserialize;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::auth::{Authenticator, Caller, Permission, TokenConfig, caller_from_record, sha256_hex};
-use crate::error::{CoreError, CoreResult, error_chain};
+use crate::error::{CoreError, CoreResult, ErrorKind, error_chain};
 use crate::events::{EventHub, fail_operation};
 use crate::model::WhoAmI;
 use crate::quota::{QuotaConfig, Storage, StorageRules};
 use crate::runner::{RunControl, RunEnv, StopReason};
 use crate::spec::RunLimits;
+
+pub use retention::{GcImage, GcReport, NamespaceUsage, RetentionConfig};
 
 /// Settings of the core service.
 #[derive(Debug, Clone, Deserialize)]
@@ -48,6 +53,8 @@ pub struct CoreConfig {
     pub min_free_bytes: Option<u64>,
     /// Per-namespace storage quotas.
     pub quota: QuotaConfig,
+    /// What is removed after how long (`service::retention`).
+    pub retention: RetentionConfig,
     pub limits: RunLimits,
 }
 
@@ -61,6 +68,7 @@ impl Default for CoreConfig {
             max_concurrent_imports: 2,
             min_free_bytes: None,
             quota: QuotaConfig::default(),
+            retention: RetentionConfig::default(),
             limits: RunLimits::default(),
         }
     }
@@ -129,6 +137,15 @@ struct Inner {
     runs: Mutex<Option<HashMap<Uuid, Arc<RunControl>>>>,
     tasks: TaskTracker,
     imports: Arc<imports::ImportEnv>,
+    /// One retention pass at a time.
+    collecting: tokio::sync::Mutex<()>,
+    /// Uploads record their rows under the read side; retention removes blobs under the
+    /// write side.
+    uploads_gate: tokio::sync::RwLock<()>,
+    /// Cancelled when shutdown begins (background loops end).
+    stopping: CancellationToken,
+    /// The last per-namespace usage the metrics sampled, and when.
+    usage_cache: tokio::sync::Mutex<Option<(std::time::Instant, Vec<NamespaceUsage>)>>,
 }
 
 /// The parts the service is built from.
@@ -179,9 +196,17 @@ impl Service {
                 runs: Mutex::new(Some(HashMap::new())),
                 tasks: TaskTracker::new(),
                 imports,
+                collecting: tokio::sync::Mutex::new(()),
+                uploads_gate: tokio::sync::RwLock::new(()),
+                stopping: CancellationToken::new(),
+                usage_cache: tokio::sync::Mutex::new(None),
             }),
         };
         svc.fail_orphans().await?;
+        // No run holds a layer yet: whatever no image names (replaced by a compaction, or
+        // published by a persist the last process did not get to record) goes now.
+        svc.inner.env.reclaim_layers().await?;
+        svc.start_collector();
         Ok(svc)
     }
 
@@ -222,29 +247,32 @@ impl Service {
             return Err(shutting_down());
         }
         let inner = self.inner.clone();
-        self.inner.tasks.spawn(async move {
+        // Every line a run or import logs carries its operation id (the span's fields).
+        let span = tracing::info_span!("operation", op = %uuid, kind = %op.kind);
+        self.inner.tasks.spawn(tracing::Instrument::instrument(async move {
             if let Err(e) = work.await {
                 tracing::error!(op = %uuid, error = %error_chain(&e), "operation hit a store failure; failing it");
+                let reason = match e.kind() {
+                    ErrorKind::InsufficientStorage => "the server's disk filled up during the operation",
+                    _ => "internal error: metadata store failure",
+                };
                 // The operation must still end: retry writing its failure until the store
-                // recovers (or the server stops; the next start then fails it).
+                // recovers, or until shutdown (the next start then fails it), which this must
+                // not hold up for long.
                 let mut delay = std::time::Duration::from_millis(200);
-                while let Err(e) = fail_operation(
-                    inner.store.clone(),
-                    inner.hub.clone(),
-                    uuid,
-                    "internal error: metadata store failure",
-                )
-                .await
-                {
+                while let Err(e) = fail_operation(inner.store.clone(), inner.hub.clone(), uuid, reason).await {
                     tracing::error!(op = %uuid, error = %error_chain(&e), "cannot record the operation's failure yet");
+                    if inner.runs.lock().unwrap_or_else(|e| e.into_inner()).is_none() {
+                        break;
+                    }
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(std::time::Duration::from_secs(30));
+                    delay = (delay * 2).min(std::time::Duration::from_secs(2));
                 }
             }
             if let Some(runs) = inner.runs.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
                 runs.remove(&uuid);
             }
-        });
+        }, span));
         Ok(())
     }
 
@@ -299,6 +327,7 @@ impl Service {
         for c in controls {
             c.stop(StopReason::Shutdown);
         }
+        self.inner.stopping.cancel();
         self.inner.tasks.close();
         self.inner.tasks.wait().await;
         self.inner.env.wait_for_background().await;

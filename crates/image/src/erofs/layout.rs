@@ -119,11 +119,12 @@ pub(crate) fn plan(tree: &Tree, out: &Path) -> ImageResult<Plan> {
             NodeKind::Regular(Content::File(path)) => {
                 let file = open_nofollow(path)?;
                 let size = file.metadata().map_err(io_err(path))?.len();
-                let extents = data_extents(&file, size).map_err(io_err(path))?;
-                if !(extents.len() == 1 && extents[0] == (0, size) || size == 0) {
-                    holed = Some(extents);
-                }
+                holed = with_holes(size, data_extents(&file, size).map_err(io_err(path))?);
                 size
+            }
+            NodeKind::Regular(Content::Layer(image, inode)) => {
+                holed = with_holes(inode.len(), image.data_extents(inode)?);
+                inode.len()
             }
             NodeKind::Dir(children) => {
                 let mut entries: Vec<(Vec<u8>, NodeId)> = children.clone();
@@ -197,6 +198,11 @@ pub(crate) fn plan(tree: &Tree, out: &Path) -> ImageResult<Plan> {
     }
     block_addr(block, out)?;
     Ok(Plan { nodes, order, meta_end, blocks: block, chunked })
+}
+
+/// A file's data extents if it has holes (so it is stored chunk-based), else `None`.
+fn with_holes(size: u64, extents: Vec<(u64, u64)>) -> Option<Vec<(u64, u64)>> {
+    (size > 0 && extents != [(0, size)]).then_some(extents)
 }
 
 fn block_addr(block: u64, out: &Path) -> ImageResult<u32> {

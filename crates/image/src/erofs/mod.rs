@@ -7,7 +7,7 @@
 mod format;
 mod layout;
 mod read;
-mod source;
+pub(crate) mod source;
 mod write;
 
 pub use read::{DirEntry, ErofsImage, ErofsInode, ErofsReader};
@@ -15,6 +15,7 @@ pub use source::tree_from_dir;
 pub use write::write_image;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Index of a node in [`Tree::nodes`]; the root is node 0.
 pub type NodeId = usize;
@@ -45,6 +46,9 @@ pub enum Content {
     /// A host file, opened without following symlinks; its holes (`SEEK_HOLE`) stay holes
     /// in the image.
     File(PathBuf),
+    /// A regular file of another erofs image (a layer being merged), copied from it in
+    /// place; its null chunks stay holes.
+    Layer(Arc<ErofsImage>, ErofsInode),
 }
 
 /// The metadata an inode carries in the image.

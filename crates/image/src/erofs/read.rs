@@ -385,7 +385,7 @@ impl ErofsImage {
         while at < out.len() {
             let n = self.read_at(inode, at as u64, &mut out[at..])?;
             if n == 0 {
-                break;
+                return Err(self.corrupt("file data ends before its size"));
             }
             at += n;
         }

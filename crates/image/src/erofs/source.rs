@@ -52,7 +52,8 @@ pub fn tree_from_dir(dir: &Path) -> ImageResult<Tree> {
     Ok(tree)
 }
 
-fn node_meta(meta: &Meta) -> NodeMeta {
+/// The inode metadata of a record (xattrs erofs cannot name are left out).
+pub(crate) fn node_meta(meta: &Meta) -> NodeMeta {
     NodeMeta {
         perm: meta.perm,
         uid: meta.uid,

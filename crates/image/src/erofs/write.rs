@@ -93,6 +93,9 @@ fn encode_node(tree: &Tree, plan: &Plan, id: usize, meta: &mut [u8]) -> ImageRes
                 NodeKind::Regular(Content::File(path)) => {
                     open_nofollow(path)?.read_exact_at(dst, 0).map_err(io_err(path))?;
                 }
+                NodeKind::Regular(Content::Layer(image, inode)) => {
+                    dst.copy_from_slice(&image.read_all(inode, BLOCK)?);
+                }
                 NodeKind::Dir(_) => encode_dir_block(dst, &p.dir[0].entries, plan, tree),
                 _ => {}
             }
@@ -155,19 +158,30 @@ fn write_data(tree: &Tree, p: &NodePlan, plan: &Plan, id: usize, out: &File) -> 
         }
         (NodeKind::Regular(Content::File(path)), _) => {
             let src = open_nofollow(path).map_err(WriteError::Image)?;
-            if let Some(c) = &p.chunks {
-                for (i, addr) in c.addrs.iter().enumerate() {
-                    if let Some(addr) = addr {
-                        let start = i as u64 * c.size();
-                        let len = (p.size - start).min(c.size());
-                        copy_range(&src, start, out, u64::from(*addr) * BLOCK, len)?;
-                    }
-                }
-            } else if p.blocks > 0 {
-                copy_range(&src, 0, out, u64::from(p.blkaddr) * BLOCK, p.size)?;
-            }
-            Ok(())
+            stored_ranges(p, |from, to, len| Ok(copy_range(&src, from, out, to, len)?))
+        }
+        (NodeKind::Regular(Content::Layer(image, inode)), _) => {
+            stored_ranges(p, |from, to, len| image.copy_to(inode, from, out, to, len).map_err(WriteError::Image))
         }
         _ => Ok(()),
     }
+}
+
+/// Calls `copy(from, to, len)` for each range of a file's data the plan stores: its chunks
+/// that hold data, or its whole data when flat.
+fn stored_ranges(
+    p: &NodePlan,
+    mut copy: impl FnMut(u64, u64, u64) -> Result<(), WriteError>,
+) -> Result<(), WriteError> {
+    if let Some(c) = &p.chunks {
+        for (i, addr) in c.addrs.iter().enumerate() {
+            if let Some(addr) = addr {
+                let start = i as u64 * c.size();
+                copy(start, u64::from(*addr) * BLOCK, (p.size - start).min(c.size()))?;
+            }
+        }
+    } else if p.blocks > 0 {
+        copy(0, u64::from(p.blkaddr) * BLOCK, p.size)?;
+    }
+    Ok(())
 }

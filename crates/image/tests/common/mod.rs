@@ -376,6 +376,29 @@ impl Drop for OverlayMount {
     }
 }
 
+/// A read-only kernel mount of an erofs image (through a loop device), unmounted on drop.
+pub struct KernelMount(pub PathBuf);
+
+impl KernelMount {
+    pub fn new(image: &Path, at: &Path) -> Self {
+        std::fs::create_dir_all(at).unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "erofs", "-o", "ro,loop"])
+            .arg(image)
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "mount erofs: {}", String::from_utf8_lossy(&out.stderr));
+        Self(at.to_owned())
+    }
+}
+
+impl Drop for KernelMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
 // ---------- inert trees ----------
 
 /// An inert copy (see `boxwood_image::inert`) of the live tree `live` at `out`, made the way
@@ -469,16 +492,21 @@ pub fn materialize(inert: &Path, live: &Path) {
     }
 }
 
-/// `merge_layers` on inert copies of the live `layers`, its result materialized at `out`
-/// (after checking that the result itself is inert).
-pub fn merge_live(layers: &[&Path], out: &Path, keep_whiteouts: bool) -> boxwood_image::ImageResult<()> {
+/// The erofs image of an inert tree, written next to it as `<tree>.erofs`.
+pub fn erofs_of(tree: &Path) -> PathBuf {
+    let image = tree.with_extension("erofs");
+    boxwood_image::erofs::write_image(&boxwood_image::erofs::tree_from_dir(tree).unwrap(), &image).unwrap();
+    image
+}
+
+/// `merge_layers` on the erofs images of inert copies of the live `layers`; the result is
+/// mounted by the kernel at `out` (as the guest would stack it) until the guard drops.
+pub fn merge_live(layers: &[&Path], out: &Path, keep_whiteouts: bool) -> boxwood_image::ImageResult<KernelMount> {
     let base = out.parent().unwrap();
     let tag = out.file_name().unwrap().to_string_lossy().into_owned();
-    let inputs = inert_copies(base, layers, &tag);
-    let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
-    let merged = base.join(format!("{tag}-inert-out"));
-    boxwood_image::merge_layers(&inputs, &merged, keep_whiteouts)?;
-    assert_inert(&merged);
-    materialize(&merged, out);
-    Ok(())
+    let images: Vec<PathBuf> = inert_copies(base, layers, &tag).iter().map(|t| erofs_of(t)).collect();
+    let images: Vec<&Path> = images.iter().map(PathBuf::as_path).collect();
+    let merged = base.join(format!("{tag}-merged.erofs"));
+    boxwood_image::merge_layers(&images, &merged, keep_whiteouts)?;
+    Ok(KernelMount::new(&merged, out))
 }
