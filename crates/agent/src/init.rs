@@ -90,5 +90,15 @@ pub fn hello() -> Hello {
     };
     // No boot id here: the kernel makes it on first read, and a template snapshotted after
     // Hello would hand the same id to every clone. `Setup` reads it after re-seeding the RNG.
-    Hello { version: PROTOCOL_VERSION, kernel_release, machine, boot_id: String::new() }
+    Hello { version: PROTOCOL_VERSION, kernel_release, machine, boot_id: String::new(), clock_events: tick_device() }
+}
+
+/// The boot CPU's tick device as sysfs names it: `none` where the file is empty (the kernel
+/// has no device ticking that CPU), empty if the file cannot be read.
+fn tick_device() -> String {
+    match std::fs::read_to_string("/sys/devices/system/clockevents/clockevent0/current_device") {
+        Ok(name) if name.trim().is_empty() => "none".to_owned(),
+        Ok(name) => name.trim().to_owned(),
+        Err(_) => String::new(),
+    }
 }

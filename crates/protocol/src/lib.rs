@@ -32,7 +32,7 @@ pub use codec::{FrameDecoder, ProtocolError, encode_frame, upper_chunk_header};
 pub use messages::*;
 
 /// Version carried in [`Hello`]; bump on any incompatible message change.
-pub const PROTOCOL_VERSION: u32 = 7;
+pub const PROTOCOL_VERSION: u32 = 8;
 
 /// Process id of the process [`HostMessage::Warmup`] spawns (never a run's: runs count up
 /// from 0).

@@ -144,6 +144,11 @@ pub struct Hello {
     /// the RNG (the kernel makes the id on first read), so VMs restored from one snapshot get
     /// distinct ids; see [`SetupReport::boot_id`].
     pub boot_id: String,
+    /// The boot CPU's tick device (`/sys/devices/system/clockevents/clockevent0/current_device`;
+    /// `none` where that file is empty), empty if unreadable. A microvm guest ticks on its local APIC timer (`lapic`,
+    /// `lapic-deadline`); one whose kernel gave that timer up while calibrating it (a vCPU held
+    /// off the host CPU at that moment) reports `none`, and every sleep in it hangs.
+    pub clock_events: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -23,6 +23,10 @@ pub enum VmError {
     /// console tail.
     #[error("VM boot failed: {reason}\n{detail}")]
     Boot { reason: String, detail: String },
+    /// The guest kernel came up without its APIC timer (see `guest::check_timer`); booting
+    /// again almost always gets one.
+    #[error("the guest kernel booted without a running timer (tick device {clock_events:?})")]
+    NoTimer { clock_events: String },
     #[error("guest setup failed: {error}")]
     SetupFailed { error: String },
     #[error("spawn failed: {error}")]

@@ -168,6 +168,7 @@ impl BootChannel {
             let why = format!("agent speaks protocol {}, host {PROTOCOL_VERSION}", hello.version);
             return Err(boot_err(&why));
         }
+        crate::guest::check_timer(&hello)?;
         Ok(hello)
     }
 
@@ -358,6 +359,16 @@ impl Base {
         limit: Duration,
         setup: bool,
     ) -> Result<QemuVm, VmError> {
+        boot_with_timer(&spec.name, || self.cold_boot_once(spec, accel, limit, setup)).await
+    }
+
+    async fn cold_boot_once(
+        &self,
+        spec: &VmSpec,
+        accel: Accelerator,
+        limit: Duration,
+        setup: bool,
+    ) -> Result<QemuVm, VmError> {
         check_hostname(&spec.hostname)?;
         let lease = self.lease_uid()?;
         let (paths, mut guard) = self.create_vm_dir(&spec.name, lease.as_ref())?;
@@ -406,6 +417,30 @@ impl Base {
         tracing::info!(vm = spec.name, accel = accel.as_str(), boot_ms = boot_duration.as_millis(), "VM booted");
         guard.armed = false;
         Ok(into_vm(spec, hello, setup_report, boot_duration, qemu, paths, chan, false))
+    }
+}
+
+/// Boots a guest kernel may come up without its APIC timer in before it is refused for good.
+const TIMER_ATTEMPTS: u32 = 3;
+
+/// Runs `boot` again while the guest comes up without a running timer
+/// ([`VmError::NoTimer`]): a fresh boot almost always calibrates it. Each attempt must clean
+/// up after itself (its QEMU killed, its dir removed).
+pub(crate) async fn boot_with_timer<T, F, Fut>(vm: &str, mut boot: F) -> Result<T, VmError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, VmError>>,
+{
+    let mut attempt = 1;
+    loop {
+        match boot().await {
+            Err(VmError::NoTimer { clock_events }) if attempt < TIMER_ATTEMPTS => {
+                tracing::warn!(vm, attempt, clock_events, "the guest kernel gave up its APIC timer; booting it again");
+                metrics::counter!("boxwood_vm_boot_retries_total", "reason" => "no_timer").increment(1);
+                attempt += 1;
+            }
+            other => return other,
+        }
     }
 }
 
@@ -675,6 +710,34 @@ mod tests {
         for bad in ["", ".", "..", ".hidden", "a/b", "a b", &"x".repeat(65)] {
             assert!(check_name(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_guest_without_a_timer_is_booted_three_times_and_other_errors_once() {
+        let no_timer = || VmError::NoTimer { clock_events: "none".into() };
+        let mut attempts = 0;
+        let r: Result<(), _> = boot_with_timer("t", || {
+            attempts += 1;
+            std::future::ready(Err(no_timer()))
+        })
+        .await;
+        assert!(matches!(r, Err(VmError::NoTimer { .. })));
+        assert_eq!(attempts, TIMER_ATTEMPTS);
+        let mut attempts = 0;
+        let r = boot_with_timer("t", || {
+            attempts += 1;
+            std::future::ready(if attempts == 1 { Err(no_timer()) } else { Ok(attempts) })
+        })
+        .await;
+        assert_eq!(r.unwrap(), 2, "a second boot that gets its timer is used");
+        let mut attempts = 0;
+        let r: Result<(), _> = boot_with_timer("t", || {
+            attempts += 1;
+            std::future::ready(Err(boot_err("timed out waiting for the agent")))
+        })
+        .await;
+        assert!(matches!(r, Err(VmError::Boot { .. })));
+        assert_eq!(attempts, 1, "only a missing timer is worth another boot");
     }
 
     #[test]

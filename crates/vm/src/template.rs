@@ -237,7 +237,12 @@ async fn build(base: &Base, root: &Path, key: &str) -> Result<Option<Flock<File>
     let lock = File::create(build_dir.join("lock")).map_err(io("create lock"))?;
     let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock)
         .map_err(|(_, e)| VmError::Template(format!("lock {}: {e}", build_dir.display())))?;
-    let snapshot = snapshot(base, &build_dir, &tag).await;
+    let snapshot = crate::runtime::boot_with_timer("template", || {
+        // A refused attempt leaves its RAM file behind; the next creates it anew.
+        let _ = fs::remove_file(build_dir.join("ram"));
+        snapshot(base, &build_dir, &tag)
+    })
+    .await;
     let dest = root.join(key);
     let published = blocking("template publish", move || {
         let result = snapshot.and_then(|()| publish(&build_dir, &dest));
@@ -443,6 +448,7 @@ pub(crate) fn test_template(dir: &Path, memory_mib: u32, vcpus: u32) -> Template
         kernel_release: "k".into(),
         machine: "x86_64".into(),
         boot_id: String::new(),
+        clock_events: "lapic".into(),
     };
     Template {
         ram_copy: File::create(dir.join("ram-copy")).unwrap().into(),

@@ -23,6 +23,7 @@ async fn two_vms_processes_panic_and_shutdown() {
     assert_eq!(a.hello().machine, "x86_64");
     assert_eq!(a.hello().kernel_release, assets().kernel_release);
     assert_ne!(a.hello().boot_id, b.hello().boot_id);
+    assert!(a.hello().clock_events.starts_with("lapic"), "tick device {:?}", a.hello().clock_events);
 
     // Entropy and clock.
     let mut randoms = Vec::new();
@@ -200,6 +201,26 @@ async fn boot_failure_carries_console_tail() {
     let deep = tempfile::Builder::new().prefix(&"d".repeat(40)).tempdir_in("/tmp").unwrap();
     let rt2 = runtime(deep.path(), Vec::new()).await;
     assert!(matches!(rt2.start(long).await, Err(VmError::SocketPathTooLong { .. })));
+}
+
+/// A guest kernel without its APIC timer (what a failed calibration leaves; `noapictimer`
+/// makes it certain) is booted again, then refused with `NoTimer`, leaving nothing behind.
+/// Accepted, its agent would take the first `Spawn` and never answer: every sleep hangs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_without_its_apic_timer_is_booted_again_then_refused() {
+    let dir = run_dir();
+    let rt = cold_runtime(dir.path(), vec!["noapictimer".into()]).await;
+    let started = Instant::now();
+    match rt.start(vm_spec("no-timer")).await {
+        Err(VmError::NoTimer { clock_events }) => {
+            eprintln!("refused after {:?}: tick device {clock_events:?}", started.elapsed());
+            assert!(!clock_events.starts_with("lapic"), "{clock_events}");
+        }
+        Err(other) => panic!("expected NoTimer, got {other}"),
+        Ok(vm) => panic!("a guest without a timer must be refused: tick device {:?}", vm.hello().clock_events),
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert!(!left.iter().any(|n| n.to_string_lossy().starts_with("no-timer")), "left behind: {left:?}");
 }
 
 /// Without lower layers the root is a bare tmpfs; dropping a `Vm` without `shutdown` kills
