@@ -25,8 +25,12 @@ import time
 import urllib.request
 
 BIN, WORK, RUNS, MAX_SECS = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+STATE_PARENT = sys.argv[5] if len(sys.argv) > 5 else WORK
 MIB = 1 << 20
-STATE = os.path.join(WORK, "state")
+STATE = os.path.join(STATE_PARENT, "state")
+# On a filesystem of its own (SOAK_FS), disk is what that filesystem has in use: summing the
+# files' blocks would count each reflink-shared extent once per file sharing it.
+OWN_FS = os.path.ismount(STATE_PARENT)
 # Fan-out results are untagged leaves nobody uses again: retention takes them after this long.
 IMAGE_DAYS = float(os.environ.get("SOAK_IMAGE_DAYS", "0.002"))
 
@@ -84,6 +88,9 @@ class Server:
 
 
 def allocated(path):
+    if OWN_FS:
+        st = os.statvfs(STATE_PARENT)
+        return (st.f_blocks - st.f_bfree) * st.f_frsize
     total = 0
     for root, _, files in os.walk(path):
         for name in files:

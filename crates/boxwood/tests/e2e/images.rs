@@ -112,23 +112,23 @@ async fn twenty_step_chain_keeps_every_change() {
     assert_eq!(got_lines, want_lines, "the tree after 20 persisted steps");
     assert_eq!(got_last, want_last, "a directory removed and recreated holds only its new content");
 
-    // 21 generations deep, the stack a VM mounts stays shallow: compaction keeps it within the
-    // VM's disk slots, and soon down to base + one merged diff.
+    // 21 generations deep, the stack stays within the VM's six disks: deeper ones have their
+    // top layers merged in the background (waited for by a run from them).
     let db = boxwood_store::SqliteStore::open(&s.state.as_ref().unwrap().path().join("boxwood.db")).await.unwrap();
     let uuid: uuid::Uuid = image.parse().unwrap();
     let depth = |db: boxwood_store::SqliteStore| async move {
         boxwood_store::Store::get_image(&db, uuid).await.unwrap().unwrap().layers.len()
     };
-    assert!(depth(db.clone()).await <= 6, "stack depth after 21 generations");
     let mut settled = depth(db.clone()).await;
+    assert!(settled <= 7, "stack depth after 21 generations: {settled}");
     for _ in 0..100 {
-        if settled <= 3 {
+        if settled <= 6 {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         settled = depth(db.clone()).await;
     }
-    assert!(settled <= 3, "background compaction flattened the diffs (depth {settled})");
+    assert!(settled <= 6, "background compaction keeps the stack mountable (depth {settled})");
 
     // What compaction replaced is removed, not kept beside its merge: every layer file is one
     // an image names (once the background compactions are done), and a restart finds nothing

@@ -10,7 +10,7 @@ use boxwood_store::ImageRecord;
 use boxwood_vm::Vm;
 use uuid::Uuid;
 
-use super::{Run, RunEnv, compact::COMPACT_AT};
+use super::{MAX_LAYER_DISKS, Run, RunEnv};
 use crate::clock::now_us;
 use crate::error::{error_chain, out_of_space, reported};
 use crate::quota::{PublishError, StorageRefusal};
@@ -138,7 +138,7 @@ impl Run {
         };
         env.store.insert_image(&image).await.map_err(|e| ("recording the image", e.into()))?;
         drop(quota_guard);
-        if image.layers.len() >= COMPACT_AT {
+        if image.layers.len() > MAX_LAYER_DISKS {
             env.compact_in_background(image.uuid);
         }
         Ok((image.uuid, written))
