@@ -377,7 +377,7 @@ mod tests {
         let s = VmSpec { vcpus: Some(2), ..spec.clone() };
         assert!(clone_plan(&s, &t).unwrap().is_none(), "other vCPUs cold-boot");
         let mut s = spec.clone();
-        s.disks = (0..7).map(|i| DiskSpec { path: a.clone(), serial: format!("l{i}") }).collect();
+        s.disks = (0..=SLOTS).map(|i| DiskSpec { path: a.clone(), serial: format!("l{i}") }).collect();
         s.rootfs.lower_serials.clear();
         assert!(clone_plan(&s, &t).unwrap().is_none(), "more disks than slots cold-boot");
         let mut s = spec.clone();

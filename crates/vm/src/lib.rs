@@ -45,7 +45,7 @@ pub use assets::{GuestAssets, prepare_guest_assets};
 pub use error::VmError;
 pub use jail::JailConfig;
 pub use modules::NEEDED_MODULES;
-pub use qemu::kernel_cmdline;
+pub use qemu::{SLOTS as LAYER_SLOTS, kernel_cmdline};
 pub use runtime::QemuRuntime;
 pub use scratch::MIN_SCRATCH_BYTES;
 pub use stale::reap_stale;

@@ -31,7 +31,7 @@ use crate::scratch::PLACEHOLDER_BYTES;
 
 /// Bump whenever the fixed layout, the snapshot procedure or what a clone expects of the
 /// template changes: the key changes with it and old templates are rebuilt.
-const LAYOUT_VERSION: u32 = 3;
+const LAYOUT_VERSION: u32 = 4;
 /// Virtual size of every slot. The guest reads a disk's capacity once, when it probes the
 /// template's empty slot, so the slot keeps this size whatever is attached later (a qcow2
 /// overlay reads zeros past the end of its backing file); larger layers cold-boot.

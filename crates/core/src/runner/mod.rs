@@ -37,9 +37,8 @@ use crate::spec::{FileInjection, ValidSpawn};
 pub(crate) use live::Live;
 pub(crate) use main_process::MAIN_SPID;
 
-/// Virtio-mmio slots a microVM has (QEMU's microvm offers eight) minus the agent's serial
-/// port and the network device: the deepest layer stack a VM can mount.
-pub(crate) const MAX_LAYER_DISKS: usize = 6;
+/// The deepest layer stack a VM can mount: its disk slots.
+pub(crate) const MAX_LAYER_DISKS: usize = boxwood_vm::LAYER_SLOTS;
 
 /// Why a run was asked to stop early.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
