@@ -9,6 +9,8 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use boxwood_store::{EventRecord, OperationRecord, SqliteStore, Store};
 use serde_json::json;
 use uuid::Uuid;
@@ -49,25 +51,8 @@ fn fill(path: &Path) {
 }
 
 fn op(status: &str) -> OperationRecord {
-    OperationRecord {
-        uuid: Uuid::new_v4(),
-        namespace: "ns".into(),
-        kind: "instance".into(),
-        status: status.into(),
-        error: None,
-        created_at_us: 1,
-        started_at_us: None,
-        finished_at_us: None,
-        image_uuid: None,
-        result_image_uuid: None,
-        result_tag: None,
-        image_size: None,
-        consumed_cpu: None,
-        consumed_memory: None,
-        // Big enough that a full disk is met within a few rows.
-        metadata: json!({ "pad": "x".repeat(16 * 1024) }),
-        result: None,
-    }
+    // Big enough that a full disk is met within a few rows.
+    OperationRecord { metadata: json!({ "pad": "x".repeat(16 * 1024) }), ..common::operation("ns", status) }
 }
 
 fn event(op: Uuid, id: i64) -> EventRecord {

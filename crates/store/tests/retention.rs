@@ -1,45 +1,18 @@
 //! The retention queries against a real (temporary) SQLite database: what may go, and that a
 //! removal re-checks its conditions when it happens.
 
-use std::collections::BTreeMap;
+mod common;
 
 use boxwood_store::*;
 use serde_json::json;
 use uuid::Uuid;
 
 fn image(parent: Option<Uuid>, created: i64) -> ImageRecord {
-    ImageRecord {
-        uuid: Uuid::new_v4(),
-        namespace: "ns".into(),
-        parent_uuid: parent,
-        operation_uuid: Some(Uuid::new_v4()),
-        layers: vec!["sha256:aa".into()],
-        env: BTreeMap::new(),
-        workdir: None,
-        size_bytes: 10,
-        created_at_us: created,
-    }
+    ImageRecord { parent_uuid: parent, operation_uuid: Some(Uuid::new_v4()), ..common::image("ns", created) }
 }
 
 fn op(status: &str, image: Option<Uuid>, finished: Option<i64>) -> OperationRecord {
-    OperationRecord {
-        uuid: Uuid::new_v4(),
-        namespace: "ns".into(),
-        kind: "instance".into(),
-        status: status.into(),
-        error: None,
-        created_at_us: 1,
-        started_at_us: None,
-        finished_at_us: finished,
-        image_uuid: image,
-        result_image_uuid: None,
-        result_tag: None,
-        image_size: None,
-        consumed_cpu: None,
-        consumed_memory: None,
-        metadata: json!({}),
-        result: None,
-    }
+    OperationRecord { image_uuid: image, finished_at_us: finished, ..common::operation("ns", status) }
 }
 
 async fn open() -> (tempfile::TempDir, SqliteStore) {

@@ -1,5 +1,7 @@
 //! Behaviour of the SQLite store against a real (temporary) database file.
 
+mod common;
+
 use std::collections::BTreeMap;
 
 use boxwood_store::*;
@@ -7,38 +9,11 @@ use serde_json::json;
 use uuid::Uuid;
 
 fn image(ns: &str, created: i64) -> ImageRecord {
-    ImageRecord {
-        uuid: Uuid::new_v4(),
-        namespace: ns.into(),
-        parent_uuid: None,
-        operation_uuid: None,
-        layers: vec!["sha256:aa".into()],
-        env: BTreeMap::from([("PATH".into(), "/bin".into())]),
-        workdir: None,
-        size_bytes: 10,
-        created_at_us: created,
-    }
+    ImageRecord { env: BTreeMap::from([("PATH".into(), "/bin".into())]), ..common::image(ns, created) }
 }
 
 fn op(ns: &str, created: i64) -> OperationRecord {
-    OperationRecord {
-        uuid: Uuid::new_v4(),
-        namespace: ns.into(),
-        kind: "instance".into(),
-        status: "PENDING".into(),
-        error: None,
-        created_at_us: created,
-        started_at_us: None,
-        finished_at_us: None,
-        image_uuid: None,
-        result_image_uuid: None,
-        result_tag: None,
-        image_size: None,
-        consumed_cpu: None,
-        consumed_memory: None,
-        metadata: json!({"command": "true"}),
-        result: None,
-    }
+    OperationRecord { created_at_us: created, metadata: json!({"command": "true"}), ..common::operation(ns, "PENDING") }
 }
 
 fn ev(op: Uuid, id: i64, spid: Option<i64>, kind: &str) -> EventRecord {
