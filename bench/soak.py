@@ -163,7 +163,7 @@ def main():
     upload = server.call("POST", "/v1/files", data=os.urandom(64 * 1024), ctype="application/octet-stream")
     latencies, in_gc = [], []
     gc_running = threading.Event()
-    gc_reports, checkpoints = [], []
+    gc_reports, gc_failures, checkpoints = [], [], []
     done = 0
     print(f"{'runs':>6} {'state MiB':>10} {'MiB/100 runs':>13} {'RSS MiB':>8} {'p50 s':>6} {'p95 s':>6}")
     last_disk = loop_start = allocated(STATE)
@@ -195,6 +195,9 @@ def main():
             def pass_():
                 try:
                     gc_reports.append(gc())
+                except subprocess.CalledProcessError as e:
+                    gc_failures.append(e.stderr.strip())
+                    print(f"retention pass failed: {e.stderr.strip()}", flush=True)
                 finally:
                     gc_running.clear()
             threading.Thread(target=pass_, daemon=True).start()
@@ -208,7 +211,8 @@ def main():
     during = [x for x, g in zip(latencies, in_gc) if g]
     outside = [x for x, g in zip(latencies, in_gc) if not g]
     removed = sum(len(r["images"]) for r in gc_reports + [final])
-    print(f"runs: {done} in {len(latencies)} timed runs; retention passes: {len(gc_reports) + 1}, images removed {removed}")
+    print(f"runs: {done} in {len(latencies)} timed runs; retention passes: {len(gc_reports) + 1} "
+          f"({len(gc_failures)} more failed), images removed {removed}")
     first = [disk for n, disk in checkpoints if n == 200]
     if first:
         print(f"state dir per 100 runs: +{(first[0] - loop_start) / 2 / MIB:.1f} MiB over the first 200 (no pass yet), "

@@ -170,15 +170,24 @@ impl Retention for SqliteStore {
     }
 
     async fn remove_operation(&self, uuid: Uuid, cutoff_us: i64) -> StoreResult<bool> {
+        // Writes only, the first one taking the write lock: a deferred transaction that read
+        // first and then writes fails at once with "database is locked" when another
+        // connection committed in between (SQLite cannot move its snapshot, so the busy
+        // timeout does not apply), which every run's events make likely.
         let mut tx = self.pool.begin().await?;
-        let check =
-            concat!("SELECT 1 FROM operations WHERE uuid = ? AND status IN ", terminal!(), " AND finished_at < ?");
-        let found = sqlx::query(check).bind(uuid.to_string()).bind(cutoff_us).fetch_optional(&mut *tx).await?;
-        if found.is_none() {
+        let events = concat!(
+            "DELETE FROM events WHERE operation_uuid = ?1 AND EXISTS (SELECT 1 FROM operations ",
+            "WHERE uuid = ?1 AND status IN ",
+            terminal!(),
+            " AND finished_at < ?2)"
+        );
+        sqlx::query(events).bind(uuid.to_string()).bind(cutoff_us).execute(&mut *tx).await?;
+        let operation =
+            concat!("DELETE FROM operations WHERE uuid = ? AND status IN ", terminal!(), " AND finished_at < ?");
+        let r = sqlx::query(operation).bind(uuid.to_string()).bind(cutoff_us).execute(&mut *tx).await?;
+        if r.rows_affected() == 0 {
             return Ok(false);
         }
-        sqlx::query("DELETE FROM events WHERE operation_uuid = ?").bind(uuid.to_string()).execute(&mut *tx).await?;
-        sqlx::query("DELETE FROM operations WHERE uuid = ?").bind(uuid.to_string()).execute(&mut *tx).await?;
         tx.commit().await?;
         Ok(true)
     }
