@@ -302,10 +302,8 @@ impl Base {
         if let Some(j) = &mut jailed {
             j.cgroup.joined();
         }
-        if let Some(console) = child.stdout.take() {
-            tokio::spawn(crate::console::pump(console, paths.console_log.clone()));
-        }
-        let qemu = QemuChild::start(child, jailed)?;
+        let console = child.stdout.take().map(|out| tokio::spawn(crate::console::pump(out, paths.console_log.clone())));
+        let qemu = QemuChild::start(child, jailed, console)?;
         if let Err(e) = fs::write(&paths.pid_file, qemu.pid.to_string()) {
             qemu.kill();
             return Err(VmError::io("write qemu.pid", e));

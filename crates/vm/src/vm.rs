@@ -48,9 +48,18 @@ pub(crate) struct QemuChild {
     pub exit: watch::Receiver<Option<String>>,
 }
 
+/// How long a reaped QEMU's console may take to reach `console.log`: its exit is reported
+/// after that, so an error quoting the console has the guest's last words (a panic's).
+const CONSOLE_DRAIN: Duration = Duration::from_secs(2);
+
 impl QemuChild {
-    /// `jail`: QEMU's cgroup and uid, released once QEMU has been reaped.
-    pub fn start(mut child: tokio::process::Child, jail: Option<crate::jail::VmJail>) -> Result<Self, VmError> {
+    /// `jail`: QEMU's cgroup and uid, released once QEMU has been reaped. `console`: the task
+    /// draining QEMU's console, awaited (at most [`CONSOLE_DRAIN`]) before the exit is told.
+    pub fn start(
+        mut child: tokio::process::Child,
+        jail: Option<crate::jail::VmJail>,
+        console: Option<tokio::task::JoinHandle<()>>,
+    ) -> Result<Self, VmError> {
         let pid = child.id().ok_or_else(|| VmError::Invalid("QEMU exited at once".into()))?;
         let (kill_tx, kill_rx) = oneshot::channel::<()>();
         let (exit_tx, exit_rx) = watch::channel(None);
@@ -66,6 +75,9 @@ impl QemuChild {
                 Ok(s) => s.to_string(),
                 Err(e) => format!("wait failed: {e}"),
             };
+            if let Some(console) = console {
+                let _ = tokio::time::timeout(CONSOLE_DRAIN, console).await;
+            }
             drop(jail);
             let _ = exit_tx.send(Some(text));
         });
