@@ -261,9 +261,14 @@ mod tests {
         received.fetch_add(1, Ordering::Relaxed);
         assert_eq!(stalls.sample(), Duration::MAX);
         assert!(stalls.sample() < Duration::from_secs(1));
-        // Time on a CPU is counted: spin for 50 ms.
-        let spin = std::time::Instant::now();
-        while spin.elapsed() < Duration::from_millis(50) {
+        // Time on a CPU is counted: spin until this thread has run 50 ms by its own CPU
+        // clock (on a loaded machine the spin takes longer on the wall clock, no less on it).
+        let cpu = || {
+            let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap();
+            Duration::new(t.tv_sec() as u64, t.tv_nsec() as u32)
+        };
+        let spun = cpu();
+        while cpu() - spun < Duration::from_millis(50) {
             std::hint::spin_loop();
         }
         stalls.sample();
