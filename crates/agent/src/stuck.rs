@@ -2,54 +2,85 @@
 //! 10 s, the console gets what each process in the guest waits on (`wchan`, and the kernel
 //! stack of those in D state), which the host quotes when it gives up on the agent.
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 const AFTER: Duration = Duration::from_secs(10);
 /// Processes reported at most.
 const MAX_REPORTED: usize = 16;
 
-/// When the step being watched began (ms since [`EPOCH`], +1 so that 0 means none), or 0.
-static SINCE: AtomicU64 = AtomicU64::new(0);
-static EPOCH: OnceLock<Instant> = OnceLock::new();
-
 /// Marks a step as running until dropped. One watchdog thread, started with the first watch,
-/// checks every second; a step blocked past [`AFTER`] is reported once.
-pub struct Watch(());
+/// sleeps until a step begins and then at most until [`AFTER`] (an idle guest pays no
+/// wake-ups); a step blocked past it is reported once.
+pub struct Watch(Arc<Watchdog>);
 
 impl Watch {
     pub fn start() -> Self {
-        let epoch = *EPOCH.get_or_init(|| {
+        static DOG: OnceLock<Arc<Watchdog>> = OnceLock::new();
+        let dog = DOG.get_or_init(|| {
+            let dog = Arc::new(Watchdog::new(AFTER));
+            let run = dog.clone();
             // Without the thread there is no report, and nothing else changes.
-            let _ = std::thread::Builder::new().name("stuck-watch".into()).spawn(watchdog);
-            Instant::now()
+            let _ = std::thread::Builder::new().name("stuck-watch".into()).spawn(move || {
+                run.run(|text| {
+                    crate::log(&format!(
+                        "starting a command has been blocked for {} s; processes:\n{text}",
+                        AFTER.as_secs()
+                    ))
+                })
+            });
+            dog
         });
-        SINCE.store(epoch.elapsed().as_millis() as u64 + 1, Ordering::SeqCst);
-        Watch(())
+        dog.begin();
+        Watch(dog.clone())
     }
 }
 
 impl Drop for Watch {
     fn drop(&mut self) {
-        SINCE.store(0, Ordering::SeqCst);
+        self.0.end();
     }
 }
 
-fn watchdog() {
-    let mut reported = 0;
-    loop {
-        std::thread::sleep(Duration::from_secs(1));
-        let (since, epoch) = (SINCE.load(Ordering::SeqCst), EPOCH.get().copied());
-        let Some(epoch) = epoch else { continue };
-        let now = epoch.elapsed().as_millis() as u64 + 1;
-        if since != 0 && since != reported && now.saturating_sub(since) >= AFTER.as_millis() as u64 {
-            reported = since;
-            crate::log(&format!(
-                "starting a command has been blocked for {} s; processes:\n{}",
-                AFTER.as_secs(),
-                report()
-            ));
+/// The step being watched (a count, so that two steps in a row are told apart) and when it
+/// began.
+struct Watchdog {
+    after: Duration,
+    step: Mutex<(u64, Option<Instant>)>,
+    changed: Condvar,
+}
+
+impl Watchdog {
+    fn new(after: Duration) -> Self {
+        Self { after, step: Mutex::new((0, None)), changed: Condvar::new() }
+    }
+
+    fn begin(&self) {
+        let mut step = self.step.lock().unwrap_or_else(PoisonError::into_inner);
+        *step = (step.0 + 1, Some(Instant::now()));
+        self.changed.notify_all();
+    }
+
+    fn end(&self) {
+        self.step.lock().unwrap_or_else(PoisonError::into_inner).1 = None;
+        self.changed.notify_all();
+    }
+
+    /// Waits for steps forever; `tell` gets the report of one blocked past `after`.
+    fn run(&self, tell: impl Fn(&str)) {
+        let mut step = self.step.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            step = self.changed.wait_while(step, |s| s.1.is_none()).unwrap_or_else(PoisonError::into_inner);
+            let (n, Some(began)) = *step else { continue };
+            let same = |s: &mut (u64, Option<Instant>)| s.0 == n && s.1.is_some();
+            let left = self.after.saturating_sub(began.elapsed());
+            step = self.changed.wait_timeout_while(step, left, same).unwrap_or_else(PoisonError::into_inner).0;
+            if same(&mut step) {
+                drop(step);
+                tell(&report());
+                step = self.step.lock().unwrap_or_else(PoisonError::into_inner);
+                step = self.changed.wait_while(step, same).unwrap_or_else(PoisonError::into_inner);
+            }
         }
     }
 }
@@ -96,10 +127,19 @@ mod tests {
     }
 
     #[test]
-    fn a_watch_marks_its_step_until_dropped() {
-        let watch = Watch::start();
-        assert_ne!(SINCE.load(Ordering::SeqCst), 0);
-        drop(watch);
-        assert_eq!(SINCE.load(Ordering::SeqCst), 0);
+    fn a_step_blocked_past_its_limit_is_reported_once_and_a_quick_one_never() {
+        let dog = Arc::new(Watchdog::new(Duration::from_millis(100)));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let run = dog.clone();
+        let tx = Mutex::new(tx);
+        std::thread::spawn(move || run.run(|text| tx.lock().unwrap().send(text.to_owned()).unwrap()));
+        dog.begin();
+        dog.end();
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "a step that ended is not reported");
+        dog.begin();
+        let text = rx.recv_timeout(Duration::from_secs(5)).expect("a blocked step is reported");
+        assert!(text.contains(" wchan="), "{text}");
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "and only once");
+        dog.end();
     }
 }

@@ -54,6 +54,26 @@ impl Default for HttpConfig {
     }
 }
 
+impl HttpConfig {
+    /// Refuses settings that would cut every request or stream off at once (at load, before
+    /// anything starts). A zero grace is allowed: shutdown then closes connections at once.
+    pub fn validate(&self) -> Result<(), String> {
+        for (name, value) in [
+            ("header_read_timeout_secs", self.header_read_timeout_secs),
+            ("body_idle_timeout_secs", self.body_idle_timeout_secs),
+            ("write_timeout_secs", self.write_timeout_secs),
+        ] {
+            if value == 0 {
+                return Err(format!("http.{name} must be at least 1"));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err("http.max_connections must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 /// Serves `router` on `listener` until `signal` resolves; then stops accepting, runs
 /// `before_close` (which ends the runs, so their event streams see `completion`) and lets
 /// requests in flight finish, all within the shutdown grace, and closes what is left.

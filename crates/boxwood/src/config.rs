@@ -119,6 +119,7 @@ impl Config {
         env.apply(&mut cfg)?;
         flags.apply(&mut cfg)?;
         cfg.core.retention.validate().map_err(anyhow::Error::msg)?;
+        cfg.http.validate().map_err(anyhow::Error::msg)?;
         Ok(cfg)
     }
 
@@ -224,6 +225,17 @@ mod tests {
         assert!(Config::load(Some(&path), Overrides::default(), Overrides::default()).is_err());
         let bad = Overrides { accel: Some("fast".into()), ..Default::default() };
         assert!(Config::load(None, bad, Overrides::default()).is_err());
+    }
+
+    #[test]
+    fn deadlines_that_would_cut_everything_off_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("boxwood.toml");
+        std::fs::write(&path, "[http]\nwrite_timeout_secs = 0\n").unwrap();
+        let err = Config::load(Some(&path), Overrides::default(), Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("http.write_timeout_secs"), "{err}");
+        std::fs::write(&path, "[http]\nwrite_timeout_secs = 1\nshutdown_grace_secs = 0\n").unwrap();
+        assert!(Config::load(Some(&path), Overrides::default(), Overrides::default()).is_ok());
     }
 
     /// The README's example is the documentation of the file format: it must load.

@@ -172,12 +172,22 @@ impl LayerStore for FsLayerStore {
     async fn sweep_finish(&self, sweep: Sweep, referenced: &HashSet<String>) -> ImageResult<Reclaimed> {
         let (root, pins, referenced) = (self.root.clone(), self.pins.clone(), referenced.clone());
         let (layers, bytes) = blocking(move || {
-            let mut bytes = 0;
+            // Under the pin table's lock (which every run's `open_layers` takes) a doomed file
+            // is only renamed into `tmp/`; freeing its blocks, which takes long for a big
+            // file, happens after. A crash in between leaves it where start-up clears `tmp/`.
+            let mut doomed = Vec::new();
             let removed = pins.remove(sweep, &referenced, |digest| {
                 let path = layer_file(&root, digest.strip_prefix("sha256:").unwrap_or(digest));
-                bytes += file_allocated_bytes(&path).unwrap_or(0);
-                std::fs::remove_file(&path).map_err(io_err(&path))
+                let to = root.join("tmp").join(format!("{}.removed", Uuid::new_v4()));
+                std::fs::rename(&path, &to).map_err(io_err(&path))?;
+                doomed.push(to);
+                Ok::<_, ImageError>(())
             })?;
+            let mut bytes = 0;
+            for path in doomed {
+                bytes += file_allocated_bytes(&path).unwrap_or(0);
+                std::fs::remove_file(&path).map_err(io_err(&path))?;
+            }
             Ok((removed, bytes))
         })
         .await?;

@@ -14,4 +14,8 @@ CREATE TABLE removed_images (
     reason          TEXT NOT NULL
 );
 CREATE INDEX removed_images_parent ON removed_images (parent_uuid);
-CREATE INDEX operations_finished ON operations (finished_at);
+-- What the retention queries look up: unfinished operations (of an image, or any, a short
+-- list) and uploads by content.
+CREATE INDEX operations_unfinished_image ON operations (image_uuid)
+    WHERE status NOT IN ('SUCCESS', 'FAILED', 'CANCELLED');
+CREATE INDEX files_sha256 ON files (sha256);

@@ -197,7 +197,7 @@ pub trait VmRuntime: Send + Sync {
     fn fast_start(&self) -> FastStartState {
         FastStartState::Off
     }
-    /// QEMU processes kept waiting for runs (the warm pool, the template's builder).
+    /// QEMU processes kept waiting for runs (the warm pool's clones).
     fn idle_qemu_pids(&self) -> Vec<u32> {
         Vec::new()
     }

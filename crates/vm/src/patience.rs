@@ -58,8 +58,12 @@ pub(crate) trait Stalls: Send {
     }
 }
 
+/// How long a wait goes unmeasured: most answers come far sooner, and a sample reads
+/// `/proc` for every QEMU thread. That first stretch counts in full as the guest's time.
+const UNMEASURED: Duration = Duration::from_millis(50);
+
 /// Waits for `fut` until `budget` of the guest's time has passed, or `budget × 6` of the
-/// clock's. A future that is ready at once is never measured.
+/// clock's. A future that is ready within [`UNMEASURED`] is never measured.
 pub(crate) async fn within<T>(
     budget: Duration,
     stalls: &mut dyn Stalls,
@@ -68,10 +72,17 @@ pub(crate) async fn within<T>(
     let start = Instant::now();
     let cap = start + budget * CAP_FACTOR;
     tokio::pin!(fut);
+    tokio::select! {
+        v = &mut fut => return Ok(v),
+        () = tokio::time::sleep_until(start + UNMEASURED.min(budget)) => {}
+    }
     stalls.sample();
-    let mut credited = Duration::ZERO;
-    let mut last = start;
+    let mut last = Instant::now();
+    let mut credited = last - start;
     loop {
+        if credited >= budget || last >= cap {
+            return Err(Waited { wall: last - start, ran: stalls.ran() });
+        }
         let wake = (last + (budget - credited).min(TICK)).min(cap);
         tokio::select! {
             v = &mut fut => return Ok(v),
@@ -80,9 +91,6 @@ pub(crate) async fn within<T>(
         let now = Instant::now();
         credited += (now - last).saturating_sub(stalls.sample());
         last = now;
-        if credited >= budget || now >= cap {
-            return Err(Waited { wall: now - start, ran: stalls.ran() });
-        }
     }
 }
 
@@ -231,6 +239,17 @@ mod tests {
             7
         };
         assert_eq!(within(Duration::from_secs(20), &mut stalls, answer).await, Ok(7));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_quick_answer_is_never_measured() {
+        let mut stalls = Loaded { share: 0.0, last: None };
+        let answer = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            7
+        };
+        assert_eq!(within(Duration::from_secs(20), &mut stalls, answer).await, Ok(7));
+        assert!(stalls.last.is_none(), "no sample was taken");
     }
 
     #[test]

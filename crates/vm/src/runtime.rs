@@ -357,7 +357,12 @@ impl Base {
         limit: Duration,
         setup: bool,
     ) -> Result<QemuVm, VmError> {
-        boot_with_timer(&spec.name, || self.cold_boot_once(spec, accel, limit, setup)).await
+        // One deadline for all attempts: a boot retried for its timer takes no longer in all.
+        let deadline = Instant::now() + limit;
+        boot_with_timer(&spec.name, || {
+            self.cold_boot_once(spec, accel, deadline.saturating_duration_since(Instant::now()), setup)
+        })
+        .await
     }
 
     async fn cold_boot_once(
@@ -694,7 +699,7 @@ impl VmRuntime for QemuRuntime {
     }
 
     fn idle_qemu_pids(&self) -> Vec<u32> {
-        self.fast.as_ref().map(FastStart::pooled_pids).unwrap_or_default()
+        self.pooled_pids()
     }
 }
 

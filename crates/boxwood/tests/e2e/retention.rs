@@ -226,6 +226,8 @@ async fn sigkill_during_passes_loses_nothing_an_image_names() {
         left_after.push(left);
     }
     eprintln!("doomed images left after each killed pass: {left_after:?}");
+    assert!(left_after[0] > 0, "the first kill came before its pass ended: {left_after:?}");
+    assert!(left_after.windows(2).all(|w| w[0] >= w[1]), "nothing removed comes back: {left_after:?}");
 
     // A pass left to finish removes the rest; the tagged image still runs.
     let report = cli(state, &["gc"]).await;

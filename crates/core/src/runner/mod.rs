@@ -27,7 +27,7 @@ use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
 use crate::clock::{format_ts, now_us};
-use crate::error::{CoreResult, error_chain};
+use crate::error::{CoreResult, error_chain, reported};
 use crate::events::EventLog;
 use crate::model::InstanceResult;
 use crate::operations::{self, Status};
@@ -209,9 +209,8 @@ impl Run {
             match env.compact_now(self.image.uuid).await {
                 Ok(layers) => self.image.layers = layers,
                 Err(e) => {
-                    return self
-                        .finish(Ending::failed(format!("flattening the image failed: {}", error_chain(&e))))
-                        .await;
+                    // The cause names layer files: it goes to the log, the client gets an id.
+                    return self.finish(Ending::failed(reported("flattening the image failed", &e))).await;
                 }
             }
         }

@@ -9,18 +9,15 @@ use crate::clock::now_us;
 use crate::error::error_chain;
 use crate::model::{Check, Readiness, ReadinessChecks, TemplateCheck};
 
+/// How long one store write probe answers readiness checks for.
+const PROBE_MAX_AGE: std::time::Duration = std::time::Duration::from_secs(1);
+
 impl Service {
     /// Checks the store (a real committed write), the disk (above the reserve), fast start
     /// and whether runs are accepted. Failures are logged, never shown.
     pub async fn readiness(&self) -> Readiness {
         let inner = &self.inner;
-        let store = match inner.store.probe_write(now_us()).await {
-            Ok(()) => Check::Ok,
-            Err(e) => {
-                tracing::warn!(error = %error_chain(&e), "readiness: the store refuses writes");
-                Check::Failing
-            }
-        };
+        let store = self.store_writable().await;
         let disk = match inner.env.storage.above_reserve() {
             Ok(true) => Check::Ok,
             Ok(false) => Check::Failing,
@@ -43,6 +40,27 @@ impl Service {
 }
 
 impl Service {
+    /// Whether the store commits a write, probed at most once per [`PROBE_MAX_AGE`]: the
+    /// probe is a synced commit, and `/readyz` needs no token, so anyone reaching the port
+    /// could otherwise make the disk sync at will.
+    async fn store_writable(&self) -> Check {
+        let mut last = self.inner.store_probe.lock().await;
+        if let Some((at, check)) = *last
+            && at.elapsed() < PROBE_MAX_AGE
+        {
+            return check;
+        }
+        let check = match self.inner.store.probe_write(now_us()).await {
+            Ok(()) => Check::Ok,
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "readiness: the store refuses writes");
+                Check::Failing
+            }
+        };
+        *last = Some((std::time::Instant::now(), check));
+        check
+    }
+
     /// Sets the gauges from the state now (called before each scrape is rendered).
     pub async fn sample_metrics(&self) {
         let env = &self.inner.env;

@@ -168,7 +168,9 @@ impl ImportJob {
         let uuid = Uuid::new_v5(&IMPORT_UUID_NAMESPACE, name.as_bytes());
         let store_err = |e: boxwood_store::StoreError| internal(&e);
         let mut written = 0;
-        if store.get_image(uuid).await.map_err(store_err)?.is_none() {
+        // An image already imported is marked used first, so a retention pass cannot take it
+        // before the tag below names it.
+        if !store.touch_image(uuid, now_us()).await.map_err(store_err)? {
             // Checked again now that the import has its slot, before anything is fetched.
             match storage.check_image_room(&self.op.namespace).await {
                 Ok(Ok(())) => {}

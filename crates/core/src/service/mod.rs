@@ -146,6 +146,8 @@ struct Inner {
     stopping: CancellationToken,
     /// The last per-namespace usage the metrics sampled, and when.
     usage_cache: tokio::sync::Mutex<Option<(std::time::Instant, Vec<NamespaceUsage>)>>,
+    /// The last store write probe of a readiness check and when it ran (see `readiness`).
+    store_probe: tokio::sync::Mutex<Option<(std::time::Instant, crate::model::Check)>>,
 }
 
 /// The parts the service is built from.
@@ -200,12 +202,17 @@ impl Service {
                 uploads_gate: tokio::sync::RwLock::new(()),
                 stopping: CancellationToken::new(),
                 usage_cache: tokio::sync::Mutex::new(None),
+                store_probe: tokio::sync::Mutex::new(None),
             }),
         };
         svc.fail_orphans().await?;
         // No run holds a layer yet: whatever no image names (replaced by a compaction, or
         // published by a persist the last process did not get to record) goes now.
-        svc.inner.env.reclaim_layers().await?;
+        // A file that cannot be removed must not keep the server from starting: the next
+        // sweep tries again.
+        if let Err(e) = svc.inner.env.reclaim_layers().await {
+            tracing::warn!(error = %crate::error::error_chain(&e), "the start-up layer sweep failed");
+        }
         svc.start_collector();
         Ok(svc)
     }

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use super::Service;
 use crate::clock::{format_ts, now_us};
-use crate::error::{CoreError, CoreResult};
+use crate::error::{CoreError, CoreResult, error_chain};
 
 /// `[core.retention]`. Days may be fractional; an absent value keeps that kind forever.
 #[derive(Debug, Clone, Deserialize)]
@@ -157,7 +157,8 @@ impl Service {
                     removed += 1;
                     report.uploads += 1;
                     if !store.content_referenced(&file.sha256).await? {
-                        let freed = inner.blobs.remove(&file.sha256).map_err(|e| CoreError::Internal(e.to_string()))?;
+                        let freed =
+                            inner.blobs.remove(&file.sha256).map_err(|e| CoreError::Internal(error_chain(&e)))?;
                         report.upload_bytes += freed;
                     }
                 }

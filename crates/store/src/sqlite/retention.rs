@@ -201,7 +201,7 @@ impl Retention for SqliteStore {
                (SELECT COUNT(*) FROM images i WHERE i.namespace = ns.namespace) AS images, \
                (SELECT COUNT(*) FROM tags t WHERE t.namespace = ns.namespace) AS tags, \
                (SELECT COUNT(*) FROM files f WHERE f.namespace = ns.namespace) AS uploads, \
-               (SELECT COALESCE(SUM(f.size), 0) FROM files f WHERE f.namespace = ns.namespace) AS upload_bytes, \
+               (SELECT COALESCE(SUM(f.size), 0) FROM files f WHERE f.namespace = ns.namespace AND f.size > 0) AS upload_bytes, \
                (SELECT COUNT(*) FROM operations o WHERE o.namespace = ns.namespace) AS operations, \
                (SELECT COALESCE(SUM(LENGTH(e.data)), 0) FROM events e JOIN operations o \
                   ON o.uuid = e.operation_uuid WHERE o.namespace = ns.namespace) AS event_bytes \
