@@ -12,6 +12,8 @@ use std::time::Duration;
 use boxwood_protocol::{FrameDecoder, GuestMessage, HostMessage, MAX_FRAME_BYTES, encode_frame, upper_chunk_header};
 use tokio::sync::mpsc;
 
+use crate::splice::Splicer;
+
 /// Messages queued for the host. Bounded, so a flood of output waits for the channel.
 pub type Outbox = mpsc::Sender<GuestMessage>;
 
@@ -36,6 +38,15 @@ impl PortWriter {
         let mut port = self.port.lock().unwrap_or_else(PoisonError::into_inner);
         port.write_all(&header)?;
         port.write_all(data)
+    }
+
+    /// Writes an `UpperChunk` of `len` bytes taken from `file` at its offset (zeros past its
+    /// end), moved by `splicer` rather than copied through the agent.
+    pub fn send_upper_chunk_from(&self, file: &mut File, len: usize, splicer: &mut Splicer) -> io::Result<()> {
+        let header = upper_chunk_header(len).map_err(io::Error::other)?;
+        let mut port = self.port.lock().unwrap_or_else(PoisonError::into_inner);
+        port.write_all(&header)?;
+        splicer.send(file, len, &mut port)
     }
 }
 

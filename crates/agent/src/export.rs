@@ -4,7 +4,7 @@
 //! host's pace throttles the walk.
 
 use std::collections::HashSet;
-use std::fs;
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -17,7 +17,8 @@ use nix::unistd::Pid;
 
 use crate::channel::PortWriter;
 use crate::reaper::Reaper;
-use crate::tar;
+use crate::splice::Splicer;
+use crate::tar::{self, TarSink};
 
 /// Largest `UpperChunk` payload.
 pub const CHUNK_BYTES: usize = 1 << 20;
@@ -45,7 +46,8 @@ pub async fn run(upper: Option<&Upper>, reaper: &Reaper, port: &PortWriter) {
     // Written inline: every process is gone, so nothing else needs the agent meanwhile, and a
     // thread start costs milliseconds under emulation. The export reads through the upper's
     // filesystem (tmpfs or the scratch disk's ext4), so nothing needs syncing first.
-    let mut sink = ChunkSink { port, buf: Vec::with_capacity(CHUNK_BYTES) };
+    let splicer = Splicer::new().map_err(|e| crate::log(&format!("export: no pipe for splicing ({e}); copying"))).ok();
+    let mut sink = ChunkSink { port, buf: Vec::with_capacity(CHUNK_BYTES), splicer, copy: Vec::new() };
     let result = tar::write_tree(&upper.dir, &upper.excluded, &mut sink).and_then(|stats| sink.flush().map(|()| stats));
     let reply = match result {
         Ok(stats) => GuestMessage::UpperDone { entries: stats.entries, bytes: stats.bytes },
@@ -104,12 +106,15 @@ fn user_processes() -> usize {
         .count()
 }
 
-/// Sends the tar stream as chunks of at most [`CHUNK_BYTES`]: a large write (file data) goes
-/// out as it is, small ones (headers, small files) are collected first, so the data is copied
-/// only by the kernel's reads and writes.
+/// Sends the tar stream as chunks of at most [`CHUNK_BYTES`]: a large file's data is spliced
+/// from the file to the port (never copied by the agent), small writes (headers, small
+/// files) are collected first.
 struct ChunkSink<'a> {
     port: &'a PortWriter,
     buf: Vec<u8>,
+    splicer: Option<Splicer>,
+    /// The read buffer of data not spliced.
+    copy: Vec<u8>,
 }
 
 /// Writes at least this long skip the collecting buffer.
@@ -145,5 +150,39 @@ impl Write for ChunkSink<'_> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.send_buf()
+    }
+}
+
+impl TarSink for ChunkSink<'_> {
+    fn write_file_data(&mut self, file: &mut File, len: u64) -> io::Result<()> {
+        match self.splicer.take() {
+            Some(mut splicer) if len >= DIRECT_BYTES as u64 => {
+                let sent = self.splice_file(file, len, &mut splicer);
+                self.splicer = Some(splicer);
+                sent
+            }
+            splicer => {
+                self.splicer = splicer;
+                // Small data joins the collected chunk: one read, no frame of its own.
+                let mut copy = std::mem::take(&mut self.copy);
+                copy.resize(DIRECT_BYTES, 0);
+                let result = tar::copy_padded(file, len, self, &mut copy);
+                self.copy = copy;
+                result
+            }
+        }
+    }
+}
+
+impl ChunkSink<'_> {
+    fn splice_file(&mut self, file: &mut File, len: u64, splicer: &mut Splicer) -> io::Result<()> {
+        self.send_buf()?;
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(CHUNK_BYTES as u64) as usize;
+            self.port.send_upper_chunk_from(file, n, splicer)?;
+            left -= n as u64;
+        }
+        Ok(())
     }
 }

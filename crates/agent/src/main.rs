@@ -20,6 +20,7 @@ mod reaper;
 mod server;
 mod setup;
 mod spawn;
+mod splice;
 mod stuck;
 mod tar;
 mod testdir;

@@ -26,7 +26,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
 
 const BLOCK: usize = 512;
-/// See `Walker::buf`.
+/// The copy buffer of [`TarSink::write_file_data`]'s plain form.
 const COPY_BUF_BYTES: usize = 256 << 10;
 /// Largest value of an 11-digit octal field (size, mtime).
 const MAX_OCTAL_11: u64 = 0o777_7777_7777;
@@ -49,15 +49,60 @@ pub fn keep_xattr(name: &[u8]) -> bool {
     name.starts_with(b"user.") || name == b"security.capability" || name == b"trusted.overlay.opaque"
 }
 
+/// Where the archive goes. File data has a call of its own, so a sink can have the kernel
+/// move it instead of copying it through the agent (see `export::ChunkSink`).
+pub trait TarSink: Write {
+    /// Writes exactly `len` bytes: `file`'s from its current offset, then zeros if it ends
+    /// first (a file that shrank keeps the archive well-formed; one that grew is cut).
+    fn write_file_data(&mut self, file: &mut File, len: u64) -> io::Result<()> {
+        let mut buf = vec![0; usize::try_from(len).unwrap_or(usize::MAX).min(COPY_BUF_BYTES)];
+        copy_padded(file, len, self, &mut buf)
+    }
+}
+
+impl TarSink for Vec<u8> {}
+
+impl<T: TarSink + ?Sized> TarSink for &mut T {
+    fn write_file_data(&mut self, file: &mut File, len: u64) -> io::Result<()> {
+        (**self).write_file_data(file, len)
+    }
+}
+
+/// Copies `len` bytes of `file` to `out` through `buf` (reads as large as `buf`, not
+/// `io::copy`'s 8 KiB: each read is a syscall and a copy that cost microseconds under
+/// emulation), zeros once the file ends.
+pub fn copy_padded(file: &mut File, len: u64, out: &mut (impl Write + ?Sized), buf: &mut [u8]) -> io::Result<()> {
+    let mut missing = len;
+    while missing > 0 {
+        let want = usize::try_from(missing).unwrap_or(usize::MAX).min(buf.len());
+        let n = match file.read(&mut buf[..want]) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        out.write_all(&buf[..n])?;
+        missing -= n as u64;
+    }
+    if missing > 0 {
+        buf.fill(0);
+    }
+    while missing > 0 {
+        let n = usize::try_from(missing).unwrap_or(usize::MAX).min(buf.len());
+        out.write_all(&buf[..n])?;
+        missing -= n as u64;
+    }
+    Ok(())
+}
+
 /// Writes the tar of `dir` to `out`. `excluded` holds relative paths (no trailing slash).
-pub fn write_tree(dir: &Path, excluded: &HashSet<Vec<u8>>, out: impl Write) -> io::Result<TarStats> {
+pub fn write_tree(dir: &Path, excluded: &HashSet<Vec<u8>>, out: impl TarSink) -> io::Result<TarStats> {
     let mut w = Walker {
         out: Counting { inner: out, bytes: 0 },
         excluded,
         links: HashMap::new(),
         pending: Vec::new(),
         entries: 0,
-        buf: vec![0; COPY_BUF_BYTES],
     };
     w.walk(dir, b"")?;
     w.out.write_all(&[0u8; 2 * BLOCK])?;
@@ -79,6 +124,14 @@ impl<W: Write> Write for Counting<W> {
 
     fn flush(&mut self) -> io::Result<()> {
         self.inner.flush()
+    }
+}
+
+impl<W: TarSink> TarSink for Counting<W> {
+    fn write_file_data(&mut self, file: &mut File, len: u64) -> io::Result<()> {
+        self.inner.write_file_data(file, len)?;
+        self.bytes += len;
+        Ok(())
     }
 }
 
@@ -177,12 +230,9 @@ struct Walker<'a, W> {
     /// Excluded ancestor directories not written yet, outermost first.
     pending: Vec<Member>,
     entries: u64,
-    /// File data passes through here: reads as large as a chunk rather than `io::copy`'s
-    /// 8 KiB, each a syscall and a copy that cost microseconds under emulation.
-    buf: Vec<u8>,
 }
 
-impl<W: Write> Walker<'_, W> {
+impl<W: TarSink> Walker<'_, W> {
     fn walk(&mut self, dir: &Path, rel: &[u8]) -> io::Result<()> {
         let mut names: Vec<OsString> =
             fs::read_dir(dir)?.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>()?;
@@ -352,45 +402,19 @@ impl<W: Write> Walker<'_, W> {
                 self.out.write_all(&sparse.map)?;
                 for &(offset, len) in &sparse.segments {
                     io::Seek::seek(&mut file, io::SeekFrom::Start(offset))?;
-                    self.copy_exactly(&mut file, len)?;
+                    self.out.write_file_data(&mut file, len)?;
                 }
                 self.pad(m.size)?;
             }
             (Some(mut file), None) => {
                 // The hole probe moved the file offset.
                 io::Seek::seek(&mut file, io::SeekFrom::Start(0))?;
-                self.copy_exactly(&mut file, m.size)?;
+                self.out.write_file_data(&mut file, m.size)?;
                 self.pad(m.size)?;
             }
             (None, _) => {}
         }
         self.entries += 1;
-        Ok(())
-    }
-
-    /// Copies exactly `size` bytes (the size in the header): a file that shrank is padded
-    /// with zeros, one that grew is cut, so the archive stays well-formed.
-    fn copy_exactly(&mut self, file: &mut File, size: u64) -> io::Result<()> {
-        let mut missing = size;
-        while missing > 0 {
-            let want = usize::try_from(missing).unwrap_or(usize::MAX).min(self.buf.len());
-            let n = match file.read(&mut self.buf[..want]) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            self.out.write_all(&self.buf[..n])?;
-            missing -= n as u64;
-        }
-        if missing > 0 {
-            self.buf.fill(0);
-        }
-        while missing > 0 {
-            let n = usize::try_from(missing).unwrap_or(usize::MAX).min(self.buf.len());
-            self.out.write_all(&self.buf[..n])?;
-            missing -= n as u64;
-        }
         Ok(())
     }
 
