@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use boxwood_blob::BlobStore;
-use boxwood_image::{CommitLimits, ImageError, LayerInfo, LayerStore};
+use boxwood_image::{CommitLimits, ImageError, LayerInfo, LayerStore, StagedLayer};
 use boxwood_store::Store;
 use boxwood_vm::MIN_SCRATCH_BYTES;
 use serde::Deserialize;
@@ -89,6 +89,13 @@ impl From<StorageRefusal> for CoreError {
 pub(crate) struct PublishGuard {
     _storage: OwnedMutexGuard<()>,
     _pin: boxwood_image::LayerPin,
+}
+
+/// A layer ready to publish: a staging tree (a registry layer) or an image written from a
+/// run's exported changes.
+pub(crate) enum NewLayer {
+    Tree(std::path::PathBuf),
+    Staged(StagedLayer),
 }
 
 /// A layer that failed to publish: refused by a storage rule, or broken otherwise.
@@ -192,7 +199,7 @@ impl Storage {
     pub(crate) async fn publish_layer(
         &self,
         namespace: &str,
-        tree: std::path::PathBuf,
+        layer: NewLayer,
     ) -> Result<(LayerInfo, PublishGuard), PublishError> {
         let lock = {
             let mut locks = self.image_locks.lock().unwrap_or_else(|e| e.into_inner());
@@ -203,7 +210,11 @@ impl Storage {
         let quota = self.rules.image_bytes;
         let limits =
             CommitLimits { max_stored_bytes: quota.saturating_sub(used), min_free_bytes: self.rules.min_free_bytes };
-        match self.layers.commit_tree_limited(tree, limits).await {
+        let committed = match layer {
+            NewLayer::Tree(tree) => self.layers.commit_tree_limited(tree, limits).await,
+            NewLayer::Staged(staged) => self.layers.commit_staged(staged, limits).await,
+        };
+        match committed {
             Ok(info) => {
                 let pin = info.pin.clone();
                 Ok((info, PublishGuard { _storage: guard, _pin: pin }))

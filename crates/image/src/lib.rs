@@ -11,11 +11,12 @@
 //! A layer becomes visible only by `rename` of a fully written, fsynced file, so a crash
 //! leaves either the whole layer or stray staging files that start-up removes.
 //!
-//! Layers are written from an inert staging tree (see [`inert`]: only 0700 dirs and 0600
-//! files, the image's metadata kept as data) that [`unpack_layer_from`] fills from a layer
-//! tar (exported by the guest agent or pulled from a registry, never writing outside the
-//! tree) and that is removed once its erofs image is published, or by [`merge_layers`]
-//! straight from other layers' images (squashing a stack with overlayfs semantics).
+//! A run's changes (the layer tar the guest agent exports) are unpacked straight into an erofs
+//! image in staging as they arrive ([`unpack_layer_from`], [`LayerStore::stage_tar`]): the
+//! guest's files never become host files. A registry layer is written from an inert staging
+//! tree (see [`inert`]: only 0700 dirs and 0600 files, the image's metadata kept as data)
+//! that is removed once its erofs image is published; [`merge_layers`] writes one straight
+//! from other layers' images (squashing a stack with overlayfs semantics).
 
 mod base;
 pub mod erofs;
@@ -37,7 +38,7 @@ pub use inspect::{
 };
 pub use merge::merge_layers;
 pub use pins::{LayerPin, Sweep};
-pub use store::{FsLayerStore, LayerInfo};
+pub use store::{FsLayerStore, LayerInfo, StagedLayer};
 pub use unpack::{UnpackLimits, UnpackStats, unpack_layer_from};
 pub use usage::{CommitLimits, DiskSpace, disk_space};
 
@@ -117,6 +118,16 @@ pub trait LayerStore: Send + Sync {
     /// written erofs image) before it is published; past a limit it is discarded with
     /// [`ImageError::OverBudget`] or [`ImageError::LowSpace`] and the tree is left to the caller.
     async fn commit_tree_limited(&self, tree: PathBuf, limits: CommitLimits) -> ImageResult<LayerInfo>;
+    /// Unpacks a layer tar (a run's exported changes, read as they arrive) straight into a
+    /// new erofs image in staging, within `limits` (see [`unpack_layer_from`]). Blocking: call
+    /// it off the async runtime.
+    fn stage_tar(&self, tar: &mut dyn std::io::Read, limits: UnpackLimits) -> ImageResult<StagedLayer>;
+    /// Publishes a staged layer within `limits`, measured like [`Self::commit_image`]; past
+    /// them (or on any error) it is discarded.
+    async fn commit_staged(&self, staged: StagedLayer, limits: CommitLimits) -> ImageResult<LayerInfo> {
+        let content_bytes = staged.stats.content_bytes;
+        self.commit_image(staged.into_path(), content_bytes, limits).await
+    }
     /// Publishes an erofs image written in a staging directory (a [`merge_layers`] result
     /// holding `content_bytes` of file data) within `limits`, consuming the file.
     async fn commit_image(&self, image: PathBuf, content_bytes: u64, limits: CommitLimits) -> ImageResult<LayerInfo>;

@@ -12,7 +12,10 @@ use uuid::Uuid;
 
 use crate::pins::{LayerPin, PinTable, Sweep};
 use crate::usage::{file_allocated_bytes, tree_allocated_bytes};
-use crate::{CommitLimits, DiskSpace, ImageError, ImageResult, LayerStore, PinnedLayers, Reclaimed, io_err};
+use crate::{
+    CommitLimits, DiskSpace, ImageError, ImageResult, LayerStore, PinnedLayers, Reclaimed, UnpackLimits, UnpackStats,
+    io_err, unpack_layer_from,
+};
 
 /// The marker older versions wrote once their trees were inert; removed with the trees.
 const LEGACY_INERT_MARKER: &str = "trees-inert-v1";
@@ -29,6 +32,31 @@ pub struct LayerInfo {
     /// What the layer costs on disk: allocated bytes of its erofs image.
     pub stored_bytes: u64,
     pub pin: LayerPin,
+}
+
+/// A layer image written from a tar ([`LayerStore::stage_tar`]) and not published yet; its
+/// file is removed if it is dropped unpublished.
+#[derive(Debug)]
+pub struct StagedLayer {
+    path: PathBuf,
+    pub stats: UnpackStats,
+}
+
+impl StagedLayer {
+    /// The staged file, now the caller's to publish or remove.
+    pub(crate) fn into_path(mut self) -> PathBuf {
+        std::mem::take(&mut self.path)
+    }
+}
+
+impl Drop for StagedLayer {
+    fn drop(&mut self) {
+        if !self.path.as_os_str().is_empty()
+            && let Err(e) = std::fs::remove_file(&self.path)
+        {
+            tracing::warn!(path = %self.path.display(), error = %e, "could not remove a staged layer");
+        }
+    }
 }
 
 /// Layers on a local filesystem.
@@ -96,6 +124,17 @@ impl LayerStore for FsLayerStore {
         let dir = self.root.join("tmp").join(Uuid::new_v4().to_string());
         std::fs::create_dir(&dir).map_err(io_err(&dir))?;
         Ok(dir)
+    }
+
+    fn stage_tar(&self, tar: &mut dyn Read, limits: UnpackLimits) -> ImageResult<StagedLayer> {
+        let path = self.root.join("tmp").join(format!("{}.erofs", Uuid::new_v4()));
+        match unpack_layer_from(tar, &path, limits) {
+            Ok(stats) => Ok(StagedLayer { path, stats }),
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                Err(e)
+            }
+        }
     }
 
     async fn commit_tree_limited(&self, tree: PathBuf, limits: CommitLimits) -> ImageResult<LayerInfo> {

@@ -1,19 +1,20 @@
-//! [`unpack_layer_from`]: turns a layer tar from the guest agent into an inert tree (see
-//! [`crate::inert`]) holding a layer in overlayfs "upper" format, refusing any member that
-//! would write outside the tree.
+//! [`unpack_layer_from`]: turns a layer tar from the guest agent into an erofs image holding
+//! a layer in overlayfs "upper" format, written as the tar arrives (see
+//! [`crate::erofs::Builder`]): file data goes straight into the image, the tree is built in
+//! memory, so nothing of the guest's is ever a host file or directory.
 //!
 //! The accepted format is POSIX PAX (ustar and GNU headers read too): relative member names
 //! (a leading `./` is tolerated), directories, regular files, symlinks, hardlinks to an
 //! earlier member, FIFOs and char devices 0/0 (overlayfs whiteouts); numeric uid/gid, the
 //! 07777 mode bits, mtime, and xattrs as `SCHILY.xattr.<name>` PAX records. Files in the
 //! PAX sparse format 1.0 (`GNU.sparse.major=1`, `minor=0`, `name`, `realsize`; the member
-//! data is a decimal sparse map padded to a block, then the data segments) are written with
-//! holes: the unpacker seeks over them, so the tree costs the data, not the apparent size.
-//! A malformed map (segments out of order, overlapping, past `realsize`, or not adding up
-//! to the member's size) is refused. [`UnpackLimits`] bounds the data the files hold.
+//! data is a decimal sparse map padded to a block, then the data segments) keep their holes:
+//! the image stores only the chunks that hold data. A malformed map (segments out of order,
+//! overlapping, past `realsize`, or not adding up to the member's size) is refused.
+//! [`UnpackLimits`] bounds the data the files hold.
 //!
 //! Hostile or unsupported input is handled by one rule:
-//! * **refused** (an [`ImageError::BadLayer`] naming the member; the caller deletes the tree)
+//! * **refused** (an [`ImageError::BadLayer`] naming the member; the caller deletes the image)
 //!   — anything about *where* a member goes: an absolute name, a `..` component, a member
 //!   whose parent is a symlink or a non-directory, a member that would replace a directory
 //!   with a non-directory, a hardlink whose target is absolute, has `..`, goes through a
@@ -23,28 +24,28 @@
 //!   xattrs outside `user.`/`security.`/`trusted.`, overlayfs-private `trusted.overlay.*`
 //!   xattrs other than `trusted.overlay.opaque=y`.
 //!
-//! The tree holds no host symlink (a symlink member becomes a file holding its target), and
-//! each parent component is still checked to be a real directory (the tree is ours alone
-//! while unpacking, so the check cannot go stale); files are created with `O_EXCL`. Owners,
-//! modes, times and xattrs go into each entry's record, never onto the host file.
+//! A later member of the same name replaces an earlier non-directory (as in tar); missing
+//! parents are created as plain 0755 root-owned directories.
 
-use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::io::{self, BufReader, Read};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path};
 
 use tar::EntryType;
 
-use crate::fsutil::{self, OPAQUE_XATTR, OVERLAY_XATTR_PREFIX};
+use crate::erofs::{Builder, Node, NodeId, NodeKind, NodeMeta, Tree};
+use crate::fsutil::{OPAQUE_XATTR, OVERLAY_XATTR_PREFIX};
 use crate::inert::{self, Kind, Meta};
 use crate::tarname::{member_path, pax_time};
-use crate::{ImageError, ImageResult, io_err};
+use crate::{ImageError, ImageResult};
 
-/// What [`unpack_layer`] wrote.
+/// What [`unpack_layer_from`] wrote.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct UnpackStats {
-    /// Members materialised in the tree (skipped members not counted).
+    /// Members in the layer (skipped members not counted).
     pub entries: u64,
-    /// Bytes written to regular files (a hardlink adds none; holes add none).
+    /// Bytes of regular files' data (a hardlink adds none; holes add none).
     pub content_bytes: u64,
     /// Apparent sizes of the regular files, holes included.
     pub apparent_bytes: u64,
@@ -53,8 +54,8 @@ pub struct UnpackStats {
 /// Bounds on what one unpack may produce.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct UnpackLimits {
-    /// Largest sum of the data the regular files hold. Holes are free: the tree, the erofs
-    /// image and merges all keep them, so a 1 TiB sparse file costs its data.
+    /// Largest sum of the data the regular files hold. Holes are free: the erofs image and
+    /// merges keep them, so a 1 TiB sparse file costs its data.
     pub max_data_bytes: u64,
 }
 
@@ -67,36 +68,94 @@ impl Default for UnpackLimits {
 /// Most segments a sparse map may list (the agent writes at most 4096).
 const MAX_SPARSE_SEGMENTS: u64 = 1 << 16;
 
-/// Unpacks the layer tar read from `reader` (the export as it arrives) into `tree`, which
-/// must be an existing empty directory, within `limits` (past them it stops with
-/// [`ImageError::LayerTooLarge`]). Streams: memory use does not grow with file sizes. Reads up
-/// to the end of the archive, not necessarily to the end of `reader`. On error `tree` may
-/// hold a partial unpack (the caller deletes it) but nothing outside it was touched.
-pub fn unpack_layer_from(reader: impl Read, tree: &Path, limits: UnpackLimits) -> ImageResult<UnpackStats> {
+/// Unpacks the layer tar read from `reader` (the export as it arrives) into the new erofs
+/// image `image`, within `limits` (past them it stops with [`ImageError::LayerTooLarge`]).
+/// Streams: memory holds the tree's metadata and small files, not file data. Reads up to the
+/// end of the archive, not necessarily to the end of `reader`. The image is complete but not
+/// synced; on error it may be partial (the caller deletes it).
+pub fn unpack_layer_from(reader: impl Read, image: &Path, limits: UnpackLimits) -> ImageResult<UnpackStats> {
     // Names the source in errors.
     let tar = Path::new("(the exported changes)");
-    let root_meta = tree.symlink_metadata().map_err(io_err(tree))?;
-    if !root_meta.is_dir() || std::fs::read_dir(tree).map_err(io_err(tree))?.next().is_some() {
-        return Err(ImageError::InvalidTree { path: tree.to_owned(), reason: "not an empty directory".into() });
-    }
     let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 16, reader));
-    // The root's record, until the layer's own root member (if any) replaces it.
-    inert::init_root(tree, &inert::implied_dir())?;
-    let mut unpacker = Unpacker { tree, stats: UnpackStats::default(), limits };
-    for entry in archive.entries().map_err(io_err(tar))? {
-        let entry = entry.map_err(io_err(tar))?;
+    let mut unpacker = Unpacker {
+        builder: Builder::create(image)?,
+        // The root's metadata, until the layer's own root member (if any) replaces it.
+        tree: MemTree::new(node_meta(&inert::implied_dir())),
+        stats: UnpackStats::default(),
+        limits,
+    };
+    for entry in archive.entries().map_err(crate::io_err(tar))? {
+        let entry = entry.map_err(crate::io_err(tar))?;
         unpacker.member(entry, tar)?;
     }
-    Ok(unpacker.stats)
+    let Unpacker { builder, tree, stats, .. } = unpacker;
+    builder.finish(&tree.into_tree())?;
+    Ok(stats)
 }
 
-struct Unpacker<'a> {
-    tree: &'a Path,
+/// The layer's tree while it is unpacked: every directory's entries by name.
+struct MemTree {
+    nodes: Vec<Node>,
+    /// Per node: its entries, for a directory.
+    names: Vec<Option<BTreeMap<Vec<u8>, NodeId>>>,
+}
+
+impl MemTree {
+    fn new(root: NodeMeta) -> Self {
+        Self { nodes: vec![Node { kind: NodeKind::Dir(Vec::new()), meta: root }], names: vec![Some(BTreeMap::new())] }
+    }
+
+    fn get(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
+        self.names[dir].as_ref()?.get(name).copied()
+    }
+
+    fn is_dir(&self, id: NodeId) -> bool {
+        self.names[id].is_some()
+    }
+
+    /// Binds `name` in `dir` to a new node.
+    fn add(&mut self, dir: NodeId, name: Vec<u8>, node: Node) -> NodeId {
+        let id = self.nodes.len();
+        let names = matches!(node.kind, NodeKind::Dir(_)).then(BTreeMap::new);
+        self.nodes.push(node);
+        self.names.push(names);
+        self.bind(dir, name, id);
+        id
+    }
+
+    fn bind(&mut self, dir: NodeId, name: Vec<u8>, id: NodeId) {
+        if let Some(names) = self.names[dir].as_mut() {
+            names.insert(name, id);
+        }
+    }
+
+    fn unbind(&mut self, dir: NodeId, name: &[u8]) {
+        if let Some(names) = self.names[dir].as_mut() {
+            names.remove(name);
+        }
+    }
+
+    /// The tree to write: nodes no name reaches any more (replaced ones) are left out by the
+    /// writer.
+    fn into_tree(self) -> Tree {
+        let mut nodes = self.nodes;
+        for (node, names) in nodes.iter_mut().zip(self.names) {
+            if let Some(names) = names {
+                node.kind = NodeKind::Dir(names.into_iter().collect());
+            }
+        }
+        Tree { nodes }
+    }
+}
+
+struct Unpacker {
+    builder: Builder,
+    tree: MemTree,
     stats: UnpackStats,
     limits: UnpackLimits,
 }
 
-impl Unpacker<'_> {
+impl Unpacker {
     fn member<R: io::Read>(&mut self, mut entry: tar::Entry<'_, R>, tar: &Path) -> ImageResult<()> {
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let bad = |reason: String| ImageError::BadLayer { member: name.clone(), reason };
@@ -110,21 +169,20 @@ impl Unpacker<'_> {
             Some(s) => member_path(&s.name).map_err(bad)?,
             None => member_path(&entry.path_bytes()).map_err(bad)?,
         };
-        let meta = read_meta(&mut entry).map_err(bad)?;
+        let meta = node_meta(&read_meta(&mut entry).map_err(bad)?);
         let is_root = rel.as_os_str().is_empty();
         if is_root && !kind.is_dir() {
             return Err(bad("only a directory may name the root of the layer".into()));
         }
-        let record = |kind: Kind| Meta { kind, ..meta.clone() };
+        let node = |kind: NodeKind| Node { kind, meta: meta.clone() };
         match kind {
-            EntryType::Directory => {
-                let path = if is_root { self.tree.to_owned() } else { self.slot(&rel, true).map_err(bad)? };
-                if path.symlink_metadata().is_ok_and(|m| m.is_dir()) {
-                    inert::set(&path, &record(Kind::Dir))?;
-                } else {
-                    inert::create_dir(&path, &record(Kind::Dir))?;
+            EntryType::Directory if is_root => self.tree.nodes[0].meta = meta,
+            EntryType::Directory => match self.slot(&rel, true).map_err(bad)? {
+                (_, _, Some(dir)) => self.tree.nodes[dir].meta = meta,
+                (parent, name, None) => {
+                    self.tree.add(parent, name, node(NodeKind::Dir(Vec::new())));
                 }
-            }
+            },
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let stored = entry.size();
                 // Checked before anything is written: a member's data on the archive (for a
@@ -134,25 +192,26 @@ impl Unpacker<'_> {
                 }
                 let apparent = sparse.as_ref().map_or(stored, |s| s.real_size);
                 self.stats.apparent_bytes = self.stats.apparent_bytes.saturating_add(apparent);
-                let path = self.slot(&rel, false).map_err(bad)?;
-                let mut file = inert::create_file(&path)?;
-                self.stats.content_bytes += match &sparse {
-                    Some(s) => write_sparse(&mut entry, &mut file, s.real_size).map_err(|e| match e {
-                        SparseError::Io(e) => io_err(&path)(e),
-                        SparseError::Bad(reason) => bad(reason),
-                    })?,
-                    None => io::copy(&mut entry, &mut file).map_err(io_err(tar))?,
+                let (parent, name, _) = self.slot(&rel, false).map_err(bad)?;
+                let (content, data) = match &sparse {
+                    Some(s) => {
+                        let segments =
+                            read_sparse_map(&mut entry, stored, s.real_size).map_err(|e| e.into_image(tar, &bad))?;
+                        let data = segments.iter().map(|s| s.1).sum::<u64>();
+                        (self.builder.place_sparse(&mut entry, s.real_size, &segments, tar)?, data)
+                    }
+                    None => (self.builder.place(&mut entry, stored, tar)?, stored),
                 };
-                drop(file);
-                inert::set(&path, &record(Kind::File))?;
+                self.stats.content_bytes += data;
+                self.tree.add(parent, name, node(NodeKind::Regular(content)));
             }
             EntryType::Symlink => {
                 let target = entry.link_name_bytes().ok_or_else(|| bad("symlink without a target".into()))?;
                 if let Some(why) = inert::symlink_target_refusal(&target) {
                     return Err(bad(why.into()));
                 }
-                let path = self.slot(&rel, false).map_err(bad)?;
-                inert::create_symlink(&path, &target, &record(Kind::Symlink))?;
+                let (parent, name, _) = self.slot(&rel, false).map_err(bad)?;
+                self.tree.add(parent, name, node(NodeKind::Symlink(target.into_owned())));
             }
             EntryType::Link => {
                 let target = entry.link_name_bytes().ok_or_else(|| bad("hardlink without a target".into()))?;
@@ -161,16 +220,16 @@ impl Unpacker<'_> {
                     return Err(bad("hardlink to itself".into()));
                 }
                 let original = self.existing(&target).map_err(|r| bad(format!("hardlink target: {r}")))?;
-                let path = self.slot(&rel, false).map_err(bad)?;
-                fsutil::hard_link(&original, &path)?;
+                let (parent, name, _) = self.slot(&rel, false).map_err(bad)?;
+                self.tree.bind(parent, name, original);
             }
             EntryType::Fifo => {
-                let path = self.slot(&rel, false).map_err(bad)?;
-                inert::create_node(&path, &record(Kind::Fifo))?;
+                let (parent, name, _) = self.slot(&rel, false).map_err(bad)?;
+                self.tree.add(parent, name, node(NodeKind::Fifo));
             }
             EntryType::Char if device_numbers(&entry).map_err(bad)? == (0, 0) => {
-                let path = self.slot(&rel, false).map_err(bad)?;
-                inert::create_node(&path, &record(Kind::Char(0)))?;
+                let (parent, name, _) = self.slot(&rel, false).map_err(bad)?;
+                self.tree.add(parent, name, node(NodeKind::Char(0)));
             }
             EntryType::Char | EntryType::Block => {
                 tracing::warn!(member = %name, "skipping device node: a layer holds only 0/0 whiteouts");
@@ -185,61 +244,74 @@ impl Unpacker<'_> {
         Ok(())
     }
 
-    /// Readies `tree/rel` for a new entry: parents are real directories (missing ones are
-    /// created), and a non-directory already there is removed (a later duplicate member
-    /// wins, as in tar). An existing directory stays when a directory is wanted.
-    fn slot(&self, rel: &Path, want_dir: bool) -> Result<PathBuf, String> {
-        let path = self.walk_parents(rel, true)?;
-        match path.symlink_metadata() {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(path),
-            Err(e) => Err(format!("cannot inspect {}: {e}", shown(self.tree, &path))),
-            Ok(m) if m.is_dir() && want_dir => Ok(path),
-            Ok(m) if m.is_dir() => Err("would replace a directory with a non-directory".into()),
-            Ok(_) => {
-                std::fs::remove_file(&path).map_err(|e| format!("cannot replace {}: {e}", shown(self.tree, &path)))?;
-                Ok(path)
+    /// Readies `rel` for a new entry: its parent directory (missing ones are created) and
+    /// its name, and the directory already there when a directory is wanted. A non-directory
+    /// already there is unbound (a later duplicate member wins, as in tar).
+    fn slot(&mut self, rel: &Path, want_dir: bool) -> Result<(NodeId, Vec<u8>, Option<NodeId>), String> {
+        let (parent, name) = self.walk_parents(rel, true)?;
+        match self.tree.get(parent, &name) {
+            None => Ok((parent, name, None)),
+            Some(id) if self.tree.is_dir(id) && want_dir => Ok((parent, name, Some(id))),
+            Some(_) if want_dir => {
+                self.tree.unbind(parent, &name);
+                Ok((parent, name, None))
+            }
+            Some(id) if self.tree.is_dir(id) => Err("would replace a directory with a non-directory".into()),
+            Some(_) => {
+                self.tree.unbind(parent, &name);
+                Ok((parent, name, None))
             }
         }
     }
 
     /// An earlier non-directory member reached without following any symlink.
-    fn existing(&self, rel: &Path) -> Result<PathBuf, String> {
-        let path = self.walk_parents(rel, false)?;
-        match path.symlink_metadata() {
-            Ok(m) if m.is_dir() => Err("is a directory".into()),
-            Ok(_) => Ok(path),
-            Err(_) => Err(format!("{} is not an earlier member", rel.display())),
+    fn existing(&mut self, rel: &Path) -> Result<NodeId, String> {
+        let (parent, name) = self.walk_parents(rel, false)?;
+        match self.tree.get(parent, &name) {
+            Some(id) if self.tree.is_dir(id) => Err("is a directory".into()),
+            Some(id) => Ok(id),
+            None => Err(format!("{} is not an earlier member", rel.display())),
         }
     }
 
-    /// `tree/rel` after checking that every parent component is a real directory.
-    fn walk_parents(&self, rel: &Path, create: bool) -> Result<PathBuf, String> {
-        let mut path = self.tree.to_owned();
-        let mut components = rel.components().peekable();
-        while let Some(component) = components.next() {
-            path.push(component);
-            if components.peek().is_none() {
-                break;
-            }
-            match path.symlink_metadata() {
-                Ok(m) if m.is_dir() => {}
-                Ok(_) if inert::try_stat(&path).ok().flatten().is_some_and(|s| s.is_symlink()) => {
-                    return Err(format!("parent {} is a symlink", shown(self.tree, &path)));
+    /// The directory holding `rel` and `rel`'s last name, after checking that every parent
+    /// component is a real directory.
+    fn walk_parents(&mut self, rel: &Path, create: bool) -> Result<(NodeId, Vec<u8>), String> {
+        let names: Vec<&[u8]> = rel
+            .components()
+            .filter_map(|c| match c {
+                Component::Normal(n) => Some(n.as_bytes()),
+                _ => None,
+            })
+            .collect();
+        let Some((last, parents)) = names.split_last() else {
+            return Err("names the layer's root".into());
+        };
+        let mut dir = 0;
+        for (i, name) in parents.iter().enumerate() {
+            let shown = || String::from_utf8_lossy(&names[..=i].join(&b'/')).into_owned();
+            dir = match self.tree.get(dir, name) {
+                Some(id) if self.tree.is_dir(id) => id,
+                Some(id) if matches!(self.tree.nodes[id].kind, NodeKind::Symlink(_)) => {
+                    return Err(format!("parent {} is a symlink", shown()));
                 }
-                Ok(_) => return Err(format!("parent {} is not a directory", shown(self.tree, &path))),
-                Err(e) if e.kind() == io::ErrorKind::NotFound && create => {
-                    inert::create_dir(&path, &inert::implied_dir())
-                        .map_err(|_| format!("cannot create {}", shown(self.tree, &path)))?;
+                Some(_) => return Err(format!("parent {} is not a directory", shown())),
+                None if create => {
+                    self.tree.add(dir, name.to_vec(), Node { kind: NodeKind::Dir(Vec::new()), meta: implied_dir() })
                 }
-                Err(_) => return Err(format!("parent {} does not exist", shown(self.tree, &path))),
-            }
+                None => return Err(format!("parent {} does not exist", shown())),
+            };
         }
-        Ok(path)
+        Ok((dir, last.to_vec()))
     }
 }
 
-fn shown(tree: &Path, path: &Path) -> String {
-    path.strip_prefix(tree).unwrap_or(path).display().to_string()
+fn implied_dir() -> NodeMeta {
+    node_meta(&inert::implied_dir())
+}
+
+fn node_meta(meta: &Meta) -> NodeMeta {
+    crate::erofs::source::node_meta(meta)
 }
 
 /// The PAX sparse 1.0 records of a member.
@@ -297,16 +369,17 @@ fn map_number(src: &mut impl Read, used: &mut u64) -> Result<u64, SparseError> {
         .ok_or_else(|| SparseError::Bad("malformed sparse map number".into()))
 }
 
-/// Writes a sparse 1.0 member's data into `file`, seeking over the holes; returns the data
-/// bytes written.
-fn write_sparse(entry: &mut impl Read, file: &mut File, real_size: u64) -> Result<u64, SparseError> {
+/// Reads a sparse 1.0 member's map (and its padding) from the start of `entry`, whose
+/// stored size is `stored`: the data segments (offset, length), checked to be in order,
+/// apart, within `real_size`, and to add up with the map to the member.
+fn read_sparse_map(entry: &mut impl Read, stored: u64, real_size: u64) -> Result<Vec<(u64, u64)>, SparseError> {
     let mut used = 0u64;
     let count = map_number(entry, &mut used)?;
     if count > MAX_SPARSE_SEGMENTS {
         return Err(SparseError::Bad(format!("sparse map lists {count} segments (at most {MAX_SPARSE_SEGMENTS})")));
     }
     let mut segments = Vec::new();
-    let mut end = 0u64;
+    let (mut end, mut data) = (0u64, 0u64);
     for _ in 0..count {
         let offset = map_number(entry, &mut used)?;
         let len = map_number(entry, &mut used)?;
@@ -315,26 +388,26 @@ fn write_sparse(entry: &mut impl Read, file: &mut File, real_size: u64) -> Resul
             Some(e) if offset >= end => end = e,
             _ => return Err(SparseError::Bad("sparse map segments overlap, are out of order or pass the size".into())),
         }
+        data += len;
         segments.push((offset, len));
     }
     let pad = (512 - used % 512) % 512;
+    match (used + pad + data).cmp(&stored) {
+        std::cmp::Ordering::Greater => return Err(SparseError::Bad("sparse member shorter than its map".into())),
+        std::cmp::Ordering::Less => return Err(SparseError::Bad("sparse member longer than its map".into())),
+        std::cmp::Ordering::Equal => {}
+    }
     io::copy(&mut entry.take(pad), &mut io::sink()).map_err(SparseError::Io)?;
-    let mut written = 0u64;
-    for (offset, len) in segments {
-        file.seek(SeekFrom::Start(offset)).map_err(SparseError::Io)?;
-        let n = io::copy(&mut entry.take(len), file).map_err(SparseError::Io)?;
-        if n != len {
-            return Err(SparseError::Bad("sparse member shorter than its map".into()));
+    Ok(segments)
+}
+
+impl SparseError {
+    fn into_image(self, tar: &Path, bad: &impl Fn(String) -> ImageError) -> ImageError {
+        match self {
+            SparseError::Io(e) => crate::io_err(tar)(e),
+            SparseError::Bad(reason) => bad(reason),
         }
-        written += n;
     }
-    let mut rest = [0u8; 1];
-    if entry.read(&mut rest).map_err(SparseError::Io)? != 0 {
-        return Err(SparseError::Bad("sparse member longer than its map".into()));
-    }
-    file.set_len(real_size).map_err(SparseError::Io)?;
-    file.flush().map_err(SparseError::Io)?;
-    Ok(written)
 }
 
 fn device_numbers<R: io::Read>(entry: &tar::Entry<'_, R>) -> Result<(u32, u32), String> {

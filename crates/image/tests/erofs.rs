@@ -365,3 +365,70 @@ fn reader_walks(image: &Path) -> boxwood_image::ImageResult<usize> {
     }
     Ok(seen)
 }
+
+/// A layer tar unpacked straight into an image (file data first, metadata after it): the
+/// kernel mounts what went into the tar, the checker passes it, and the reader agrees.
+#[test]
+fn a_tar_unpacked_into_an_image_is_what_the_kernel_mounts() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    common::file(&src, "etc/small", "tail");
+    std::fs::write(src.join("etc/aligned"), vec![4u8; 2 * 4096]).unwrap();
+    let body: Vec<u8> = (0..3_000_001u32).map(|i| (i % 251) as u8).collect();
+    std::fs::write(src.join("big"), &body).unwrap();
+    let sparse = std::fs::File::create(src.join("sparse")).unwrap();
+    sparse.set_len(1 << 30).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, b"middle", 1 << 20).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&sparse, &[9u8; 70_000], 700 << 20).unwrap();
+    drop(sparse);
+    common::hardlink(&src, "etc/again", "big");
+    common::link(&src, "etc/rel", "small");
+    common::fifo(&src, "fifo");
+    common::whiteout(&src, "gone");
+    common::opaque_dir(&src, "opq");
+    for i in 0..300 {
+        let f = common::file(&src, &format!("many/{i:04}"), &"y".repeat(i * 20));
+        common::set_owner(&f, 1000 + i as u32, 2000);
+        common::set_xattr(&f, "user.n", i.to_string().as_bytes());
+    }
+    common::set_mode(&src.join("big"), 0o4755);
+    let tar = dir.path().join("layer.tar");
+    let st = Command::new("tar")
+        .args([
+            "--format=posix",
+            "--sparse",
+            "--sparse-version=1.0",
+            "--xattrs",
+            "--xattrs-include=*",
+            "--numeric-owner",
+        ])
+        .arg("-cf")
+        .arg(&tar)
+        .arg("-C")
+        .arg(&src)
+        .arg(".")
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let image = dir.path().join("layer.erofs");
+    let stats =
+        boxwood_image::unpack_layer_from(std::fs::File::open(&tar).unwrap(), &image, Default::default()).unwrap();
+    assert!(stats.content_bytes < 4 << 20 && stats.apparent_bytes > 1 << 30, "{stats:?}");
+    let blocks = std::fs::metadata(&image).unwrap().blocks() * 512;
+    assert!(blocks < 8 << 20, "the image costs the data, not the holes: {blocks} bytes");
+    fsck_extract(&image, &dir.path().join("extracted"));
+    let mounted = common::KernelMount::new(&image, &dir.path().join("mnt"));
+    let seen = common::snapshot(&mounted.0);
+    let mut expected = common::snapshot(&src);
+    // a host's SELinux labels are not the layer's (snapshots leave out overlayfs-private
+    // xattrs; opacity is checked below)
+    expected.values_mut().for_each(|n| n.xattrs.retain(|k, _| !k.starts_with("security.selinux")));
+    common::assert_same_view(&expected, &seen, "kernel mount vs the tar's source");
+    let reader = std::sync::Arc::new(ErofsImage::open(&image).unwrap());
+    common::assert_same_view(&seen, &reader_snapshot(&reader), "reader vs kernel");
+    let root = reader.root().unwrap();
+    assert!(reader.lookup(&root, b"opq").unwrap().unwrap().is_opaque());
+    let big = reader.lookup(&root, b"big").unwrap().unwrap();
+    let etc = reader.lookup(&root, b"etc").unwrap().unwrap();
+    assert_eq!(reader.lookup(&etc, b"again").unwrap().unwrap().nid, big.nid, "one inode for the hardlink");
+}

@@ -1,7 +1,7 @@
-//! `unpack_layer_from`: every member type round-trips, the tree is inert (no live setuid file,
-//! device, symlink or capability on the host), and hostile tars never write outside the
-//! tree (each hostile case checks a sentinel directory and the tree's parent afterwards).
-//! Round trips are asserted on a live copy materialized from the inert tree's records.
+//! `unpack_layer_from`: every member type round-trips into the erofs image, the guest's files
+//! never become host files (the host holds one private image file), and hostile tars never
+//! write outside it (each hostile case checks a sentinel directory and the image's parent
+//! afterwards). Round trips are asserted on the image as the kernel mounts it.
 
 mod common;
 
@@ -12,12 +12,12 @@ use boxwood_image::{ImageError, UnpackLimits, UnpackStats, unpack_layer_from};
 use common::*;
 use tar::EntryType;
 
-fn unpack_layer(tar: &Path, tree: &Path) -> Result<UnpackStats, ImageError> {
-    unpack_layer_limited(tar, tree, UnpackLimits::default())
+fn unpack_layer(tar: &Path, image: &Path) -> Result<UnpackStats, ImageError> {
+    unpack_layer_limited(tar, image, UnpackLimits::default())
 }
 
-fn unpack_layer_limited(tar: &Path, tree: &Path, limits: UnpackLimits) -> Result<UnpackStats, ImageError> {
-    unpack_layer_from(std::fs::File::open(tar).unwrap(), tree, limits)
+fn unpack_layer_limited(tar: &Path, image: &Path, limits: UnpackLimits) -> Result<UnpackStats, ImageError> {
+    unpack_layer_from(std::fs::File::open(tar).unwrap(), image, limits)
 }
 
 /// A valid `security.capability` (v2, effective, cap_net_bind_service permitted).
@@ -27,26 +27,36 @@ fn meta(path: &Path) -> std::fs::Metadata {
     path.symlink_metadata().unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-/// A live copy of an unpacked tree, materialized from its records.
+/// An unpacked image as the kernel mounts it (read-only, through a loop device).
 struct Live {
+    _mount: KernelMount,
     _dir: tempfile::TempDir,
     root: PathBuf,
 }
 
 impl Live {
-    fn of(tree: &Path) -> Self {
-        assert_inert(tree);
+    fn of(image: &Path) -> Self {
+        assert_private_file(image);
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("live");
-        materialize(tree, &root);
-        Live { _dir: dir, root }
+        let mount = KernelMount::new(image, &root);
+        Live { _mount: mount, _dir: dir, root }
     }
 }
 
-/// Unpacks `tar` into `tree`, checks that the result is inert, and returns its live copy.
-fn unpack_live(tar: &Path, tree: &Path) -> (UnpackStats, Live) {
-    let stats = unpack_layer(tar, tree).unwrap();
-    (stats, Live::of(tree))
+/// The image on the host is a plain private file: no live mode, owner or xattr of the guest's.
+fn assert_private_file(image: &Path) {
+    let m = meta(image);
+    assert_eq!(m.mode(), 0o100600, "{}", image.display());
+    assert_eq!((m.uid(), m.gid()), (rustix::process::geteuid().as_raw(), rustix::process::getegid().as_raw()));
+    let mut names = [0u8; 256];
+    assert_eq!(rustix::fs::llistxattr(image, &mut names[..]).unwrap(), 0, "the image file has no xattrs");
+}
+
+/// Unpacks `tar` into the image `image` and returns it mounted.
+fn unpack_live(tar: &Path, image: &Path) -> (UnpackStats, Live) {
+    let stats = unpack_layer(tar, image).unwrap();
+    (stats, Live::of(image))
 }
 
 #[test]
@@ -69,9 +79,9 @@ fn every_member_type_round_trips() {
         .raw(EntryType::Char, "./gone", None, &[], Hdr { mode: 0o600, ..Hdr::default() }, &[])
         .raw(EntryType::Fifo, "./fifo", None, &[], Hdr { mode: 0o640, uid: 5, gid: 6, mtime: 42 }, &[]);
     let tar = tb.write(base.path(), "layer");
-    let tree = dir(base.path(), "tree");
+    let image = base.path().join("layer.erofs");
 
-    let (stats, live) = unpack_live(&tar, &tree);
+    let (stats, live) = unpack_live(&tar, &image);
     let tree = &live.root;
     assert_eq!(
         stats,
@@ -115,8 +125,7 @@ fn pax_records_override_header_fields() {
         .pax(&[("mtime", b"-10"), ("SCHILY.xattr.user.k", b"v")])
         .file("old", b"y", Hdr::default(), &[]);
     let tar = tb.write(base.path(), "layer");
-    let tree = dir(base.path(), "tree");
-    let (_, live) = unpack_live(&tar, &tree);
+    let (_, live) = unpack_live(&tar, &base.path().join("layer.erofs"));
     let tree = &live.root;
     let f = meta(&tree.join(&long));
     assert_eq!((f.uid(), f.gid(), f.mtime(), f.mtime_nsec()), (3_000_000, 3_000_001, 1_700_000_000, 250_000_000));
@@ -126,21 +135,21 @@ fn pax_records_override_header_fields() {
 }
 
 #[test]
-fn unpacking_needs_an_empty_tree() {
+fn unpacking_never_overwrites_a_file() {
     let base = tempfile::tempdir().unwrap();
     let mut tb = TarBuilder::new();
     tb.file("a", b"a", Hdr::default(), &[]);
     let tar = tb.write(base.path(), "layer");
-    let tree = dir(base.path(), "tree");
-    file(&tree, "already", "here");
-    assert!(matches!(unpack_layer(&tar, &tree), Err(ImageError::InvalidTree { .. })));
+    let image = file(base.path(), "image", "already here");
+    assert!(matches!(unpack_layer(&tar, &image), Err(ImageError::Io { .. })));
+    assert_eq!(std::fs::read_to_string(&image).unwrap(), "already here");
 }
 
-/// A base dir holding `tree/` (the unpack target) and `sentinel/` (a stand-in for the host),
-/// with a snapshot of everything outside the tree taken before unpacking.
+/// A base dir holding `image` (the unpack target) and `sentinel/` (a stand-in for the host),
+/// with a snapshot of everything outside the image taken before unpacking.
 struct Hostile {
     base: tempfile::TempDir,
-    tree: PathBuf,
+    image: PathBuf,
     sentinel: PathBuf,
     live: std::cell::RefCell<Option<Live>>,
 }
@@ -148,13 +157,13 @@ struct Hostile {
 impl Hostile {
     fn new() -> Self {
         let base = tempfile::tempdir().unwrap();
-        let tree = dir(base.path(), "tree");
+        let image = base.path().join("image");
         let sentinel = dir(base.path(), "sentinel");
         file(&sentinel, "secret", "do not touch");
-        Hostile { base, tree, sentinel, live: Default::default() }
+        Hostile { base, image, sentinel, live: Default::default() }
     }
 
-    /// The live copy of the tree after a successful [`Hostile::unpack`].
+    /// The mounted image after a successful [`Hostile::unpack`].
     fn live(&self) -> PathBuf {
         self.live.borrow().as_ref().expect("unpacked").root.clone()
     }
@@ -163,13 +172,13 @@ impl Hostile {
         self.sentinel.display().to_string()
     }
 
-    /// Unpacks `tb`, then asserts nothing outside the tree changed: the base holds only
-    /// `tree`, `sentinel` and the tar, and the sentinel is as it was (content, mode, links).
+    /// Unpacks `tb`, then asserts nothing outside the image changed: the base holds only
+    /// the image, `sentinel` and the tar, and the sentinel is as it was (content, mode, links).
     fn unpack(&self, tb: TarBuilder) -> Result<UnpackStats, ImageError> {
         let tar = tb.write(self.base.path(), "hostile");
         let before = snapshot(&self.sentinel);
         let secret = meta(&self.sentinel.join("secret"));
-        let result = unpack_layer(&tar, &self.tree);
+        let result = unpack_layer(&tar, &self.image);
         assert_same_view(&before, &snapshot(&self.sentinel), "sentinel after a hostile unpack");
         assert_eq!(meta(&self.sentinel.join("secret")).nlink(), secret.nlink(), "no hardlink to the sentinel");
         let mut names: Vec<String> = std::fs::read_dir(self.base.path())
@@ -177,9 +186,10 @@ impl Hostile {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         names.sort();
-        assert_eq!(names, ["hostile.tar", "sentinel", "tree"], "nothing created beside the tree");
+        names.retain(|n| n != "image");
+        assert_eq!(names, ["hostile.tar", "sentinel"], "nothing created beside the image");
         if result.is_ok() {
-            *self.live.borrow_mut() = Some(Live::of(&self.tree));
+            *self.live.borrow_mut() = Some(Live::of(&self.image));
         }
         result
     }
@@ -357,11 +367,13 @@ fn gnu_sparse_tar(base: &Path) -> PathBuf {
 fn sparse_files_are_unpacked_with_holes() {
     let base = tempfile::tempdir().unwrap();
     let tar = gnu_sparse_tar(base.path());
-    let tree = dir(base.path(), "tree");
-    let stats = unpack_layer(&tar, &tree).unwrap();
+    let image = base.path().join("layer.erofs");
+    let (stats, live) = unpack_live(&tar, &image);
+    let tree = &live.root;
     let big = meta(&tree.join("big"));
     assert_eq!(big.len(), 1 << 30, "apparent size restored");
-    assert!(big.blocks() * 512 < 1 << 20, "holes stay holes on the host: {} blocks", big.blocks());
+    let on_host = meta(&image);
+    assert!(on_host.blocks() * 512 < 1 << 20, "holes cost nothing on the host: {} blocks", on_host.blocks());
     assert!(stats.content_bytes < 1 << 20, "only data is counted as written: {}", stats.content_bytes);
     assert_eq!(stats.apparent_bytes, 1 << 30);
     let data = std::fs::File::open(tree.join("big")).unwrap();
@@ -378,26 +390,28 @@ fn data_is_bounded_and_holes_are_free() {
     let base = tempfile::tempdir().unwrap();
     // 1 GiB apparent, a few KiB of data: far under a 1 MiB limit, since holes cost nothing.
     let tar = gnu_sparse_tar(base.path());
-    let ok = dir(base.path(), "ok");
+    let ok = base.path().join("ok.erofs");
     let stats = unpack_layer_limited(&tar, &ok, UnpackLimits { max_data_bytes: 1 << 20 }).unwrap();
     assert_eq!(stats.apparent_bytes, 1 << 30);
     // Its data does count: a limit under it refuses the same archive.
-    let tree = dir(base.path(), "tree");
     let limits = UnpackLimits { max_data_bytes: 1000 };
-    match unpack_layer_limited(&tar, &tree, limits) {
+    match unpack_layer_limited(&tar, &base.path().join("refused.erofs"), limits) {
         Err(ImageError::LayerTooLarge { limit }) => assert_eq!(limit, 1000),
         other => panic!("expected LayerTooLarge, got {other:?}"),
     }
     // Dense files count whole, and the refusal comes before the file that crosses the limit.
     let mut tb = TarBuilder::new();
-    tb.file("a", &[1u8; 600], Hdr::default(), &[]).file("b", &[2u8; 600], Hdr::default(), &[]);
+    tb.file("a", &[1u8; 6000], Hdr::default(), &[]).file("b", &[2u8; 6000], Hdr::default(), &[]);
     let dense = tb.write(base.path(), "dense");
-    let small = dir(base.path(), "small");
-    let r = unpack_layer_limited(&dense, &small, UnpackLimits { max_data_bytes: 1000 });
+    let small = base.path().join("small.erofs");
+    let r = unpack_layer_limited(&dense, &small, UnpackLimits { max_data_bytes: 10000 });
     assert!(matches!(r, Err(ImageError::LayerTooLarge { .. })), "{r:?}");
-    assert!(small.join("a").exists() && !small.join("b").exists(), "b was not written");
-    let fits = dir(base.path(), "fits");
-    unpack_layer_limited(&dense, &fits, UnpackLimits { max_data_bytes: 1200 }).unwrap();
+    let partial = std::fs::read(&small).unwrap();
+    assert!(partial.windows(6000).any(|w| w == [1u8; 6000]), "positive control: a was written");
+    assert!(!partial.contains(&2), "b was not written");
+    let fits = base.path().join("fits.erofs");
+    let (_, live) = unpack_live(&dense, &fits);
+    assert_eq!(std::fs::read(live.root.join("b")).unwrap(), [2u8; 6000]);
 }
 
 fn sparse_member(map_and_data: &[u8], real_size: &str) -> TarBuilder {
@@ -424,8 +438,8 @@ fn malformed_sparse_maps_are_refused() {
     // Positive control: a well-formed hand-made map unpacks.
     let h = Hostile::new();
     h.unpack(sparse_member(&map("1\n4096\n3\n", b"abc"), "10000")).unwrap();
-    assert_eq!(meta(&h.tree.join("f")).len(), 10000);
-    assert_eq!(&std::fs::read(h.tree.join("f")).unwrap()[4096..4099], b"abc");
+    assert_eq!(meta(&h.live().join("f")).len(), 10000);
+    assert_eq!(&std::fs::read(h.live().join("f")).unwrap()[4096..4099], b"abc");
     for (name, body, size) in [
         ("past the size", map("1\n9999\n3\n", b"abc"), "10000"),
         ("overlapping", map("2\n0\n3\n1\n3\n", b"abcabc"), "10000"),
@@ -441,7 +455,7 @@ fn malformed_sparse_maps_are_refused() {
 }
 
 #[test]
-fn unpacked_trees_hold_nothing_live_on_the_host() {
+fn unpacked_layers_hold_nothing_live_on_the_host() {
     let base = tempfile::tempdir().unwrap();
     let root = Hdr { mode: 0o4755, uid: 0, gid: 0, mtime: 1 };
     let mut tb = TarBuilder::new();
@@ -451,22 +465,21 @@ fn unpacked_trees_hold_nothing_live_on_the_host() {
         .raw(EntryType::Char, "gone", None, &[], Hdr::default(), &[])
         .raw(EntryType::Fifo, "fifo", None, &[], Hdr { mode: 0o666, ..Hdr::default() }, &[]);
     let tar = tb.write(base.path(), "layer");
-    let tree = dir(base.path(), "tree");
-    let (_, live) = unpack_live(&tar, &tree);
+    let image = base.path().join("layer.erofs");
+    let (_, live) = unpack_live(&tar, &image);
     // Positive control: what the image holds is what a scan of a live tree would flag.
     let su = meta(&live.root.join("su"));
     assert_eq!((su.mode(), su.uid()), (0o104755, 0));
     assert_eq!(get_xattr(&live.root.join("su"), "security.capability").as_deref(), Some(&CAP[..]));
     assert_eq!(meta(&live.root.join("sgid")).mode() & 0o7777, 0o2777);
+    assert_eq!(get_xattr(&live.root.join("sgid"), OPAQUE).as_deref(), Some(&b"y"[..]));
     assert!(meta(&live.root.join("shadow")).file_type().is_symlink() && is_whiteout(&live.root.join("gone")));
-    // On the host: private files and dirs only, the metadata as data.
-    for name in ["su", "shadow", "gone", "fifo"] {
-        let m = meta(&tree.join(name));
-        assert_eq!(m.mode(), 0o100600, "{name}");
-        assert_eq!(get_xattr(&tree.join(name), "security.capability"), None);
-    }
-    assert_eq!(meta(&tree.join("sgid")).mode(), 0o040700);
-    assert_eq!(get_xattr(&tree.join("sgid"), OPAQUE), None, "no live overlayfs marker");
-    assert_eq!(std::fs::read(tree.join("shadow")).unwrap(), b"/etc/shadow", "a symlink is a file holding its target");
-    assert_inert(&tree);
+    // On the host: the tar and one private image file, nothing else.
+    assert_private_file(&image);
+    let mut names: Vec<String> = std::fs::read_dir(base.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["layer.erofs", "layer.tar"]);
 }

@@ -18,7 +18,7 @@ use crate::error::{CoreError, CoreResult, reported};
 use crate::events::EventLog;
 use crate::model::{ImportRequest, OperationCreated};
 use crate::operations::{self, KIND_IMAGE_IMPORT, Status};
-use crate::quota::{PublishError, Storage};
+use crate::quota::{NewLayer, PublishError, Storage};
 use crate::runner::RunControl;
 use crate::spec::is_valid_tag;
 
@@ -183,8 +183,10 @@ impl ImportJob {
                 std::fs::create_dir(&tree).map_err(|e| internal(&e))?;
                 let imported = importer.import(&self.source, creds, &tree).await.map_err(oci)?;
                 let unpacked = started.elapsed();
-                let (layer, guard) =
-                    storage.publish_layer(&self.op.namespace, tree.clone()).await.map_err(|e| match e {
+                let (layer, guard) = storage
+                    .publish_layer(&self.op.namespace, NewLayer::Tree(tree.clone()))
+                    .await
+                    .map_err(|e| match e {
                         PublishError::Refused(refusal) => format!("{refusal}; nothing was imported"),
                         PublishError::Failed(e) => internal(&e),
                     })?;

@@ -9,7 +9,7 @@ pub(crate) const BLOCK_BITS: u8 = 12;
 pub(crate) const SUPER_OFFSET: usize = 1024;
 pub(crate) const SUPER_SIZE: usize = 128;
 const MAGIC: u32 = 0xE0F5_E1E2;
-/// Inodes are addressed by `nid`: byte offset / 32 from `meta_blkaddr` (0 here).
+/// Inodes are addressed by `nid`: byte offset / 32 from `meta_blkaddr`.
 pub(crate) const NID_ALIGN: u64 = 32;
 /// Size of an extended inode (64-bit size, 32-bit ids, per-inode mtime).
 pub(crate) const INODE_SIZE: u64 = 64;
@@ -63,6 +63,8 @@ pub(crate) struct Super {
     pub(crate) root_nid: u16,
     pub(crate) inos: u64,
     pub(crate) blocks: u32,
+    /// The metadata area's first block; nids count from it.
+    pub(crate) meta_blkaddr: u32,
     pub(crate) feature_incompat: u32,
     pub(crate) uuid: [u8; 16],
 }
@@ -77,7 +79,8 @@ impl Super {
         put64(&mut b, 16, self.inos);
         // build_time (24) and build_time_nsec (32): every inode carries its own mtime
         put32(&mut b, 36, self.blocks);
-        // meta_blkaddr (40) = 0, xattr_blkaddr (44) = 0: no shared xattrs
+        put32(&mut b, 40, self.meta_blkaddr);
+        // xattr_blkaddr (44) = 0: no shared xattrs
         b[48..64].copy_from_slice(&self.uuid);
         put32(&mut b, 80, self.feature_incompat);
         b

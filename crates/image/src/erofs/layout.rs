@@ -1,10 +1,11 @@
-//! Where everything goes: a nid for every inode (root first, right after the superblock),
-//! a layout per inode, and data blocks after the metadata area.
+//! Where everything goes: a nid for every inode (root first, right after the superblock, or
+//! at the start of the metadata area when placed file data comes first), a layout per inode,
+//! and data blocks after the metadata area.
 
 use std::path::Path;
 
 use super::format::{BLOCK, DIRENT_SIZE, INODE_SIZE, Layout, NID_ALIGN, SUPER_OFFSET, SUPER_SIZE, xattr_area_size};
-use super::{Content, NodeId, NodeKind, Tree};
+use super::{Content, NodeId, NodeKind, Placed, Tree};
 use crate::fsutil::open_nofollow;
 use crate::sparse::data_extents;
 use crate::{ImageError, ImageResult, io_err};
@@ -28,6 +29,8 @@ pub(crate) struct NodePlan {
     pub(crate) blkaddr: u32,
     pub(crate) blocks: u64,
     pub(crate) chunks: Option<Chunks>,
+    /// Its data is already in the image (a [`super::Placed`] file).
+    pub(crate) placed: bool,
     /// A directory's sorted entries (`.` and `..` included), split into blocks.
     pub(crate) dir: Vec<DirBlock>,
 }
@@ -60,12 +63,18 @@ pub(crate) struct Plan {
     pub(crate) nodes: Vec<NodePlan>,
     /// Reachable nodes, breadth first from the root.
     pub(crate) order: Vec<NodeId>,
+    /// The metadata area's first block (`meta_blkaddr`); nids count from there.
+    pub(crate) meta_block: u64,
+    /// The metadata area's size in bytes.
     pub(crate) meta_end: u64,
     pub(crate) blocks: u64,
     pub(crate) chunked: bool,
 }
 
-pub(crate) fn plan(tree: &Tree, out: &Path) -> ImageResult<Plan> {
+/// Lays out `tree` with its metadata from block `meta_block` on: 0 for a fresh image (the
+/// superblock is then part of the metadata area), else the first block after the data a
+/// [`super::Builder`] placed.
+pub(crate) fn plan(tree: &Tree, out: &Path, meta_block: u64) -> ImageResult<Plan> {
     let invalid = |reason: String| ImageError::InvalidTree { path: out.to_owned(), reason };
     if !matches!(tree.nodes.first().map(|n| &n.kind), Some(NodeKind::Dir(_))) {
         return Err(invalid("the root is not a directory".into()));
@@ -126,6 +135,19 @@ pub(crate) fn plan(tree: &Tree, out: &Path) -> ImageResult<Plan> {
                 holed = with_holes(inode.len(), image.data_extents(inode)?);
                 inode.len()
             }
+            NodeKind::Regular(Content::Placed(placed)) => {
+                p.placed = true;
+                match placed {
+                    Placed::Flat { size, blkaddr } => {
+                        p.blkaddr = *blkaddr;
+                        *size
+                    }
+                    Placed::Chunked { size, bits, addrs } => {
+                        p.chunks = Some(Chunks { bits: *bits, addrs: addrs.clone() });
+                        *size
+                    }
+                }
+            }
             NodeKind::Dir(children) => {
                 let mut entries: Vec<(Vec<u8>, NodeId)> = children.clone();
                 entries.push((b".".to_vec(), id));
@@ -141,10 +163,15 @@ pub(crate) fn plan(tree: &Tree, out: &Path) -> ImageResult<Plan> {
             NodeKind::Symlink(target) => target.len() as u64,
             _ => 0,
         };
-        p.layout = Some(if let Some(extents) = holed {
-            chunked = true;
+        if let Some(extents) = holed {
             p.chunks = Some(chunks_for(p.size, &extents));
+        }
+        p.layout = Some(if p.chunks.is_some() {
+            chunked = true;
             Layout::ChunkBased
+        } else if p.placed {
+            p.blocks = p.size.div_ceil(BLOCK);
+            Layout::FlatPlain
         } else if p.size > 0 && INODE_SIZE + p.xattr_size + p.size <= BLOCK {
             Layout::FlatInline
         } else {
@@ -153,9 +180,9 @@ pub(crate) fn plan(tree: &Tree, out: &Path) -> ImageResult<Plan> {
         });
     }
 
-    // the metadata area: inodes from just past the superblock, 32-byte aligned; an inline
-    // tail never crosses a block boundary
-    let mut pos = (SUPER_OFFSET + SUPER_SIZE) as u64;
+    // the metadata area: inodes from just past the superblock (or from the area's start),
+    // 32-byte aligned; an inline tail never crosses a block boundary
+    let mut pos = if meta_block == 0 { (SUPER_OFFSET + SUPER_SIZE) as u64 } else { 0 };
     for &id in &order {
         let p = &mut nodes[id];
         pos = pos.next_multiple_of(NID_ALIGN);
@@ -179,9 +206,12 @@ pub(crate) fn plan(tree: &Tree, out: &Path) -> ImageResult<Plan> {
     }
     let meta_end = pos;
 
-    let mut block = meta_end.div_ceil(BLOCK);
+    let mut block = meta_block + meta_end.div_ceil(BLOCK);
     for &id in &order {
         let p = &mut nodes[id];
+        if p.placed {
+            continue;
+        }
         if let Some(c) = &mut p.chunks {
             let size = c.size();
             for (i, addr) in c.addrs.iter_mut().enumerate() {
@@ -197,7 +227,7 @@ pub(crate) fn plan(tree: &Tree, out: &Path) -> ImageResult<Plan> {
         }
     }
     block_addr(block, out)?;
-    Ok(Plan { nodes, order, meta_end, blocks: block, chunked })
+    Ok(Plan { nodes, order, meta_block, meta_end, blocks: block, chunked })
 }
 
 /// A file's data extents if it has holes (so it is stored chunk-based), else `None`.
@@ -205,7 +235,7 @@ fn with_holes(size: u64, extents: Vec<(u64, u64)>) -> Option<Vec<(u64, u64)>> {
     (size > 0 && extents != [(0, size)]).then_some(extents)
 }
 
-fn block_addr(block: u64, out: &Path) -> ImageResult<u32> {
+pub(crate) fn block_addr(block: u64, out: &Path) -> ImageResult<u32> {
     u32::try_from(block)
         .ok()
         .filter(|&b| b != u32::MAX)
@@ -231,7 +261,7 @@ fn pack_dir(entries: Vec<(Vec<u8>, NodeId)>) -> Vec<DirBlock> {
 /// Picks the chunk size that costs the least: the block map (4 bytes a chunk) plus the
 /// chunks that hold any data (stored in full). A 1 TiB file with a few KiB of data costs
 /// ~4 MiB; a file with large data runs gets large chunks.
-fn chunks_for(size: u64, extents: &[(u64, u64)]) -> Chunks {
+pub(crate) fn chunks_for(size: u64, extents: &[(u64, u64)]) -> Chunks {
     let allocated = |chunk: u64| {
         let (mut count, mut last) = (0u64, None);
         for &(start, end) in extents {

@@ -2,14 +2,17 @@
 //! [`Tree`] whose metadata comes from anywhere (the host never needs the image's owners,
 //! modes or device nodes to exist as live files). Regular files are stored flat (small ones
 //! inline after their inode), files with holes chunk-based with null chunks for the holes,
-//! directories as sorted dirent blocks, xattrs inline with erofs name indexes.
+//! directories as sorted dirent blocks, xattrs inline with erofs name indexes. A [`Builder`]
+//! writes file data as it arrives and the metadata after it.
 
+mod build;
 mod format;
 mod layout;
 mod read;
 pub(crate) mod source;
 mod write;
 
+pub use build::Builder;
 pub use read::{DirEntry, ErofsImage, ErofsInode, ErofsReader};
 pub use source::tree_from_dir;
 pub use write::write_image;
@@ -49,6 +52,17 @@ pub enum Content {
     /// A regular file of another erofs image (a layer being merged), copied from it in
     /// place; its null chunks stay holes.
     Layer(Arc<ErofsImage>, ErofsInode),
+    /// Data a [`Builder`] already wrote into the image being built.
+    Placed(Placed),
+}
+
+/// Where a [`Builder`] put a file's data.
+#[derive(Debug, Clone)]
+pub enum Placed {
+    /// `size` bytes in consecutive blocks from `blkaddr`.
+    Flat { size: u64, blkaddr: u32 },
+    /// Chunks of 4 KiB << `bits`, each at its first block or a hole.
+    Chunked { size: u64, bits: u8, addrs: Vec<Option<u32>> },
 }
 
 /// The metadata an inode carries in the image.

@@ -2,7 +2,7 @@
 //! chunk maps) in one piece, then every data block; padding and null chunks stay holes.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
@@ -22,31 +22,47 @@ use crate::{ImageError, ImageResult, io_err};
 /// of the tree alone (its UUID is derived from the metadata), so equal trees give equal
 /// images.
 pub fn write_image(tree: &Tree, out: &Path) -> ImageResult<()> {
-    let plan = plan(tree, out)?;
+    let plan = plan(tree, out, 0)?;
+    let file = crate::fsutil::create_file(out)?;
+    write_planned(tree, &plan, &file, out)?;
+    file.sync_all().map_err(io_err(out))
+}
+
+/// Writes `tree`'s metadata and remaining data into `file` (the image `out`), whose first
+/// `placed_blocks` blocks hold the data a [`super::Builder`] placed; not synced.
+pub(crate) fn write_after(tree: &Tree, file: &File, out: &Path, placed_blocks: u64) -> ImageResult<()> {
+    let plan = plan(tree, out, placed_blocks)?;
+    write_planned(tree, &plan, file, out)
+}
+
+fn write_planned(tree: &Tree, plan: &Plan, file: &File, out: &Path) -> ImageResult<()> {
     let mut meta = vec![0u8; plan.meta_end as usize];
     for &id in &plan.order {
-        encode_node(tree, &plan, id, &mut meta)?;
+        encode_node(tree, plan, id, &mut meta)?;
     }
     let mut sb = Super {
         root_nid: plan.nodes[0].nid as u16,
         inos: plan.order.len() as u64,
         blocks: plan.blocks as u32,
+        meta_blkaddr: plan.meta_block as u32,
         feature_incompat: if plan.chunked { INCOMPAT_CHUNKED_FILE } else { 0 },
         uuid: [0; 16],
     };
     sb.uuid.copy_from_slice(&Sha256::digest(&meta)[..16]);
-    meta[SUPER_OFFSET..SUPER_OFFSET + sb.encode().len()].copy_from_slice(&sb.encode());
-
-    let mut file = crate::fsutil::create_file(out)?;
-    file.write_all(&meta).map_err(io_err(out))?;
+    let sb = sb.encode();
+    if plan.meta_block == 0 {
+        meta[SUPER_OFFSET..SUPER_OFFSET + sb.len()].copy_from_slice(&sb);
+    } else {
+        file.write_all_at(&sb, SUPER_OFFSET as u64).map_err(io_err(out))?;
+    }
+    file.write_all_at(&meta, plan.meta_block * BLOCK).map_err(io_err(out))?;
     for &id in &plan.order {
-        write_data(tree, &plan.nodes[id], &plan, id, &file).map_err(|e| match e {
+        write_data(tree, &plan.nodes[id], plan, id, file).map_err(|e| match e {
             WriteError::Io(e) => io_err(out)(e),
             WriteError::Image(e) => e,
         })?;
     }
-    file.set_len(plan.blocks * BLOCK).map_err(io_err(out))?;
-    file.sync_all().map_err(io_err(out))
+    file.set_len(plan.blocks * BLOCK).map_err(io_err(out))
 }
 
 fn encode_node(tree: &Tree, plan: &Plan, id: usize, meta: &mut [u8]) -> ImageResult<()> {
@@ -96,6 +112,8 @@ fn encode_node(tree: &Tree, plan: &Plan, id: usize, meta: &mut [u8]) -> ImageRes
                 NodeKind::Regular(Content::Layer(image, inode)) => {
                     dst.copy_from_slice(&image.read_all(inode, BLOCK)?);
                 }
+                // placed data is never inline (the plan keeps it where it is)
+                NodeKind::Regular(Content::Placed(_)) => {}
                 NodeKind::Dir(_) => encode_dir_block(dst, &p.dir[0].entries, plan, tree),
                 _ => {}
             }
@@ -163,6 +181,7 @@ fn write_data(tree: &Tree, p: &NodePlan, plan: &Plan, id: usize, out: &File) -> 
         (NodeKind::Regular(Content::Layer(image, inode)), _) => {
             stored_ranges(p, |from, to, len| image.copy_to(inode, from, out, to, len).map_err(WriteError::Image))
         }
+        (NodeKind::Regular(Content::Placed(_)), _) => Ok(()),
         _ => Ok(()),
     }
 }
