@@ -201,5 +201,7 @@ pub async fn readyz(State(svc): State<Service>) -> Response {
         "ready": false,
         "checks": r.checks,
     });
-    (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+    // As every other 503 here: a probe or a client with a retry policy knows when to look again.
+    (StatusCode::SERVICE_UNAVAILABLE, [(header::RETRY_AFTER, HeaderValue::from_static("1"))], Json(body))
+        .into_response()
 }

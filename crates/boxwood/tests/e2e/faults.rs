@@ -207,7 +207,9 @@ async fn a_full_disk_gives_clear_errors_and_recovers_without_a_restart() {
             other => panic!("a run on a full disk got {other}: {body}"),
         }
     }
-    // Not ready while full, and it says why; alive all the same.
+    // Not ready while full, and it says why (and when to look again); alive all the same.
+    let r = reqwest::get(format!("{}/readyz", s.url)).await.unwrap();
+    assert_eq!(r.headers().get("retry-after").map(|v| v.as_bytes()), Some(&b"1"[..]));
     let (status, body) = probe(&s, "/readyz").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert_eq!((body["status"].clone(), body["checks"]["disk"].clone()), (json!(503), json!("failing")), "{body}");
