@@ -5,7 +5,7 @@
 //! most of its time in those two copies.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 
 use nix::errno::Errno;
@@ -82,19 +82,10 @@ impl Splicer {
         if n == 0 {
             return Ok(());
         }
-        // What a refusing port left in the pipe goes out through a buffer.
-        let mut pipe = File::from(self.read.try_clone()?);
-        if self.buf.is_empty() {
-            self.buf = vec![0; COPY_BYTES];
-        }
-        while n > 0 {
-            let want = n.min(self.buf.len());
-            let got = pipe.read(&mut self.buf[..want])?;
-            if got == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the pipe ran dry"));
-            }
-            port.write_all(&self.buf[..got])?;
-            n -= got;
+        // What a refusing port left in the pipe goes out as a plain copy.
+        let pipe = File::from(self.read.try_clone()?);
+        if io::copy(&mut pipe.take(n as u64), port)? != n as u64 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the pipe ran dry"));
         }
         Ok(())
     }

@@ -99,6 +99,11 @@ impl FsLayerStore {
         self.stored.lock().unwrap_or_else(|e| e.into_inner()).insert(info.digest.clone(), info.stored_bytes);
     }
 
+    /// A new name for an erofs image being written in staging.
+    fn staged_image_path(&self) -> PathBuf {
+        self.root.join("tmp").join(format!("{}.erofs", Uuid::new_v4()))
+    }
+
     fn hex_of(digest: &str) -> ImageResult<&str> {
         let hex = digest.strip_prefix("sha256:").ok_or_else(|| ImageError::BadDigest(digest.into()))?;
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
@@ -127,18 +132,14 @@ impl LayerStore for FsLayerStore {
     }
 
     fn stage_tar(&self, tar: &mut dyn Read, limits: UnpackLimits) -> ImageResult<StagedLayer> {
-        let path = self.root.join("tmp").join(format!("{}.erofs", Uuid::new_v4()));
-        match unpack_layer_from(tar, &path, limits) {
-            Ok(stats) => Ok(StagedLayer { path, stats }),
-            Err(e) => {
-                let _ = std::fs::remove_file(&path);
-                Err(e)
-            }
-        }
+        // Owned from the start: a failed unpack's partial image goes with it.
+        let mut staged = StagedLayer { path: self.staged_image_path(), stats: UnpackStats::default() };
+        staged.stats = unpack_layer_from(tar, &staged.path, limits)?;
+        Ok(staged)
     }
 
     async fn commit_tree_limited(&self, tree: PathBuf, limits: CommitLimits) -> ImageResult<LayerInfo> {
-        let staged = self.root.join("tmp").join(format!("{}.erofs", Uuid::new_v4()));
+        let staged = self.staged_image_path();
         let (root, pins) = (self.root.clone(), self.pins.clone());
         let info = blocking(move || {
             // The erofs image holds about what the tree's files allocate: refuse before
@@ -340,6 +341,49 @@ fn tree_bytes(dir: &Path) -> ImageResult<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A tar holding one file `name` of `len` bytes.
+    fn tar_of(name: &str, len: usize) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_ustar();
+        // Set raw: the tar crate refuses to write a hostile name itself.
+        h.as_old_mut().name[..name.len()].copy_from_slice(name.as_bytes());
+        h.set_size(len as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        b.append(&h, &vec![7u8; len][..]).unwrap();
+        b.into_inner().unwrap()
+    }
+
+    fn staging_entries(root: &Path) -> usize {
+        std::fs::read_dir(root.join("tmp")).unwrap().count()
+    }
+
+    #[tokio::test]
+    async fn a_staged_layer_is_published_or_leaves_nothing_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FsLayerStore::open(dir.path()).unwrap();
+        // Positive control: a good tar stages a file, and publishing consumes it.
+        let staged = store.stage_tar(&mut &tar_of("f", 100_000)[..], UnpackLimits::default()).unwrap();
+        assert_eq!((staging_entries(dir.path()), staged.stats.content_bytes), (1, 100_000));
+        let info = store.commit_staged(staged, CommitLimits::NONE).await.unwrap();
+        assert!(store.layer_path(&info.digest).unwrap().is_file());
+        assert_eq!(staging_entries(dir.path()), 0);
+        // A refused unpack (its data was already written) and a dropped staged layer leave
+        // nothing in staging.
+        let limits = UnpackLimits { max_data_bytes: 10 };
+        assert!(matches!(store.stage_tar(&mut &tar_of("f", 100)[..], limits), Err(ImageError::LayerTooLarge { .. })));
+        let hostile = tar_of("../escape", 100_000);
+        assert!(matches!(
+            store.stage_tar(&mut &hostile[..], UnpackLimits::default()),
+            Err(ImageError::BadLayer { .. })
+        ));
+        drop(store.stage_tar(&mut &tar_of("g", 100_000)[..], UnpackLimits::default()).unwrap());
+        assert_eq!(staging_entries(dir.path()), 0);
+    }
 
     #[tokio::test]
     async fn busybox_layer_is_published_atomically_and_deduplicated() {
