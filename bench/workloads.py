@@ -32,7 +32,7 @@ class Server:
             f.write(config)
         self.out_path, log_path = os.path.join(WORK, "server.out"), os.path.join(WORK, "server.log")
         self.log_path = log_path
-        env = dict(os.environ, RUST_LOG="info,boxwood_core::runner::persist=debug")
+        env = dict(os.environ, RUST_LOG="info,boxwood_core::runner::persist=debug,boxwood_image=debug")
         self.proc = subprocess.Popen(
             [BIN, "--log-format", "json", "serve", "--config", cfg, "--state-dir", os.path.join(WORK, "state"),
              "--listen", "127.0.0.1:0"],

@@ -32,6 +32,8 @@ pub struct Upper {
     pub dir: PathBuf,
     /// Relative paths the agent itself created in the upper layer.
     pub excluded: HashSet<Vec<u8>>,
+    /// `st_dev` of the scratch disk's filesystem, when the upper is on it.
+    pub disk: Option<u64>,
 }
 
 /// Runs one export; everything it has to say goes to the port.
@@ -45,10 +47,12 @@ pub async fn run(upper: Option<&Upper>, reaper: &Reaper, port: &PortWriter) {
     }
     // Written inline: every process is gone, so nothing else needs the agent meanwhile, and a
     // thread start costs milliseconds under emulation. The export reads through the upper's
-    // filesystem (tmpfs or the scratch disk's ext4), so nothing needs syncing first.
+    // filesystem (tmpfs or the scratch disk's ext4); a disk-referenced file is written back
+    // to the disk before it is mapped, so the host reads what the run wrote.
     let splicer = Splicer::new().map_err(|e| crate::log(&format!("export: no pipe for splicing ({e}); copying"))).ok();
     let mut sink = ChunkSink { port, buf: Vec::with_capacity(CHUNK_BYTES), splicer, copy: Vec::new() };
-    let result = tar::write_tree(&upper.dir, &upper.excluded, &mut sink).and_then(|stats| sink.flush().map(|()| stats));
+    let result = tar::write_tree(&upper.dir, &upper.excluded, upper.disk, &mut sink)
+        .and_then(|stats| sink.flush().map(|()| stats));
     let reply = match result {
         Ok(stats) => GuestMessage::UpperDone { entries: stats.entries, bytes: stats.bytes },
         Err(e) => GuestMessage::UpperFailed { error: e.to_string() },

@@ -11,6 +11,7 @@
 mod ca;
 mod channel;
 mod export;
+mod fiemap;
 mod files;
 mod init;
 mod inroot;

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -70,8 +71,17 @@ pub fn apply(
         Some(cfg) => Some(net::configure(cfg, &mut created, true).map_err(|e| format!("network: {e}"))?),
         None => None,
     };
-    let upper =
-        Upper { dir: Path::new(RW).join("upper"), excluded: created.into_iter().map(String::into_bytes).collect() };
+    // The scratch disk's filesystem, whose files the export may reference by extent: only a
+    // disk the host made and holds (never the tmpfs).
+    let disk = match &setup.rootfs.upper_disk {
+        Some(_) => Some(fs::metadata(RW).map_err(|e| format!("stat {RW}: {e}"))?.dev()),
+        None => None,
+    };
+    let upper = Upper {
+        dir: Path::new(RW).join("upper"),
+        excluded: created.into_iter().map(String::into_bytes).collect(),
+        disk,
+    };
     // Read only now, after the re-seed: the kernel makes the id on first read.
     let boot_id = fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default().trim().to_owned();
     Ok((Sandbox { upper, ca_bundle }, SetupReport { network, boot_id }))

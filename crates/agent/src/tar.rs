@@ -15,6 +15,11 @@
 //! the number of data segments, then each segment's offset and length, zero-padded to a
 //! block) followed by the segments' bytes. Holes therefore cost nothing in the stream, and
 //! GNU tar and bsdtar read the archive too.
+//!
+//! With a scratch disk ([`write_tree`]'s `disk`), a large file on it is written as a
+//! disk-referenced member instead (see `boxwood_protocol::DISK_EXTENTS_RECORD`): its extent
+//! map in place of its data, which the host copies from the disk itself. A file the
+//! filesystem cannot map plainly is written as above.
 #![allow(unsafe_code)]
 
 use std::collections::{HashMap, HashSet};
@@ -24,6 +29,10 @@ use std::io::{self, Read, Write};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::Path;
+
+use boxwood_protocol::DISK_EXTENTS_RECORD;
+
+use crate::fiemap::{Extent, data_extents};
 
 const BLOCK: usize = 512;
 /// The copy buffer of [`TarSink::write_file_data`]'s plain form.
@@ -96,10 +105,18 @@ pub fn copy_padded(file: &mut File, len: u64, out: &mut (impl Write + ?Sized), b
 }
 
 /// Writes the tar of `dir` to `out`. `excluded` holds relative paths (no trailing slash).
-pub fn write_tree(dir: &Path, excluded: &HashSet<Vec<u8>>, out: impl TarSink) -> io::Result<TarStats> {
+/// `disk`: the filesystem (`st_dev`) of the scratch disk the host holds, whose large files
+/// are disk-referenced.
+pub fn write_tree(
+    dir: &Path,
+    excluded: &HashSet<Vec<u8>>,
+    disk: Option<u64>,
+    out: impl TarSink,
+) -> io::Result<TarStats> {
     let mut w = Walker {
         out: Counting { inner: out, bytes: 0 },
         excluded,
+        disk,
         links: HashMap::new(),
         pending: Vec::new(),
         entries: 0,
@@ -146,6 +163,8 @@ struct Member {
     xattrs: Vec<(Vec<u8>, Vec<u8>)>,
     /// Set for a file written in the sparse format.
     sparse: Option<Sparse>,
+    /// Set for a disk-referenced file: its apparent size (the member data is the map).
+    on_disk: Option<u64>,
 }
 
 /// A sparse file's layout: the encoded map block(s) and the data segments.
@@ -155,9 +174,13 @@ struct Sparse {
     real_size: u64,
 }
 
-/// Most data segments one sparse member may list; a file more fragmented than this is
-/// written whole (holes as zeros), so the host's map stays small.
+/// Most data segments one sparse member (or extents one disk-referenced member) may list; a
+/// file more fragmented than this is written whole (holes as zeros), so the host's map stays
+/// small.
 pub const MAX_SPARSE_SEGMENTS: usize = 4096;
+/// Smaller files travel in the stream: a map and the host's copy would cost more than their
+/// bytes, and the host inlines small files in the image.
+const DISK_REF_MIN_BYTES: u64 = 64 << 10;
 
 /// The data segments of `file` (offset, length), or `None` when it has no hole (or the
 /// filesystem cannot tell).
@@ -215,6 +238,19 @@ fn encode_map(segments: &[(u64, u64)]) -> Vec<u8> {
     for (offset, len) in segments {
         map.extend_from_slice(format!("{offset}\n{len}\n").as_bytes());
     }
+    pad_map(map)
+}
+
+/// A disk-referenced member's data: the extent map, padded to a block.
+fn encode_extents(extents: &[Extent]) -> Vec<u8> {
+    let mut map = format!("{}\n", extents.len()).into_bytes();
+    for (offset, disk, len) in extents {
+        map.extend_from_slice(format!("{offset}\n{disk}\n{len}\n").as_bytes());
+    }
+    pad_map(map)
+}
+
+fn pad_map(mut map: Vec<u8>) -> Vec<u8> {
     let rem = map.len() % BLOCK;
     if rem != 0 {
         map.resize(map.len() + BLOCK - rem, 0);
@@ -225,6 +261,8 @@ fn encode_map(segments: &[(u64, u64)]) -> Vec<u8> {
 struct Walker<'a, W> {
     out: Counting<W>,
     excluded: &'a HashSet<Vec<u8>>,
+    /// The scratch disk's filesystem (`st_dev`), whose files may be disk-referenced.
+    disk: Option<u64>,
     /// (dev, ino) → first name, for inodes with more than one link.
     links: HashMap<(u64, u64), Vec<u8>>,
     /// Excluded ancestor directories not written yet, outermost first.
@@ -280,8 +318,17 @@ impl<W: TarSink> Walker<'_, W> {
             }
             if ft.is_file() {
                 let size = meta.len();
+                let on_disk = self.disk == Some(meta.dev()) && size >= DISK_REF_MIN_BYTES;
                 let mut member = self.member(&path, &child, b'0', meta)?;
                 let file = File::open(&path)?;
+                if on_disk && let Some(extents) = data_extents(&file, size, MAX_SPARSE_SEGMENTS)? {
+                    let map = encode_extents(&extents);
+                    member.size = map.len() as u64;
+                    member.on_disk = Some(size);
+                    self.emit(member, None)?;
+                    self.out.write_all(&map)?;
+                    continue;
+                }
                 match data_segments(&file, size)? {
                     Some(segments) => {
                         let map = encode_map(&segments);
@@ -313,6 +360,7 @@ impl<W: TarSink> Walker<'_, W> {
             link: Vec::new(),
             xattrs: read_xattrs(path)?,
             sparse: None,
+            on_disk: None,
         })
     }
 
@@ -338,6 +386,9 @@ impl<W: TarSink> Walker<'_, W> {
         } else if !set_name(&mut header, &m.name) {
             pax_record(&mut records, b"path", &m.name);
             put_bytes(&mut header[..100], tail(&m.name, 100));
+        }
+        if let Some(real_size) = m.on_disk {
+            pax_record(&mut records, DISK_EXTENTS_RECORD.as_bytes(), real_size.to_string().as_bytes());
         }
         put_octal(&mut header[100..108], u64::from(m.meta.mode() & 0o7777));
         for (field, value, key) in [(108..116, m.meta.uid(), &b"uid"[..]), (116..124, m.meta.gid(), &b"gid"[..])] {

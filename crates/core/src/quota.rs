@@ -6,7 +6,7 @@
 //! the rules live here.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use boxwood_blob::BlobStore;
@@ -227,10 +227,18 @@ impl Storage {
         }
     }
 
-    /// A budget for a run's export: the tar may not take the reserve (checked every
-    /// [`SPACE_CHECK_EVERY`] bytes) nor pass `cap`.
-    pub(crate) fn export_budget(self: &Arc<Self>, cap: u64) -> ExportBudget {
-        ExportBudget { storage: self.clone(), cap, checked_at: Mutex::new(0), low_space: AtomicBool::new(false) }
+    /// A budget for a run's export: the tar and the data copied from the run's scratch disk
+    /// may not take the reserve (checked every [`SPACE_CHECK_EVERY`] bytes) nor together
+    /// pass `cap`.
+    pub(crate) fn export_budget(self: &Arc<Self>, cap: u64) -> Arc<ExportBudget> {
+        Arc::new(ExportBudget {
+            storage: self.clone(),
+            cap,
+            checked_at: Mutex::new(0),
+            stream: AtomicU64::new(0),
+            disk: AtomicU64::new(0),
+            low_space: AtomicBool::new(false),
+        })
     }
 
     /// Starts charging an upload of `namespace` against its quota and the reserve; refuses
@@ -271,11 +279,16 @@ impl Storage {
     }
 }
 
-/// [`boxwood_vm::ExportBudget`] of a persisting run.
+/// [`boxwood_vm::ExportBudget`] of a persisting run, also charged for what the unpack copies
+/// from the scratch disk ([`Self::admit_disk`]): the stream and the disk fill the same host
+/// disk.
 pub(crate) struct ExportBudget {
     storage: Arc<Storage>,
     cap: u64,
     checked_at: Mutex<u64>,
+    /// Bytes of tar stream so far, and bytes to be copied from the disk.
+    stream: AtomicU64,
+    disk: AtomicU64,
     low_space: AtomicBool,
 }
 
@@ -284,10 +297,20 @@ impl ExportBudget {
     pub(crate) fn hit_reserve(&self) -> bool {
         self.low_space.load(Ordering::SeqCst)
     }
-}
 
-impl boxwood_vm::ExportBudget for ExportBudget {
-    fn admit(&self, total: u64) -> Result<(), String> {
+    /// Bytes copied from the scratch disk so far.
+    pub(crate) fn disk_bytes(&self) -> u64 {
+        self.disk.load(Ordering::SeqCst)
+    }
+
+    /// `total` bytes are to be copied from the scratch disk so far.
+    pub(crate) fn admit_disk(&self, total: u64) -> Result<(), String> {
+        self.disk.store(total, Ordering::SeqCst);
+        self.check()
+    }
+
+    fn check(&self) -> Result<(), String> {
+        let total = self.stream.load(Ordering::SeqCst).saturating_add(self.disk.load(Ordering::SeqCst));
         if total > self.cap {
             return Err(format!("the changes exceed {} bytes", self.cap));
         }
@@ -304,6 +327,13 @@ impl boxwood_vm::ExportBudget for ExportBudget {
             }
         }
         Ok(())
+    }
+}
+
+impl boxwood_vm::ExportBudget for ExportBudget {
+    fn admit(&self, total: u64) -> Result<(), String> {
+        self.stream.store(total, Ordering::SeqCst);
+        self.check()
     }
 }
 

@@ -39,7 +39,7 @@ pub use inspect::{
 pub use merge::merge_layers;
 pub use pins::{LayerPin, Sweep};
 pub use store::{FsLayerStore, LayerInfo, StagedLayer};
-pub use unpack::{UnpackLimits, UnpackStats, unpack_layer_from};
+pub use unpack::{ScratchDisk, UnpackLimits, UnpackStats, unpack_layer_from};
 pub use usage::{CommitLimits, DiskSpace, disk_space};
 
 use std::collections::HashSet;
@@ -62,6 +62,9 @@ pub enum ImageError {
     /// The layer's regular files hold more data than allowed (holes do not count).
     #[error("the changes exceed the {limit}-byte layer limit")]
     LayerTooLarge { limit: u64 },
+    /// The caller's budget stopped an unpack (see [`ScratchDisk::admit`]).
+    #[error("{reason}")]
+    Refused { reason: String },
     /// Publishing would cost more disk than [`CommitLimits::max_stored_bytes`]; nothing was
     /// published.
     #[error("the layer needs {needed} bytes on disk, {allowed} allowed")]
@@ -121,7 +124,12 @@ pub trait LayerStore: Send + Sync {
     /// Unpacks a layer tar (a run's exported changes, read as they arrive) straight into a
     /// new erofs image in staging, within `limits` (see [`unpack_layer_from`]). Blocking: call
     /// it off the async runtime.
-    fn stage_tar(&self, tar: &mut dyn std::io::Read, limits: UnpackLimits) -> ImageResult<StagedLayer>;
+    fn stage_tar(
+        &self,
+        tar: &mut dyn std::io::Read,
+        limits: UnpackLimits,
+        disk: Option<unpack::ScratchDisk>,
+    ) -> ImageResult<StagedLayer>;
     /// Publishes a staged layer within `limits`, measured like [`Self::commit_image`]; past
     /// them (or on any error) it is discarded.
     async fn commit_staged(&self, staged: StagedLayer, limits: CommitLimits) -> ImageResult<LayerInfo> {

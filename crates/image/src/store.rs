@@ -13,8 +13,8 @@ use uuid::Uuid;
 use crate::pins::{LayerPin, PinTable, Sweep};
 use crate::usage::{file_allocated_bytes, tree_allocated_bytes};
 use crate::{
-    CommitLimits, DiskSpace, ImageError, ImageResult, LayerStore, PinnedLayers, Reclaimed, UnpackLimits, UnpackStats,
-    io_err, unpack_layer_from,
+    CommitLimits, DiskSpace, ImageError, ImageResult, LayerStore, PinnedLayers, Reclaimed, ScratchDisk, UnpackLimits,
+    UnpackStats, io_err, unpack_layer_from,
 };
 
 /// The marker older versions wrote once their trees were inert; removed with the trees.
@@ -131,10 +131,15 @@ impl LayerStore for FsLayerStore {
         Ok(dir)
     }
 
-    fn stage_tar(&self, tar: &mut dyn Read, limits: UnpackLimits) -> ImageResult<StagedLayer> {
+    fn stage_tar(
+        &self,
+        tar: &mut dyn Read,
+        limits: UnpackLimits,
+        disk: Option<ScratchDisk>,
+    ) -> ImageResult<StagedLayer> {
         // Owned from the start: a failed unpack's partial image goes with it.
         let mut staged = StagedLayer { path: self.staged_image_path(), stats: UnpackStats::default() };
-        staged.stats = unpack_layer_from(tar, &staged.path, limits)?;
+        staged.stats = unpack_layer_from(tar, &staged.path, limits, disk)?;
         Ok(staged)
     }
 
@@ -367,7 +372,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FsLayerStore::open(dir.path()).unwrap();
         // Positive control: a good tar stages a file, and publishing consumes it.
-        let staged = store.stage_tar(&mut &tar_of("f", 100_000)[..], UnpackLimits::default()).unwrap();
+        let staged = store.stage_tar(&mut &tar_of("f", 100_000)[..], UnpackLimits::default(), None).unwrap();
         assert_eq!((staging_entries(dir.path()), staged.stats.content_bytes), (1, 100_000));
         let info = store.commit_staged(staged, CommitLimits::NONE).await.unwrap();
         assert!(store.layer_path(&info.digest).unwrap().is_file());
@@ -375,13 +380,16 @@ mod tests {
         // A refused unpack (its data was already written) and a dropped staged layer leave
         // nothing in staging.
         let limits = UnpackLimits { max_data_bytes: 10 };
-        assert!(matches!(store.stage_tar(&mut &tar_of("f", 100)[..], limits), Err(ImageError::LayerTooLarge { .. })));
+        assert!(matches!(
+            store.stage_tar(&mut &tar_of("f", 100)[..], limits, None),
+            Err(ImageError::LayerTooLarge { .. })
+        ));
         let hostile = tar_of("../escape", 100_000);
         assert!(matches!(
-            store.stage_tar(&mut &hostile[..], UnpackLimits::default()),
+            store.stage_tar(&mut &hostile[..], UnpackLimits::default(), None),
             Err(ImageError::BadLayer { .. })
         ));
-        drop(store.stage_tar(&mut &tar_of("g", 100_000)[..], UnpackLimits::default()).unwrap());
+        drop(store.stage_tar(&mut &tar_of("g", 100_000)[..], UnpackLimits::default(), None).unwrap());
         assert_eq!(staging_entries(dir.path()), 0);
     }
 

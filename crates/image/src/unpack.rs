@@ -13,6 +13,12 @@
 //! overlapping, past `realsize`, or not adding up to the member's size) is refused.
 //! [`UnpackLimits`] bounds the data the files hold.
 //!
+//! A member carrying `boxwood_protocol::DISK_EXTENTS_RECORD` is disk-referenced: its data is
+//! an extent map (count, then offset in the file, offset on the disk and length per extent)
+//! and the file's bytes are copied from the run's [`ScratchDisk`]. The map is checked like a
+//! sparse map, and every extent must lie within the disk; without a disk such a member is
+//! refused. The guest chooses the offsets, so it can only name bytes of its own disk.
+//!
 //! Hostile or unsupported input is handled by one rule:
 //! * **refused** (an [`ImageError::BadLayer`] naming the member; the caller deletes the image)
 //!   — anything about *where* a member goes: an absolute name, a `..` component, a member
@@ -32,6 +38,7 @@ use std::io::{self, BufReader, Read};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path};
 
+use boxwood_protocol::DISK_EXTENTS_RECORD;
 use tar::EntryType;
 
 use crate::erofs::{Builder, Node, NodeId, NodeKind, NodeMeta, Tree};
@@ -65,17 +72,47 @@ impl Default for UnpackLimits {
     }
 }
 
-/// Most segments a sparse map may list (the agent writes at most 4096).
+/// Most segments a sparse map (or extents an extent map) may list (the agent writes at most
+/// 4096).
 const MAX_SPARSE_SEGMENTS: u64 = 1 << 16;
 
+/// The run's scratch disk, which disk-referenced members are copied from (see the module
+/// docs).
+pub struct ScratchDisk {
+    pub file: std::fs::File,
+    /// Called with the total bytes to be copied from the disk so far, before they are;
+    /// `Err(reason)` ends the unpack with [`ImageError::Refused`].
+    pub admit: Box<dyn FnMut(u64) -> Result<(), String> + Send>,
+}
+
+/// A disk and what it holds, as the unpack uses it.
+struct Disk {
+    disk: ScratchDisk,
+    len: u64,
+    copied: u64,
+}
+
 /// Unpacks the layer tar read from `reader` (the export as it arrives) into the new erofs
-/// image `image`, within `limits` (past them it stops with [`ImageError::LayerTooLarge`]).
-/// Streams: memory holds the tree's metadata and small files, not file data. Reads up to the
-/// end of the archive, not necessarily to the end of `reader`. The image is complete but not
-/// synced; on error it may be partial (the caller deletes it).
-pub fn unpack_layer_from(reader: impl Read, image: &Path, limits: UnpackLimits) -> ImageResult<UnpackStats> {
+/// image `image`, within `limits` (past them it stops with [`ImageError::LayerTooLarge`]);
+/// disk-referenced members are copied from `disk`. Streams: memory holds the tree's metadata
+/// and small files, not file data. Reads up to the end of the archive, not necessarily to the
+/// end of `reader`. The image is complete but not synced; on error it may be partial (the
+/// caller deletes it).
+pub fn unpack_layer_from(
+    reader: impl Read,
+    image: &Path,
+    limits: UnpackLimits,
+    disk: Option<ScratchDisk>,
+) -> ImageResult<UnpackStats> {
     // Names the source in errors.
     let tar = Path::new("(the exported changes)");
+    let disk = match disk {
+        Some(disk) => {
+            let len = disk.file.metadata().map_err(crate::io_err(Path::new(DISK_NAME)))?.len();
+            Some(Disk { disk, len, copied: 0 })
+        }
+        None => None,
+    };
     let mut archive = tar::Archive::new(BufReader::with_capacity(1 << 16, reader));
     let mut unpacker = Unpacker {
         builder: Builder::create(image)?,
@@ -83,6 +120,7 @@ pub fn unpack_layer_from(reader: impl Read, image: &Path, limits: UnpackLimits) 
         tree: MemTree::new(node_meta(&inert::implied_dir())),
         stats: UnpackStats::default(),
         limits,
+        disk,
     };
     for entry in archive.entries().map_err(crate::io_err(tar))? {
         let entry = entry.map_err(crate::io_err(tar))?;
@@ -148,11 +186,15 @@ impl MemTree {
     }
 }
 
+/// Names the scratch disk in errors.
+const DISK_NAME: &str = "(the run's scratch disk)";
+
 struct Unpacker {
     builder: Builder,
     tree: MemTree,
     stats: UnpackStats,
     limits: UnpackLimits,
+    disk: Option<Disk>,
 }
 
 impl Unpacker {
@@ -164,7 +206,7 @@ impl Unpacker {
             tracing::debug!(member = %name, "ignoring PAX global header");
             return Ok(());
         }
-        let sparse = sparse_info(&mut entry).map_err(bad)?;
+        let Records { sparse, on_disk } = records(&mut entry).map_err(bad)?;
         let rel = match &sparse {
             Some(s) => member_path(&s.name).map_err(bad)?,
             None => member_path(&entry.path_bytes()).map_err(bad)?,
@@ -190,17 +232,41 @@ impl Unpacker {
                 if self.stats.content_bytes.saturating_add(stored) > self.limits.max_data_bytes {
                     return Err(ImageError::LayerTooLarge { limit: self.limits.max_data_bytes });
                 }
-                let apparent = sparse.as_ref().map_or(stored, |s| s.real_size);
+                let apparent = sparse.as_ref().map(|s| s.real_size).or(on_disk).unwrap_or(stored);
                 self.stats.apparent_bytes = self.stats.apparent_bytes.saturating_add(apparent);
                 let (parent, name, _) = self.slot(&rel, false).map_err(bad)?;
-                let (content, data) = match &sparse {
-                    Some(s) => {
+                let (content, data) = match (&sparse, on_disk) {
+                    (Some(_), Some(_)) => return Err(bad("both sparse and disk-referenced".into())),
+                    (None, Some(size)) => {
+                        let Some(disk) = self.disk.as_mut() else {
+                            return Err(bad("refers to a scratch disk the run did not have".into()));
+                        };
+                        let extents =
+                            read_extent_map(&mut entry, stored, size, disk.len).map_err(|e| e.into_image(tar, &bad))?;
+                        let data = extents.iter().map(|e| e.2).sum::<u64>();
+                        if self.stats.content_bytes.saturating_add(data) > self.limits.max_data_bytes {
+                            return Err(ImageError::LayerTooLarge { limit: self.limits.max_data_bytes });
+                        }
+                        disk.copied += data;
+                        (disk.disk.admit)(disk.copied).map_err(|reason| ImageError::Refused { reason })?;
+                        let file = &disk.disk.file;
+                        let t0 = std::time::Instant::now();
+                        let placed = self.builder.place_from_disk(file, size, &extents, Path::new(DISK_NAME))?;
+                        tracing::debug!(
+                            extents = extents.len(),
+                            data,
+                            ms = t0.elapsed().as_secs_f64() * 1e3,
+                            "copied from the scratch disk"
+                        );
+                        (placed, data)
+                    }
+                    (Some(s), None) => {
                         let segments =
                             read_sparse_map(&mut entry, stored, s.real_size).map_err(|e| e.into_image(tar, &bad))?;
                         let data = segments.iter().map(|s| s.1).sum::<u64>();
                         (self.builder.place_sparse(&mut entry, s.real_size, &segments, tar)?, data)
                     }
-                    None => (self.builder.place(&mut entry, stored, tar)?, stored),
+                    (None, None) => (self.builder.place(&mut entry, stored, tar)?, stored),
                 };
                 self.stats.content_bytes += data;
                 self.tree.add(parent, name, node(NodeKind::Regular(content)));
@@ -320,29 +386,39 @@ struct SparseInfo {
     real_size: u64,
 }
 
-fn sparse_info<R: io::Read>(entry: &mut tar::Entry<'_, R>) -> Result<Option<SparseInfo>, String> {
+/// What a member's PAX records say about its data.
+struct Records {
+    sparse: Option<SparseInfo>,
+    /// A disk-referenced member's apparent size.
+    on_disk: Option<u64>,
+}
+
+fn records<R: io::Read>(entry: &mut tar::Entry<'_, R>) -> Result<Records, String> {
     let Some(pax) = entry.pax_extensions().map_err(|e| format!("bad PAX header: {e}"))? else {
-        return Ok(None);
+        return Ok(Records { sparse: None, on_disk: None });
     };
-    let (mut major, mut minor, mut name, mut real_size) = (None, None, None, None);
+    let (mut major, mut minor, mut name, mut real_size, mut on_disk) = (None, None, None, None, None);
+    let number = |record: &tar::PaxExtension<'_>, key: &str| -> Result<u64, String> {
+        let v = record.value().map_err(|_| format!("non-UTF-8 {key}"))?;
+        v.parse::<u64>().map_err(|_| format!("bad {key} {v:?}"))
+    };
     for record in pax {
         let record = record.map_err(|e| format!("bad PAX record: {e}"))?;
         match record.key() {
             Ok("GNU.sparse.major") => major = Some(record.value_bytes().to_vec()),
             Ok("GNU.sparse.minor") => minor = Some(record.value_bytes().to_vec()),
             Ok("GNU.sparse.name") => name = Some(record.value_bytes().to_vec()),
-            Ok("GNU.sparse.realsize") => {
-                let v = record.value().map_err(|_| "non-UTF-8 GNU.sparse.realsize".to_string())?;
-                real_size = Some(v.parse::<u64>().map_err(|_| format!("bad GNU.sparse.realsize {v:?}"))?);
-            }
+            Ok("GNU.sparse.realsize") => real_size = Some(number(&record, "GNU.sparse.realsize")?),
+            Ok(DISK_EXTENTS_RECORD) => on_disk = Some(number(&record, DISK_EXTENTS_RECORD)?),
             _ => {}
         }
     }
-    match (major.as_deref(), minor.as_deref(), name, real_size) {
-        (None, None, None, None) => Ok(None),
-        (Some(b"1"), Some(b"0"), Some(name), Some(real_size)) => Ok(Some(SparseInfo { name, real_size })),
-        _ => Err("unsupported or incomplete GNU sparse records (only format 1.0 is read)".into()),
-    }
+    let sparse = match (major.as_deref(), minor.as_deref(), name, real_size) {
+        (None, None, None, None) => None,
+        (Some(b"1"), Some(b"0"), Some(name), Some(real_size)) => Some(SparseInfo { name, real_size }),
+        _ => return Err("unsupported or incomplete GNU sparse records (only format 1.0 is read)".into()),
+    };
+    Ok(Records { sparse, on_disk })
 }
 
 enum SparseError {
@@ -399,6 +475,42 @@ fn read_sparse_map(entry: &mut impl Read, stored: u64, real_size: u64) -> Result
     }
     io::copy(&mut entry.take(pad), &mut io::sink()).map_err(SparseError::Io)?;
     Ok(segments)
+}
+
+/// Reads a disk-referenced member's extent map (and its padding), the whole of `entry`
+/// (`stored` bytes): the extents (offset in the file, offset on the disk, length), checked
+/// to be in order, apart, not empty, within `size` and within the disk's `disk_len`.
+fn read_extent_map(
+    entry: &mut impl Read,
+    stored: u64,
+    size: u64,
+    disk_len: u64,
+) -> Result<Vec<(u64, u64, u64)>, SparseError> {
+    let mut used = 0u64;
+    let count = map_number(entry, &mut used)?;
+    if count > MAX_SPARSE_SEGMENTS {
+        return Err(SparseError::Bad(format!("extent map lists {count} extents (at most {MAX_SPARSE_SEGMENTS})")));
+    }
+    let mut extents = Vec::new();
+    let mut end = 0u64;
+    for _ in 0..count {
+        let offset = map_number(entry, &mut used)?;
+        let on_disk = map_number(entry, &mut used)?;
+        let len = map_number(entry, &mut used)?;
+        let in_file = offset.checked_add(len).filter(|&e| e <= size && offset >= end && len > 0);
+        let in_disk = on_disk.checked_add(len).is_some_and(|e| e <= disk_len);
+        match in_file {
+            Some(e) if in_disk => end = e,
+            Some(_) => return Err(SparseError::Bad("an extent lies outside the scratch disk".into())),
+            None => return Err(SparseError::Bad("extents overlap, are out of order, empty or pass the size".into())),
+        }
+        extents.push((offset, on_disk, len));
+    }
+    if used.next_multiple_of(512) != stored {
+        return Err(SparseError::Bad("extent map does not fill its member".into()));
+    }
+    io::copy(&mut entry.take(stored - used), &mut io::sink()).map_err(SparseError::Io)?;
+    Ok(extents)
 }
 
 impl SparseError {

@@ -412,7 +412,7 @@ fn a_tar_unpacked_into_an_image_is_what_the_kernel_mounts() {
     assert!(st.success());
     let image = dir.path().join("layer.erofs");
     let stats =
-        boxwood_image::unpack_layer_from(std::fs::File::open(&tar).unwrap(), &image, Default::default()).unwrap();
+        boxwood_image::unpack_layer_from(std::fs::File::open(&tar).unwrap(), &image, Default::default(), None).unwrap();
     assert!(stats.content_bytes < 4 << 20 && stats.apparent_bytes > 1 << 30, "{stats:?}");
     let blocks = std::fs::metadata(&image).unwrap().blocks() * 512;
     assert!(blocks < 8 << 20, "the image costs the data, not the holes: {blocks} bytes");

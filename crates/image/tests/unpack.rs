@@ -17,7 +17,7 @@ fn unpack_layer(tar: &Path, image: &Path) -> Result<UnpackStats, ImageError> {
 }
 
 fn unpack_layer_limited(tar: &Path, image: &Path, limits: UnpackLimits) -> Result<UnpackStats, ImageError> {
-    unpack_layer_from(std::fs::File::open(tar).unwrap(), image, limits)
+    unpack_layer_from(std::fs::File::open(tar).unwrap(), image, limits, None)
 }
 
 /// A valid `security.capability` (v2, effective, cap_net_bind_service permitted).

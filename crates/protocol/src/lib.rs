@@ -22,6 +22,17 @@
 //! the host already has the template's `Hello`, may send [`HostMessage::Warmup`] before
 //! `Setup`, and `Setup` re-seeds the clone's RNG and clock.
 //!
+//! # Disk-referenced files in the export
+//! When the upper directory lives on the run's scratch disk (an ext4 filesystem on the
+//! whole virtio disk the host made), a large regular file's data need not travel through the
+//! channel at all: the host holds the disk. Such a member carries the PAX record
+//! [`DISK_EXTENTS_RECORD`]`=<apparent size>` and, as its data, an extent map instead of the
+//! file's bytes: decimal lines — the number of extents, then per extent its offset in the
+//! file, its offset on the disk and its length — zero-padded to a 512-byte block. Offsets not
+//! covered are holes. The host reads the extents from its own handle of the disk, after
+//! checking the map (in order, apart, within the file and the disk); the guest's claims can
+//! only point it at bytes the guest could have written anyway.
+//!
 //! The protocol is versioned by [`PROTOCOL_VERSION`]; the host refuses a `Hello` whose version
 //! differs, because both ends are built from the same workspace.
 
@@ -32,7 +43,11 @@ pub use codec::{FrameDecoder, ProtocolError, encode_frame, upper_chunk_header};
 pub use messages::*;
 
 /// Version carried in [`Hello`]; bump on any incompatible message change.
-pub const PROTOCOL_VERSION: u32 = 8;
+pub const PROTOCOL_VERSION: u32 = 9;
+
+/// PAX record of a disk-referenced export member (see the crate docs); its value is the
+/// file's apparent size.
+pub const DISK_EXTENTS_RECORD: &str = "BOXWOOD.disk.realsize";
 
 /// Process id of the process [`HostMessage::Warmup`] spawns (never a run's: runs count up
 /// from 0).

@@ -322,7 +322,8 @@ impl Restored {
         let boot_duration = started.elapsed();
         tracing::info!(vm = spec.name, template = self.template.key, ms = boot_duration.as_millis(), "VM cloned");
         self.guard.armed = false;
-        Ok(into_vm(spec, hello, report, boot_duration, self.qemu, self.paths, self.chan, true))
+        let scratch = scratch_size.map(|_| self.scratch);
+        Ok(into_vm(spec, hello, report, boot_duration, self.qemu, self.paths, self.chan, true, scratch))
     }
 }
 

@@ -278,9 +278,14 @@ pub trait Vm: Send + Sync {
     /// `source`, streamed in chunks of at most 1 MiB, then applies owner and mode. Symlinks in
     /// the guest path resolve inside the root. Guest-side failure → [`VmError::FileFailed`].
     async fn put_file(&self, file: &FileSpec, source: &Path) -> Result<(), VmError>;
+    /// A handle of the run's scratch disk (`None`: its writable layer is in the guest's RAM):
+    /// the export's disk-referenced members name extents of it, which the reader copies from
+    /// here (see `boxwood_protocol::DISK_EXTENTS_RECORD`). Its content is the guest's.
+    fn scratch_disk(&self) -> Result<Option<std::fs::File>, VmError>;
     /// Kills every guest process, syncs, and streams the overlay's upper directory (the run's
     /// changes) as a PAX tar into `out` (a file, or a pipe to a reader unpacking it as it
-    /// comes), counted against `budget` before each write. Guest-side failure →
+    /// comes), counted against `budget` before each write; large files on the scratch disk
+    /// travel as extents of [`Self::scratch_disk`] instead of their bytes. Guest-side failure →
     /// [`VmError::ExportFailed`]; past `budget` → [`VmError::ExportRefused`]; on any error
     /// `out` holds a cut-off tar.
     async fn export_upper(

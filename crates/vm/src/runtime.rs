@@ -378,14 +378,15 @@ impl Base {
         let mut inherited = Inherited::default();
         let disk_fds = spec.disks.iter().map(|d| inherited.open(&d.path)).collect::<Result<Vec<_>, _>>()?;
         let mut rootfs = spec.rootfs.clone();
-        let scratch = match self.scratch_size(spec) {
+        let (scratch, scratch_file) = match self.scratch_size(spec) {
             Some(bytes) => {
                 let disk = self.scratch.create(&paths.dir, bytes).await?;
+                let kept = disk.try_clone().map_err(|e| VmError::io("dup the scratch disk", e))?;
                 rootfs.upper_size_bytes = bytes;
                 rootfs.upper_disk = Some(SCRATCH_SERIAL.to_owned());
-                Some(inherited.add(disk))
+                (Some(inherited.add(disk)), Some(kept))
             }
-            None => None,
+            None => (None, None),
         };
         let devices = Devices::Cold { disks: &spec.disks, disk_fds: &disk_fds, network: spec.network, scratch };
         let shape = Shape {
@@ -419,7 +420,7 @@ impl Base {
         let boot_duration = started.elapsed();
         tracing::info!(vm = spec.name, accel = accel.as_str(), boot_ms = boot_duration.as_millis(), "VM booted");
         guard.armed = false;
-        Ok(into_vm(spec, hello, setup_report, boot_duration, qemu, paths, chan, false))
+        Ok(into_vm(spec, hello, setup_report, boot_duration, qemu, paths, chan, false, scratch_file))
     }
 }
 
@@ -498,12 +499,23 @@ pub(crate) fn into_vm(
     paths: VmPaths,
     chan: BootChannel,
     fast_teardown: bool,
+    scratch: Option<std::fs::File>,
 ) -> QemuVm {
     let name = spec.name.clone();
     let export_limit = export_limit(spec.rootfs.upper_size_bytes);
     let shared = Arc::new(Shared::new(paths, chan.writer, qemu.exit.clone(), export_limit, qemu.pid));
     tokio::spawn(route(shared.clone(), chan.reader, chan.decoder));
-    QemuVm { name, hello, setup_report, boot_duration, qemu, shared, fast_teardown, finished: AtomicBool::new(false) }
+    QemuVm {
+        name,
+        hello,
+        setup_report,
+        boot_duration,
+        qemu,
+        shared,
+        fast_teardown,
+        scratch,
+        finished: AtomicBool::new(false),
+    }
 }
 
 impl QemuRuntime {

@@ -488,6 +488,8 @@ pub(crate) struct QemuVm {
     /// disks are read-only and its upper layer a tmpfs, so there is nothing to flush, and a
     /// guest power-off under TCG costs tens of milliseconds.
     pub fast_teardown: bool,
+    /// The run's scratch disk, when its writable layer is on one (QEMU has its own fd).
+    pub scratch: Option<std::fs::File>,
     /// `shutdown` ran; `Drop` has nothing left to do.
     pub finished: AtomicBool,
 }
@@ -594,6 +596,11 @@ impl Vm for QemuVm {
 
     async fn put_file(&self, file: &FileSpec, source: &Path) -> Result<(), VmError> {
         transfer::put_file(self.shared.clone(), file, source).await
+    }
+
+    fn scratch_disk(&self) -> Result<Option<std::fs::File>, VmError> {
+        let Some(disk) = &self.scratch else { return Ok(None) };
+        disk.try_clone().map(Some).map_err(|e| VmError::io("dup the scratch disk", e))
     }
 
     async fn export_upper(

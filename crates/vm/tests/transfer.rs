@@ -78,7 +78,7 @@ fn spec(path: &str, mode: u32, uid: u32, gid: u32) -> FileSpec {
 
 async fn put_file_checks(vm: &dyn Vm, host: &Path) {
     // Binary content over several chunks (3 MiB + a bit), deep missing parents, 0600.
-    let big: Vec<u8> = (0..(3u32 << 20) + 12_345).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let big = big_bytes();
     let src = host.join("big.bin");
     std::fs::write(&src, &big).unwrap();
     let started = Instant::now();
@@ -218,7 +218,12 @@ async fn export_checks(vm: &dyn Vm, host: &Path) {
     assert_eq!((m["data/fifo"].kind, m["data/fifo"].mode), (Fifo, 0o640));
     // put_file results are part of the run's changes.
     assert_eq!((m["up/suid"].mode, m["up/suid"].uid, m["up/suid"].gid), (0o4755, 1000, 1000));
-    assert_eq!(m["up/deep/er/big.bin"].data.len(), (3 << 20) + 12_345);
+    // A large file on the scratch disk travels as extents of it, which hold its bytes.
+    let big = &m["up/deep/er/big.bin"];
+    assert_eq!(big.disk_size, Some((3 << 20) + 12_345), "big.bin is disk-referenced");
+    let disk = vm.scratch_disk().unwrap().expect("the VM has a scratch disk");
+    assert!(from_disk(big, &disk) == big_bytes(), "the extents hold big.bin's bytes");
+    assert!(m["data/new.txt"].disk_size.is_none(), "a small file is in the stream");
     assert_eq!((m["up/deep/"].kind, m["up/deep/"].mode), (Directory, 0o755));
     for name in m.keys() {
         assert!(!name.starts_with('/') && !name.starts_with("./"), "{name}");
@@ -298,6 +303,24 @@ async fn full_upper_is_enospc(vm: &dyn Vm, host: &Path) {
     assert!(matches!(p.events.recv().await, Some(ProcessEvent::Exited(_))));
 }
 
+/// The 3 MiB + 12 345 bytes `put_file_checks` puts in `/up/deep/er/big.bin`.
+fn big_bytes() -> Vec<u8> {
+    (0..(3u32 << 20) + 12_345).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect()
+}
+
+/// A disk-referenced member's bytes, read from `disk` at the extents of its map.
+fn from_disk(member: &Member, disk: &std::fs::File) -> Vec<u8> {
+    let text = String::from_utf8_lossy(&member.data);
+    let n: Vec<u64> = text.trim_end_matches('\0').lines().map(|l| l.parse().unwrap()).collect();
+    let mut out = vec![0u8; member.disk_size.unwrap() as usize];
+    for e in n[1..].chunks(3) {
+        let (at, from, len) = (e[0] as usize, e[1], e[2] as usize);
+        std::os::unix::fs::FileExt::read_exact_at(disk, &mut out[at..at + len], from).unwrap();
+    }
+    assert_eq!(n.len(), 1 + 3 * n[0] as usize, "{text}");
+    out
+}
+
 /// Holes cost nothing in the export; the host stops an export past its budget.
 async fn sparse_export_and_budget(vm: &dyn Vm, host: &Path) {
     let r = sh(vm, 40, "truncate -s 1G /sparse && echo tail >> /sparse && stat -c %s /sparse").await;
@@ -310,18 +333,27 @@ async fn sparse_export_and_budget(vm: &dyn Vm, host: &Path) {
         stats.tar_bytes
     );
     let image = host.join("sparse.erofs");
+    let disk = vm.scratch_disk().unwrap().map(|file| boxwood_image::ScratchDisk { file, admit: Box::new(|_| Ok(())) });
     let unpacked =
-        boxwood_image::unpack_layer_from(std::fs::File::open(&dest).unwrap(), &image, Default::default()).unwrap();
+        boxwood_image::unpack_layer_from(std::fs::File::open(&dest).unwrap(), &image, Default::default(), disk)
+            .unwrap();
     assert!(unpacked.apparent_bytes > 1 << 30, "{unpacked:?}");
     let stored = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&image).unwrap()) * 512;
     assert!(stored < unpacked.content_bytes + (1 << 20), "sparse on the host too: {stored} bytes for {unpacked:?}");
     let view = boxwood_image::ImageView::open(&[image]).unwrap();
     assert_eq!(view.stat("/sparse").unwrap().size, 1_073_741_829);
-    let r = sh(vm, 41, "rm /sparse && head -c 3145728 /dev/urandom > /dense && echo ok").await;
-    assert_eq!(r.out(), "ok\n");
+    // Small files travel in the stream (large ones as extents of the disk, which the stream
+    // budget does not see): 64 of 30 000 bytes.
+    let r = sh(
+        vm,
+        41,
+        "rm /sparse && mkdir /dense && for i in $(seq 64); do head -c 30000 /dev/urandom > /dense/$i; done && echo ok",
+    )
+    .await;
+    assert_eq!(r.out(), "ok\n", "{}", String::from_utf8_lossy(&r.stderr));
     // Positive control: the same changes export within a large enough budget.
     let fits = export_to(vm, &host.join("fits.tar"), &(64u64 << 20)).await.expect("within budget");
-    assert!(fits.tar_bytes > 3 << 20);
+    assert!(fits.tar_bytes > 64 * 30_000);
     let cut = host.join("cut.tar");
     match export_to(vm, &cut, &(1u64 << 20)).await {
         Err(VmError::ExportRefused { reason }) => assert!(reason.contains("exceed"), "{reason}"),
@@ -343,6 +375,8 @@ struct Member {
     dev_minor: u32,
     data: Vec<u8>,
     xattrs: Vec<(String, Vec<u8>)>,
+    /// A disk-referenced member's apparent size (its data is then the extent map).
+    disk_size: Option<u64>,
 }
 
 fn read_tar(path: &Path) -> BTreeMap<String, Member> {
@@ -351,12 +385,15 @@ fn read_tar(path: &Path) -> BTreeMap<String, Member> {
     for entry in archive.entries().unwrap() {
         let mut entry = entry.unwrap();
         let name = String::from_utf8(entry.path_bytes().into_owned()).unwrap();
-        let mut xattrs = Vec::new();
+        let (mut xattrs, mut disk_size) = (Vec::new(), None);
         if let Some(pax) = entry.pax_extensions().unwrap() {
             for ext in pax {
                 let ext = ext.unwrap();
                 if let Some(n) = ext.key().unwrap().strip_prefix("SCHILY.xattr.") {
                     xattrs.push((n.to_owned(), ext.value_bytes().to_vec()));
+                }
+                if ext.key().unwrap() == boxwood_protocol::DISK_EXTENTS_RECORD {
+                    disk_size = Some(ext.value().unwrap().parse().unwrap());
                 }
             }
         }
@@ -371,6 +408,7 @@ fn read_tar(path: &Path) -> BTreeMap<String, Member> {
             dev_minor: h.device_minor().unwrap().unwrap_or(0),
             data: Vec::new(),
             xattrs,
+            disk_size,
         };
         entry.read_to_end(&mut member.data).unwrap();
         assert!(out.insert(name.clone(), member).is_none(), "{name} appears twice");

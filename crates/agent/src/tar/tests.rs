@@ -78,7 +78,7 @@ fn writes_every_kind_parents_first() {
     let excluded: HashSet<Vec<u8>> = ["proc", "etc", "etc/resolv.conf"].iter().map(|s| s.as_bytes().to_vec()).collect();
 
     let mut bytes = Vec::new();
-    let stats = write_tree(d, &excluded, &mut bytes).unwrap();
+    let stats = write_tree(d, &excluded, None, &mut bytes).unwrap();
     assert_eq!(stats.bytes, bytes.len() as u64);
     assert_eq!(bytes.len() % BLOCK, 0);
     if let Some(dump) = std::env::var_os("BOXWOOD_TAR_DUMP") {
@@ -128,7 +128,7 @@ fn writes_every_kind_parents_first() {
 fn empty_tree_has_no_entries_and_xattrs_are_filtered() {
     let tmp = crate::testdir::tempdir("tar");
     let mut bytes = Vec::new();
-    let stats = write_tree(tmp.as_path(), &HashSet::new(), &mut bytes).unwrap();
+    let stats = write_tree(tmp.as_path(), &HashSet::new(), None, &mut bytes).unwrap();
     assert_eq!(stats, TarStats { entries: 0, bytes: 1024 });
     assert!(read_back(&bytes).is_empty());
 
@@ -141,7 +141,7 @@ fn empty_tree_has_no_entries_and_xattrs_are_filtered() {
     let ok = unsafe { libc::setxattr(c.as_ptr(), c"user.k".as_ptr(), value.as_ptr().cast(), value.len(), 0) } == 0;
     if ok {
         let mut bytes = Vec::new();
-        write_tree(tmp.as_path(), &HashSet::new(), &mut bytes).unwrap();
+        write_tree(tmp.as_path(), &HashSet::new(), None, &mut bytes).unwrap();
         assert_eq!(read_back(&bytes)["x"].xattrs, [("user.k".to_owned(), value.to_vec())]);
     } else {
         eprintln!("skipping the xattr round trip: {}", io::Error::last_os_error());
@@ -184,7 +184,7 @@ fn holes_travel_as_holes_and_gnu_tar_restores_them() {
     drop(empty);
     fs::write(d.join("dense"), vec![7u8; 10_000]).unwrap();
     let mut out = Vec::new();
-    let stats = write_tree(d, &HashSet::new(), &mut out).unwrap();
+    let stats = write_tree(d, &HashSet::new(), None, &mut out).unwrap();
     assert_eq!(stats.bytes, out.len() as u64);
     assert!(out.len() < 1 << 20, "holes cost nothing in the stream: {} bytes", out.len());
 
@@ -214,4 +214,52 @@ fn holes_travel_as_holes_and_gnu_tar_restores_them() {
     assert_eq!(fs::metadata(dest.join("all-hole")).unwrap().len(), 100 << 20);
     assert_eq!(fs::read(dest.join("dense")).unwrap(), vec![7u8; 10_000]);
     assert!(!members.contains_key("dense") || members["dense"].data.len() == 10_000);
+}
+
+/// On a filesystem that maps files (the temp dir's, standing in for the scratch disk), a large
+/// file becomes an extent map covering exactly its data; a small one, or any file when no
+/// disk is named, travels in the stream. (The VM tests read the extents back from a real
+/// scratch disk.)
+#[test]
+fn large_files_on_the_disk_travel_as_extent_maps() {
+    let dir = std::env::temp_dir().join(format!("bw-agent-disk-{}", std::process::id()));
+    fs::create_dir(&dir).unwrap();
+    let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    fs::write(dir.join("big"), &big).unwrap();
+    fs::write(dir.join("small"), b"small").unwrap();
+    let dev = fs::metadata(&dir).unwrap().dev();
+    let mut with_disk = Vec::new();
+    write_tree(&dir, &HashSet::new(), Some(dev), &mut with_disk).unwrap();
+    let mut without = Vec::new();
+    write_tree(&dir, &HashSet::new(), None, &mut without).unwrap();
+    let mapped = crate::fiemap::data_extents(&File::open(dir.join("big")).unwrap(), 300_000, 16).unwrap();
+    fs::remove_dir_all(&dir).unwrap();
+
+    let plain = read_back(&without);
+    assert_eq!(plain["big"].data, big, "without a disk the bytes are in the stream");
+    let Some(extents) = mapped else {
+        eprintln!("this filesystem does not map files; nothing more to check");
+        return;
+    };
+    let mut archive = ::tar::Archive::new(&with_disk[..]);
+    let mut seen = BTreeMap::new();
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = String::from_utf8(entry.path_bytes().into_owned()).unwrap();
+        let record = entry.pax_extensions().unwrap().and_then(|pax| {
+            pax.map(Result::unwrap).find(|r| r.key() == Ok(DISK_EXTENTS_RECORD)).map(|r| r.value().unwrap().to_owned())
+        });
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        seen.insert(name, (record, data));
+    }
+    let (record, map) = &seen["big"];
+    assert_eq!(record.as_deref(), Some("300000"), "the apparent size");
+    assert_eq!(map.len() % BLOCK, 0, "the map fills whole blocks");
+    let lines: Vec<u64> =
+        String::from_utf8_lossy(map).trim_end_matches('\0').lines().map(|l| l.parse().unwrap()).collect();
+    let listed: Vec<Extent> = lines[1..].chunks(3).map(|e| (e[0], e[1], e[2])).collect();
+    assert_eq!((lines[0] as usize, &listed), (extents.len(), &extents), "the map is the file's extents");
+    assert_eq!(listed.iter().map(|e| e.2).sum::<u64>(), 300_000, "covering its data, clamped to its size");
+    assert_eq!(seen["small"], (None, b"small".to_vec()), "a small file is in the stream");
 }

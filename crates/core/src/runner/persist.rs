@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use boxwood_image::UnpackLimits;
+use boxwood_image::{ScratchDisk, UnpackLimits};
 use boxwood_store::ImageRecord;
 use boxwood_vm::Vm;
 use uuid::Uuid;
@@ -67,18 +67,25 @@ impl Run {
         let mut pipe = tokio::net::unix::pipe::Sender::from_owned_fd(writer.into())
             .map_err(|e| ("exporting changes", e.into()))?;
         let layers = env.layers.clone();
+        // Large files on the scratch disk come as extents of it, copied by the host from its
+        // own handle: the bytes never cross the guest channel.
+        let disk = vm.scratch_disk().map_err(|e| ("exporting changes", e.into()))?.map(|file| {
+            let budget = budget.clone();
+            ScratchDisk { file, admit: Box::new(move |total| budget.admit_disk(total)) }
+        });
         // Errors stay typed (an `ImageError` names host paths: `names_host_paths`).
         let unpacking = tokio::task::spawn_blocking(move || -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
             let mut reader = reader;
             // The guest's disk already stopped it at the cap; the host checks again, on data
             // (holes stay holes in the image and merges).
-            let staged = layers.stage_tar(&mut reader, UnpackLimits { max_data_bytes: max_layer })?;
+            let staged = layers.stage_tar(&mut reader, UnpackLimits { max_data_bytes: max_layer }, disk)?;
             // What follows the archive's end (its padding) is read too, so the export's last
             // writes find a reader.
             std::io::copy(&mut reader, &mut std::io::sink())?;
             Ok(staged)
         });
-        let exported = vm.export_upper(&mut pipe, &budget).await;
+        let exported = vm.export_upper(&mut pipe, budget.as_ref()).await;
+        let exported_at = t0.elapsed();
         drop(pipe);
         let unpacked = unpacking.await.map_err(|e| ("unpacking changes", e.into()))?;
         // A refused member or the layer limit ends the unpack, and with it the export (its
@@ -86,7 +93,19 @@ impl Run {
         // by itself leaves the unpack a cut-off archive: then the export's is.
         // What the host unpacked counts, not what the agent says it sent.
         let unpacked = match (exported, unpacked) {
-            (Ok(_), Ok(unpacked)) => unpacked,
+            (Ok(stream), Ok(unpacked)) => {
+                tracing::debug!(
+                    export_ms = exported_at.as_secs_f64() * 1e3,
+                    stream_bytes = stream.tar_bytes,
+                    disk_bytes = budget.disk_bytes(),
+                    "persist export"
+                );
+                unpacked
+            }
+            // The reserve stops either side (the stream or the copy from the disk).
+            (_, Err(_)) if budget.hit_reserve() => {
+                return Err(("unpacking changes", Box::new(StorageRefusal::LowSpace)));
+            }
             (Ok(_), Err(e)) => return Err(("unpacking changes", e)),
             (Err(boxwood_vm::VmError::Io { source, .. }), Err(e))
                 if source.kind() == std::io::ErrorKind::BrokenPipe =>

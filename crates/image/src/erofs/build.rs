@@ -65,11 +65,56 @@ impl Builder {
         segments: &[(u64, u64)],
         src_name: &Path,
     ) -> ImageResult<Content> {
-        let extents: Vec<(u64, u64)> = segments.iter().filter(|s| s.1 > 0).map(|&(o, l)| (o, o + l)).collect();
-        if size == 0 || extents == [(0, size)] {
+        let ranges: Vec<(u64, u64)> = segments.iter().filter(|s| s.1 > 0).map(|&(o, l)| (o, o + l)).collect();
+        if size == 0 || ranges == [(0, size)] {
             return self.place(src, size, src_name);
         }
-        let mut chunks = chunks_for(size, &extents);
+        self.place_ranges(size, &ranges, |b, at, _, _, len| b.copy(src, at, len, src_name))
+    }
+
+    /// Copies a file's data from `disk` (named `disk_name` in errors): `extents` (offset in
+    /// the file, offset on the disk, length; in order, apart, within `size` and the disk, as a
+    /// checked extent map gives them) are its data, the rest holes.
+    pub fn place_from_disk(
+        &mut self,
+        disk: &File,
+        size: u64,
+        extents: &[(u64, u64, u64)],
+        disk_name: &Path,
+    ) -> ImageResult<Content> {
+        let ranges: Vec<(u64, u64)> = extents.iter().map(|&(o, _, l)| (o, o + l)).collect();
+        self.place_ranges(size, &ranges, |b, at, i, offset, len| {
+            let from = extents[i].1 + offset;
+            copy_range(disk, from, &b.file, at, len, &mut b.buf).map_err(io_err(disk_name))
+        })
+    }
+
+    /// Places a file of `size` whose data is `ranges` (start, end; in order, apart, within
+    /// `size`): contiguous blocks when the data has no hole, else chunks holding only the data.
+    /// `fill(self, image offset, range index, offset in the range, len)` writes each piece.
+    fn place_ranges(
+        &mut self,
+        size: u64,
+        ranges: &[(u64, u64)],
+        mut fill: impl FnMut(&mut Self, u64, usize, u64, u64) -> ImageResult<()>,
+    ) -> ImageResult<Content> {
+        let ranges_len: u64 = ranges.iter().map(|r| r.1 - r.0).sum();
+        if size == 0 {
+            return Ok(Content::Bytes(Vec::new()));
+        }
+        if ranges_len == size {
+            // In order and apart, adding up to the size: the whole file, without a hole.
+            let blkaddr = block_addr(self.next_block, &self.path)?;
+            let blocks = size.div_ceil(BLOCK);
+            block_addr(self.next_block + blocks, &self.path)?;
+            let base = self.next_block * BLOCK;
+            self.next_block += blocks;
+            for (i, &(start, end)) in ranges.iter().enumerate() {
+                fill(self, base + start, i, 0, end - start)?;
+            }
+            return Ok(Content::Placed(Placed::Flat { size, blkaddr }));
+        }
+        let mut chunks = chunks_for(size, ranges);
         let chunk = chunks.size();
         let mut block = self.next_block;
         for (i, addr) in chunks.addrs.iter_mut().enumerate() {
@@ -80,16 +125,16 @@ impl Builder {
         }
         block_addr(block, &self.path)?;
         self.next_block = block;
-        for &(start, end) in &extents {
+        for (i, &(start, end)) in ranges.iter().enumerate() {
             let mut at = start;
             while at < end {
                 let index = (at / chunk) as usize;
                 let len = (end - at).min(chunk - at % chunk);
-                // chunks_for gives every chunk an extent touches a block
+                // chunks_for gives every chunk a range touches a block
                 let Some(Some(first)) = chunks.addrs.get(index) else {
                     return Err(ImageError::InvalidTree { path: self.path.clone(), reason: "unplaced chunk".into() });
                 };
-                self.copy(src, u64::from(*first) * BLOCK + at % chunk, len, src_name)?;
+                fill(self, u64::from(*first) * BLOCK + at % chunk, i, at - start, len)?;
                 at += len;
             }
         }
@@ -122,4 +167,43 @@ impl Builder {
         }
         Ok(())
     }
+}
+
+/// Copies `len` bytes at `from` in `src` to `at` in `dst`, in the kernel where it can
+/// (`copy_file_range`: no copy through user space, a reflink where the filesystem shares
+/// blocks), else through `buf`. Bytes past `src`'s end are an error, not zeros: the caller
+/// checked the range against the disk.
+fn copy_range(src: &File, mut from: u64, dst: &File, mut at: u64, len: u64, buf: &mut Vec<u8>) -> io::Result<()> {
+    let end = from + len;
+    while from < end {
+        let want = usize::try_from(end - from).unwrap_or(usize::MAX).min(1 << 30);
+        match rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut at), want) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => {}
+            Err(
+                rustix::io::Errno::XDEV
+                | rustix::io::Errno::INVAL
+                | rustix::io::Errno::OPNOTSUPP
+                | rustix::io::Errno::NOSYS,
+            ) => {
+                break;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    if from < end && buf.is_empty() {
+        buf.resize(COPY_BYTES, 0);
+    }
+    while from < end {
+        let n = usize::try_from(end - from).unwrap_or(usize::MAX).min(buf.len());
+        let got = src.read_at(&mut buf[..n], from)?;
+        if got == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        dst.write_all_at(&buf[..got], at)?;
+        from += got as u64;
+        at += got as u64;
+    }
+    Ok(())
 }
