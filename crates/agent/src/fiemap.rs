@@ -70,7 +70,9 @@ pub fn data_extents(file: &File, size: u64, max: usize) -> io::Result<Option<Vec
         if r < 0 {
             let e = io::Error::last_os_error();
             return match e.raw_os_error() {
-                Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL) => Ok(None),
+                // Unsupported, or flags it refuses (EBADR), or the write-back failed (EIO: the
+                // host could not store the disk's blocks): the page cache still has the bytes.
+                Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL | libc::EBADR | libc::EIO) => Ok(None),
                 _ => Err(e),
             };
         }

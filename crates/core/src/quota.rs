@@ -175,11 +175,16 @@ impl Storage {
 
     /// Free space on the layers' filesystem is above the reserve.
     fn layers_have_room(&self) -> CoreResult<bool> {
+        self.layers_have_room_for(0)
+    }
+
+    /// Whether `upcoming` more bytes can be written and leave the reserve free.
+    fn layers_have_room_for(&self, upcoming: u64) -> CoreResult<bool> {
         if self.rules.min_free_bytes == 0 {
             return Ok(true);
         }
         let space = self.layers.space()?;
-        Ok(space.free_bytes >= self.rules.min_free_bytes)
+        Ok(space.free_bytes >= self.rules.min_free_bytes.saturating_add(upcoming))
     }
 
     /// Up front, before a persisting run or an import starts work: the reserve holds and the
@@ -303,27 +308,34 @@ impl ExportBudget {
         self.disk.load(Ordering::SeqCst)
     }
 
-    /// `total` bytes are to be copied from the scratch disk so far.
+    /// `total` bytes are to be copied from the scratch disk so far. A file's copy comes in
+    /// one piece, so the space it takes is looked for before it starts.
     pub(crate) fn admit_disk(&self, total: u64) -> Result<(), String> {
-        self.disk.store(total, Ordering::SeqCst);
-        self.check()
+        let before = self.disk.swap(total, Ordering::SeqCst);
+        self.check(total.saturating_sub(before))
     }
 
-    fn check(&self) -> Result<(), String> {
+    /// Checks the totals against the cap and, every [`SPACE_CHECK_EVERY`] bytes or before
+    /// `upcoming` bytes are written at once, the free space against the reserve.
+    fn check(&self, upcoming: u64) -> Result<(), String> {
         let total = self.stream.load(Ordering::SeqCst).saturating_add(self.disk.load(Ordering::SeqCst));
         if total > self.cap {
             return Err(format!("the changes exceed {} bytes", self.cap));
         }
         let mut checked_at = self.checked_at.lock().unwrap_or_else(|e| e.into_inner());
-        if total >= *checked_at {
+        if total >= *checked_at || upcoming > SPACE_CHECK_EVERY {
             *checked_at = total.saturating_add(SPACE_CHECK_EVERY);
-            match self.storage.layers_have_room() {
+            match self.storage.layers_have_room_for(upcoming) {
                 Ok(true) => {}
                 Ok(false) => {
                     self.low_space.store(true, Ordering::SeqCst);
                     return Err(StorageRefusal::LowSpace.to_string());
                 }
-                Err(e) => return Err(format!("cannot check the host's free space: {}", error_chain(&e))),
+                Err(e) => {
+                    // The chain names the store's paths: the log has it, the client a summary.
+                    tracing::error!(error = %error_chain(&e), "cannot check the host's free space");
+                    return Err("cannot check the host's free space (see the server log)".into());
+                }
             }
         }
         Ok(())
@@ -333,7 +345,7 @@ impl ExportBudget {
 impl boxwood_vm::ExportBudget for ExportBudget {
     fn admit(&self, total: u64) -> Result<(), String> {
         self.stream.store(total, Ordering::SeqCst);
-        self.check()
+        self.check(0)
     }
 }
 

@@ -41,6 +41,7 @@ use std::path::{Component, Path};
 use boxwood_protocol::DISK_EXTENTS_RECORD;
 use tar::EntryType;
 
+use crate::erofs::BLOCK;
 use crate::erofs::{Builder, Node, NodeId, NodeKind, NodeMeta, Tree};
 use crate::fsutil::{OPAQUE_XATTR, OVERLAY_XATTR_PREFIX};
 use crate::inert::{self, Kind, Meta};
@@ -75,6 +76,10 @@ impl Default for UnpackLimits {
 /// Most segments a sparse map (or extents an extent map) may list (the agent writes at most
 /// 4096).
 const MAX_SPARSE_SEGMENTS: u64 = 1 << 16;
+
+/// The largest file a layer holds: ext4's with 4 KiB blocks (the scratch disk's filesystem),
+/// and more than the largest scratch disk.
+const MAX_FILE_BYTES: u64 = 16 << 40;
 
 /// The run's scratch disk, which disk-referenced members are copied from (see the module
 /// docs).
@@ -121,6 +126,7 @@ pub fn unpack_layer_from(
         stats: UnpackStats::default(),
         limits,
         disk,
+        charged: 0,
     };
     for entry in archive.entries().map_err(crate::io_err(tar))? {
         let entry = entry.map_err(crate::io_err(tar))?;
@@ -195,9 +201,37 @@ struct Unpacker {
     stats: UnpackStats,
     limits: UnpackLimits,
     disk: Option<Disk>,
+    /// What the files cost the host so far, checked against `limits`: a plain file's bytes,
+    /// a sparse or disk-referenced file's data in the whole blocks it touches (a byte every
+    /// 4 KiB would otherwise cost 4096 times what it is charged).
+    charged: u64,
+}
+
+/// Bytes of the whole blocks `ranges` (start, end) touch.
+fn block_cost(ranges: impl Iterator<Item = (u64, u64)>) -> u64 {
+    ranges.map(|(start, end)| (end.div_ceil(BLOCK) - start / BLOCK) * BLOCK).fold(0, u64::saturating_add)
+}
+
+/// Gives a refusal from the image writer, which does not know names, the member's.
+fn named(e: ImageError, member: &str) -> ImageError {
+    match e {
+        ImageError::BadLayer { member: m, reason } if m.is_empty() => {
+            ImageError::BadLayer { member: member.to_owned(), reason }
+        }
+        other => other,
+    }
 }
 
 impl Unpacker {
+    /// Charges `bytes` of the layer's limit, or refuses them.
+    fn charge(&mut self, bytes: u64) -> ImageResult<()> {
+        if self.charged.saturating_add(bytes) > self.limits.max_data_bytes {
+            return Err(ImageError::LayerTooLarge { limit: self.limits.max_data_bytes });
+        }
+        self.charged += bytes;
+        Ok(())
+    }
+
     fn member<R: io::Read>(&mut self, mut entry: tar::Entry<'_, R>, tar: &Path) -> ImageResult<()> {
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let bad = |reason: String| ImageError::BadLayer { member: name.clone(), reason };
@@ -228,13 +262,14 @@ impl Unpacker {
             EntryType::Regular | EntryType::Continuous | EntryType::GNUSparse => {
                 let stored = entry.size();
                 // Checked before anything is written: a member's data on the archive (for a
-                // sparse one, its map and data segments) bounds what it writes.
-                if self.stats.content_bytes.saturating_add(stored) > self.limits.max_data_bytes {
-                    return Err(ImageError::LayerTooLarge { limit: self.limits.max_data_bytes });
+                // sparse one, its map and data segments) bounds what it writes; a
+                // disk-referenced one is charged what it copies.
+                if on_disk.is_none() {
+                    self.charge(stored)?;
                 }
                 let apparent = sparse.as_ref().map(|s| s.real_size).or(on_disk).unwrap_or(stored);
                 self.stats.apparent_bytes = self.stats.apparent_bytes.saturating_add(apparent);
-                let (parent, name, _) = self.slot(&rel, false).map_err(bad)?;
+                let (parent, leaf, _) = self.slot(&rel, false).map_err(bad)?;
                 let (content, data) = match (&sparse, on_disk) {
                     (Some(_), Some(_)) => return Err(bad("both sparse and disk-referenced".into())),
                     (None, Some(size)) => {
@@ -244,14 +279,20 @@ impl Unpacker {
                         let extents =
                             read_extent_map(&mut entry, stored, size, disk.len).map_err(|e| e.into_image(tar, &bad))?;
                         let data = extents.iter().map(|e| e.2).sum::<u64>();
-                        if self.stats.content_bytes.saturating_add(data) > self.limits.max_data_bytes {
+                        let cost = block_cost(extents.iter().map(|&(o, _, l)| (o, o + l)));
+                        let over = self.charged.saturating_add(cost) > self.limits.max_data_bytes;
+                        if over {
                             return Err(ImageError::LayerTooLarge { limit: self.limits.max_data_bytes });
                         }
-                        disk.copied += data;
+                        self.charged += cost;
+                        disk.copied += cost;
                         (disk.disk.admit)(disk.copied).map_err(|reason| ImageError::Refused { reason })?;
                         let file = &disk.disk.file;
                         let t0 = std::time::Instant::now();
-                        let placed = self.builder.place_from_disk(file, size, &extents, Path::new(DISK_NAME))?;
+                        let placed = self
+                            .builder
+                            .place_from_disk(file, size, &extents, Path::new(DISK_NAME))
+                            .map_err(|e| named(e, &name))?;
                         tracing::debug!(
                             extents = extents.len(),
                             data,
@@ -264,12 +305,16 @@ impl Unpacker {
                         let segments =
                             read_sparse_map(&mut entry, stored, s.real_size).map_err(|e| e.into_image(tar, &bad))?;
                         let data = segments.iter().map(|s| s.1).sum::<u64>();
-                        (self.builder.place_sparse(&mut entry, s.real_size, &segments, tar)?, data)
+                        // The stream paid for the data; its blocks may cost more.
+                        let cost = block_cost(segments.iter().map(|&(o, l)| (o, o + l)));
+                        self.charge(cost.saturating_sub(data))?;
+                        let placed = self.builder.place_sparse(&mut entry, s.real_size, &segments, tar);
+                        (placed.map_err(|e| named(e, &name))?, data)
                     }
                     (None, None) => (self.builder.place(&mut entry, stored, tar)?, stored),
                 };
                 self.stats.content_bytes += data;
-                self.tree.add(parent, name, node(NodeKind::Regular(content)));
+                self.tree.add(parent, leaf, node(NodeKind::Regular(content)));
             }
             EntryType::Symlink => {
                 let target = entry.link_name_bytes().ok_or_else(|| bad("symlink without a target".into()))?;
@@ -398,9 +443,15 @@ fn records<R: io::Read>(entry: &mut tar::Entry<'_, R>) -> Result<Records, String
         return Ok(Records { sparse: None, on_disk: None });
     };
     let (mut major, mut minor, mut name, mut real_size, mut on_disk) = (None, None, None, None, None);
+    // A size is a guest's claim: past what any filesystem here holds it is refused, before
+    // anything (a chunk index) is sized from it.
     let number = |record: &tar::PaxExtension<'_>, key: &str| -> Result<u64, String> {
         let v = record.value().map_err(|_| format!("non-UTF-8 {key}"))?;
-        v.parse::<u64>().map_err(|_| format!("bad {key} {v:?}"))
+        let n = v.parse::<u64>().map_err(|_| format!("bad {key} {v:?}"))?;
+        if n > MAX_FILE_BYTES {
+            return Err(format!("{key} {n} is past the largest file a layer holds ({MAX_FILE_BYTES} bytes)"));
+        }
+        Ok(n)
     };
     for record in pax {
         let record = record.map_err(|e| format!("bad PAX record: {e}"))?;

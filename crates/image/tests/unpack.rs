@@ -447,6 +447,8 @@ fn malformed_sparse_maps_are_refused() {
         ("long data", map("1\n0\n3\n", b"abcdef"), "10000"),
         ("not a number", map("x\n", b""), "10000"),
         ("huge count", map("99999999999\n", b""), "10000"),
+        ("past 16 TiB", map("1\n0\n3\n", b"abc"), "17592186044417"),
+        ("2^64 - 1", map("1\n0\n3\n", b"abc"), "18446744073709551615"),
     ] {
         let h = Hostile::new();
         let r = h.unpack(sparse_member(&body, size));

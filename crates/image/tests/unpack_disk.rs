@@ -88,7 +88,9 @@ fn disk_referenced_files_are_copied_from_the_disk() {
     let data = (500 << 10) + (128 << 10) + 100_001;
     assert_eq!(stats.content_bytes, data + 10);
     assert_eq!(stats.apparent_bytes, (500 << 10) + (1 << 30) + 100_001 + (1 << 20) + 10);
-    assert_eq!(asked, [500 << 10, (628 << 10), (628 << 10) + 100_001, (628 << 10) + 100_001], "running totals");
+    // Running totals, in the whole blocks each file's data touches.
+    let tail = 100_001u64.next_multiple_of(4096);
+    assert_eq!(asked, [500 << 10, 628 << 10, (628 << 10) + tail, (628 << 10) + tail]);
     let image = base.path().join("layer.erofs");
     assert!(std::fs::metadata(&image).unwrap().blocks() * 512 < 4 << 20, "holes cost nothing");
 
@@ -185,4 +187,42 @@ fn copies_from_the_disk_count_against_the_limit_and_the_budget() {
     }
     let partial = std::fs::read(base.path().join("layer.erofs")).unwrap();
     assert_eq!(partial.iter().filter(|&&x| x == 5).count(), 1 << 20, "only a was copied");
+}
+
+#[test]
+fn claimed_sizes_and_scattered_bytes_are_charged_as_they_cost() {
+    let base = tempfile::tempdir().unwrap();
+    let fresh = |name: &str| disk(&dir(base.path(), name), &[]);
+    // A 16 TiB file is what ext4 holds at most; one byte past it is refused before anything
+    // is sized from it (a chunk index for 2^64 bytes would not fit in memory).
+    let huge = |size: u64| {
+        let mut tb = TarBuilder::new();
+        on_disk(&mut tb, "f", size, "1\n0\n0\n4096\n");
+        tb
+    };
+    let (ok, _) = unpack(base.path(), huge(16 << 40), Some(fresh("16t")), UnpackLimits::default(), u64::MAX);
+    assert_eq!(ok.unwrap().apparent_bytes, 16 << 40, "positive control: the largest file");
+    for size in [(16 << 40) + 1, u64::MAX] {
+        let (r, asked) =
+            unpack(base.path(), huge(size), Some(fresh(&format!("s{size}"))), UnpackLimits::default(), u64::MAX);
+        assert!(matches!(r, Err(ImageError::BadLayer { .. })), "{size}: {r:?}");
+        assert!(asked.is_empty());
+    }
+    // A byte every 4 KiB costs the host a block each: charged so.
+    let scattered = |n: u64| {
+        let mut lines = format!("{n}\n");
+        for i in 0..n {
+            lines.push_str(&format!("{}\n{}\n1\n", i * 4096, i * 4096));
+        }
+        let mut tb = TarBuilder::new();
+        on_disk(&mut tb, "f", n * 4096, &lines);
+        tb
+    };
+    let limits = UnpackLimits { max_data_bytes: 1 << 20 };
+    let (ok, asked) = unpack(base.path(), scattered(200), Some(fresh("200")), limits, u64::MAX);
+    assert_eq!(ok.unwrap().content_bytes, 200, "positive control: 200 blocks fit in 1 MiB");
+    assert_eq!(asked, [200 * 4096], "charged in blocks");
+    let (r, asked) = unpack(base.path(), scattered(300), Some(fresh("300")), limits, u64::MAX);
+    assert!(matches!(r, Err(ImageError::LayerTooLarge { .. })), "{r:?}");
+    assert!(asked.is_empty(), "refused before it is charged or copied");
 }

@@ -179,9 +179,19 @@ pub(crate) fn sealed_copy(path: &Path, name: &str) -> Result<OwnedFd, VmError> {
         off += n as u64;
     }
     let seals = SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_SEAL;
-    fcntl(dst.as_fd(), FcntlArg::F_ADD_SEALS(seals))
-        .map_err(|e| VmError::io(format!("seal the copy of {}", path.display()), e.into()))?;
-    Ok(dst.into())
+    // The write seal is refused (EBUSY) while a page still has a transient extra reference
+    // (just-written pages wait in another CPU's LRU batch): that passes, so try again.
+    let mut tries = 0;
+    loop {
+        match fcntl(dst.as_fd(), FcntlArg::F_ADD_SEALS(seals)) {
+            Ok(_) => return Ok(dst.into()),
+            Err(nix::errno::Errno::EBUSY) if tries < 20 => {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(e) => return Err(VmError::io(format!("seal the copy of {}", path.display()), e.into())),
+        }
+    }
 }
 
 /// `lock`: the builder's exclusive lock on the dir's `lock`, downgraded here, so no other

@@ -144,6 +144,7 @@ impl Run {
                 export_and_unpack_ms = unpacked_at.as_secs_f64() * 1e3,
                 publish_ms = (t0.elapsed() - unpacked_at).as_secs_f64() * 1e3,
                 entries = stats.entries,
+                bytes = stats.content_bytes,
                 "persist phases"
             );
             layers.insert(0, layer.digest);

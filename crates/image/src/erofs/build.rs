@@ -19,6 +19,9 @@ use crate::{ImageError, ImageResult, io_err};
 const INLINE_MAX: u64 = BLOCK - INODE_SIZE;
 /// Bytes of small files held in memory at most; past it they are placed like large ones.
 const INLINE_BUDGET: u64 = 64 << 20;
+/// Chunk-index entries one image's files may have together (8 bytes each in memory while it
+/// is built): a sparse file picks chunks large enough to stay within what is left.
+const MAX_IMAGE_CHUNKS: u64 = 1 << 22;
 const COPY_BYTES: usize = 256 << 10;
 
 /// An image being written: file data placed so far, metadata to come.
@@ -28,6 +31,7 @@ pub struct Builder {
     /// The first block no file uses yet.
     next_block: u64,
     inline_left: u64,
+    chunks_left: u64,
     buf: Vec<u8>,
 }
 
@@ -35,7 +39,14 @@ impl Builder {
     /// Starts the new (0600) image file `path`.
     pub fn create(path: &Path) -> ImageResult<Self> {
         let file = crate::fsutil::create_file(path)?;
-        Ok(Self { path: path.to_owned(), file, next_block: 1, inline_left: INLINE_BUDGET, buf: Vec::new() })
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            next_block: 1,
+            inline_left: INLINE_BUDGET,
+            chunks_left: MAX_IMAGE_CHUNKS,
+            buf: Vec::new(),
+        })
     }
 
     /// Reads a regular file's `len` bytes from `src` (named `src_name` in errors) into the
@@ -85,7 +96,10 @@ impl Builder {
         let ranges: Vec<(u64, u64)> = extents.iter().map(|&(o, _, l)| (o, o + l)).collect();
         self.place_ranges(size, &ranges, |b, at, i, offset, len| {
             let from = extents[i].1 + offset;
-            copy_range(disk, from, &b.file, at, len, &mut b.buf).map_err(io_err(disk_name))
+            copy_range(disk, from, &b.file, at, len, &mut b.buf).map_err(|(side, e)| match side {
+                Side::Read => io_err(disk_name)(e),
+                Side::Write => io_err(&b.path)(e),
+            })
         })
     }
 
@@ -114,7 +128,12 @@ impl Builder {
             }
             return Ok(Content::Placed(Placed::Flat { size, blkaddr }));
         }
-        let mut chunks = chunks_for(size, ranges);
+        // Refused as the tar member's fault: the caller names it.
+        let mut chunks = chunks_for(size, ranges, self.chunks_left).ok_or_else(|| ImageError::BadLayer {
+            member: String::new(),
+            reason: format!("the layer's sparse files need more than {MAX_IMAGE_CHUNKS} chunks"),
+        })?;
+        self.chunks_left -= chunks.addrs.len() as u64;
         let chunk = chunks.size();
         let mut block = self.next_block;
         for (i, addr) in chunks.addrs.iter_mut().enumerate() {
@@ -169,27 +188,35 @@ impl Builder {
     }
 }
 
+/// Which file a copy failed on.
+enum Side {
+    Read,
+    Write,
+}
+
 /// Copies `len` bytes at `from` in `src` to `at` in `dst`, in the kernel where it can
 /// (`copy_file_range`: no copy through user space, a reflink where the filesystem shares
 /// blocks), else through `buf`. Bytes past `src`'s end are an error, not zeros: the caller
 /// checked the range against the disk.
-fn copy_range(src: &File, mut from: u64, dst: &File, mut at: u64, len: u64, buf: &mut Vec<u8>) -> io::Result<()> {
+fn copy_range(
+    src: &File,
+    mut from: u64,
+    dst: &File,
+    mut at: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(), (Side, io::Error)> {
+    use rustix::io::Errno;
     let end = from + len;
     while from < end {
         let want = usize::try_from(end - from).unwrap_or(usize::MAX).min(1 << 30);
         match rustix::fs::copy_file_range(src, Some(&mut from), dst, Some(&mut at), want) {
-            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => {}
-            Err(
-                rustix::io::Errno::XDEV
-                | rustix::io::Errno::INVAL
-                | rustix::io::Errno::OPNOTSUPP
-                | rustix::io::Errno::NOSYS,
-            ) => {
-                break;
-            }
-            Err(e) => return Err(e.into()),
+            Ok(0) => return Err((Side::Read, io::ErrorKind::UnexpectedEof.into())),
+            Ok(_) | Err(Errno::INTR) => {}
+            Err(Errno::XDEV | Errno::INVAL | Errno::OPNOTSUPP | Errno::NOSYS) => break,
+            // A full or over-quota disk is the image's; anything else is put down to reading.
+            Err(e @ (Errno::NOSPC | Errno::DQUOT | Errno::FBIG)) => return Err((Side::Write, e.into())),
+            Err(e) => return Err((Side::Read, e.into())),
         }
     }
     if from < end && buf.is_empty() {
@@ -197,11 +224,11 @@ fn copy_range(src: &File, mut from: u64, dst: &File, mut at: u64, len: u64, buf:
     }
     while from < end {
         let n = usize::try_from(end - from).unwrap_or(usize::MAX).min(buf.len());
-        let got = src.read_at(&mut buf[..n], from)?;
+        let got = src.read_at(&mut buf[..n], from).map_err(|e| (Side::Read, e))?;
         if got == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
+            return Err((Side::Read, io::ErrorKind::UnexpectedEof.into()));
         }
-        dst.write_all_at(&buf[..got], at)?;
+        dst.write_all_at(&buf[..got], at).map_err(|e| (Side::Write, e))?;
         from += got as u64;
         at += got as u64;
     }

@@ -11,7 +11,7 @@ use crate::sparse::data_extents;
 use crate::{ImageError, ImageResult, io_err};
 
 /// Chunks of a chunk-based file: at most this many (a 64 MiB block map).
-const MAX_CHUNKS: u64 = 1 << 24;
+pub(crate) const MAX_CHUNKS: u64 = 1 << 24;
 /// The largest chunk: 4 KiB << 20 = 4 GiB.
 const MAX_CHUNK_BITS: u8 = 20;
 
@@ -164,7 +164,9 @@ pub(crate) fn plan(tree: &Tree, out: &Path, meta_block: u64) -> ImageResult<Plan
             _ => 0,
         };
         if let Some(extents) = holed {
-            p.chunks = Some(chunks_for(p.size, &extents));
+            // A host file is at most 16 TiB, which 4 GiB chunks always fit.
+            let chunks = chunks_for(p.size, &extents, MAX_CHUNKS);
+            p.chunks = Some(chunks.ok_or_else(|| invalid("a file too large for a chunk index".into()))?);
         }
         p.layout = Some(if p.chunks.is_some() {
             chunked = true;
@@ -259,9 +261,10 @@ fn pack_dir(entries: Vec<(Vec<u8>, NodeId)>) -> Vec<DirBlock> {
 }
 
 /// Picks the chunk size that costs the least: the block map (4 bytes a chunk) plus the
-/// chunks that hold any data (stored in full). A 1 TiB file with a few KiB of data costs
+/// chunks that hold any data (stored in full), among those needing at most `max_chunks`
+/// chunks (`None` if even the largest needs more). A 1 TiB file with a few KiB of data costs
 /// ~4 MiB; a file with large data runs gets large chunks.
-pub(crate) fn chunks_for(size: u64, extents: &[(u64, u64)]) -> Chunks {
+pub(crate) fn chunks_for(size: u64, extents: &[(u64, u64)], max_chunks: u64) -> Option<Chunks> {
     let allocated = |chunk: u64| {
         let (mut count, mut last) = (0u64, None);
         for &(start, end) in extents {
@@ -275,9 +278,8 @@ pub(crate) fn chunks_for(size: u64, extents: &[(u64, u64)]) -> Chunks {
         count
     };
     let bits = (0..=MAX_CHUNK_BITS)
-        .filter(|&b| size.div_ceil(BLOCK << b) <= MAX_CHUNKS)
-        .min_by_key(|&b| 4 * size.div_ceil(BLOCK << b) + allocated(BLOCK << b) * (BLOCK << b))
-        .unwrap_or(MAX_CHUNK_BITS);
+        .filter(|&b| size.div_ceil(BLOCK << b) <= max_chunks.min(MAX_CHUNKS))
+        .min_by_key(|&b| 4 * size.div_ceil(BLOCK << b) + allocated(BLOCK << b) * (BLOCK << b))?;
     let chunk = BLOCK << bits;
     let mut addrs = vec![None; size.div_ceil(chunk) as usize];
     for &(start, end) in extents {
@@ -285,5 +287,22 @@ pub(crate) fn chunks_for(size: u64, extents: &[(u64, u64)]) -> Chunks {
             addrs[c as usize] = Some(0);
         }
     }
-    Chunks { bits, addrs }
+    Some(Chunks { bits, addrs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_indexes_stay_within_what_is_allowed() {
+        let tib16 = 16u64 << 40;
+        let one = [(1 << 40, (1 << 40) + 4096)];
+        let free = chunks_for(tib16, &one, MAX_CHUNKS).unwrap();
+        assert!(free.addrs.len() as u64 > 1 << 20, "the cheapest index is large: {}", free.addrs.len());
+        let tight = chunks_for(tib16, &one, 10_000).unwrap();
+        assert!(tight.addrs.len() <= 10_000 && tight.bits > free.bits, "larger chunks within the allowance");
+        assert_eq!(tight.addrs.iter().flatten().count(), 1, "one chunk holds the data");
+        assert!(chunks_for(tib16, &one, 4095).is_none(), "even 4 GiB chunks need 4096 entries");
+    }
 }

@@ -13,6 +13,7 @@ pub(crate) mod source;
 mod write;
 
 pub use build::Builder;
+pub(crate) use format::BLOCK;
 pub use read::{DirEntry, ErofsImage, ErofsInode, ErofsReader};
 pub use source::tree_from_dir;
 pub use write::write_image;
