@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use boxwood_core::clock::{now_us, parse_time_filter};
-use boxwood_core::model::SpawnRequest;
+use boxwood_core::model::{FileList, ImageList, SpawnRequest, TagRequest};
 use boxwood_core::{ImageQuery, OperationQuery, Page, Service};
 use futures::TryStreamExt;
 use tokio_util::io::StreamReader;
@@ -41,7 +41,7 @@ pub async fn list_images(State(svc): State<Service>, Auth(caller): Auth, q: Quer
         until_us: time_filter(&q, "until")?,
     };
     let images = svc.list_images(&caller, query, page(&q)?).await?;
-    Ok(Json(serde_json::json!({ "images": images })).into_response())
+    Ok(Json(ImageList { images }).into_response())
 }
 
 pub async fn spawn_instance(
@@ -128,7 +128,7 @@ pub async fn upload_file(State(svc): State<Service>, Auth(caller): Auth, body: B
 
 pub async fn list_files(State(svc): State<Service>, Auth(caller): Auth, q: QueryPairs) -> ApiResult<Response> {
     let files = svc.list_files(&caller, time_filter(&q, "since")?, time_filter(&q, "until")?, page(&q)?).await?;
-    Ok(Json(serde_json::json!({ "files": files })).into_response())
+    Ok(Json(FileList { files }).into_response())
 }
 
 /// `GET` and (through axum's HEAD handling, body stripped) `HEAD /files/{sha256}`.
@@ -136,16 +136,11 @@ pub async fn get_file(State(svc): State<Service>, Auth(caller): Auth, Path(sha):
     Ok(Json(svc.get_file(&caller, &sha).await?).into_response())
 }
 
-#[derive(serde::Deserialize)]
-pub struct TagBody {
-    tag: String,
-}
-
 pub async fn set_image_tag(
     State(svc): State<Service>,
     Auth(caller): Auth,
     Path(id): Path<String>,
-    JsonBody(body): JsonBody<TagBody>,
+    JsonBody(body): JsonBody<TagRequest>,
 ) -> ApiResult<Response> {
     let uuid = parse_uuid("image", &id)?;
     Ok(Json(svc.set_image_tag(&caller, uuid, &body.tag).await?).into_response())

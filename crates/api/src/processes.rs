@@ -5,8 +5,7 @@ use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use boxwood_core::Service;
-use boxwood_core::model::{ExecRequest, StdinRequest};
-use serde_json::json;
+use boxwood_core::model::{ExecRequest, ProcessCreated, StdinRequest};
 
 use crate::error::{ApiError, ApiResult};
 use crate::extract::{Auth, JsonBody, QueryPairs, parse_uuid};
@@ -26,7 +25,7 @@ pub async fn create(
     let uuid = parse_uuid("operation", &id)?;
     let spid = svc.create_subprocess(&caller, uuid, req).await?;
     let loc = location(&format!("/v1/operations/{uuid}/subprocesses/{spid}"));
-    Ok((StatusCode::CREATED, [(header::LOCATION, loc)], Json(json!({"spid": spid}))).into_response())
+    Ok((StatusCode::CREATED, [(header::LOCATION, loc)], Json(ProcessCreated { spid: spid.into() })).into_response())
 }
 
 /// `GET /operations/{id}/subprocesses/{spid}` → `InstanceResult`.

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use crate::clock::{format_ts, now_us};
 use crate::error::CoreResult;
-use crate::model::EventView;
+use crate::model::{EventKind, EventView};
 use crate::operations::{self, Status};
 
 /// Live operations' newest event ids, for waking followers.
@@ -41,9 +41,6 @@ impl EventHub {
         self.live.lock().unwrap_or_else(|e| e.into_inner()).remove(&op);
     }
 }
-
-/// Kinds of events that carry process streams; the log size cap applies to them only.
-const STREAM_KINDS: [&str; 3] = ["stdin", "stdout", "stderr"];
 
 /// Appends events to one operation's log. Clones share one writer, so the main process,
 /// subprocesses and the run's service events interleave with strictly increasing ids.
@@ -107,12 +104,13 @@ impl EventLog {
 
     /// Appends one event. Stream events past the log's size cap are dropped (the first one
     /// dropped adds `size_cap`); anything after `completion` is dropped.
-    pub(crate) async fn append(&self, spid: Option<i64>, kind: &str, data: Value) -> CoreResult<()> {
+    pub(crate) async fn append(&self, spid: Option<i64>, kind: EventKind, data: Value) -> CoreResult<()> {
         let mut w = self.inner.lock().await;
         if w.completed {
             return Ok(());
         }
-        if STREAM_KINDS.contains(&kind) {
+        // The size cap applies to process streams only.
+        if kind.is_stream() {
             if w.capped {
                 return Ok(());
             }
@@ -121,7 +119,7 @@ impl EventLog {
                 w.capped = true;
                 let file_size = w.stream_bytes;
                 let cap = serde_json::json!({"limit_bytes": w.cap_bytes, "file_size": file_size});
-                return w.write(Some(0), "size_cap", cap).await;
+                return w.write(Some(0), EventKind::SizeCap, cap).await;
             }
             w.stream_bytes += size;
         }
@@ -132,7 +130,7 @@ impl EventLog {
     /// event of every log.
     pub(crate) async fn complete(&self, op: &OperationRecord) -> CoreResult<()> {
         let mut w = self.inner.lock().await;
-        let ev = w.record(None, "completion", completion_data(op));
+        let ev = w.record(None, EventKind::Completion, completion_data(op));
         w.store.finish_operation(op, &ev).await?;
         crate::metrics::operation_finished(op);
         w.completed = true;
@@ -142,13 +140,13 @@ impl EventLog {
 }
 
 impl LogWriter {
-    fn record(&mut self, spid: Option<i64>, kind: &str, data: Value) -> EventRecord {
+    fn record(&mut self, spid: Option<i64>, kind: EventKind, data: Value) -> EventRecord {
         let id = self.next_id;
         self.next_id += 1;
-        EventRecord { operation_uuid: self.op, id, ts_us: now_us(), spid, kind: kind.into(), data }
+        EventRecord { operation_uuid: self.op, id, ts_us: now_us(), spid, kind: kind.as_str().into(), data }
     }
 
-    async fn write(&mut self, spid: Option<i64>, kind: &str, data: Value) -> CoreResult<()> {
+    async fn write(&mut self, spid: Option<i64>, kind: EventKind, data: Value) -> CoreResult<()> {
         let ev = self.record(spid, kind, data);
         self.store.append_event(&ev).await?;
         self.notify.send_replace(ev.id);
@@ -189,8 +187,10 @@ pub(crate) async fn fail_operation(store: Arc<dyn Store>, hub: Arc<EventHub>, op
     log.complete(&record).await
 }
 
-pub(crate) fn view(ev: &EventRecord) -> EventView {
-    EventView { id: ev.id, ts: format_ts(ev.ts_us), spid: ev.spid, kind: ev.kind.clone(), data: ev.data.clone() }
+/// The wire view of a stored event; `None` for a kind the core never writes.
+pub(crate) fn view(ev: &EventRecord) -> Option<EventView> {
+    let kind = EventKind::parse(&ev.kind)?;
+    Some(EventView { id: ev.id, ts: format_ts(ev.ts_us), spid: ev.spid, kind, data: ev.data.clone() })
 }
 
 const PAGE: i64 = 512;
@@ -211,11 +211,12 @@ impl Follow {
         loop {
             while let Some(ev) = self.buffer.pop_front() {
                 self.after = Some(ev.id);
-                if ev.kind == "completion" {
+                let Some(view) = view(&ev) else { continue };
+                if view.kind == EventKind::Completion {
                     self.done = true;
                 }
                 if self.spid.is_none() || self.spid == ev.spid {
-                    return Some(Ok(view(&ev)));
+                    return Some(Ok(view));
                 }
             }
             if self.done {

@@ -11,48 +11,18 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::clock::{format_ts, now_us};
-use crate::model::{OperationResponse, OperationSummary, ResultRef};
+use crate::model::{OperationKind, OperationResponse, OperationSummary, ResultRef};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Status {
-    Pending,
-    Assigned,
-    Executing,
-    Success,
-    Failed,
-    Cancelled,
+pub use boxwood_types::OperationStatus as Status;
+
+/// The lifecycle's rule (see the module docs).
+pub trait Lifecycle {
+    /// Whether the lifecycle allows moving from `self` to `next`.
+    fn can_become(self, next: Status) -> bool;
 }
 
-impl Status {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Status::Pending => "PENDING",
-            Status::Assigned => "ASSIGNED",
-            Status::Executing => "EXECUTING",
-            Status::Success => "SUCCESS",
-            Status::Failed => "FAILED",
-            Status::Cancelled => "CANCELLED",
-        }
-    }
-
-    pub fn parse(s: &str) -> Option<Self> {
-        Some(match s {
-            "PENDING" => Status::Pending,
-            "ASSIGNED" => Status::Assigned,
-            "EXECUTING" => Status::Executing,
-            "SUCCESS" => Status::Success,
-            "FAILED" => Status::Failed,
-            "CANCELLED" => Status::Cancelled,
-            _ => return None,
-        })
-    }
-
-    pub fn is_terminal(self) -> bool {
-        matches!(self, Status::Success | Status::Failed | Status::Cancelled)
-    }
-
-    /// Whether the lifecycle allows moving from `self` to `next`.
-    pub fn can_become(self, next: Status) -> bool {
+impl Lifecycle for Status {
+    fn can_become(self, next: Status) -> bool {
         use Status::*;
         match (self, next) {
             (Pending, Assigned) | (Assigned, Executing) | (Executing, Success) => true,
@@ -63,8 +33,8 @@ impl Status {
     }
 }
 
-pub const KIND_INSTANCE: &str = "instance";
-pub const KIND_IMAGE_IMPORT: &str = "image_import";
+pub const KIND_INSTANCE: &str = OperationKind::Instance.as_str();
+pub const KIND_IMAGE_IMPORT: &str = OperationKind::ImageImport.as_str();
 
 /// A new PENDING operation of `kind` in `namespace`.
 pub(crate) fn pending(namespace: &str, kind: &str, image_uuid: Option<Uuid>, metadata: Value) -> OperationRecord {
@@ -113,8 +83,9 @@ fn duration_secs(op: &OperationRecord) -> f64 {
 pub fn summary(op: &OperationRecord) -> OperationSummary {
     OperationSummary {
         uuid: op.uuid.to_string(),
-        kind: op.kind.clone(),
-        status: op.status.clone(),
+        // Rows are the core's own; one it did not write reads as a failed run.
+        kind: OperationKind::parse(&op.kind).unwrap_or(OperationKind::Instance),
+        status: Status::parse(&op.status).unwrap_or(Status::Failed),
         error: op.error.clone(),
         created_at: format_ts(op.created_at_us),
         duration: duration_secs(op),

@@ -6,7 +6,7 @@ use boxwood_protocol::Exit;
 use serde_json::{Value, json};
 
 use crate::error::{CoreError, CoreResult};
-use crate::model::{InstanceResult, ResultResources, ResultState, StreamRepr, decode_stream, encode_stream};
+use crate::model::{EventKind, InstanceResult, ResultResources, ResultState, StreamRepr, decode_stream, encode_stream};
 use crate::spec::{ProcessPlan, ProcessSpec};
 
 /// Hides values of variables whose names look like secrets (spawn events are readable by
@@ -90,23 +90,23 @@ impl ResultFold {
         self.spawned
     }
 
-    pub(crate) fn feed(&mut self, kind: &str, data: &Value) {
+    pub(crate) fn feed(&mut self, kind: EventKind, data: &Value) {
         let int = |v: &Value, k: &str| v.get(k).and_then(Value::as_i64).unwrap_or(0);
         match kind {
-            "spawn" => {
+            EventKind::Spawn => {
                 self.spawned = true;
                 self.pid = u32::try_from(int(data, "pid")).unwrap_or(0);
                 if let Some(cap) = data.get("truncate_at").and_then(Value::as_u64) {
                     self.cap = usize::try_from(cap).unwrap_or(usize::MAX);
                 }
             }
-            "stdout" | "stderr" => self.push_output(kind == "stdout", &decode_stream(data)),
-            "truncated" => match data.get("stream").and_then(Value::as_str) {
+            EventKind::Stdout | EventKind::Stderr => self.push_output(kind == EventKind::Stdout, &decode_stream(data)),
+            EventKind::Truncated => match data.get("stream").and_then(Value::as_str) {
                 Some("stdout") => self.stdout_cut = true,
                 Some("stderr") => self.stderr_cut = true,
                 _ => {}
             },
-            "exit" => self.exit = Some(data.clone()),
+            EventKind::Exit => self.exit = Some(data.clone()),
             _ => {}
         }
     }
@@ -272,15 +272,15 @@ mod tests {
     #[test]
     fn fold_reports_running_then_exit() {
         let mut f = ResultFold::new(4);
-        f.feed("spawn", &json!({"pid": 7, "truncate_at": 4}));
-        f.feed("stdout", &stream_data(b"hello"));
-        f.feed("stderr", &stream_data(&[0xff, 0x00]));
+        f.feed(EventKind::Spawn, &json!({"pid": 7, "truncate_at": 4}));
+        f.feed(EventKind::Stdout, &stream_data(b"hello"));
+        f.feed(EventKind::Stderr, &stream_data(&[0xff, 0x00]));
         let running = f.result();
         assert_eq!((running.state.exit_code, running.state.signal, running.state.pid), (-1, -1, 7));
         assert_eq!((running.stdout.value.as_str(), running.stdout.truncated), ("hell", true));
         assert_eq!(running.stderr.encoding, "base64");
         f.feed(
-            "exit",
+            EventKind::Exit,
             &json!({"pid": 7, "code": -1, "signal": 15, "timed_out": false, "duration_ms": 1500,
                                "resources": {"user_time_us": 2_000_000, "max_rss_kb": 900}}),
         );

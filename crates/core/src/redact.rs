@@ -31,5 +31,3 @@ impl fmt::Debug for PairNames<'_> {
 pub(crate) fn secret<T>(v: &Option<T>) -> Option<&'static str> {
     v.as_ref().map(|_| REDACTED)
 }
-
-pub(crate) const HIDDEN: &str = REDACTED;

@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::error::{CoreError, CoreResult, error_chain};
 use crate::events::EventLog;
+use crate::model::EventKind;
 use crate::process::{ResultFold, exit_data, spawn_data, stream_data};
 use crate::spec::ProcessSpec;
 
@@ -138,7 +139,7 @@ impl Live {
             },
         );
         let spid_field = Some(i64::from(spid));
-        self.log.append(spid_field, "spawn", spawn_data(process.pid, &plan, spec, self.timeout_secs)).await?;
+        self.log.append(spid_field, EventKind::Spawn, spawn_data(process.pid, &plan, spec, self.timeout_secs)).await?;
         self.log_stdin(spid, &spec.stdin, spec.stdin_echo.close).await?;
         Ok(process)
     }
@@ -183,9 +184,9 @@ impl Live {
         let spid_field = Some(i64::from(spid));
         match event {
             ProcessEvent::Output { stream, data } => {
-                let (name, i) = match stream {
-                    OutputStream::Stdout => ("stdout", 0),
-                    OutputStream::Stderr => ("stderr", 1),
+                let (kind, i) = match stream {
+                    OutputStream::Stdout => (EventKind::Stdout, 0),
+                    OutputStream::Stderr => (EventKind::Stderr, 1),
                 };
                 let keep = self.procs().get_mut(&spid).map_or(0, |p| p.admit(i, data.len()));
                 if keep == 0 {
@@ -195,7 +196,7 @@ impl Live {
                 if let Some(f) = fold {
                     f.push_output(stream == OutputStream::Stdout, data);
                 }
-                self.log.append(spid_field, name, stream_data(data)).await
+                self.log.append(spid_field, kind, stream_data(data)).await
             }
             ProcessEvent::Exited(mut exit) => {
                 if let Some(p) = self.procs().get(&spid) {
@@ -207,16 +208,16 @@ impl Live {
                 self.mark_exited(spid);
                 let data = exit_data(&exit);
                 if let Some(f) = fold.as_deref_mut() {
-                    f.feed("exit", &data);
+                    f.feed(EventKind::Exit, &data);
                 }
-                self.log.append(spid_field, "exit", data).await?;
+                self.log.append(spid_field, EventKind::Exit, data).await?;
                 for (name, t) in [("stdout", exit.stdout), ("stderr", exit.stderr)] {
                     if t.dropped > 0 {
                         let data = json!({"stream": name, "bytes_emitted": t.emitted, "bytes_dropped": t.dropped});
                         if let Some(f) = fold.as_deref_mut() {
-                            f.feed("truncated", &data);
+                            f.feed(EventKind::Truncated, &data);
                         }
-                        self.log.append(spid_field, "truncated", data).await?;
+                        self.log.append(spid_field, EventKind::Truncated, data).await?;
                     }
                 }
                 Ok(())
@@ -278,11 +279,11 @@ impl Live {
         };
         let spid_field = Some(i64::from(spid));
         if keep > 0 {
-            self.log.append(spid_field, "stdin", stream_data(&data[..keep])).await?;
+            self.log.append(spid_field, EventKind::Stdin, stream_data(&data[..keep])).await?;
         }
         if let Some((emitted, dropped)) = truncated {
             let data = json!({"stream": "stdin", "bytes_emitted": emitted, "bytes_dropped": dropped});
-            self.log.append(spid_field, "truncated", data).await?;
+            self.log.append(spid_field, EventKind::Truncated, data).await?;
         }
         Ok(())
     }

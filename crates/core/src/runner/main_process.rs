@@ -8,7 +8,7 @@ use boxwood_vm::ProcessEvent;
 use super::Run;
 use super::live::{Live, StartError};
 use crate::error::{CoreResult, error_chain};
-use crate::model::InstanceResult;
+use crate::model::{EventKind, InstanceResult};
 use crate::process::{ResultFold, stream_data};
 
 /// The spid of a run's main process.
@@ -44,7 +44,7 @@ impl Run {
             Ok(p) => p,
             Err(StartError::Spawn(error)) => {
                 let msg = format!("spawn failed: {error}");
-                self.log.append(Some(0), "stderr", stream_data(format!("{msg}\n").as_bytes())).await?;
+                self.log.append(Some(0), EventKind::Stderr, stream_data(format!("{msg}\n").as_bytes())).await?;
                 return Ok(Outcome::SpawnFailed(msg));
             }
             Err(StartError::Vm(e)) => return Ok(Outcome::Crashed(format!("microVM failed: {}", error_chain(&e)))),

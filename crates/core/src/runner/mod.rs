@@ -29,8 +29,8 @@ use uuid::Uuid;
 use crate::clock::{format_ts, now_us};
 use crate::error::{CoreResult, error_chain, reported};
 use crate::events::EventLog;
-use crate::model::InstanceResult;
-use crate::operations::{self, Status};
+use crate::model::{EventKind, InstanceResult};
+use crate::operations::{self, Lifecycle as _, Status};
 use crate::quota::Storage;
 use crate::spec::{FileInjection, ValidSpawn};
 
@@ -261,7 +261,9 @@ impl Run {
         let inside = self.inside_vm(&vm, env).await;
         let logged = match &inside {
             Ok((_, reason)) => {
-                self.log.append(Some(0), "shutdown", json!({"stopped_at": format_ts(now_us()), "reason": reason})).await
+                self.log
+                    .append(Some(0), EventKind::Shutdown, json!({"stopped_at": format_ts(now_us()), "reason": reason}))
+                    .await
             }
             Err(_) => Ok(()),
         };
@@ -336,7 +338,7 @@ impl Run {
             "machine": hello.machine,
             "boot_id": hello.boot_id,
         });
-        self.log.append(Some(0), "init", init).await?;
+        self.log.append(Some(0), EventKind::Init, init).await?;
         if let Some(net) = vm.setup_report().network.clone() {
             let data = json!({
                 "interfaces": net.interfaces.iter().map(|i| json!({
@@ -348,7 +350,7 @@ impl Run {
                                "nameserver": net.configured.nameserver},
                 "error": net.error,
             });
-            self.log.append(Some(0), "network", data).await?;
+            self.log.append(Some(0), EventKind::Network, data).await?;
         }
         Ok(())
     }

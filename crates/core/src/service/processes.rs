@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::Service;
 use crate::auth::{Caller, Permission};
 use crate::error::{CoreError, CoreResult};
-use crate::model::{ExecRequest, InstanceResult, StdinRequest};
+use crate::model::{EventKind, ExecRequest, InstanceResult, StdinRequest};
 use crate::operations::{KIND_INSTANCE, Status};
 use crate::process::{ResultFold, parse_signal};
 use crate::runner::{Live, MAIN_SPID};
@@ -121,7 +121,9 @@ impl Service {
             let Some(last) = page.last() else { break };
             after = Some(last.id);
             for ev in &page {
-                fold.feed(&ev.kind, &ev.data);
+                if let Some(kind) = EventKind::parse(&ev.kind) {
+                    fold.feed(kind, &ev.data);
+                }
             }
             if (page.len() as i64) < FOLD_PAGE {
                 break;
