@@ -6,7 +6,7 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use boxwood_core::clock::{now_us, parse_time_filter};
-use boxwood_core::model::{FileList, ImageList, SpawnRequest, TagRequest};
+use boxwood_core::model::{DirectoryStateRequest, FileList, ImageList, SpawnRequest, TagRequest};
 use boxwood_core::{ImageQuery, OperationQuery, Page, Service};
 use futures::TryStreamExt;
 use tokio_util::io::StreamReader;
@@ -134,6 +134,28 @@ pub async fn list_files(State(svc): State<Service>, Auth(caller): Auth, q: Query
 /// `GET` and (through axum's HEAD handling, body stripped) `HEAD /files/{sha256}`.
 pub async fn get_file(State(svc): State<Service>, Auth(caller): Auth, Path(sha): Path<String>) -> ApiResult<Response> {
     Ok(Json(svc.get_file(&caller, &sha).await?).into_response())
+}
+
+/// Boxwood extension: `POST /v1/directory-states`.
+pub async fn create_directory_state(
+    State(svc): State<Service>,
+    Auth(caller): Auth,
+    JsonBody(req): JsonBody<DirectoryStateRequest>,
+) -> ApiResult<Response> {
+    let state = svc.create_directory_state(&caller, req).await?;
+    let loc = location(&format!("/v1/directory-states/{}", state.id));
+    Ok((StatusCode::CREATED, [(header::LOCATION, loc)], Json(state)).into_response())
+}
+
+/// Boxwood extension: `GET /v1/directory-states/{id}`.
+pub async fn get_directory_state(
+    State(svc): State<Service>,
+    Auth(caller): Auth,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
+    let id =
+        id.parse::<i64>().map_err(|_| ApiError::bad_request(format!("directory state id {id:?} is not an integer")))?;
+    Ok(Json(svc.get_directory_state(&caller, id).await?).into_response())
 }
 
 pub async fn set_image_tag(

@@ -44,6 +44,8 @@ pub fn router(service: Service) -> Router {
         .route("/images/{id}/lineage", get(image_lineage))
         .route("/files", get(list_files).post(upload_file))
         .route("/files/{sha256}", get(get_file))
+        .route("/directory-states", post(create_directory_state))
+        .route("/directory-states/{id}", get(get_directory_state))
         .route("/instances", post(spawn_instance))
         .route("/operations", get(list_operations))
         .route("/operations/{id}", get(get_operation).delete(cancel_operation))

@@ -34,6 +34,9 @@ pub enum ClientError {
     /// A server URL that is not an absolute http(s) URL.
     #[error("invalid server URL {0:?}: it must be http:// or https://")]
     BadUrl(String),
+    /// An id that cannot name a resource (empty, `.` or `..`).
+    #[error("invalid id {0:?}")]
+    BadId(String),
     /// A token that cannot be sent in a header.
     #[error("the token contains characters a header cannot carry")]
     BadToken,

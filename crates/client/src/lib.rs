@@ -10,9 +10,9 @@ use std::time::Duration;
 
 pub use boxwood_types as types;
 use boxwood_types::{
-    ErrorBody, EventView, ExecRequest, FileList, FileResponse, FileView, ImageList, ImageView, ImportRequest,
-    LineageView, OperationCreated, OperationKind, OperationResponse, OperationStatus, OperationSummary, ProcessCreated,
-    Readiness, SpawnRequest, SpawnResponse, StdinRequest, TagRequest, WhoAmI,
+    DirectoryState, DirectoryStateRequest, EventView, ExecRequest, FileList, FileResponse, FileView, ImageList,
+    ImageView, ImportRequest, LineageView, OperationCreated, OperationKind, OperationResponse, OperationStatus,
+    OperationSummary, ProcessCreated, Readiness, SpawnRequest, SpawnResponse, StdinRequest, TagRequest, WhoAmI,
 };
 pub use error::ClientError;
 use futures::Stream;
@@ -24,6 +24,9 @@ pub use sse::EventsOptions;
 const ATTEMPTS: u32 = 4;
 /// Longest `Retry-After` honoured; a longer one is returned as the error.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// A JSON call's whole answer (streams, downloads and uploads have none: they take as long
+/// as their bytes do).
+const CALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// A Boxwood (or Contree) server and the token to call it with. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -87,8 +90,9 @@ impl Client {
         self.http.request(method, url).header(header::AUTHORIZATION, self.auth.clone())
     }
 
-    /// Sends `build()`'s request; an idempotent one is sent again after a connection failure
-    /// or a 425/502/503/504, honouring `Retry-After`.
+    /// Sends `build()`'s request, honouring `Retry-After`: an idempotent one again after a
+    /// connection failure or a 425/429/502/503/504; any other only after a 425 or 429, which
+    /// the server answers before doing anything.
     async fn send(
         &self,
         idempotent: bool,
@@ -98,19 +102,23 @@ impl Client {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let last = !idempotent || attempt >= ATTEMPTS;
+            let last = attempt >= ATTEMPTS;
             match build().send().await {
                 Ok(resp) if resp.status().is_success() || resp.status().is_redirection() => return Ok(resp),
                 Ok(resp) => {
                     let status = resp.status();
-                    let transient = matches!(status.as_u16(), 425 | 502 | 503 | 504) || retry_on.contains(&status);
+                    let transient = match status.as_u16() {
+                        425 | 429 => true,
+                        502..=504 => idempotent,
+                        _ => idempotent && retry_on.contains(&status),
+                    };
                     let wait = retry_after(&resp).unwrap_or_else(|| sse::backoff(attempt));
                     if last || !transient || wait > MAX_RETRY_AFTER {
                         return Err(api_error(resp).await);
                     }
                     tokio::time::sleep(wait).await;
                 }
-                Err(e) if !last && (e.is_connect() || e.is_timeout()) => {
+                Err(e) if idempotent && !last && (e.is_connect() || e.is_timeout()) => {
                     tokio::time::sleep(sse::backoff(attempt)).await;
                 }
                 Err(e) => return Err(ClientError::Unreachable { url: self.base.to_string(), source: e }),
@@ -119,12 +127,12 @@ impl Client {
     }
 
     async fn get_json<T: DeserializeOwned>(&self, path: &str, query: &[(&str, String)]) -> Result<T, ClientError> {
-        let resp = self.send(true, || self.request(Method::GET, path).query(query), &[]).await?;
+        let resp = self.send(true, || self.request(Method::GET, path).query(query).timeout(CALL_TIMEOUT), &[]).await?;
         json(resp, path).await
     }
 
     async fn post_json<T: DeserializeOwned>(&self, path: &str, body: &impl serde::Serialize) -> Result<T, ClientError> {
-        let resp = self.send(false, || self.request(Method::POST, path).json(body), &[]).await?;
+        let resp = self.send(false, || self.request(Method::POST, path).json(body).timeout(CALL_TIMEOUT), &[]).await?;
         json(resp, path).await
     }
 
@@ -133,18 +141,14 @@ impl Client {
         self.get_json("v1/whoami", &[]).await
     }
 
-    /// `GET /readyz` (no token needed): a server that is not ready answers with its checks,
-    /// not an error.
+    /// `GET /readyz` (no token needed): a server that is not ready answers 503 with its checks,
+    /// which are returned, not an error.
     pub async fn readiness(&self) -> Result<Readiness, ClientError> {
-        let resp = self.send(true, || self.request(Method::GET, "readyz"), &[StatusCode::SERVICE_UNAVAILABLE]).await;
-        match resp {
-            Ok(resp) => json(resp, "readyz").await,
-            Err(ClientError::Api { status: 503, .. }) => {
-                let resp = self.request(Method::GET, "readyz").send().await;
-                let resp = resp.map_err(|e| ClientError::Unreachable { url: self.base.to_string(), source: e })?;
-                json(resp, "readyz").await
-            }
-            Err(e) => Err(e),
+        let resp = self.request(Method::GET, "readyz").timeout(CALL_TIMEOUT).send().await;
+        let resp = resp.map_err(|e| ClientError::Unreachable { url: self.base.to_string(), source: e })?;
+        match resp.status() {
+            StatusCode::OK | StatusCode::SERVICE_UNAVAILABLE => json(resp, "readyz").await,
+            _ => Err(api_error(resp).await),
         }
     }
 
@@ -156,7 +160,7 @@ impl Client {
     /// `GET /v1/operations/{id}` (`inflight`: the result so far of a running instance).
     pub async fn operation(&self, id: &str, inflight: bool) -> Result<OperationResponse, ClientError> {
         let query = if inflight { vec![("inflight", "1".to_owned())] } else { Vec::new() };
-        self.get_json(&format!("v1/operations/{}", seg(id)), &query).await
+        self.get_json(&format!("v1/operations/{}", seg(id)?), &query).await
     }
 
     /// `GET /v1/operations`, newest first.
@@ -172,10 +176,19 @@ impl Client {
         self.get_json("v1/operations", &query).await
     }
 
-    /// `DELETE /v1/operations/{id}`: cancels an active operation.
+    /// `DELETE /v1/operations/{id}`: cancels an active operation. A 409 (it is terminal)
+    /// after a retried attempt is success when the operation did end CANCELLED: the first
+    /// attempt's answer was lost, not its effect.
     pub async fn cancel(&self, id: &str) -> Result<(), ClientError> {
-        let path = format!("v1/operations/{}", seg(id));
-        self.send(true, || self.request(Method::DELETE, &path), &[]).await.map(drop)
+        let path = format!("v1/operations/{}", seg(id)?);
+        match self.send(true, || self.request(Method::DELETE, &path).timeout(CALL_TIMEOUT), &[]).await {
+            Ok(_) => Ok(()),
+            Err(e @ ClientError::Api { status: 409, .. }) => match self.operation(id, false).await {
+                Ok(op) if op.summary.status == OperationStatus::Cancelled => Ok(()),
+                _ => Err(e),
+            },
+            Err(e) => Err(e),
+        }
     }
 
     /// `GET /v1/operations/{id}/events`: the operation's events in order, each once. A broken
@@ -195,7 +208,7 @@ impl Client {
         options: EventsOptions,
         after: Option<i64>,
     ) -> Result<Response, ClientError> {
-        let path = format!("v1/operations/{}/events", seg(id));
+        let path = format!("v1/operations/{}/events", seg(id)?);
         let mut query = vec![("follow", if options.follow { "1" } else { "0" }.to_owned())];
         if let Some(spid) = options.spid {
             query.push(("spid", spid.to_string()));
@@ -215,29 +228,43 @@ impl Client {
         .await
     }
 
-    /// Follows the operation's events to the end, then returns the operation.
+    /// Waits for the operation to end and returns it: a run through its event stream, an
+    /// import (it has no events) by polling.
     pub async fn wait(&self, id: &str) -> Result<OperationResponse, ClientError> {
         use futures::TryStreamExt as _;
-        let events = self.events(id, EventsOptions { follow: true, ..Default::default() });
-        futures::pin_mut!(events);
-        while events.try_next().await?.is_some() {}
-        self.operation(id, false).await
+        let op = self.operation(id, false).await?;
+        if op.summary.status.is_terminal() {
+            return Ok(op);
+        }
+        if op.summary.kind == OperationKind::Instance {
+            let events = self.events(id, EventsOptions { follow: true, ..Default::default() });
+            futures::pin_mut!(events);
+            while events.try_next().await?.is_some() {}
+            return self.operation(id, false).await;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let op = self.operation(id, false).await?;
+            if op.summary.status.is_terminal() {
+                return Ok(op);
+            }
+        }
     }
 
     /// `POST /v1/operations/{id}/subprocesses`: another command in a running instance.
     pub async fn exec(&self, id: &str, req: &ExecRequest) -> Result<ProcessCreated, ClientError> {
-        self.post_json(&format!("v1/operations/{}/subprocesses", seg(id)), req).await
+        self.post_json(&format!("v1/operations/{}/subprocesses", seg(id)?), req).await
     }
 
     /// `POST /v1/operations/{id}/subprocesses/{spid}/stdin`.
     pub async fn write_stdin(&self, id: &str, spid: i64, req: &StdinRequest) -> Result<(), ClientError> {
-        let path = format!("v1/operations/{}/subprocesses/{spid}/stdin", seg(id));
+        let path = format!("v1/operations/{}/subprocesses/{spid}/stdin", seg(id)?);
         self.send(false, || self.request(Method::POST, &path).json(req), &[]).await.map(drop)
     }
 
     /// `DELETE /v1/operations/{id}/subprocesses/{spid}?signal=…`: signals a process group.
     pub async fn signal(&self, id: &str, spid: i64, signal: &str) -> Result<(), ClientError> {
-        let path = format!("v1/operations/{}/subprocesses/{spid}", seg(id));
+        let path = format!("v1/operations/{}/subprocesses/{spid}", seg(id)?);
         let query = [("signal", signal.to_owned())];
         self.send(false, || self.request(Method::DELETE, &path).query(&query), &[]).await.map(drop)
     }
@@ -260,7 +287,7 @@ impl Client {
 
     /// `GET /v1/inspect/{uuid}/`: one image.
     pub async fn image(&self, uuid: &str) -> Result<ImageView, ClientError> {
-        self.get_json(&format!("v1/inspect/{}/", seg(uuid)), &[]).await
+        self.get_json(&format!("v1/inspect/{}/", seg(uuid)?), &[]).await
     }
 
     /// `GET /v1/inspect/?tag=`: the image a tag names (the server answers with a redirect).
@@ -272,7 +299,7 @@ impl Client {
         if uuid.is_empty() {
             return Err(ClientError::Api {
                 status: resp.status().as_u16(),
-                message: format!("no image for tag {tag}"),
+                message: format!("the server answered the lookup of tag {tag} without naming an image"),
             });
         }
         self.image(uuid).await
@@ -285,7 +312,7 @@ impl Client {
 
     /// `PATCH /v1/images/{uuid}/tag`: moves `tag` to the image.
     pub async fn set_tag(&self, uuid: &str, tag: &str) -> Result<ImageView, ClientError> {
-        let path = format!("v1/images/{}/tag", seg(uuid));
+        let path = format!("v1/images/{}/tag", seg(uuid)?);
         let body = TagRequest { tag: tag.to_owned() };
         let resp = self.send(true, || self.request(Method::PATCH, &path).json(&body), &[]).await?;
         json(resp, &path).await
@@ -293,41 +320,45 @@ impl Client {
 
     /// `DELETE /v1/images/{uuid}/tag` (`tag`: only if it is that one).
     pub async fn delete_tag(&self, uuid: &str, tag: Option<&str>) -> Result<(), ClientError> {
-        let path = format!("v1/images/{}/tag", seg(uuid));
+        let path = format!("v1/images/{}/tag", seg(uuid)?);
         let query: Vec<(&str, String)> = tag.map(|t| ("tag", t.to_owned())).into_iter().collect();
         self.send(true, || self.request(Method::DELETE, &path).query(&query), &[]).await.map(drop)
     }
 
     /// Boxwood's `GET /v1/images/{uuid}/lineage`.
     pub async fn lineage(&self, uuid: &str) -> Result<LineageView, ClientError> {
-        self.get_json(&format!("v1/images/{}/lineage", seg(uuid)), &[]).await
+        self.get_json(&format!("v1/images/{}/lineage", seg(uuid)?), &[]).await
     }
 
-    /// `POST /v1/files`: uploads bytes (never retried: the body is consumed).
+    /// `POST /v1/files`: uploads bytes (sent once: the body is consumed).
     pub async fn upload(&self, body: impl Into<reqwest::Body>) -> Result<FileResponse, ClientError> {
-        let body = std::sync::Mutex::new(Some(body.into()));
-        let resp = self
-            .send(
-                false,
-                || {
-                    let b = body.lock().unwrap_or_else(|e| e.into_inner()).take().unwrap_or_default();
-                    self.request(Method::POST, "v1/files")
-                        .header(header::CONTENT_TYPE, "application/octet-stream")
-                        .body(b)
-                },
-                &[],
-            )
-            .await?;
+        let req = self.request(Method::POST, "v1/files").header(header::CONTENT_TYPE, "application/octet-stream");
+        let resp = req.body(body).send().await;
+        let resp = resp.map_err(|e| ClientError::Unreachable { url: self.base.to_string(), source: e })?;
+        if !resp.status().is_success() {
+            return Err(api_error(resp).await);
+        }
         json(resp, "v1/files").await
     }
 
     /// `GET /v1/files/{sha256}`: the caller's upload of those bytes, if any.
     pub async fn file_by_sha256(&self, sha256: &str) -> Result<Option<FileView>, ClientError> {
-        match self.get_json(&format!("v1/files/{}", seg(sha256)), &[]).await {
+        match self.get_json(&format!("v1/files/{}", seg(sha256)?), &[]).await {
             Ok(f) => Ok(Some(f)),
             Err(ClientError::Api { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
+    }
+
+    /// Boxwood's `POST /v1/directory-states`: registers uploads by path in the VM; returns the
+    /// state with its id (never retried: it would register another).
+    pub async fn create_directory_state(&self, req: &DirectoryStateRequest) -> Result<DirectoryState, ClientError> {
+        self.post_json("v1/directory-states", req).await
+    }
+
+    /// Boxwood's `GET /v1/directory-states/{id}` (409 when the server lost one of its uploads).
+    pub async fn directory_state(&self, id: i64) -> Result<DirectoryState, ClientError> {
+        self.get_json(&format!("v1/directory-states/{id}"), &[]).await
     }
 
     /// `GET /v1/files`.
@@ -339,7 +370,7 @@ impl Client {
 
     /// `GET /v1/inspect/{uuid}/list?path=`: a directory of an image, without a VM.
     pub async fn list_dir(&self, uuid: &str, path: &str) -> Result<serde_json::Value, ClientError> {
-        self.get_json(&format!("v1/inspect/{}/list", seg(uuid)), &[("path", path.to_owned())]).await
+        self.get_json(&format!("v1/inspect/{}/list", seg(uuid)?), &[("path", path.to_owned())]).await
     }
 
     /// `GET /v1/inspect/{uuid}/download?path=`: a file of an image, as it streams.
@@ -348,7 +379,7 @@ impl Client {
         uuid: &str,
         path: &str,
     ) -> Result<impl Stream<Item = reqwest::Result<bytes::Bytes>> + use<>, ClientError> {
-        let url = format!("v1/inspect/{}/download", seg(uuid));
+        let url = format!("v1/inspect/{}/download", seg(uuid)?);
         let query = [("path", path.to_owned())];
         let resp = self.send(true, || self.request(Method::GET, &url).query(&query), &[]).await?;
         Ok(resp.bytes_stream())
@@ -357,13 +388,17 @@ impl Client {
     /// `GET /v1/inspect/{uuid}/grep`: matches in an image's files (`params` as the server
     /// takes them: `pattern`, `path`, `glob`, …).
     pub async fn grep(&self, uuid: &str, params: &[(&str, String)]) -> Result<serde_json::Value, ClientError> {
-        self.get_json(&format!("v1/inspect/{}/grep", seg(uuid)), params).await
+        self.get_json(&format!("v1/inspect/{}/grep", seg(uuid)?), params).await
     }
 }
 
-/// One path segment, escaped (ids come from callers).
-fn seg(s: &str) -> String {
-    url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20")
+/// One path segment, escaped (ids come from callers). Empty, `.` and `..` are refused: a URL
+/// resolves them (escaped too), which would name another endpoint.
+fn seg(s: &str) -> Result<String, ClientError> {
+    if matches!(s, "" | "." | "..") {
+        return Err(ClientError::BadId(s.to_owned()));
+    }
+    Ok(url::form_urlencoded::byte_serialize(s.as_bytes()).collect::<String>().replace('+', "%20"))
 }
 
 fn page(query: &mut Vec<(&str, String)>, limit: Option<i64>, offset: Option<i64>) {
@@ -385,13 +420,13 @@ fn retry_after(resp: &Response) -> Option<Duration> {
 async fn api_error(resp: Response) -> ClientError {
     let status = resp.status();
     let body = resp.bytes().await.unwrap_or_default();
-    match serde_json::from_slice::<ErrorBody>(&body) {
-        Ok(e) => ClientError::Api { status: status.as_u16(), message: e.error },
-        Err(_) => ClientError::Api {
-            status: status.as_u16(),
-            message: status.canonical_reason().unwrap_or("error").to_owned(),
-        },
-    }
+    // Only `error` is certain (a string, or on some servers an object or a list).
+    let error = serde_json::from_slice::<serde_json::Value>(&body).ok().and_then(|v| match v.get("error")? {
+        serde_json::Value::String(s) => Some(s.clone()),
+        other => Some(other.to_string()),
+    });
+    let message = error.unwrap_or_else(|| status.canonical_reason().unwrap_or("error").to_owned());
+    ClientError::Api { status: status.as_u16(), message }
 }
 
 async fn json<T: DeserializeOwned>(resp: Response, what: &str) -> Result<T, ClientError> {
@@ -413,6 +448,9 @@ mod tests {
             assert!(matches!(Client::new(bad, "t"), Err(ClientError::BadUrl(_))), "{bad}");
         }
         assert!(matches!(Client::new("http://h", "a\nb"), Err(ClientError::BadToken)));
-        assert_eq!(seg("../x y/?"), "..%2Fx%20y%2F%3F");
+        assert_eq!(seg("../x y/?").unwrap(), "..%2Fx%20y%2F%3F");
+        for bad in ["", ".", ".."] {
+            assert!(matches!(seg(bad), Err(ClientError::BadId(_))), "{bad:?}");
+        }
     }
 }

@@ -14,8 +14,10 @@ use crate::{Client, ClientError};
 
 /// The contract's cap on one frame (contree-client refuses larger ones too).
 const MAX_FRAME_BYTES: usize = 4 << 20;
-/// Reconnects in a row without an event before the follower gives up.
+/// Connections in a row that bring nothing before the follower gives up.
 const MAX_RECONNECTS: u32 = 8;
+/// Pause before reopening a stream the server ended early.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(500);
 
 /// One frame: its fields, `data` lines joined with `\n`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -52,7 +54,8 @@ impl Parser {
                 line.pop();
             }
             if line.is_empty() {
-                if self.has_data || self.frame.event.is_some() {
+                // A frame without data is not dispatched (the SSE rule).
+                if self.has_data {
                     out.push(std::mem::take(&mut self.frame));
                 }
                 self.frame = Frame::default();
@@ -116,7 +119,6 @@ impl Follower {
         loop {
             if let Some(ev) = self.ready.pop_front() {
                 self.last_id = Some(ev.id);
-                self.failures = 0;
                 self.done |= ev.kind == EventKind::Completion;
                 return Some(Ok(ev));
             }
@@ -131,26 +133,36 @@ impl Follower {
                 continue;
             };
             match body.next().await {
-                Some(Ok(bytes)) => match self.parser.push(&bytes) {
-                    Ok(frames) => {
-                        for frame in frames {
-                            if let Err(e) = self.take(frame) {
-                                self.done = true;
-                                return Some(Err(e));
-                            }
+                Some(Ok(bytes)) => {
+                    // Bytes arrived (a keepalive too): the connection works.
+                    self.failures = 0;
+                    let frames = match self.parser.push(&bytes) {
+                        Ok(frames) => frames,
+                        Err(reason) => {
+                            self.done = true;
+                            return Some(Err(self.broken(reason)));
+                        }
+                    };
+                    for frame in frames {
+                        if let Err(e) = self.take(frame) {
+                            self.done = true;
+                            return Some(Err(e));
                         }
                     }
-                    Err(reason) => {
-                        self.done = true;
-                        return Some(Err(self.broken(reason)));
-                    }
-                },
+                }
                 // Cut off: resume after the last event.
                 Some(Err(_)) => self.body = None,
-                // The server ends a non-following stream at the log's end, a following one
-                // only after `completion`.
+                // The server ends a non-following stream at the log's end.
                 None if !self.options.follow => self.done = true,
-                None => self.body = None,
+                // A following one ends after `completion`, which a stream of one process's
+                // events does not carry: ended cleanly if the operation is terminal.
+                None => match self.client.operation(&self.operation, false).await {
+                    Ok(op) if op.summary.status.is_terminal() => self.done = true,
+                    _ => {
+                        self.body = None;
+                        tokio::time::sleep(RECONNECT_PAUSE).await;
+                    }
+                },
             }
         }
     }
@@ -161,10 +173,13 @@ impl Follower {
             self.body = None;
             return Ok(());
         }
-        let ev: EventView = serde_json::from_str(&frame.data).map_err(|e| ClientError::Decode {
-            what: format!("an event of operation {}", self.operation),
-            source: e,
-        })?;
+        let decode = |e| ClientError::Decode { what: format!("an event of operation {}", self.operation), source: e };
+        let raw: serde_json::Value = serde_json::from_str(&frame.data).map_err(decode)?;
+        // A kind this client does not know (a newer server's) is skipped, not fatal.
+        if raw.get("type").and_then(serde_json::Value::as_str).and_then(EventKind::parse).is_none() {
+            return Ok(());
+        }
+        let ev: EventView = serde_json::from_value(raw).map_err(decode)?;
         if self.last_id.is_some_and(|last| ev.id <= last) || self.ready.back().is_some_and(|b| ev.id <= b.id) {
             return Ok(()); // already handed out
         }
@@ -175,19 +190,16 @@ impl Follower {
     async fn connect(&mut self) -> Result<(), ClientError> {
         loop {
             self.parser = Parser::default();
+            self.failures += 1;
+            if self.failures > MAX_RECONNECTS {
+                return Err(self.broken(format!("{MAX_RECONNECTS} connections in a row brought nothing")));
+            }
             match self.client.open_events(&self.operation, self.options, self.last_id).await {
                 Ok(resp) => {
                     self.body = Some(resp.bytes_stream().boxed());
-                    self.failures += 1;
-                    if self.failures > MAX_RECONNECTS {
-                        return Err(self.broken(format!("no event after {MAX_RECONNECTS} reconnects")));
-                    }
                     return Ok(());
                 }
-                Err(ClientError::Unreachable { .. }) if self.failures < MAX_RECONNECTS => {
-                    self.failures += 1;
-                    tokio::time::sleep(backoff(self.failures)).await;
-                }
+                Err(ClientError::Unreachable { .. }) => tokio::time::sleep(backoff(self.failures)).await,
                 Err(e) => return Err(e),
             }
         }

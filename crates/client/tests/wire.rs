@@ -47,6 +47,14 @@ fn sse(frames: &[(i64, &str)]) -> String {
     body
 }
 
+/// `GET /operations/{id}` of an operation in `status`.
+fn op(status: &str) -> String {
+    let body = format!(
+        r#"{{"uuid":"op-1","kind":"instance","status":"{status}","error":null,"created_at":"2026-06-08T20:00:00Z","duration":0.0,"image_size":null,"consumed_cpu":null,"consumed_memory":null,"image_uuid":null,"result_image_uuid":null,"metadata":{{}},"result":null}}"#
+    );
+    json("200 OK", &body, "")
+}
+
 fn json(status: &str, body: &str, extra: &str) -> String {
     format!(
         "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
@@ -61,20 +69,34 @@ async fn a_broken_stream_resumes_after_the_last_event_without_repeats() {
         "{}: stream ended with error, retry since last event id\n\nevent: sse_error\ndata: event log read failed\n\n",
         sse(&[(2, "stdout")])
     );
-    let rest = sse(&[(1, "stdout"), (2, "stdout"), (3, "exit"), (4, "completion")]);
-    let (url, seen) = server(vec![cut, failed, rest]).await;
+    let rest = sse(&[(1, "stdout"), (2, "stdout"), (3, "future_kind"), (4, "exit"), (5, "completion")]);
+    // After the cut the client asks whether the operation ended (it has not).
+    let (url, seen) = server(vec![cut, op("EXECUTING"), failed, rest]).await;
     let client = Client::new(&url, "secret").unwrap();
     let events: Vec<_> =
         client.events("op-1", EventsOptions { follow: true, ..Default::default() }).try_collect().await.unwrap();
     let ids: Vec<i64> = events.iter().map(|e| e.id).collect();
-    assert_eq!(ids, [0, 1, 2, 3, 4], "each event once, in order");
+    assert_eq!(ids, [0, 1, 2, 4, 5], "each event once, in order; an unknown kind skipped");
     assert_eq!(events.last().unwrap().kind, EventKind::Completion);
     let seen = seen.lock().unwrap();
-    assert_eq!(seen.len(), 3);
+    assert_eq!(seen.len(), 4);
     assert!(seen[0].starts_with("get /v1/operations/op-1/events?follow=1 "), "{}", seen[0]);
     assert!(seen[0].contains("authorization: bearer secret") && !seen[0].contains("last-event-id"));
-    assert!(seen[1].contains("last-event-id: 1"), "resumed after 1: {}", seen[1]);
-    assert!(seen[2].contains("last-event-id: 2"), "resumed after 2: {}", seen[2]);
+    assert!(seen[1].starts_with("get /v1/operations/op-1 "), "{}", seen[1]);
+    assert!(seen[2].contains("last-event-id: 1"), "resumed after 1: {}", seen[2]);
+    assert!(seen[3].contains("last-event-id: 2"), "resumed after 2: {}", seen[3]);
+}
+
+/// One process's events carry no `completion`: its stream ends when the operation is over,
+/// which is then a clean end, not a broken stream.
+#[tokio::test]
+async fn a_process_stream_ends_cleanly_with_its_operation() {
+    let (url, seen) = server(vec![sse(&[(3, "spawn"), (4, "stdout"), (5, "exit")]), op("SUCCESS")]).await;
+    let client = Client::new(&url, "t").unwrap();
+    let options = EventsOptions { follow: true, spid: Some(2), ..Default::default() };
+    let events: Vec<_> = client.events("op-1", options).try_collect().await.unwrap();
+    assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), [3, 4, 5]);
+    assert_eq!(seen.lock().unwrap().len(), 2, "no reconnect");
 }
 
 #[tokio::test]
@@ -100,6 +122,7 @@ async fn idempotent_calls_are_retried_and_spawns_never() {
 async fn refusals_carry_the_servers_message_and_a_proxys_page_its_status() {
     let (url, _) = server(vec![
         json("404 Not Found", r#"{"error":"image not found: tag:nope","status":404}"#, ""),
+        json("404 Not Found", r#"{"error":{"detail":"Operation not in this namespace"}}"#, ""),
         "HTTP/1.1 502 Bad Gateway\r\ncontent-length: 5\r\nconnection: close\r\n\r\n<html".to_owned(),
     ])
     .await;
@@ -107,6 +130,9 @@ async fn refusals_carry_the_servers_message_and_a_proxys_page_its_status() {
     let err = client.lineage("x").await.unwrap_err();
     assert_eq!(err.status(), Some(404));
     assert_eq!(err.to_string(), "image not found: tag:nope (HTTP 404)");
+    // Only `error` is certain, and it need not be a string.
+    let err = client.operation("x", false).await.unwrap_err();
+    assert_eq!(err.to_string(), r#"{"detail":"Operation not in this namespace"} (HTTP 404)"#);
     // A POST is not retried, so the 502 comes straight back, without the page.
     let err = client.import(&serde_json::from_str(r#"{"registry":{"url":"docker://x"}}"#).unwrap()).await.unwrap_err();
     assert_eq!(err.to_string(), "Bad Gateway (HTTP 502)");

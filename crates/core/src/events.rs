@@ -189,7 +189,10 @@ pub(crate) async fn fail_operation(store: Arc<dyn Store>, hub: Arc<EventHub>, op
 
 /// The wire view of a stored event; `None` for a kind the core never writes.
 pub(crate) fn view(ev: &EventRecord) -> Option<EventView> {
-    let kind = EventKind::parse(&ev.kind)?;
+    let Some(kind) = EventKind::parse(&ev.kind) else {
+        tracing::warn!(op = %ev.operation_uuid, id = ev.id, kind = %ev.kind, "skipping a stored event of an unknown kind");
+        return None;
+    };
     Some(EventView { id: ev.id, ts: format_ts(ev.ts_us), spid: ev.spid, kind, data: ev.data.clone() })
 }
 

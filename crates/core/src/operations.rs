@@ -81,6 +81,9 @@ fn duration_secs(op: &OperationRecord) -> f64 {
 }
 
 pub fn summary(op: &OperationRecord) -> OperationSummary {
+    if Status::parse(&op.status).is_none() || OperationKind::parse(&op.kind).is_none() {
+        tracing::warn!(op = %op.uuid, status = %op.status, kind = %op.kind, "an operation row the core did not write");
+    }
     OperationSummary {
         uuid: op.uuid.to_string(),
         // Rows are the core's own; one it did not write reads as a failed run.

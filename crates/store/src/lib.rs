@@ -3,10 +3,12 @@
 //! implementation (sqlx; the schema keeps to types PostgreSQL shares so a second backend
 //! can follow).
 
+mod directory_states;
 mod records;
 mod retention;
 mod sqlite;
 
+pub use directory_states::{DirectoryEntry, DirectoryStateRecord, DirectoryStates};
 pub use records::*;
 pub use retention::{ExpiredOperation, NamespaceCounts, RemovedImage, Retention};
 pub use sqlite::SqliteStore;
@@ -77,7 +79,7 @@ pub type StoreResult<T> = Result<T, StoreError>;
 
 /// Persistence of everything the core needs to survive a restart.
 #[async_trait]
-pub trait Store: Retention + Send + Sync {
+pub trait Store: Retention + DirectoryStates + Send + Sync {
     async fn insert_image(&self, image: &ImageRecord) -> StoreResult<()>;
     async fn get_image(&self, uuid: Uuid) -> StoreResult<Option<ImageRecord>>;
     /// Points `tag` in `namespace` at `image`, taking it from any previous holder.

@@ -13,6 +13,7 @@ use sqlx::sqlite::{
 use sqlx::{Connection as _, QueryBuilder, Row, Sqlite};
 use uuid::Uuid;
 
+mod directory_states;
 mod retention;
 
 use crate::records::EnvMap;

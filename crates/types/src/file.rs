@@ -25,3 +25,30 @@ pub struct FileView {
 pub struct FileList {
     pub files: Vec<FileView>,
 }
+
+/// One file of a directory state (Boxwood extension): an upload put at `path` in the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectoryStateFile {
+    /// Absolute path in the VM.
+    pub path: String,
+    /// The upload's UUID (`POST /files`).
+    pub uuid: String,
+    /// Permission bits (default 0644).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+}
+
+/// `POST /v1/directory-states` body (Boxwood extension): a synced tree, as uploads by path.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectoryStateRequest {
+    pub files: Vec<DirectoryStateFile>,
+}
+
+/// A directory state (Boxwood extension): what `rsync` registered; `run` with its id puts
+/// the files in the VM. Namespaced like uploads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DirectoryState {
+    pub id: i64,
+    pub created_at: String,
+    pub files: Vec<DirectoryStateFile>,
+}

@@ -12,7 +12,7 @@ mod operation;
 mod redact;
 mod stream;
 
-pub use file::{FileList, FileResponse, FileView};
+pub use file::{DirectoryState, DirectoryStateFile, DirectoryStateRequest, FileList, FileResponse, FileView};
 pub use health::{Check, Readiness, ReadinessChecks, TemplateCheck, WhoAmI};
 pub use image::{
     ImageList, ImageView, ImportRequest, LineageView, RegistryCredentials, RegistrySpec, RemovedImageView, TagRequest,

@@ -132,3 +132,58 @@ async fn subprocesses_cancel_and_refusals_through_the_typed_client() {
     assert_eq!(c.operation("not-a-uuid", false).await.unwrap_err().status(), Some(400));
     s.stop().await;
 }
+
+/// Boxwood's directory states: uploads by path, namespaced like the uploads themselves; a
+/// state is refused up front when a path or upload is wrong, and a run with it gets the files
+/// with their modes.
+#[tokio::test]
+async fn directory_states_are_checked_namespaced_and_run_with() {
+    use boxwood_client::types::{DirectoryStateFile, DirectoryStateRequest};
+    use boxwood_core::auth::Permission;
+    let s = TestServer::start_with(|c| {
+        c.tokens = vec![
+            crate::harness::token("alpha-secret", "alpha", &Permission::ALL),
+            crate::harness::token("beta-secret", "beta", &Permission::ALL),
+        ];
+    })
+    .await;
+    let alpha = Client::new(&s.url, "alpha-secret").unwrap();
+    let beta = Client::new(&s.url, "beta-secret").unwrap();
+    let script = alpha.upload(b"#!/bin/sh\necho from the state\n".to_vec()).await.unwrap();
+    let data = alpha.upload(b"payload\n".to_vec()).await.unwrap();
+    let file = |path: &str, uuid: &str, mode| DirectoryStateFile { path: path.into(), uuid: uuid.into(), mode };
+    let good = DirectoryStateRequest {
+        files: vec![file("/app/run.sh", &script.uuid, Some(0o755)), file("/app/pkg/data.txt", &data.uuid, None)],
+    };
+    let state = alpha.create_directory_state(&good).await.unwrap();
+    assert_eq!(alpha.directory_state(state.id).await.unwrap().files.len(), 2);
+    // Another namespace neither sees the state nor may name alpha's uploads.
+    assert_eq!(beta.directory_state(state.id).await.unwrap_err().status(), Some(404));
+    assert_eq!(beta.create_directory_state(&good).await.unwrap_err().status(), Some(404));
+    for (why, bad) in [
+        ("relative path", vec![file("app/x", &data.uuid, None)]),
+        ("dot-dot", vec![file("/app/../etc/passwd", &data.uuid, None)]),
+        ("twice", vec![file("/a", &data.uuid, None), file("/a", &data.uuid, None)]),
+        ("mode", vec![file("/a", &data.uuid, Some(0o17777))]),
+        ("uuid", vec![file("/a", "not-a-uuid", None)]),
+    ] {
+        let err = alpha.create_directory_state(&DirectoryStateRequest { files: bad }).await.unwrap_err();
+        assert_eq!(err.status(), Some(400), "{why}: {err}");
+    }
+    assert_eq!(alpha.directory_state(state.id + 1000).await.unwrap_err().status(), Some(404));
+
+    // The MCP server's `run` with this state puts the files in place with their modes.
+    let got = alpha.directory_state(state.id).await.unwrap();
+    let mut req =
+        shell("tag:busybox:latest", "cd /app && ./run.sh && cat pkg/data.txt && stat -c %a run.sh pkg/data.txt");
+    req.files = Some(
+        got.files
+            .iter()
+            .map(|f| (f.path.clone(), json!({"uuid": f.uuid, "mode": format!("{:04o}", f.mode.unwrap_or(0o644))})))
+            .collect(),
+    );
+    let op = alpha.wait(&alpha.spawn(&req).await.unwrap().uuid).await.unwrap();
+    let result: boxwood_client::types::InstanceResult = serde_json::from_value(op.metadata["result"].clone()).unwrap();
+    assert_eq!(String::from_utf8_lossy(&result.stdout.bytes()), "from the state\npayload\n755\n644\n");
+    s.stop().await;
+}

@@ -2,6 +2,7 @@
 //! authorization, resolution of images, the run queue and the operation lifecycle. The
 //! methods are grouped by resource in the submodules.
 
+mod directory_states;
 mod files;
 mod health;
 mod images;
