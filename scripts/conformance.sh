@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Drives a real Boxwood server with the published Contree clients:
 #  - contree-client 0.4.4's live integration suite (../shared/conformance/client_suite.sh),
-#  - contree-mcp 0.5.0 tool scenarios (../shared/conformance/mcp_check.sh),
+#  - contree-mcp 0.5.0 tool scenarios (../shared/conformance/mcp_check.sh), and the same
+#    scenarios through our own `boxwood mcp`,
 #  - our own contree-cli 0.9.4 and contree-sdk 0.3.6 end-to-end checks (tests/clients/).
 # The server mirrors docker.io to a loopback docker-registry holding library/busybox:latest
 # (built here from busybox-static), so imports work without Internet access.
-#   scripts/conformance.sh [client|mcp|clients ...]   (default: all three)
+#   scripts/conformance.sh [client|mcp|native-mcp|clients ...]   (default: all four)
 # Expects scripts/install-deps.sh to have run and target/debug/boxwood to be built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 conformance=$root/../shared/conformance
 parts=("$@")
-((${#parts[@]})) || parts=(client mcp clients)
+((${#parts[@]})) || parts=(client mcp native-mcp clients)
 
 work=$(mktemp -d)
 cleanup() {
@@ -78,6 +79,10 @@ for part in "${parts[@]}"; do
     mcp)
       echo "== contree-mcp 0.5.0 scenarios"
       "$conformance/mcp_check.sh" --url "$url" --token "$token" || failed+=(mcp) ;;
+    native-mcp)
+      echo "== the same scenarios through boxwood mcp (stdio)"
+      "$conformance/mcp_check.sh" --url "$url" --token "$token" --mcp-command "$root/target/debug/boxwood" \
+        --mcp-args "mcp --url {url} --token {token}" ${MCP_ONLY:+--only $MCP_ONLY} || failed+=(native-mcp) ;;
     clients)
       echo "== contree-cli 0.9.4 and contree-sdk 0.3.6 end to end"
       BOXWOOD_URL=$url BOXWOOD_TOKEN=$token "$venv/bin/python" -m pytest -q -p no:cacheprovider \

@@ -46,6 +46,16 @@ enum Command {
         #[arg(long)]
         agent: Option<PathBuf>,
     },
+    /// Serve the MCP tools (run, upload, inspect, tags, operations) on stdin/stdout, for an
+    /// agent whose MCP configuration starts `boxwood mcp`.
+    Mcp {
+        /// The server (default: BOXWOOD_URL, else CONTREE_URL, else http://127.0.0.1:8080).
+        #[arg(long)]
+        url: Option<String>,
+        /// The API token (default: BOXWOOD_TOKEN, else CONTREE_TOKEN).
+        #[arg(long)]
+        token: Option<String>,
+    },
     /// Print the SHA-256 to put in a `[[tokens]]` entry instead of the secret.
     HashToken { secret: String },
     /// Run one pass of the retention policy ([core.retention]) on the running server now.
@@ -122,14 +132,27 @@ async fn main() -> anyhow::Result<()> {
     // First: the database, blobs, layers, guest assets and every QEMU's files are private.
     boxwood::state::set_private_umask();
     let cli = Cli::parse();
+    // `boxwood mcp` speaks on stdout; its stderr reaches the agent's logs, so only warnings.
+    let default_level = if matches!(cli.command, Command::Mcp { .. }) { "warn" } else { "info" };
     let logs = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
         .with_writer(std::io::stderr);
     match cli.log_format {
         LogFormat::Text => logs.init(),
         LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
     }
     match cli.command {
+        Command::Mcp { url, token } => {
+            let from_env =
+                |names: [&str; 2]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()));
+            let url = url.or_else(|| from_env(["BOXWOOD_URL", "CONTREE_URL"]));
+            let url = url.unwrap_or_else(|| "http://127.0.0.1:8080".into());
+            let token = token
+                .or_else(|| from_env(["BOXWOOD_TOKEN", "CONTREE_TOKEN"]))
+                .context("no token: pass --token or set BOXWOOD_TOKEN")?;
+            let client = boxwood_client::Client::new(&url, &token)?;
+            boxwood_mcp::serve_stdio(client).await.map_err(anyhow::Error::msg)
+        }
         Command::HashToken { secret } => {
             println!("{}", boxwood_core::auth::sha256_hex(&secret));
             Ok(())

@@ -22,6 +22,7 @@ mod inspect;
 mod isolation;
 mod lifecycle;
 mod live;
+mod mcp;
 mod metrics;
 mod python;
 mod retention;

@@ -1,0 +1,97 @@
+//! `boxwood mcp` driven by rmcp's own client over stdio, against a real server: the tool set
+//! is listed with contree-mcp's names, `run` answers as documented, and mistakes (wrong
+//! argument types, `files` the wrong way round, an unknown tool, a wrong token, a server that
+//! is down) come back as one clear line, not a crash or a hang.
+
+use rmcp::RoleClient;
+use rmcp::model::{CallToolRequestParams, CallToolResult};
+use rmcp::service::{RunningService, ServiceExt as _};
+use rmcp::transport::TokioChildProcess;
+use serde_json::{Value, json};
+
+use crate::harness::TestServer;
+
+async fn connect(url: &str, token: &str) -> RunningService<RoleClient, ()> {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_boxwood"));
+    cmd.args(["mcp", "--url", url, "--token", token]).env_remove("BOXWOOD_TOKEN").env_remove("CONTREE_TOKEN");
+    ().serve(TokioChildProcess::new(cmd).unwrap()).await.expect("boxwood mcp starts and initializes")
+}
+
+async fn call(c: &RunningService<RoleClient, ()>, tool: &'static str, args: Value) -> CallToolResult {
+    let args = args.as_object().cloned().unwrap_or_default();
+    c.call_tool(CallToolRequestParams::new(tool).with_arguments(args))
+        .await
+        .expect("a tool answer, not a protocol error")
+}
+
+fn text(r: &CallToolResult) -> String {
+    serde_json::to_value(&r.content).unwrap().to_string()
+}
+
+#[tokio::test]
+async fn agents_get_the_tool_set_results_and_clear_mistakes() {
+    let s = TestServer::start().await;
+    let c = connect(&s.url, &s.token).await;
+    let tools: Vec<String> = c.list_all_tools().await.unwrap().into_iter().map(|t| t.name.into_owned()).collect();
+    for name in [
+        "run",
+        "upload",
+        "rsync",
+        "list_images",
+        "get_image",
+        "import_image",
+        "set_tag",
+        "download",
+        "list_files",
+        "read_file",
+        "grep",
+        "get_operation",
+        "list_operations",
+        "wait_operations",
+        "cancel_operation",
+        "whoami",
+        "get_guide",
+        "image_lineage",
+        "exec",
+    ] {
+        assert!(tools.iter().any(|t| t == name), "{name} missing from {tools:?}");
+    }
+
+    let r = call(&c, "run", json!({"command": "echo $MY_VAR; echo err >&2; exit 3", "image": "tag:busybox:latest", "env": {"MY_VAR": "hi"}})).await;
+    assert_ne!(r.is_error, Some(true), "{}", text(&r));
+    let out = r.structured_content.clone().expect("structured output");
+    assert_eq!((out["status"].as_str(), out["exit_code"].as_i64()), (Some("SUCCESS"), Some(3)), "{out}");
+    assert_eq!((out["stdout"].as_str(), out["stderr"].as_str()), (Some("hi\n"), Some("err\n")));
+    assert_eq!((out["filesystem_changed"].as_bool(), out["timed_out"].as_bool()), (Some(false), Some(false)));
+
+    let up = call(&c, "upload", json!({"content": "x"})).await.structured_content.unwrap();
+    let uuid = up["uuid"].as_str().unwrap();
+    for (args, says) in [
+        (json!({"command": 5, "image": "tag:busybox:latest"}), "expected a string"),
+        (json!({"command": "true", "image": "tag:busybox:latest", "files": {uuid: "/app/x"}}), "wrong way round"),
+        (json!({"command": "true", "image": "tag:nope"}), "list_images"),
+    ] {
+        let r = c.call_tool(CallToolRequestParams::new("run").with_arguments(args.as_object().cloned().unwrap())).await;
+        let shown = match r {
+            Ok(r) => {
+                assert_eq!(r.is_error, Some(true), "{args}: {}", text(&r));
+                text(&r)
+            }
+            Err(e) => e.to_string(), // invalid params are a protocol error with the reason
+        };
+        assert!(shown.contains(says), "{args}: {shown}");
+    }
+    assert!(c.call_tool(CallToolRequestParams::new("no_such_tool")).await.is_err(), "an unknown tool is refused");
+    c.cancel().await.unwrap();
+
+    // A wrong token, and a server that is down, each say so in one line.
+    let c = connect(&s.url, "wrong-token").await;
+    let r = call(&c, "whoami", json!({})).await;
+    assert!(r.is_error == Some(true) && text(&r).contains("refused the token"), "{}", text(&r));
+    c.cancel().await.unwrap();
+    let c = connect("http://127.0.0.1:9", &s.token).await;
+    let r = call(&c, "list_images", json!({})).await;
+    assert!(r.is_error == Some(true) && text(&r).contains("cannot reach the Boxwood server"), "{}", text(&r));
+    c.cancel().await.unwrap();
+    s.stop().await;
+}
