@@ -2,18 +2,18 @@
 # Drives a real Boxwood server with the published Contree clients:
 #  - contree-client 0.4.4's live integration suite (../shared/conformance/client_suite.sh),
 #  - contree-mcp 0.5.0 tool scenarios (../shared/conformance/mcp_check.sh), and the same
-#    scenarios through our own `boxwood mcp`,
+#    scenarios through our own `boxwood mcp` (stdio) and the server's `/mcp` (HTTP),
 #  - our own contree-cli 0.9.4 and contree-sdk 0.3.6 end-to-end checks (tests/clients/).
 # The server mirrors docker.io to a loopback docker-registry holding library/busybox:latest
 # (built here from busybox-static), so imports work without Internet access.
-#   scripts/conformance.sh [client|mcp|native-mcp|clients ...]   (default: all four)
+#   scripts/conformance.sh [client|mcp|native-mcp|mcp-http|clients ...]   (default: all five)
 # Expects scripts/install-deps.sh to have run and target/debug/boxwood to be built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
 conformance=$root/../shared/conformance
 parts=("$@")
-((${#parts[@]})) || parts=(client mcp native-mcp clients)
+((${#parts[@]})) || parts=(client mcp native-mcp mcp-http clients)
 
 work=$(mktemp -d)
 cleanup() {
@@ -44,7 +44,9 @@ for _ in $(seq 1 50); do curl -fs "http://127.0.0.1:$port/v2/" >/dev/null && bre
 skopeo copy --quiet --dest-tls-verify=false "oci:$work/oci:busybox" "docker://127.0.0.1:$port/library/busybox:latest"
 
 echo "== server (docker.io mirrored to 127.0.0.1:$port)"
-printf '[registry]\nmirrors = { "docker.io" = ["http://127.0.0.1:%s"] }\n' "$port" >"$work/boxwood.toml"
+# /mcp may use this host's files here (the scenarios' rsync and download): one user, ours.
+printf '[registry]\nmirrors = { "docker.io" = ["http://127.0.0.1:%s"] }\n[mcp]\nhost_files = true\n' "$port" \
+  >"$work/boxwood.toml"
 target/debug/boxwood serve --config "$work/boxwood.toml" --state-dir "$work/state" --listen 127.0.0.1:0 \
   --accel "${BOXWOOD_ACCEL:-tcg}" >"$work/out" 2>"$work/server.log" &
 server=$!
@@ -83,6 +85,10 @@ for part in "${parts[@]}"; do
       echo "== the same scenarios through boxwood mcp (stdio)"
       "$conformance/mcp_check.sh" --url "$url" --token "$token" --mcp-command "$root/target/debug/boxwood" \
         --mcp-args "mcp --url {url} --token {token}" ${MCP_ONLY:+--only $MCP_ONLY} || failed+=(native-mcp) ;;
+    mcp-http)
+      echo "== the same scenarios through the server's own /mcp (streamable HTTP)"
+      "$conformance/mcp_check.sh" --url "$url" --token "$token" --mcp-http "$url/mcp" \
+        ${MCP_ONLY:+--only $MCP_ONLY} || failed+=(mcp-http) ;;
     clients)
       echo "== contree-cli 0.9.4 and contree-sdk 0.3.6 end to end"
       BOXWOOD_URL=$url BOXWOOD_TOKEN=$token "$venv/bin/python" -m pytest -q -p no:cacheprovider \

@@ -27,6 +27,7 @@ use tower_http::trace::TraceLayer;
 
 pub use admin::{ADMIN_SOCKET, admin_router};
 pub use error::{ApiError, ApiResult};
+pub use extract::bearer_token;
 pub use metrics::install_metrics;
 pub use serve::{HttpConfig, serve};
 

@@ -37,6 +37,7 @@ pub struct App {
     /// Closed last, so the database is checkpointed and its `-wal` settled when `serve` returns.
     db: Arc<SqliteStore>,
     http: boxwood_api::HttpConfig,
+    mcp: crate::config::McpConfig,
     /// The operator's socket (`boxwood gc`, `boxwood usage`) and its path.
     admin: (UnixListener, PathBuf),
 }
@@ -94,7 +95,17 @@ impl App {
         seed_base_image(&service, layers.as_ref(), &config.busybox).await?;
         let listener = TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
         let admin = bind_admin(&state.join(boxwood_api::ADMIN_SOCKET))?;
-        Ok(Self { service, listener, bootstrap_token, accel, egress, db, http: config.http.clone(), admin })
+        Ok(Self {
+            service,
+            listener,
+            bootstrap_token,
+            accel,
+            egress,
+            db,
+            http: config.http.clone(),
+            mcp: config.mcp.clone(),
+            admin,
+        })
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -119,7 +130,9 @@ impl App {
                 tracing::warn!(error = %e, "the admin socket stopped serving");
             }
         });
-        let router = boxwood_api::router(self.service);
+        let own_url = loopback_url(self.listener.local_addr()?);
+        let router = boxwood_api::router(self.service.clone())
+            .nest_service("/mcp", mcp_service(self.service, own_url, &self.mcp)?);
         boxwood_api::serve(self.listener, router, &self.http, shutdown, async move { service.shutdown().await }).await;
         admin_stop.cancel();
         if tokio::time::timeout(std::time::Duration::from_secs(2), admin).await.is_err() {
@@ -133,6 +146,53 @@ impl App {
         }
         Ok(())
     }
+}
+
+/// The URL this server answers itself on (a wildcard listen address is reached on loopback).
+fn loopback_url(addr: SocketAddr) -> String {
+    let ip = match addr.ip() {
+        std::net::IpAddr::V4(ip) if ip.is_unspecified() => std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        std::net::IpAddr::V6(ip) if ip.is_unspecified() => std::net::IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+        ip => ip,
+    };
+    format!("http://{}", SocketAddr::new(ip, addr.port()))
+}
+
+/// `/mcp`: the MCP tools over streamable HTTP. A request is authenticated like any API call
+/// (401/403 in the API's envelope otherwise); its tools then call this server's API back on
+/// loopback with the caller's own token, so they see exactly what the caller may.
+fn mcp_service(
+    service: boxwood_core::Service,
+    own_url: String,
+    config: &crate::config::McpConfig,
+) -> anyhow::Result<axum::Router> {
+    use axum::extract::{Request, State};
+    use axum::middleware::Next;
+    use axum::response::IntoResponse as _;
+    let fallback = boxwood_client::Client::new(&own_url, "").context("the server's own URL")?;
+    let tools = boxwood_mcp::http_service(fallback, config.allowed_hosts.clone(), config.host_files);
+    async fn authenticate(
+        State((service, url)): State<(boxwood_core::Service, String)>,
+        mut req: Request,
+        next: Next,
+    ) -> axum::response::Response {
+        let token = boxwood_api::bearer_token(req.headers()).map(str::to_owned);
+        if let Err(e) = service.authenticate(token.as_deref()).await {
+            return boxwood_api::ApiError::from(e).into_response();
+        }
+        match boxwood_client::Client::new(&url, token.as_deref().unwrap_or_default()) {
+            Ok(client) => {
+                req.extensions_mut().insert(client);
+                next.run(req).await
+            }
+            // It came in a header, so it goes back out in one; kept total anyway.
+            Err(_) => boxwood_api::ApiError::new(axum::http::StatusCode::UNAUTHORIZED, "unusable bearer token")
+                .into_response(),
+        }
+    }
+    Ok(axum::Router::new()
+        .fallback_service(tools)
+        .layer(axum::middleware::from_fn_with_state((service, own_url), authenticate)))
 }
 
 /// Opens (creating or migrating) the metadata database under the state dir, which it makes

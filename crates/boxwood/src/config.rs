@@ -39,6 +39,29 @@ pub struct Config {
     /// API tokens. With none configured, the server creates one bootstrap token with every
     /// permission (kept in `<state_dir>/bootstrap-token`) and prints it at start.
     pub tokens: Vec<TokenConfig>,
+    /// The MCP tools over streamable HTTP at `/mcp`.
+    pub mcp: McpConfig,
+}
+
+/// `[mcp]`: the tool set `boxwood mcp` serves on stdio, also at `/mcp` (same tokens and
+/// namespaces as the API).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct McpConfig {
+    /// `Host` header values `/mcp` accepts (a guard against DNS rebinding): loopback by
+    /// default; list the names clients use to reach a server that is not on loopback.
+    pub allowed_hosts: Vec<String>,
+    /// Let `/mcp`'s `upload` (with `path`), `download` and `rsync` read and write this host's
+    /// files, as the server's user, for whoever holds a token. Only for a machine whose only
+    /// user is the one running the server (the conformance tests); off by default, and then
+    /// those tools say to run `boxwood mcp` beside the agent instead.
+    pub host_files: bool,
+}
+
+impl Default for McpConfig {
+    fn default() -> Self {
+        Self { allowed_hosts: ["localhost", "127.0.0.1", "::1", "[::1]"].map(String::from).to_vec(), host_files: false }
+    }
 }
 
 impl Default for Config {
@@ -55,6 +78,7 @@ impl Default for Config {
             http: boxwood_api::HttpConfig::default(),
             registry: boxwood_oci::RegistryConfig::default(),
             tokens: Vec::new(),
+            mcp: McpConfig::default(),
         }
     }
 }

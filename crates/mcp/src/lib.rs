@@ -38,7 +38,36 @@ fn ok(value: Value) -> ToolResult {
 #[derive(Clone)]
 pub struct BoxwoodMcp {
     client: Client,
+    /// Whether tools may read and write files of the machine this server runs on (`upload`
+    /// with `path`, `download`, `rsync`): yes beside the agent (stdio); over HTTP that machine
+    /// is the Boxwood server, whose files are not the caller's to read or write.
+    host_files: bool,
     tool_router: ToolRouter<Self>,
+}
+
+/// What the local-file tools answer where they may not touch this machine's files.
+const NO_HOST_FILES: &str = "this MCP server runs on the Boxwood server, not beside you, so it does not read or \
+write files here: use `upload` with `content`/`content_base64`, `read_file`, or run `boxwood mcp` on your own machine";
+
+/// The tools over streamable HTTP, for the server's own `/mcp`: each request's tools call the
+/// API as that request's caller, through the [`Client`] its authentication put in the
+/// request's extensions (a request without one is answered by `fallback`, which should hold
+/// no usable token). `allowed_hosts`: the `Host` values accepted (DNS-rebinding guard).
+pub fn http_service(
+    fallback: Client,
+    allowed_hosts: Vec<String>,
+    host_files: bool,
+) -> rmcp::transport::streamable_http_server::StreamableHttpService<
+    BoxwoodMcp,
+    rmcp::transport::streamable_http_server::session::local::LocalSessionManager,
+> {
+    let mut config = rmcp::transport::streamable_http_server::StreamableHttpServerConfig::default();
+    config.allowed_hosts = allowed_hosts;
+    rmcp::transport::streamable_http_server::StreamableHttpService::new(
+        move || Ok(BoxwoodMcp { host_files, ..BoxwoodMcp::new(fallback.clone()) }),
+        Default::default(),
+        config,
+    )
 }
 
 /// Serves the tools on stdin/stdout until the client goes away.
@@ -48,8 +77,13 @@ pub async fn serve_stdio(client: Client) -> Result<(), String> {
 }
 
 impl BoxwoodMcp {
+    /// Tools beside the agent: they may use this machine's files.
     pub fn new(client: Client) -> Self {
-        Self { client, tool_router: Self::tool_router() }
+        Self { client, host_files: true, tool_router: Self::tool_router() }
+    }
+
+    fn check_host_files(&self) -> Result<(), String> {
+        if self.host_files { Ok(()) } else { Err(NO_HOST_FILES.into()) }
     }
 
     fn fail(&self, e: &ClientError) -> String {
@@ -154,6 +188,7 @@ impl BoxwoodMcp {
     async fn upload(&self, Parameters(p): Parameters<Upload>) -> ToolResult {
         let bytes = match (&p.path, &p.content, &p.content_base64) {
             (Some(path), None, None) => {
+                self.check_host_files()?;
                 if !path.starts_with('/') {
                     return Err(format!("path {path:?} must be absolute"));
                 }
@@ -179,6 +214,7 @@ impl BoxwoodMcp {
     /// Example: {"source": "/home/me/proj", "destination": "/app", "exclude": ["*.log"]}.
     #[tool]
     async fn rsync(&self, Parameters(p): Parameters<Rsync>) -> ToolResult {
+        self.check_host_files()?;
         let me = self.client.whoami().await.map_err(|e| self.fail(&e))?;
         let exclude = p.exclude.unwrap_or_default();
         match rsync::sync(&self.client, &me.token_uuid, &p.source, &p.destination, &exclude).await {
@@ -251,6 +287,7 @@ impl BoxwoodMcp {
     /// Copies a file out of an image to a local path, without starting a VM.
     #[tool]
     async fn download(&self, Parameters(p): Parameters<Download>) -> ToolResult {
+        self.check_host_files()?;
         if !p.destination.starts_with('/') {
             return Err(format!("destination {:?} must be an absolute local path", p.destination));
         }
@@ -448,6 +485,22 @@ impl BoxwoodMcp {
 
 #[tool_handler(router = self.tool_router)]
 impl ServerHandler for BoxwoodMcp {
+    /// Over HTTP a tool runs as the request's caller: the client its authentication left in
+    /// the request (see [`http_service`]); over stdio, as the configured token.
+    async fn call_tool(
+        &self,
+        request: rmcp::model::CallToolRequestParams,
+        context: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::CallToolResponse, rmcp::ErrorData> {
+        let caller = context.extensions.get::<http::request::Parts>().and_then(|p| p.extensions.get::<Client>());
+        let this = match caller {
+            Some(client) => Self { client: client.clone(), ..self.clone() },
+            None => self.clone(),
+        };
+        let tcc = rmcp::handler::server::tool::ToolCallContext::new(&this, request, context);
+        this.tool_router.call(tcc).await
+    }
+
     fn get_info(&self) -> ServerConfig {
         ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
             .with_server_info(Implementation::new("boxwood", env!("CARGO_PKG_VERSION")))

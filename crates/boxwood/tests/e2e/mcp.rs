@@ -95,3 +95,71 @@ async fn agents_get_the_tool_set_results_and_clear_mistakes() {
     c.cancel().await.unwrap();
     s.stop().await;
 }
+
+/// The server's own `/mcp`: only with a token of the API, each caller's tools see its own
+/// namespace, and the tools that would touch the server host's files refuse unless the
+/// operator allowed it.
+#[tokio::test]
+async fn the_servers_mcp_endpoint_is_the_api_behind_the_same_tokens() {
+    use boxwood_core::auth::Permission;
+    use rmcp::transport::StreamableHttpClientTransport;
+    use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+    let s = TestServer::start_with(|c| {
+        c.tokens = vec![
+            crate::harness::token("alpha-secret", "alpha", &Permission::ALL),
+            crate::harness::token("beta-secret", "beta", &Permission::ALL),
+        ];
+    })
+    .await;
+    let url = format!("{}/mcp", s.url);
+    // Positive control first: the endpoint answers an MCP initialize with a token…
+    let over_http = |token: &str| {
+        let config = StreamableHttpClientTransportConfig::with_uri(url.clone()).auth_header(token.to_owned());
+        ().serve(StreamableHttpClientTransport::from_config(config))
+    };
+    let alpha = over_http("alpha-secret").await.expect("an MCP session over HTTP");
+    // …and nothing without one, or with a wrong one (the API's envelope).
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}});
+    for auth in [None, Some("Bearer wrong")] {
+        let mut req =
+            reqwest::Client::new().post(&url).header("accept", "application/json, text/event-stream").json(&init);
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status(), 401, "{auth:?}");
+        let body: Value = resp.json().await.unwrap();
+        assert_eq!(body["status"], 401, "{body}");
+    }
+
+    let up = call(&alpha, "upload", json!({"content": "alpha's"})).await.structured_content.unwrap();
+    let who = call(&alpha, "whoami", json!({})).await.structured_content.unwrap();
+    assert!(who["permissions"].is_object(), "{who}");
+    let beta = over_http("beta-secret").await.unwrap();
+    let r =
+        call(&beta, "run", json!({"command": "cat /x", "image": "tag:busybox:latest", "files": {"/x": up["uuid"]}}))
+            .await;
+    assert_eq!(r.is_error, Some(true), "beta cannot use alpha's upload: {}", text(&r));
+    let r =
+        call(&alpha, "run", json!({"command": "cat /x", "image": "tag:busybox:latest", "files": {"/x": up["uuid"]}}))
+            .await;
+    assert_eq!(r.structured_content.unwrap()["stdout"], "alpha's");
+
+    // The server host's files are not the caller's.
+    for (tool, args) in [
+        ("upload", json!({"path": "/etc/hostname"})),
+        ("download", json!({"image": "tag:busybox:latest", "path": "/etc/passwd", "destination": "/tmp/bw-mcp-x"})),
+        ("rsync", json!({"source": "/etc", "destination": "/app"})),
+    ] {
+        let r = call(&alpha, tool, args).await;
+        assert!(
+            r.is_error == Some(true) && text(&r).contains("does not read or write files here"),
+            "{tool}: {}",
+            text(&r)
+        );
+    }
+    assert!(!std::path::Path::new("/tmp/bw-mcp-x").exists());
+    alpha.cancel().await.unwrap();
+    beta.cancel().await.unwrap();
+    s.stop().await;
+}
