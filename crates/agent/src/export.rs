@@ -158,6 +158,11 @@ impl Write for ChunkSink<'_> {
 }
 
 impl TarSink for ChunkSink<'_> {
+    /// An empty chunk: a frame the host counts as news, holding nothing.
+    fn keepalive(&mut self) -> io::Result<()> {
+        self.port.send_upper_chunk(&[])
+    }
+
     fn write_file_data(&mut self, file: &mut File, len: u64) -> io::Result<()> {
         match self.splicer.take() {
             Some(mut splicer) if len >= DIRECT_BYTES as u64 => {

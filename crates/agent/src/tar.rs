@@ -61,6 +61,11 @@ pub fn keep_xattr(name: &[u8]) -> bool {
 /// Where the archive goes. File data has a call of its own, so a sink can have the kernel
 /// move it instead of copying it through the agent (see `export::ChunkSink`).
 pub trait TarSink: Write {
+    /// Tells the reader the export goes on though no bytes are ready (a long write-back).
+    fn keepalive(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+
     /// Writes exactly `len` bytes: `file`'s from its current offset, then zeros if it ends
     /// first (a file that shrank keeps the archive well-formed; one that grew is cut).
     fn write_file_data(&mut self, file: &mut File, len: u64) -> io::Result<()> {
@@ -74,6 +79,10 @@ impl TarSink for Vec<u8> {}
 impl<T: TarSink + ?Sized> TarSink for &mut T {
     fn write_file_data(&mut self, file: &mut File, len: u64) -> io::Result<()> {
         (**self).write_file_data(file, len)
+    }
+
+    fn keepalive(&mut self) -> io::Result<()> {
+        (**self).keepalive()
     }
 }
 
@@ -149,6 +158,10 @@ impl<W: TarSink> TarSink for Counting<W> {
         self.inner.write_file_data(file, len)?;
         self.bytes += len;
         Ok(())
+    }
+
+    fn keepalive(&mut self) -> io::Result<()> {
+        self.inner.keepalive()
     }
 }
 
@@ -321,7 +334,10 @@ impl<W: TarSink> Walker<'_, W> {
                 let on_disk = self.disk == Some(meta.dev()) && size >= DISK_REF_MIN_BYTES;
                 let mut member = self.member(&path, &child, b'0', meta)?;
                 let file = File::open(&path)?;
-                if on_disk && let Some(extents) = data_extents(&file, size, MAX_SPARSE_SEGMENTS)? {
+                if on_disk
+                    && self.write_back(&file, size)?
+                    && let Some(extents) = data_extents(&file, size, MAX_SPARSE_SEGMENTS)?
+                {
                     let map = encode_extents(&extents);
                     member.size = map.len() as u64;
                     member.on_disk = Some(size);
@@ -349,6 +365,19 @@ impl<W: TarSink> Walker<'_, W> {
             }
         }
         Ok(())
+    }
+
+    /// Writes `file`'s data back to the scratch disk, keeping the export alive meanwhile;
+    /// `false` if it could not be (then its bytes go in the stream).
+    fn write_back(&mut self, file: &File, size: u64) -> io::Result<bool> {
+        let ranges = data_segments(file, size)?.unwrap_or_else(|| vec![(0, size)]);
+        let out = &mut self.out;
+        match crate::fiemap::write_back(file, &ranges, &mut || out.keepalive()) {
+            Ok(()) => Ok(true),
+            // The page cache still has the bytes; a broken channel is the export's end.
+            Err(e) if e.raw_os_error().is_some() && e.kind() != io::ErrorKind::BrokenPipe => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     fn member(&self, path: &Path, rel: &[u8], kind: u8, meta: Metadata) -> io::Result<Member> {

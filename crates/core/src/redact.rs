@@ -3,20 +3,8 @@
 
 use std::fmt;
 
-const REDACTED: &str = "<redacted>";
-
-/// An environment's names with its values redacted.
-pub(crate) struct EnvNames<'a, I>(pub(crate) &'a I);
-
-impl<'a, I, K, V> fmt::Debug for EnvNames<'a, I>
-where
-    &'a I: IntoIterator<Item = (K, V)>,
-    K: fmt::Debug,
-{
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_map().entries(self.0.into_iter().map(|(k, _)| (k, REDACTED))).finish()
-    }
-}
+pub(crate) use boxwood_types::redact::EnvNames;
+use boxwood_types::redact::HIDDEN as REDACTED;
 
 /// Pairs (`Vec<(String, String)>`) with their values redacted.
 pub(crate) struct PairNames<'a>(pub(crate) &'a [(String, String)]);

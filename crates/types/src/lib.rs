@@ -9,7 +9,7 @@ mod health;
 mod image;
 mod instance;
 mod operation;
-mod redact;
+pub mod redact;
 mod stream;
 
 pub use file::{DirectoryState, DirectoryStateFile, DirectoryStateRequest, FileList, FileResponse, FileView};

@@ -3,10 +3,10 @@
 
 use std::fmt;
 
-pub(crate) const HIDDEN: &str = "<redacted>";
+pub const HIDDEN: &str = "<redacted>";
 
 /// An environment's names with its values redacted.
-pub(crate) struct EnvNames<'a, I>(pub(crate) &'a I);
+pub struct EnvNames<'a, I>(pub &'a I);
 
 impl<'a, I, K, V> fmt::Debug for EnvNames<'a, I>
 where
