@@ -74,6 +74,9 @@ impl Client {
             .connect_timeout(Duration::from_secs(10))
             // The API's redirects (tag lookups) are read, not followed.
             .redirect(reqwest::redirect::Policy::none())
+            // Below the server's idle cut-off (30 s by default): a request is never sent on a
+            // connection the server is closing.
+            .pool_idle_timeout(Duration::from_secs(15))
             .build()
             .map_err(|e| ClientError::Unreachable { url: url.into(), source: e })?;
         Ok(Self { http, base, auth })

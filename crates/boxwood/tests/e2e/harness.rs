@@ -36,6 +36,17 @@ fn log_to_test_output() {
     let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
 }
 
+/// The tests' HTTP client: redirects are read, not followed, and an idle pooled connection
+/// is dropped before the server's own idle cut-off (`header_read_timeout_secs`, 30 s), so a
+/// request never races the server closing the connection it is sent on.
+fn test_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_idle_timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
 pub fn test_config(state: &std::path::Path) -> Config {
     let mut cfg = Config { state_dir: state.to_owned(), listen: "127.0.0.1:0".parse().unwrap(), ..Config::default() };
     cfg.vm.accel = Accel::Tcg;
@@ -69,7 +80,7 @@ impl TestServer {
         Self {
             url: format!("http://{addr}"),
             token,
-            client: reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap(),
+            client: test_client(),
             state: Some(state),
             stop: Some(tx),
             task: Some(task),
@@ -78,7 +89,7 @@ impl TestServer {
 
     /// A client for a server running elsewhere (e.g. the binary in a child process).
     pub fn attach(url: String, token: String) -> Self {
-        let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+        let client = test_client();
         Self { url, token, client, state: None, stop: None, task: None }
     }
 
