@@ -12,4 +12,4 @@ set -euo pipefail
 venv=$("$root/../shared/conformance/setup.sh" | tail -n 1)
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-"$venv/bin/python" bench/mcp.py "$root/target/release/boxwood" "$work" "${1:-30}" "$venv/bin/contree-mcp"
+"$venv/bin/python" bench/mcp_bench.py "$root/target/release/boxwood" "$work" "${1:-30}" "$venv/bin/contree-mcp"

@@ -1,4 +1,4 @@
-"""MCP benchmark driver (run by bench/mcp.sh): one Boxwood server; every number from this run.
+"""MCP benchmark driver (run by bench/mcp.sh; not named mcp.py, which would shadow the mcp package): one Boxwood server; every number from this run.
 
   run     `echo hi` on busybox through the raw API (POST /v1/instances, then the event stream
           to `completion`), through `boxwood mcp` and through contree-mcp, interleaved
@@ -54,11 +54,21 @@ def raw_run(url, token):
     return time.perf_counter() - t0
 
 
+def output(res):
+    """A tool's structured result (FastMCP, contree-mcp's, wraps it as {"result": …})."""
+    out = res.structuredContent
+    if out is None:
+        out = json.loads("".join(getattr(c, "text", "") for c in res.content))
+    if isinstance(out, dict) and set(out) == {"result"}:
+        out = out["result"]
+    return out
+
+
 async def mcp_run(session):
     t0 = time.perf_counter()
     res = await session.call_tool("run", {"command": "echo hi", "image": IMAGE})
     dt = time.perf_counter() - t0
-    out = res.structuredContent or json.loads("".join(getattr(c, "text", "") for c in res.content))
+    out = output(res)
     if res.isError or out.get("stdout") != "hi\n":
         raise SystemExit(f"run through MCP failed: {res}")
     return dt
@@ -68,7 +78,7 @@ async def mcp_rsync(session, tree):
     res = await session.call_tool("rsync", {"source": tree, "destination": "/app"})
     if res.isError:
         raise SystemExit(f"rsync failed: {res}")
-    return res.structuredContent or json.loads("".join(getattr(c, "text", "") for c in res.content))
+    return output(res)
 
 
 def pct(xs, p):
