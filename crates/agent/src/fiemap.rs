@@ -27,24 +27,30 @@ const WRITEBACK_PIECE: u64 = 32 << 20;
 /// Writes the dirty pages of `ranges` (offset, length) of `file` back to its device, a piece
 /// at a time, calling `progress` after each: on a host whose disk is busy this can take
 /// long, and the host's patience is per message, so the export must go on saying it lives.
-pub fn write_back(file: &File, ranges: &[(u64, u64)], progress: &mut dyn FnMut() -> io::Result<()>) -> io::Result<()> {
+/// `Ok(false)`: the write-back failed (the page cache still has the bytes); `Err` is
+/// `progress`'s own failure.
+pub fn write_back(
+    file: &File,
+    ranges: &[(u64, u64)],
+    progress: &mut dyn FnMut() -> io::Result<()>,
+) -> io::Result<bool> {
     let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE | libc::SYNC_FILE_RANGE_WRITE | libc::SYNC_FILE_RANGE_WAIT_AFTER;
     for &(start, len) in ranges {
         let mut at = start;
         while at < start + len {
             let n = (start + len - at).min(WRITEBACK_PIECE);
             let (Ok(off), Ok(count)) = (libc::off64_t::try_from(at), libc::off64_t::try_from(n)) else {
-                return Err(io::ErrorKind::InvalidInput.into());
+                return Ok(false);
             };
             // SAFETY: sync_file_range on a descriptor we own; no memory is passed.
             if unsafe { libc::sync_file_range(file.as_raw_fd(), off, count, flags) } < 0 {
-                return Err(io::Error::last_os_error());
+                return Ok(false);
             }
             progress()?;
             at += n;
         }
     }
-    Ok(())
+    Ok(true)
 }
 
 /// One data extent: (offset in the file, offset on the device, length).

@@ -372,12 +372,8 @@ impl<W: TarSink> Walker<'_, W> {
     fn write_back(&mut self, file: &File, size: u64) -> io::Result<bool> {
         let ranges = data_segments(file, size)?.unwrap_or_else(|| vec![(0, size)]);
         let out = &mut self.out;
-        match crate::fiemap::write_back(file, &ranges, &mut || out.keepalive()) {
-            Ok(()) => Ok(true),
-            // The page cache still has the bytes; a broken channel is the export's end.
-            Err(e) if e.raw_os_error().is_some() && e.kind() != io::ErrorKind::BrokenPipe => Ok(false),
-            Err(e) => Err(e),
-        }
+        // A failed write-back sends the bytes instead; a broken channel ends the export.
+        crate::fiemap::write_back(file, &ranges, &mut || out.keepalive())
     }
 
     fn member(&self, path: &Path, rel: &[u8], kind: u8, meta: Metadata) -> io::Result<Member> {

@@ -87,6 +87,10 @@ impl Client {
         self.base.as_str()
     }
 
+    fn unreachable(&self, source: reqwest::Error) -> ClientError {
+        ClientError::Unreachable { url: self.base.to_string(), source }
+    }
+
     fn request(&self, method: Method, path: &str) -> RequestBuilder {
         // `path` is ours, relative and already escaped; joining it cannot fail.
         let url = self.base.join(path).unwrap_or_else(|_| self.base.clone());
@@ -124,7 +128,7 @@ impl Client {
                 Err(e) if idempotent && !last && (e.is_connect() || e.is_timeout()) => {
                     tokio::time::sleep(sse::backoff(attempt)).await;
                 }
-                Err(e) => return Err(ClientError::Unreachable { url: self.base.to_string(), source: e }),
+                Err(e) => return Err(self.unreachable(e)),
             }
         }
     }
@@ -148,7 +152,7 @@ impl Client {
     /// which are returned, not an error.
     pub async fn readiness(&self) -> Result<Readiness, ClientError> {
         let resp = self.request(Method::GET, "readyz").timeout(CALL_TIMEOUT).send().await;
-        let resp = resp.map_err(|e| ClientError::Unreachable { url: self.base.to_string(), source: e })?;
+        let resp = resp.map_err(|e| self.unreachable(e))?;
         match resp.status() {
             StatusCode::OK | StatusCode::SERVICE_UNAVAILABLE => json(resp, "readyz").await,
             _ => Err(api_error(resp).await),
@@ -337,7 +341,7 @@ impl Client {
     pub async fn upload(&self, body: impl Into<reqwest::Body>) -> Result<FileResponse, ClientError> {
         let req = self.request(Method::POST, "v1/files").header(header::CONTENT_TYPE, "application/octet-stream");
         let resp = req.body(body).send().await;
-        let resp = resp.map_err(|e| ClientError::Unreachable { url: self.base.to_string(), source: e })?;
+        let resp = resp.map_err(|e| self.unreachable(e))?;
         if !resp.status().is_success() {
             return Err(api_error(resp).await);
         }

@@ -168,12 +168,7 @@ impl BoxwoodMcp {
     #[tool]
     async fn run(&self, Parameters(p): Parameters<Run>) -> ToolResult {
         let req = self.spawn_request(&p).await?;
-        let spawned = self.client.spawn(&req).await.map_err(|e| match &e {
-            ClientError::Api { status: 404, .. } => {
-                format!("{}. Call `list_images` to see the images you can use.", self.fail(&e))
-            }
-            _ => self.fail(&e),
-        })?;
+        let spawned = self.client.spawn(&req).await.map_err(|e| self.fail(&e))?;
         if !p.wait {
             return ok(json!({"operation_id": spawned.uuid}));
         }

@@ -63,6 +63,7 @@ pub fn error(e: &ClientError, url: &str) -> String {
         ClientError::Api { status: 401, .. } => {
             "the server refused the token (HTTP 401): check --token / BOXWOOD_TOKEN".to_owned()
         }
+        // An unknown image (a run's or a lookup's): the agent's next step is to list them.
         ClientError::Api { status: 404, message } if message.contains("image") => {
             format!("{message} (HTTP 404). Call `list_images` to see the images you can use.")
         }
