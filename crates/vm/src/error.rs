@@ -27,6 +27,11 @@ pub enum VmError {
     /// again almost always gets one.
     #[error("the guest kernel booted without a running timer (tick device {clock_events:?})")]
     NoTimer { clock_events: String },
+    /// The VM died before its agent said `Hello`: the guest kernel panicked or oopsed while
+    /// booting (or QEMU quit), before anything of a run's was in the guest. Booting again
+    /// almost always gets through. `detail` has QEMU's status and the console tail.
+    #[error("VM boot failed: the VM died before its agent started\n{detail}")]
+    DiedBeforeHello { detail: String },
     #[error("guest setup failed: {error}")]
     SetupFailed { error: String },
     #[error("spawn failed: {error}")]

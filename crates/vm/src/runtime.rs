@@ -160,9 +160,13 @@ impl BootChannel {
 
     /// Waits for the agent's `Hello` and checks its protocol version.
     pub async fn hello(&mut self, qemu: &QemuChild, deadline: Instant) -> Result<Hello, VmError> {
-        let hello = match self.recv(qemu, deadline).await? {
-            GuestMessage::Hello(h) => crate::guest::bounded_hello(h),
-            other => return Err(boot_err(&format!("expected Hello, got {}", other.kind()))),
+        let hello = match self.recv(qemu, deadline).await {
+            Ok(GuestMessage::Hello(h)) => crate::guest::bounded_hello(h),
+            Err(VmError::Boot { .. }) if qemu.exited().is_some() => {
+                return Err(VmError::DiedBeforeHello { detail: String::new() });
+            }
+            Err(e) => return Err(e),
+            Ok(other) => return Err(boot_err(&format!("expected Hello, got {}", other.kind()))),
         };
         if hello.version != PROTOCOL_VERSION {
             let why = format!("agent speaks protocol {}, host {PROTOCOL_VERSION}", hello.version);
@@ -359,7 +363,7 @@ impl Base {
     ) -> Result<QemuVm, VmError> {
         // One deadline for all attempts: a boot retried for its timer takes no longer in all.
         let deadline = Instant::now() + limit;
-        boot_with_timer(&spec.name, || {
+        boot_with_retries(&spec.name, || {
             self.cold_boot_once(spec, accel, deadline.saturating_duration_since(Instant::now()), setup)
         })
         .await
@@ -427,21 +431,41 @@ impl Base {
 /// Boots a guest kernel may come up without its APIC timer in before it is refused for good.
 const TIMER_ATTEMPTS: u32 = 3;
 
-/// Runs `boot` again while the guest comes up without a running timer
-/// ([`VmError::NoTimer`]): a fresh boot almost always calibrates it. Each attempt must clean
-/// up after itself (its QEMU killed, its dir removed).
-pub(crate) async fn boot_with_timer<T, F, Fut>(vm: &str, mut boot: F) -> Result<T, VmError>
+/// Boots that may die before the agent starts before the failure is the caller's.
+const DIED_ATTEMPTS: u32 = 2;
+
+/// Runs `boot` again while it fails in a way a fresh boot of the same VM gets past: the guest
+/// came up without a running timer ([`VmError::NoTimer`]), or it died before its agent started
+/// ([`VmError::DiedBeforeHello`]: under TCG on a busy host a cold boot's kernel now and then
+/// oopses while loading its modules, before anything of a run's is in the guest). Each
+/// attempt must clean up after itself (its QEMU killed, its dir removed).
+pub(crate) async fn boot_with_retries<T, F, Fut>(vm: &str, mut boot: F) -> Result<T, VmError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, VmError>>,
 {
-    let mut attempt = 1;
+    let (mut timer_attempts, mut died_attempts) = (1, 1);
     loop {
         match boot().await {
-            Err(VmError::NoTimer { clock_events }) if attempt < TIMER_ATTEMPTS => {
-                tracing::warn!(vm, attempt, clock_events, "the guest kernel gave up its APIC timer; booting it again");
+            Err(VmError::NoTimer { clock_events }) if timer_attempts < TIMER_ATTEMPTS => {
+                tracing::warn!(
+                    vm,
+                    attempt = timer_attempts,
+                    clock_events,
+                    "the guest kernel gave up its APIC timer; booting it again"
+                );
                 metrics::counter!("boxwood_vm_boot_retries_total", "reason" => "no_timer").increment(1);
-                attempt += 1;
+                timer_attempts += 1;
+            }
+            Err(VmError::DiedBeforeHello { detail }) if died_attempts < DIED_ATTEMPTS => {
+                // The console says why; it goes to the server log, the run never sees it.
+                tracing::warn!(
+                    vm,
+                    attempt = died_attempts,
+                    "the VM died before its agent started; booting it again\n{detail}"
+                );
+                metrics::counter!("boxwood_vm_boot_retries_total", "reason" => "died_before_hello").increment(1);
+                died_attempts += 1;
             }
             other => return other,
         }
@@ -477,6 +501,9 @@ pub(crate) async fn fail_boot(err: VmError, paths: &VmPaths, qemu: &QemuChild) -
         VmError::Boot { reason, .. } => {
             let detail = describe(paths, status.as_deref(), &reason);
             VmError::Boot { reason, detail }
+        }
+        VmError::DiedBeforeHello { .. } => {
+            VmError::DiedBeforeHello { detail: describe(paths, status.as_deref(), "QEMU exited during boot") }
         }
         other => other,
     }
@@ -728,10 +755,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_guest_without_a_timer_is_booted_three_times_and_other_errors_once() {
+    async fn a_guest_without_a_timer_is_booted_three_times_and_a_timeout_once() {
         let no_timer = || VmError::NoTimer { clock_events: "none".into() };
         let mut attempts = 0;
-        let r: Result<(), _> = boot_with_timer("t", || {
+        let r: Result<(), _> = boot_with_retries("t", || {
             attempts += 1;
             std::future::ready(Err(no_timer()))
         })
@@ -739,20 +766,52 @@ mod tests {
         assert!(matches!(r, Err(VmError::NoTimer { .. })));
         assert_eq!(attempts, TIMER_ATTEMPTS);
         let mut attempts = 0;
-        let r = boot_with_timer("t", || {
+        let r = boot_with_retries("t", || {
             attempts += 1;
             std::future::ready(if attempts == 1 { Err(no_timer()) } else { Ok(attempts) })
         })
         .await;
         assert_eq!(r.unwrap(), 2, "a second boot that gets its timer is used");
         let mut attempts = 0;
-        let r: Result<(), _> = boot_with_timer("t", || {
+        let r: Result<(), _> = boot_with_retries("t", || {
             attempts += 1;
             std::future::ready(Err(boot_err("timed out waiting for the agent")))
         })
         .await;
         assert!(matches!(r, Err(VmError::Boot { .. })));
-        assert_eq!(attempts, 1, "only a missing timer is worth another boot");
+        assert_eq!(attempts, 1, "a timeout is not worth another boot");
+    }
+
+    #[tokio::test]
+    async fn a_vm_that_died_before_hello_is_booted_once_more() {
+        let died = || VmError::DiedBeforeHello { detail: "Kernel panic".into() };
+        let mut attempts = 0;
+        let r: Result<(), _> = boot_with_retries("t", || {
+            attempts += 1;
+            std::future::ready(Err(died()))
+        })
+        .await;
+        assert!(matches!(r, Err(VmError::DiedBeforeHello { .. })));
+        assert_eq!(attempts, DIED_ATTEMPTS);
+        let mut attempts = 0;
+        let r = boot_with_retries("t", || {
+            attempts += 1;
+            std::future::ready(match attempts {
+                1 => Err(died()),
+                2 => Err(VmError::NoTimer { clock_events: "none".into() }),
+                n => Ok(n),
+            })
+        })
+        .await;
+        assert_eq!(r.unwrap(), 3, "each reason has its own budget");
+        let mut attempts = 0;
+        let r: Result<(), _> = boot_with_retries("t", || {
+            attempts += 1;
+            std::future::ready(Err(VmError::SetupFailed { error: "mount".into() }))
+        })
+        .await;
+        assert!(matches!(r, Err(VmError::SetupFailed { .. })));
+        assert_eq!(attempts, 1, "a setup failure (the run's inputs) is not retried");
     }
 
     #[test]

@@ -247,7 +247,7 @@ async fn build(base: &Base, root: &Path, key: &str) -> Result<Option<Flock<File>
     let lock = File::create(build_dir.join("lock")).map_err(io("create lock"))?;
     let lock = Flock::lock(lock, FlockArg::LockExclusiveNonblock)
         .map_err(|(_, e)| VmError::Template(format!("lock {}: {e}", build_dir.display())))?;
-    let snapshot = crate::runtime::boot_with_timer("template", || {
+    let snapshot = crate::runtime::boot_with_retries("template", || {
         // A refused attempt leaves its RAM file behind; the next creates it anew.
         let _ = fs::remove_file(build_dir.join("ram"));
         snapshot(base, &build_dir, &tag)
@@ -341,6 +341,13 @@ async fn snapshot(base: &Base, build_dir: &Path, tag: &str) -> Result<(), VmErro
         serde_json::to_vec(&hello).map_err(|e| VmError::Template(format!("hello.json: {e}")))
     }
     .await;
+    // A boot that failed is told with QEMU's status and the console, as a run's would be.
+    let result = match result {
+        Err(e @ (VmError::Boot { .. } | VmError::DiedBeforeHello { .. })) => {
+            Err(crate::runtime::fail_boot(e, &paths, &qemu).await)
+        }
+        other => other,
+    };
     if result.is_err() {
         qemu.kill();
     }

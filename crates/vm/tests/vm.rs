@@ -4,6 +4,7 @@
 mod common;
 
 use std::process::Command;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use boxwood_protocol::RootfsSpec;
@@ -182,18 +183,31 @@ async fn kernel_panic_is_reported(vm: Box<dyn Vm>) {
     assert!(!dir.exists());
 }
 
-/// A guest that cannot start its init fails the boot with the kernel's panic in the error.
+/// A guest that cannot start its init dies before its agent's `Hello`: it is booted once
+/// more (unit-tested in `runtime`), then fails with the kernel's panic in the error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boot_failure_carries_console_tail() {
+    // The runtime's warnings, to count the boots (each test has its own process).
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let sink = log.clone();
+    tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::WARN)
+        .with_ansi(false)
+        .with_writer(move || LogSink(sink.clone()))
+        .init();
     let dir = run_dir();
     let rt = runtime(dir.path(), vec!["rdinit=/does-not-exist".into()]).await;
     let started = Instant::now();
     match rt.start(vm_spec("bad-init")).await {
-        Err(VmError::Boot { reason, detail }) => {
-            eprintln!("boot failure after {:?}: {reason}\n{detail}", started.elapsed());
+        Err(VmError::DiedBeforeHello { detail }) => {
+            eprintln!("boot failure after {:?}:\n{detail}", started.elapsed());
             assert!(detail.contains("Kernel panic"), "{detail}");
+            let text = String::from_utf8_lossy(&log.lock().unwrap()).into_owned();
+            // The retry's warning ends with its fields (the template's own retry has its own).
+            assert_eq!(text.matches("vm=\"bad-init\" attempt=1").count(), 1, "booted twice:\n{text}");
+            assert!(!text.contains("vm=\"bad-init\" attempt=2"), "and no more:\n{text}");
         }
-        Err(other) => panic!("expected a Boot error, got {other}"),
+        Err(other) => panic!("expected DiedBeforeHello, got {other}"),
         Ok(_) => panic!("boot must fail"),
     }
     assert!(!dir.path().join("bad-init").exists(), "the VM dir is removed after a failed boot");
@@ -314,4 +328,18 @@ fn reap_stale_kills_leftover_qemu() {
     assert_eq!(std::os::unix::process::ExitStatusExt::signal(&status), Some(9), "found through its origin");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     assert_eq!(reap_stale(&dir.path().join("missing")).unwrap(), Vec::<String>::new());
+}
+
+/// A `tracing` writer appending to a shared buffer.
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
