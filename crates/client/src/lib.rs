@@ -87,6 +87,17 @@ impl Client {
         self.base.as_str()
     }
 
+    /// A short one-way fingerprint (hex) of the server and the token: keys a local cache of
+    /// what the token's namespace holds, without a call and without writing the token down.
+    pub fn fingerprint(&self) -> String {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(self.base.as_str());
+        h.update([0]);
+        h.update(self.auth.as_bytes());
+        hex::encode(&h.finalize()[..8])
+    }
+
     fn unreachable(&self, source: reqwest::Error) -> ClientError {
         ClientError::Unreachable { url: self.base.to_string(), source }
     }
@@ -459,5 +470,16 @@ mod tests {
         for bad in ["", ".", ".."] {
             assert!(matches!(seg(bad), Err(ClientError::BadId(_))), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn the_fingerprint_tells_servers_and_tokens_apart_without_naming_the_token() {
+        let f = |url: &str, token: &str| Client::new(url, token).unwrap().fingerprint();
+        let a = f("http://h:1", "secret-token");
+        assert_eq!(a, f("http://h:1/v1", "secret-token"), "the same server and token");
+        assert_ne!(a, f("http://h:1", "secret-token2"));
+        assert_ne!(a, f("http://h:2", "secret-token"));
+        assert_eq!(a.len(), 16);
+        assert!(!a.contains("secret"));
     }
 }

@@ -210,9 +210,8 @@ impl BoxwoodMcp {
     #[tool]
     async fn rsync(&self, Parameters(p): Parameters<Rsync>) -> ToolResult {
         self.check_host_files()?;
-        let me = self.client.whoami().await.map_err(|e| self.fail(&e))?;
         let exclude = p.exclude.unwrap_or_default();
-        match rsync::sync(&self.client, &me.token_uuid, &p.source, &p.destination, &exclude).await {
+        match rsync::sync(&self.client, &p.source, &p.destination, &exclude).await {
             Ok(synced) => ok(serde_json::to_value(synced).unwrap_or_default()),
             Err(rsync::Failure::Local(why)) => Err(why),
             Err(rsync::Failure::Server(e)) => Err(self.fail(&e)),

@@ -120,14 +120,14 @@ fn walk(root: &Path, destination: &str, exclude: &[String]) -> Result<Vec<Local>
     Ok(out)
 }
 
-/// The fingerprint cache of one server and token, as a JSON file under the user's cache dir.
-fn cache_path(client: &Client, token_id: &str) -> Option<PathBuf> {
+/// The fingerprint cache of one server and token (uploads belong to the token's namespace),
+/// as a JSON file under the user's cache dir.
+fn cache_path(client: &Client) -> Option<PathBuf> {
     let base = std::env::var_os("BOXWOOD_CACHE_DIR")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("XDG_CACHE_HOME").map(|d| PathBuf::from(d).join("boxwood")))
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/boxwood")))?;
-    let key = hex::encode(&Sha256::digest(format!("{}\0{token_id}", client.url()))[..8]);
-    Some(base.join(format!("rsync-{key}.json")))
+    Some(base.join(format!("rsync-{}.json", client.fingerprint())))
 }
 
 fn load(path: Option<&Path>) -> BTreeMap<PathBuf, Known> {
@@ -147,14 +147,7 @@ fn store(path: Option<&Path>, cache: &BTreeMap<PathBuf, Known>) {
 }
 
 /// Syncs `source` to `destination` in the VM and registers the directory state.
-/// `token_id` keys the cache (uploads belong to the token's namespace).
-pub async fn sync(
-    client: &Client,
-    token_id: &str,
-    source: &str,
-    destination: &str,
-    exclude: &[String],
-) -> Result<Synced, Failure> {
+pub async fn sync(client: &Client, source: &str, destination: &str, exclude: &[String]) -> Result<Synced, Failure> {
     let root = Path::new(source);
     if !root.is_absolute() {
         return Err(Failure::Local(format!("source {source:?} must be an absolute local path")));
@@ -172,7 +165,7 @@ pub async fn sync(
             .map_err(|e| Failure::Local(format!("walking {source} failed: {e}")))?
             .map_err(Failure::Local)?
     };
-    let path = cache_path(client, token_id);
+    let path = cache_path(client);
     let mut cache = load(path.as_deref());
     let first = register(client, &files, &mut cache, false).await;
     let synced = match first {

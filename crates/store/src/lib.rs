@@ -107,6 +107,9 @@ pub trait Store: Retention + DirectoryStates + Send + Sync {
     async fn upsert_file(&self, namespace: &str, sha256: &str, size: i64, now_us: i64) -> StoreResult<FileRecord>;
     async fn file_by_sha256(&self, namespace: &str, sha256: &str) -> StoreResult<Option<FileRecord>>;
     async fn file_by_uuid(&self, uuid: Uuid) -> StoreResult<Option<FileRecord>>;
+    /// Of `uuids`, in their order, those that are not uploads of `namespace` (unknown, or
+    /// another namespace's): one check for a whole directory state.
+    async fn files_not_in(&self, namespace: &str, uuids: &[Uuid]) -> StoreResult<Vec<Uuid>>;
     async fn list_files(&self, filter: &FileFilter) -> StoreResult<Vec<FileRecord>>;
     /// Sum of the sizes of `namespace`'s uploads.
     async fn namespace_upload_bytes(&self, namespace: &str) -> StoreResult<u64>;

@@ -442,6 +442,24 @@ impl Store for SqliteStore {
         row.as_ref().map(file_from_row).transpose()
     }
 
+    async fn files_not_in(&self, namespace: &str, uuids: &[Uuid]) -> StoreResult<Vec<Uuid>> {
+        // Well under SQLite's 32 766 bound parameters per statement.
+        const CHUNK: usize = 1000;
+        let mut present = std::collections::HashSet::with_capacity(uuids.len());
+        for chunk in uuids.chunks(CHUNK) {
+            let mut q = QueryBuilder::<Sqlite>::new("SELECT uuid FROM files WHERE namespace = ");
+            q.push_bind(namespace).push(" AND uuid IN (");
+            let mut sep = q.separated(", ");
+            for uuid in chunk {
+                sep.push_bind(uuid.to_string());
+            }
+            q.push(")");
+            let found: Vec<String> = q.build_query_scalar().fetch_all(&self.pool).await?;
+            present.extend(found);
+        }
+        Ok(uuids.iter().filter(|u| !present.contains(&u.to_string())).copied().collect())
+    }
+
     async fn list_files(&self, f: &FileFilter) -> StoreResult<Vec<FileRecord>> {
         let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM files WHERE namespace = ");
         q.push_bind(&f.namespace);

@@ -104,6 +104,15 @@ async fn files_tokens_tag_removal_and_lineage() {
     assert!(store.file_by_sha256("ns3", &sha).await.unwrap().is_none());
     let f = FileFilter { namespace: "ns1".into(), limit: 10, ..Default::default() };
     assert_eq!(store.list_files(&f).await.unwrap().len(), 1);
+    // Past one statement's chunk: ns1's own upload is there, ns2's and unknown ones are not.
+    let unknown: Vec<Uuid> = (0..2500).map(|_| Uuid::new_v4()).collect();
+    let mut asked = vec![unknown[0], first.uuid, other_ns.uuid];
+    asked.extend(&unknown[1..]);
+    let mut expected = vec![unknown[0], other_ns.uuid];
+    expected.extend(&unknown[1..]);
+    assert_eq!(store.files_not_in("ns1", &asked).await.unwrap(), expected);
+    assert!(store.files_not_in("ns1", &[first.uuid]).await.unwrap().is_empty());
+    assert!(store.files_not_in("ns1", &[]).await.unwrap().is_empty());
 
     let t = TokenRecord {
         sha256: "b".repeat(64),

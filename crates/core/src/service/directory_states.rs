@@ -63,12 +63,10 @@ impl Service {
             entries.push(DirectoryEntry { path: f.path.clone(), file_uuid: uuid, mode });
         }
         // Every upload must be the caller's namespace's, now.
-        for e in &entries {
-            let owned =
-                self.inner.store.file_by_uuid(e.file_uuid).await?.is_some_and(|f| f.namespace == caller.namespace);
-            if !owned {
-                return Err(CoreError::NotFound(format!("upload {} (for {})", e.file_uuid, e.path)));
-            }
+        let uuids: Vec<Uuid> = entries.iter().map(|e| e.file_uuid).collect();
+        if let Some(gone) = self.inner.store.files_not_in(&caller.namespace, &uuids).await?.first() {
+            let path = entries.iter().find(|e| e.file_uuid == *gone).map_or("", |e| e.path.as_str());
+            return Err(CoreError::NotFound(format!("upload {gone} (for {path})")));
         }
         let created_at_us = now_us();
         let id = self.inner.store.insert_directory_state(&caller.namespace, created_at_us, &entries).await?;
@@ -82,12 +80,10 @@ impl Service {
         let Some(state) = self.inner.store.directory_state(&caller.namespace, id).await? else {
             return Err(CoreError::NotFound(format!("directory state {id}")));
         };
-        let mut missing = Vec::new();
-        for e in &state.entries {
-            if self.inner.store.file_by_uuid(e.file_uuid).await?.is_none_or(|f| f.namespace != caller.namespace) {
-                missing.push(e.path.as_str());
-            }
-        }
+        let uuids: Vec<Uuid> = state.entries.iter().map(|e| e.file_uuid).collect();
+        let gone: HashSet<Uuid> = self.inner.store.files_not_in(&caller.namespace, &uuids).await?.into_iter().collect();
+        let missing: Vec<&str> =
+            state.entries.iter().filter(|e| gone.contains(&e.file_uuid)).map(|e| e.path.as_str()).collect();
         if !missing.is_empty() {
             let shown: Vec<&str> = missing.iter().take(5).copied().collect();
             return Err(CoreError::Conflict(format!(
