@@ -6,6 +6,7 @@
 mod guide;
 mod output;
 mod params;
+mod progress;
 mod rsync;
 
 use std::collections::BTreeMap;
@@ -20,8 +21,8 @@ use boxwood_client::{Client, ClientError, EventsOptions, ImageQuery, OperationQu
 use futures::TryStreamExt as _;
 use rmcp::handler::server::router::tool::ToolRouter;
 use rmcp::handler::server::wrapper::Parameters;
-use rmcp::model::{CallToolResult, Implementation, ServerCapabilities, ServerConfig};
-use rmcp::{ServerHandler, ServiceExt, tool, tool_handler, tool_router};
+use rmcp::model::{CallToolResult, Implementation, RequestMetaObject, ServerCapabilities, ServerConfig};
+use rmcp::{Peer, RoleServer, ServerHandler, ServiceExt, tool, tool_handler, tool_router};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
@@ -165,14 +166,18 @@ impl BoxwoodMcp {
     /// {"command": "python --version", "image": "tag:python:3.11"}.
     /// Common mistakes: `files` maps the path in the VM to an upload's UUID (not the other way
     /// round); the network is on; a run that needs more than 30 s needs a larger `timeout`.
+    /// While it waits it sends progress notifications each second to a caller that asked.
     #[tool]
-    async fn run(&self, Parameters(p): Parameters<Run>) -> ToolResult {
+    async fn run(&self, Parameters(p): Parameters<Run>, meta: RequestMetaObject, peer: Peer<RoleServer>) -> ToolResult {
         let req = self.spawn_request(&p).await?;
         let spawned = self.client.spawn(&req).await.map_err(|e| self.fail(&e))?;
         if !p.wait {
             return ok(json!({"operation_id": spawned.uuid}));
         }
-        let op = self.client.wait(&spawned.uuid).await.map_err(|e| self.fail(&e))?;
+        let waiting = progress::Progress::of(&meta, peer);
+        let op = progress::reporting(waiting, "running", Some(p.timeout as f64), self.client.wait(&spawned.uuid))
+            .await
+            .map_err(|e| self.fail(&e))?;
         ok(output::operation(&op))
     }
 
@@ -250,7 +255,12 @@ impl BoxwoodMcp {
     /// Imports an image from a registry, e.g. {"registry_url":
     /// "docker://docker.io/library/alpine:3.20", "tag": "alpine:3.20"}. Waits by default.
     #[tool]
-    async fn import_image(&self, Parameters(p): Parameters<ImportImage>) -> ToolResult {
+    async fn import_image(
+        &self,
+        Parameters(p): Parameters<ImportImage>,
+        meta: RequestMetaObject,
+        peer: Peer<RoleServer>,
+    ) -> ToolResult {
         let req = ImportRequest {
             registry: RegistrySpec { url: p.registry_url, credentials: None },
             tag: p.tag,
@@ -260,7 +270,10 @@ impl BoxwoodMcp {
         if !p.wait {
             return ok(json!({"operation_id": created.uuid}));
         }
-        let op = self.client.wait(&created.uuid).await.map_err(|e| self.fail(&e))?;
+        let waiting = progress::Progress::of(&meta, peer);
+        let op = progress::reporting(waiting, "importing", None, self.client.wait(&created.uuid))
+            .await
+            .map_err(|e| self.fail(&e))?;
         ok(output::operation(&op))
     }
 
@@ -373,7 +386,12 @@ impl BoxwoodMcp {
     /// Waits for operations started with wait=false and returns each one as `run` would.
     /// mode `all` (default) waits for every one; `any` for the first, cancelling the rest.
     #[tool]
-    async fn wait_operations(&self, Parameters(p): Parameters<WaitOperations>) -> ToolResult {
+    async fn wait_operations(
+        &self,
+        Parameters(p): Parameters<WaitOperations>,
+        meta: RequestMetaObject,
+        peer: Peer<RoleServer>,
+    ) -> ToolResult {
         let any = match p.mode.as_deref() {
             None | Some("all") => false,
             Some("any") => true,
@@ -385,7 +403,9 @@ impl BoxwoodMcp {
         let limit = Duration::from_secs_f64(p.timeout.clamp(0.0, 86_400.0));
         let waits = p.operation_ids.iter().map(|id| Box::pin(async move { (id.clone(), self.client.wait(id).await) }));
         let mut results = serde_json::Map::new();
-        let collected = tokio::time::timeout(limit, async {
+        let waiting = progress::Progress::of(&meta, peer);
+        let what = format!("waiting for {} operation(s)", p.operation_ids.len());
+        let all = tokio::time::timeout(limit, async {
             if any {
                 let ((id, r), _, _) = futures::future::select_all(waits).await;
                 results
@@ -398,8 +418,8 @@ impl BoxwoodMcp {
                     );
                 }
             }
-        })
-        .await;
+        });
+        let collected = progress::reporting(waiting, &what, Some(limit.as_secs_f64()), all).await;
         if any {
             for id in p.operation_ids.iter().filter(|id| !results.contains_key(*id)) {
                 let _ = self.client.cancel(id).await;

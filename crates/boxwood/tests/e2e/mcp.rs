@@ -163,3 +163,42 @@ async fn the_servers_mcp_endpoint_is_the_api_behind_the_same_tokens() {
     beta.cancel().await.unwrap();
     s.stop().await;
 }
+
+/// What a client heard of a tool's progress.
+#[derive(Clone, Default)]
+struct Heard(std::sync::Arc<std::sync::Mutex<Vec<rmcp::model::ProgressNotificationParam>>>);
+
+impl rmcp::ClientHandler for Heard {
+    async fn on_progress(
+        &self,
+        params: rmcp::model::ProgressNotificationParam,
+        _: rmcp::service::NotificationContext<RoleClient>,
+    ) {
+        self.0.lock().unwrap().push(params);
+    }
+}
+
+/// A waiting `run` reports progress each second to a caller that gave a progress token (rmcp's
+/// client gives one with every request; a caller without one is not sent any).
+#[tokio::test]
+async fn a_long_run_reports_progress_to_a_caller_that_asks() {
+    let s = TestServer::start().await;
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_boxwood"));
+    cmd.args(["mcp", "--url", &s.url, "--token", &s.token]);
+    let heard = Heard::default();
+    let c = heard.clone().serve(TokioChildProcess::new(cmd).unwrap()).await.expect("boxwood mcp starts");
+    let quick = json!({"command": "echo quick", "image": "tag:busybox:latest"});
+    let r = c.call_tool(CallToolRequestParams::new("run").with_arguments(quick.as_object().cloned().unwrap())).await;
+    assert!(text(&r.unwrap()).contains("quick"));
+    let before = heard.0.lock().unwrap().len();
+    let args = json!({"command": "sleep 3; echo done", "image": "tag:busybox:latest"});
+    let r = c.call_tool(CallToolRequestParams::new("run").with_arguments(args.as_object().cloned().unwrap())).await;
+    assert!(text(&r.unwrap()).contains("done"));
+    let notes = heard.0.lock().unwrap()[before..].to_vec();
+    assert!(notes.len() >= 2, "a 3 s run reports each second: {notes:?}");
+    let token = &notes[0].progress_token;
+    assert!(notes.iter().all(|n| &n.progress_token == token && n.total == Some(30.0)), "{notes:?}");
+    assert!(notes.windows(2).all(|w| w[0].progress < w[1].progress), "progress only grows: {notes:?}");
+    assert!(notes[0].message.as_deref().is_some_and(|m| m.starts_with("running: ")), "{notes:?}");
+    c.cancel().await.unwrap();
+}
