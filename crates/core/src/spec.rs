@@ -142,6 +142,8 @@ pub struct ProcessSpec {
     /// The request's env; `None` values unset a variable inherited from the image.
     pub env: BTreeMap<String, Option<String>>,
     pub cwd: String,
+    /// Where an empty `cwd` goes on an image without a saved workdir (`/` if empty).
+    pub default_cwd: String,
     pub uid: u32,
     pub gid: u32,
     pub stdin: Vec<u8>,
@@ -269,6 +271,7 @@ impl std::fmt::Debug for ProcessSpec {
             .field("shell", &self.shell)
             .field("env", &crate::redact::EnvNames(&self.env))
             .field("cwd", &self.cwd)
+            .field("default_cwd", &self.default_cwd)
             .field("uid", &self.uid)
             .field("gid", &self.gid)
             .field("stdin_bytes", &self.stdin.len())
@@ -284,6 +287,21 @@ fn id_field(name: &str, v: Option<i64>) -> CoreResult<u32> {
 
 fn is_valid_cwd(cwd: &str) -> bool {
     cwd.is_empty() || (cwd.starts_with('/') && !cwd.contains('\0'))
+}
+
+/// A working directory field (`name`): empty, or an absolute path within the path limits.
+fn checked_cwd(name: &str, value: Option<String>) -> CoreResult<String> {
+    let cwd = value.unwrap_or_default();
+    if cwd.len() > MAX_PATH_BYTES {
+        return Err(CoreError::bad(format!("{name} is {} bytes, the limit is {MAX_PATH_BYTES}", cwd.len())));
+    }
+    if !is_valid_cwd(&cwd) {
+        return Err(CoreError::bad(format!("{name} must be an absolute path or empty, got {:?}", truncate_name(&cwd))));
+    }
+    if cwd.split('/').any(|c| c.len() > MAX_NAME_BYTES) {
+        return Err(CoreError::bad(format!("{name} has a component longer than {MAX_NAME_BYTES} bytes")));
+    }
+    Ok(cwd)
 }
 
 /// Refuses an argv/env the guest's `execve` would refuse (`E2BIG`), or larger than the
@@ -365,16 +383,8 @@ pub fn validate_process(req: ExecRequest, limits: &RunLimits) -> CoreResult<Proc
     if req.command.contains('\0') {
         return Err(CoreError::bad("command must not contain NUL bytes"));
     }
-    let cwd = req.cwd.unwrap_or_default();
-    if cwd.len() > MAX_PATH_BYTES {
-        return Err(CoreError::bad(format!("cwd is {} bytes, the limit is {MAX_PATH_BYTES}", cwd.len())));
-    }
-    if !is_valid_cwd(&cwd) {
-        return Err(CoreError::bad(format!("cwd must be an absolute path or empty, got {:?}", truncate_name(&cwd))));
-    }
-    if cwd.split('/').any(|c| c.len() > MAX_NAME_BYTES) {
-        return Err(CoreError::bad(format!("cwd has a component longer than {MAX_NAME_BYTES} bytes")));
-    }
+    let cwd = checked_cwd("cwd", req.cwd)?;
+    let default_cwd = checked_cwd("default_cwd", req.default_cwd)?;
     let truncate_output_at = match req.truncate_output_at {
         None => limits.default_truncate_output_at,
         Some(t) if t < 0 || t as u64 > MAX_TRUNCATE_OUTPUT_AT => {
@@ -408,6 +418,7 @@ pub fn validate_process(req: ExecRequest, limits: &RunLimits) -> CoreResult<Proc
         shell,
         env,
         cwd,
+        default_cwd,
         uid: id_field("uid", req.uid)?,
         gid: id_field("gid", req.gid)?,
         stdin,
@@ -504,7 +515,8 @@ impl ProcessSpec {
             std::iter::once(self.command.clone()).chain(self.args.iter().cloned()).collect()
         };
         let cwd = if self.cwd.is_empty() {
-            image.workdir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into())
+            let fallback = if self.default_cwd.is_empty() { "/" } else { &self.default_cwd };
+            image.workdir.clone().filter(|w| !w.is_empty()).unwrap_or_else(|| fallback.into())
         } else {
             self.cwd.clone()
         };
@@ -588,6 +600,27 @@ mod tests {
         );
         assert_eq!(p.cwd, "/srv", "empty cwd takes the image workdir");
         assert_eq!(v.metadata(Uuid::nil()).env.len(), 2, "null values are not echoed");
+    }
+
+    #[test]
+    fn an_empty_cwd_takes_the_image_workdir_then_default_cwd_then_the_root() {
+        let l = RunLimits::default();
+        let plan = |body: serde_json::Value, workdir: Option<&str>| {
+            let image = ImageRecord { workdir: workdir.map(str::to_owned), ..image() };
+            validate(req(body), &l).unwrap().process.plan(&image).cwd
+        };
+        let asked = serde_json::json!({"command": "pwd", "image": "tag:b", "default_cwd": "/root"});
+        assert_eq!(plan(asked.clone(), Some("/srv")), "/srv", "the image's own workdir first");
+        assert_eq!(plan(asked.clone(), None), "/root");
+        assert_eq!(plan(asked, Some("")), "/root");
+        assert_eq!(plan(serde_json::json!({"command": "pwd", "image": "tag:b"}), None), "/", "Contree's default");
+        let both = serde_json::json!({"command": "pwd", "image": "tag:b", "cwd": "/w", "default_cwd": "/root"});
+        assert_eq!(plan(both, Some("/srv")), "/w", "an explicit cwd wins");
+        for bad in ["root", "/a\u{0}b"] {
+            let body = serde_json::json!({"command": "x", "image": "tag:b", "default_cwd": bad});
+            let err = validate(req(body), &l).unwrap_err().to_string();
+            assert!(err.contains("default_cwd"), "{err}");
+        }
     }
 
     #[test]

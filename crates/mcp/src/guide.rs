@@ -23,7 +23,8 @@ pub fn section(name: &str) -> Option<&'static str> {
 Build up an environment step by step: each run with disposable=false returns result_image; run the
 next step on it. filesystem_changed=false means the run changed nothing (result_image is the source).
 Bring code in with upload (path or content) and files {\"/app/main.py\": \"<upload uuid>\"}; one
-upload may go to several paths. Set cwd for the working directory (created if missing)."
+upload may go to several paths. Set cwd for the working directory (created if missing; without it
+the image's saved one, else /root)."
         }
         "state" => {
             "\

@@ -46,6 +46,9 @@ pub struct BoxwoodMcp {
     tool_router: ToolRouter<Self>,
 }
 
+/// Where `run` starts without a `cwd`, on an image that saved no working directory.
+const DEFAULT_RUN_CWD: &str = "/root";
+
 /// What the local-file tools answer where they may not touch this machine's files.
 const NO_HOST_FILES: &str = "this MCP server runs on the Boxwood server, not beside you, so it does not read or \
 write files here: use `upload` with `content`/`content_base64`, `read_file`, or run `boxwood mcp` on your own machine";
@@ -139,6 +142,8 @@ impl BoxwoodMcp {
                 shell: Some(p.shell),
                 env: p.env.clone(),
                 cwd: (!p.cwd.is_empty()).then(|| p.cwd.clone()),
+                // An agent's shell starts in a home directory, not in `/`.
+                default_cwd: Some(DEFAULT_RUN_CWD.into()),
                 uid: Some(p.uid),
                 gid: Some(p.gid),
                 stdin,

@@ -40,7 +40,7 @@ pub struct Run {
     /// Save the environment into the result image (with disposable=false).
     #[serde(default)]
     pub preserve_env: bool,
-    /// Working directory, created if missing; empty: the image's own.
+    /// Working directory, created if missing; empty: the image's own, else /root.
     #[serde(default)]
     pub cwd: String,
     #[serde(default)]

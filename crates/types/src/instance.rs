@@ -52,6 +52,10 @@ pub struct ExecRequest {
     pub env: Option<BTreeMap<String, Option<String>>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cwd: Option<String>,
+    /// Boxwood extension: the directory used when `cwd` is empty and the image has no saved
+    /// working directory (otherwise `/`); created if missing, like `cwd`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_cwd: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -70,6 +74,7 @@ impl std::fmt::Debug for ExecRequest {
             .field("shell", &self.shell)
             .field("env", &self.env.as_ref().map(EnvNames))
             .field("cwd", &self.cwd)
+            .field("default_cwd", &self.default_cwd)
             .field("uid", &self.uid)
             .field("gid", &self.gid)
             .field("stdin", &self.stdin.as_ref().map(|_| HIDDEN))

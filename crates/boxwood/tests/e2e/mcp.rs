@@ -57,11 +57,12 @@ async fn agents_get_the_tool_set_results_and_clear_mistakes() {
         assert!(tools.iter().any(|t| t == name), "{name} missing from {tools:?}");
     }
 
-    let r = call(&c, "run", json!({"command": "echo $MY_VAR; echo err >&2; exit 3", "image": "tag:busybox:latest", "env": {"MY_VAR": "hi"}})).await;
+    let r = call(&c, "run", json!({"command": "echo $MY_VAR; echo err >&2; pwd; exit 3", "image": "tag:busybox:latest", "env": {"MY_VAR": "hi"}})).await;
     assert_ne!(r.is_error, Some(true), "{}", text(&r));
     let out = r.structured_content.clone().expect("structured output");
     assert_eq!((out["status"].as_str(), out["exit_code"].as_i64()), (Some("SUCCESS"), Some(3)), "{out}");
-    assert_eq!((out["stdout"].as_str(), out["stderr"].as_str()), (Some("hi\n"), Some("err\n")));
+    // busybox saved no working directory: an agent's run starts in /root (the API's own is /).
+    assert_eq!((out["stdout"].as_str(), out["stderr"].as_str()), (Some("hi\n/root\n"), Some("err\n")));
     assert_eq!((out["filesystem_changed"].as_bool(), out["timed_out"].as_bool()), (Some(false), Some(false)));
 
     let up = call(&c, "upload", json!({"content": "x"})).await.structured_content.unwrap();
