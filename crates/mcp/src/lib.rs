@@ -318,6 +318,9 @@ impl BoxwoodMcp {
                 .await
                 .map_err(|e| format!("cannot write {}: {e}", p.destination))?;
         }
+        // tokio's File hands its last write to a blocking thread: until flushed, the caller
+        // may find the file short (seen as an empty download in the /mcp conformance run).
+        tokio::io::AsyncWriteExt::flush(&mut file).await.map_err(|e| format!("cannot write {}: {e}", p.destination))?;
         if p.executable {
             use std::os::unix::fs::PermissionsExt as _;
             let perms = std::fs::Permissions::from_mode(0o755);
