@@ -391,6 +391,14 @@ impl Client {
         self.get_json(&format!("v1/inspect/{}/list", seg(uuid)?), &[("path", path.to_owned())]).await
     }
 
+    /// `GET /v1/inspect/{uuid}/list?path=&text=1`: the same directory as `ls -l` prints it.
+    pub async fn list_dir_text(&self, uuid: &str, path: &str) -> Result<String, ClientError> {
+        let url = format!("v1/inspect/{}/list", seg(uuid)?);
+        let query = [("path", path.to_owned()), ("text", "1".to_owned())];
+        let resp = self.send(true, || self.request(Method::GET, &url).query(&query).timeout(CALL_TIMEOUT), &[]).await?;
+        resp.text().await.map_err(|e| self.unreachable(e))
+    }
+
     /// `GET /v1/inspect/{uuid}/download?path=`: a file of an image, as it streams.
     pub async fn download(
         &self,

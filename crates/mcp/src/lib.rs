@@ -7,6 +7,7 @@ mod guide;
 mod output;
 mod params;
 mod progress;
+mod resources;
 mod rsync;
 
 use std::collections::BTreeMap;
@@ -45,6 +46,9 @@ pub struct BoxwoodMcp {
     host_files: bool,
     tool_router: ToolRouter<Self>,
 }
+
+/// The most `read_file` and a file resource read into memory.
+const MAX_READ_BYTES: usize = 16 << 20;
 
 /// Where `run` starts without a `cwd`, on an image that saved no working directory.
 const DEFAULT_RUN_CWD: &str = "/root";
@@ -104,6 +108,64 @@ impl BoxwoodMcp {
                 format!("no image {image:?}: call `list_images` to see the images (a UUID, or `tag:NAME`)")
             }
             e => self.fail(&e),
+        })
+    }
+
+    /// A file of an image, whole, up to [`MAX_READ_BYTES`].
+    async fn fetch(&self, image_uuid: &str, path: &str) -> Result<Vec<u8>, String> {
+        let mut stream = self.client.download(image_uuid, path).await.map_err(|e| self.fail(&e))?;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.try_next().await.map_err(|e| format!("the download broke off: {e}"))? {
+            if bytes.len() + chunk.len() > MAX_READ_BYTES {
+                return Err(format!("{path} is larger than {} MiB: use `download`", MAX_READ_BYTES >> 20));
+            }
+            bytes.extend_from_slice(&chunk);
+        }
+        Ok(bytes)
+    }
+
+    /// This server as the request's caller: over HTTP the client its authentication left in
+    /// the request (see [`http_service`]); over stdio, as the configured token.
+    fn as_caller(&self, extensions: &rmcp::model::Extensions) -> Self {
+        match extensions.get::<http::request::Parts>().and_then(|p| p.extensions.get::<Client>()) {
+            Some(client) => Self { client: client.clone(), ..self.clone() },
+            None => self.clone(),
+        }
+    }
+
+    /// A resource's text and MIME type.
+    async fn resource(&self, r: resources::Resource) -> Result<(String, &'static str), String> {
+        use resources::Resource;
+        Ok(match r {
+            Resource::Read { image, path } => {
+                let image = self.resolve(&image).await?;
+                let text = match String::from_utf8(self.fetch(&image.uuid, &path).await?) {
+                    Ok(text) => text,
+                    Err(e) => format!("base64:{}", base64::engine::general_purpose::STANDARD.encode(e.as_bytes())),
+                };
+                (text, "text/plain")
+            }
+            Resource::List { image, path } => {
+                let image = self.resolve(&image).await?;
+                (self.client.list_dir_text(&image.uuid, &path).await.map_err(|e| self.fail(&e))?, "text/plain")
+            }
+            Resource::Lineage { image } => {
+                let image = self.resolve(&image).await?;
+                let lineage = self.client.lineage(&image.uuid).await.map_err(|e| self.fail(&e))?;
+                (serde_json::to_string_pretty(&lineage).unwrap_or_default(), "application/json")
+            }
+            Resource::Operation { kind, id } => {
+                let op = self.client.operation(&id, false).await.map_err(|e| self.fail(&e))?;
+                if op.summary.kind != kind {
+                    return Err(format!("operation {id} is an {}, not an {}", op.summary.kind.as_str(), kind.as_str()));
+                }
+                (serde_json::to_string_pretty(&output::operation(&op)).unwrap_or_default(), "application/json")
+            }
+            Resource::Guide { section } => {
+                let text = guide::section(&section)
+                    .ok_or_else(|| format!("no guide section {section:?}: one of {}", guide::SECTIONS.join(", ")))?;
+                (text.to_owned(), "text/plain")
+            }
         })
     }
 
@@ -340,9 +402,7 @@ impl BoxwoodMcp {
     #[tool]
     async fn read_file(&self, Parameters(p): Parameters<ReadFile>) -> ToolResult {
         let image = self.resolve(&p.image).await?;
-        let stream = self.client.download(&image.uuid, &p.path).await.map_err(|e| self.fail(&e))?;
-        let chunks: Vec<_> = stream.try_collect().await.map_err(|e| format!("the download broke off: {e}"))?;
-        let bytes = chunks.concat();
+        let bytes = self.fetch(&image.uuid, &p.path).await?;
         let (content, encoding) = match String::from_utf8(bytes) {
             Ok(text) => (text, "utf-8"),
             Err(e) => (base64::engine::general_purpose::STANDARD.encode(e.as_bytes()), "base64"),
@@ -514,17 +574,41 @@ impl ServerHandler for BoxwoodMcp {
         request: rmcp::model::CallToolRequestParams,
         context: rmcp::service::RequestContext<rmcp::RoleServer>,
     ) -> Result<rmcp::model::CallToolResponse, rmcp::ErrorData> {
-        let caller = context.extensions.get::<http::request::Parts>().and_then(|p| p.extensions.get::<Client>());
-        let this = match caller {
-            Some(client) => Self { client: client.clone(), ..self.clone() },
-            None => self.clone(),
-        };
+        let this = self.as_caller(&context.extensions);
         let tcc = rmcp::handler::server::tool::ToolCallContext::new(&this, request, context);
         this.tool_router.call(tcc).await
     }
 
+    async fn list_resource_templates(
+        &self,
+        _: Option<rmcp::model::PaginatedRequestParams>,
+        _: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::ListResourceTemplatesResult, rmcp::ErrorData> {
+        Ok(rmcp::model::ListResourceTemplatesResult::with_all_items(resources::templates()))
+    }
+
+    async fn read_resource(
+        &self,
+        request: rmcp::model::ReadResourceRequestParams,
+        context: rmcp::service::RequestContext<rmcp::RoleServer>,
+    ) -> Result<rmcp::model::ReadResourceResponse, rmcp::ErrorData> {
+        let wanted = resources::parse(&request.uri).map_err(|why| rmcp::ErrorData::invalid_params(why, None))?;
+        let (text, mime) = self
+            .as_caller(&context.extensions)
+            .resource(wanted)
+            .await
+            .map_err(|why| rmcp::ErrorData::resource_not_found(why, None))?;
+        let contents = rmcp::model::ResourceContents::TextResourceContents {
+            uri: request.uri,
+            mime_type: Some(mime.into()),
+            text,
+            meta: None,
+        };
+        Ok(rmcp::model::ReadResourceResult::new(vec![contents]).into())
+    }
+
     fn get_info(&self) -> ServerConfig {
-        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().enable_resources().build())
             .with_server_info(Implementation::new("boxwood", env!("CARGO_PKG_VERSION")))
             .with_instructions(guide::INSTRUCTIONS)
     }

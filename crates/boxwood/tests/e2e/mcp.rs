@@ -203,3 +203,45 @@ async fn a_long_run_reports_progress_to_a_caller_that_asks() {
     assert!(notes[0].message.as_deref().is_some_and(|m| m.starts_with("running: ")), "{notes:?}");
     c.cancel().await.unwrap();
 }
+
+/// contree-mcp's resources under the same URIs: an image's file and directory without a VM,
+/// its lineage, an operation of the right kind, the guide; a wrong URI says what is expected.
+#[tokio::test]
+async fn the_contree_resources_read_images_operations_and_the_guide() {
+    use rmcp::model::{ReadResourceRequestParams, ResourceContents};
+    let s = TestServer::start().await;
+    let c = connect(&s.url, &s.token).await;
+    let templates = c.list_all_resource_templates().await.unwrap();
+    let uris: Vec<&str> = templates.iter().map(|t| t.uri_template.as_str()).collect();
+    assert!(uris.contains(&"contree://image/{image}/read/{path}") && uris.len() == 6, "{uris:?}");
+    let read = |uri: &str| {
+        let c = &c;
+        let uri = uri.to_owned();
+        async move {
+            let r = c.read_resource(ReadResourceRequestParams::new(uri.clone())).await;
+            r.map(|r| match &r.contents[..] {
+                [ResourceContents::TextResourceContents { text, .. }] => text.clone(),
+                other => panic!("{uri}: {other:?}"),
+            })
+        }
+    };
+    let passwd = read("contree://image/tag:busybox:latest/read/etc/passwd").await.unwrap();
+    assert!(passwd.starts_with("root:"), "{passwd}");
+    let ls = read("contree://image/tag:busybox:latest/ls/bin").await.unwrap();
+    assert!(ls.contains("busybox"), "{ls}");
+    let lineage: Value =
+        serde_json::from_str(&read("contree://image/tag:busybox:latest/lineage").await.unwrap()).unwrap();
+    assert!(lineage.is_object(), "{lineage}");
+    assert!(read("contree://guide/state").await.unwrap().contains("disposable"));
+
+    let r = call(&c, "run", json!({"command": "echo r", "image": "tag:busybox:latest"})).await;
+    let id = r.structured_content.unwrap()["uuid"].as_str().unwrap().to_owned();
+    let op: Value = serde_json::from_str(&read(&format!("contree://operations/instance/{id}")).await.unwrap()).unwrap();
+    assert_eq!(op["stdout"], "r\n", "{op}");
+    let wrong = read(&format!("contree://operations/import/{id}")).await.unwrap_err().to_string();
+    assert!(wrong.contains("not an image_import"), "{wrong}");
+    let bad = read("contree://image/tag:busybox:latest/cat/etc/passwd").await.unwrap_err().to_string();
+    assert!(bad.contains("read/PATH"), "{bad}");
+    let missing = read("contree://image/tag:nope:1/read/x").await.unwrap_err().to_string();
+    assert!(missing.contains("list_images"), "{missing}");
+}
