@@ -43,9 +43,13 @@ pub fn describe() {
 
 /// A retention pass ended.
 pub(crate) fn collected(r: &crate::service::GcReport) {
-    for (kind, n) in
-        [("images", r.images.len() as u64), ("uploads", r.uploads), ("operations", r.operations), ("events", r.events)]
-    {
+    for (kind, n) in [
+        ("images", r.images.len() as u64),
+        ("uploads", r.uploads),
+        ("operations", r.operations),
+        ("events", r.events),
+        ("directory_states", r.directory_states),
+    ] {
         counter!("boxwood_gc_removed_total", "kind" => kind).increment(n);
     }
     counter!("boxwood_gc_reclaimed_bytes_total", "kind" => "uploads").increment(r.upload_bytes);

@@ -36,4 +36,11 @@ pub trait DirectoryStates: Send + Sync {
     ) -> StoreResult<i64>;
     /// The state `id` of `namespace`, if there is one.
     async fn directory_state(&self, namespace: &str, id: i64) -> StoreResult<Option<DirectoryStateRecord>>;
+    /// Marks the state used at `now_us`; false if `namespace` has no state `id`.
+    async fn touch_directory_state(&self, namespace: &str, id: i64, now_us: i64) -> StoreResult<bool>;
+    /// How many states were last used before `cutoff_us`.
+    async fn expired_directory_states(&self, cutoff_us: i64) -> StoreResult<u64>;
+    /// Removes up to `limit` states (with their entries) last used before `cutoff_us`;
+    /// returns how many went.
+    async fn remove_directory_states(&self, cutoff_us: i64, limit: i64) -> StoreResult<u64>;
 }

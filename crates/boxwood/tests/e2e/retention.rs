@@ -20,6 +20,7 @@ fn eager() -> RetentionConfig {
         images_after_days: Some(0.0),
         uploads_after_days: Some(0.0),
         operations_after_days: Some(0.0),
+        directory_states_after_days: Some(0.0),
         interval_secs: 0,
     }
 }
@@ -69,6 +70,10 @@ async fn a_pass_removes_what_the_policy_allows_and_never_what_is_tagged_has_chil
     let (_, busy) = persist(&s, "tag:busybox:latest", "echo busy > /f").await;
     let upload = s.upload(b"nobody needs this\n".to_vec()).await;
     let sha = upload["sha256"].as_str().unwrap().to_owned();
+    let files = json!({"files": [{"path": "/app/x", "uuid": upload["uuid"]}]});
+    let r = s.req(Method::POST, "/directory-states").json(&files).send().await.unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let state_id = r.json::<Value>().await.unwrap()["id"].as_i64().unwrap();
     let live = s.start_run(json!({"command": "sleep 20", "shell": true, "image": busy, "disposable": true})).await;
     s.wait_status(&live, "EXECUTING", Duration::from_secs(120)).await;
     let before = layer_files(&state);
@@ -77,7 +82,7 @@ async fn a_pass_removes_what_the_policy_allows_and_never_what_is_tagged_has_chil
     let dry = cli(&state, &["gc", "--dry-run"]).await;
     assert_eq!(dry["dry_run"], true);
     assert_eq!(removed_uuids(&dry), HashSet::from([leaf.clone(), child.clone()]), "{dry:#}");
-    assert_eq!(dry["uploads"], 1, "{dry:#}");
+    assert_eq!((dry["uploads"].as_u64(), dry["directory_states"].as_u64()), (Some(1), Some(1)), "{dry:#}");
     assert!(listed(&s, &leaf).await, "a dry run removes no image");
     assert_eq!(layer_files(&state), before, "a dry run removes no file");
 
@@ -87,6 +92,7 @@ async fn a_pass_removes_what_the_policy_allows_and_never_what_is_tagged_has_chil
     assert_eq!(removed_uuids(&report), HashSet::from([leaf.clone(), child.clone(), parent.clone()]), "{report:#}");
     assert!(report["layer_files"].as_u64().unwrap() >= 3, "{report:#}");
     assert_eq!(report["uploads"], 1);
+    assert_eq!(report["directory_states"], 1, "the state nobody fetched since goes: {report:#}");
     assert_eq!(report["operations"], 5, "the five finished runs go: {report:#}");
     assert!(layer_files(&state).len() < before.len());
     let db = boxwood_store::SqliteStore::open(&state.join("boxwood.db")).await.unwrap();
@@ -100,6 +106,8 @@ async fn a_pass_removes_what_the_policy_allows_and_never_what_is_tagged_has_chil
     let (_, lineage) = s.get_json(&format!("/images/{parent}/lineage")).await;
     assert_eq!(lineage["status"], 404, "{lineage}");
     let (status, _) = s.get_json(&format!("/files/{sha}")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = s.get_json(&format!("/directory-states/{state_id}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     let (status, _) = s.get_json(&format!("/operations/{leaf_op}")).await;
     assert_eq!(status, StatusCode::NOT_FOUND);

@@ -80,6 +80,8 @@ impl Service {
         let Some(state) = self.inner.store.directory_state(&caller.namespace, id).await? else {
             return Err(CoreError::NotFound(format!("directory state {id}")));
         };
+        // Fetching is how a run uses a state: retention keeps what is fetched.
+        self.inner.store.touch_directory_state(&caller.namespace, id, now_us()).await?;
         let uuids: Vec<Uuid> = state.entries.iter().map(|e| e.file_uuid).collect();
         let gone: HashSet<Uuid> = self.inner.store.files_not_in(&caller.namespace, &uuids).await?.into_iter().collect();
         let missing: Vec<&str> =

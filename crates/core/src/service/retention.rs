@@ -1,6 +1,6 @@
 //! The retention policy: untagged, childless images no run used for N days, uploads no run
-//! or import used for N days, and finished operations (with their event logs) after N days
-//! are removed, by a background collector and on an operator's request (`boxwood gc`).
+//! or import used for N days, finished operations (with their event logs) after N days and
+//! directory states nobody fetched for N days are removed, by a background collector and on an operator's request (`boxwood gc`).
 //! Nothing tagged, nothing with children and nothing an unfinished operation uses is ever
 //! removed: each removal re-checks that in its own transaction, and runs and imports mark
 //! what they use before they use it. Removed images stay named in lineage.
@@ -24,6 +24,9 @@ pub struct RetentionConfig {
     pub uploads_after_days: Option<f64>,
     /// Finished operations and their event logs, this long after they ended.
     pub operations_after_days: Option<f64>,
+    /// Directory states (`rsync`'s) nobody fetched for this long; a later run with the id
+    /// hears "run rsync again".
+    pub directory_states_after_days: Option<f64>,
     /// Seconds between the background collector's passes (the first comes after at most
     /// 5 minutes); 0 turns the collector off (`boxwood gc` still works).
     pub interval_secs: u64,
@@ -35,6 +38,7 @@ impl Default for RetentionConfig {
             images_after_days: Some(30.0),
             uploads_after_days: Some(180.0),
             operations_after_days: Some(30.0),
+            directory_states_after_days: Some(30.0),
             interval_secs: 3600,
         }
     }
@@ -47,6 +51,7 @@ impl RetentionConfig {
             ("images_after_days", self.images_after_days),
             ("uploads_after_days", self.uploads_after_days),
             ("operations_after_days", self.operations_after_days),
+            ("directory_states_after_days", self.directory_states_after_days),
         ] {
             if days.is_some_and(|d| !d.is_finite() || d < 0.0) {
                 return Err(format!("core.retention.{name} must be a number of days ≥ 0"));
@@ -78,6 +83,7 @@ pub struct GcReport {
     pub upload_bytes: u64,
     pub operations: u64,
     pub events: u64,
+    pub directory_states: u64,
     /// Layer files no image names any more, removed after the images went.
     pub layer_files: u64,
     pub layer_bytes: u64,
@@ -185,6 +191,21 @@ impl Service {
             }
         }
 
+        if let Some(cutoff) = cutoff(now, policy.directory_states_after_days) {
+            report.directory_states = if dry_run {
+                store.expired_directory_states(cutoff).await?
+            } else {
+                let mut removed = 0;
+                loop {
+                    let n = store.remove_directory_states(cutoff, BATCH).await?;
+                    removed += n;
+                    if n == 0 {
+                        break removed;
+                    }
+                }
+            };
+        }
+
         if !dry_run && !report.images.is_empty() {
             let reclaimed = inner.env.reclaim_layers().await?;
             report.layer_files = reclaimed.layers.len() as u64;
@@ -198,6 +219,7 @@ impl Service {
                 images = report.images.len(),
                 uploads = report.uploads,
                 operations = report.operations,
+                directory_states = report.directory_states,
                 layer_bytes = report.layer_bytes,
                 upload_bytes = report.upload_bytes,
                 seconds = report.seconds,
