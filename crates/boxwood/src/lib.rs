@@ -5,4 +5,5 @@ pub mod admin;
 pub mod app;
 pub mod config;
 pub mod network;
+pub mod remote;
 pub mod state;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use boxwood::app::App;
 use boxwood::config::{Config, Overrides};
+use boxwood::remote::Remote;
 use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
@@ -49,12 +50,51 @@ enum Command {
     /// Serve the MCP tools (run, upload, inspect, tags, operations) on stdin/stdout, for an
     /// agent whose MCP configuration starts `boxwood mcp`.
     Mcp {
-        /// The server (default: BOXWOOD_URL, else CONTREE_URL, else http://127.0.0.1:8080).
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Run a command in a fresh microVM on a server, streaming its output; exits with its
+    /// exit code. Example: boxwood run -i python:3.11 -- python -c 'print(1)'
+    Run {
+        #[command(flatten)]
+        args: boxwood::remote::RunArgs,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List a server's images (`--tree`: as their lineage).
+    Images {
         #[arg(long)]
-        url: Option<String>,
-        /// The API token (default: BOXWOOD_TOKEN, else CONTREE_TOKEN).
+        tree: bool,
+        #[command(flatten)]
+        out: Output,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List a server's operations, newest first.
+    Ps {
+        #[command(flatten)]
+        out: Output,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Cancel an operation.
+    Cancel {
+        operation: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Move TAG to IMAGE (a UUID or tag:NAME).
+    Tag {
+        image: String,
+        tag: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Save a server's URL and token (0600) for the other client commands.
+    Login {
+        url: String,
         #[arg(long)]
-        token: Option<String>,
+        token: String,
     },
     /// Print the SHA-256 to put in a `[[tokens]]` entry instead of the secret.
     HashToken { secret: String },
@@ -88,6 +128,26 @@ enum Command {
         #[arg(long, global = true)]
         state_dir: Option<PathBuf>,
     },
+}
+
+/// `-o json` on the listings.
+#[derive(clap::Args)]
+struct Output {
+    /// `text` (default) or `json`.
+    #[arg(short = 'o', long = "output", default_value = "text")]
+    format: OutputFormat,
+}
+
+#[derive(Clone, Copy, PartialEq, clap::ValueEnum)]
+enum OutputFormat {
+    Text,
+    Json,
+}
+
+impl Output {
+    fn json(&self) -> bool {
+        self.format == OutputFormat::Json
+    }
 }
 
 /// Where a command finds the server's state dir.
@@ -133,7 +193,11 @@ async fn main() -> anyhow::Result<()> {
     boxwood::state::set_private_umask();
     let cli = Cli::parse();
     // `boxwood mcp` speaks on stdout; its stderr reaches the agent's logs, so only warnings.
-    let default_level = if matches!(cli.command, Command::Mcp { .. }) { "warn" } else { "info" };
+    let quiet = !matches!(
+        cli.command,
+        Command::Serve { .. } | Command::Gc { .. } | Command::Usage { .. } | Command::Token { .. }
+    );
+    let default_level = if quiet { "warn" } else { "info" };
     let logs = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_level)))
         .with_writer(std::io::stderr);
@@ -142,16 +206,32 @@ async fn main() -> anyhow::Result<()> {
         LogFormat::Json => logs.json().with_current_span(true).with_span_list(false).init(),
     }
     match cli.command {
-        Command::Mcp { url, token } => {
-            let from_env =
-                |names: [&str; 2]| names.iter().find_map(|n| std::env::var(n).ok().filter(|v| !v.is_empty()));
-            let url = url.or_else(|| from_env(["BOXWOOD_URL", "CONTREE_URL"]));
-            let url = url.unwrap_or_else(|| "http://127.0.0.1:8080".into());
-            let token = token
-                .or_else(|| from_env(["BOXWOOD_TOKEN", "CONTREE_TOKEN"]))
-                .context("no token: pass --token or set BOXWOOD_TOKEN")?;
-            let client = boxwood_client::Client::new(&url, &token)?;
-            boxwood_mcp::serve_stdio(client).await.map_err(anyhow::Error::msg)
+        Command::Mcp { remote } => boxwood_mcp::serve_stdio(remote.client()?).await.map_err(anyhow::Error::msg),
+        Command::Run { args, remote } => {
+            let code = boxwood::remote::run(&remote.client()?, &args).await?;
+            std::process::exit(code)
+        }
+        Command::Images { tree, out, remote } => boxwood::remote::images(&remote.client()?, tree, out.json()).await,
+        Command::Ps { out, remote } => boxwood::remote::ps(&remote.client()?, out.json()).await,
+        Command::Cancel { operation, remote } => {
+            remote.client()?.cancel(&operation).await?;
+            println!("cancelled {operation}");
+            Ok(())
+        }
+        Command::Tag { image, tag, remote } => {
+            let client = remote.client()?;
+            let uuid = match image.strip_prefix("tag:") {
+                Some(t) => client.image_by_tag(t).await?.uuid,
+                None => image,
+            };
+            let tagged = client.set_tag(&uuid, &tag).await?;
+            println!("{} is {}", tagged.uuid, tagged.tag.as_deref().unwrap_or(&tag));
+            Ok(())
+        }
+        Command::Login { url, token } => {
+            let path = boxwood::remote::login(&url, &token).await?;
+            println!("saved to {}", path.display());
+            Ok(())
         }
         Command::HashToken { secret } => {
             println!("{}", boxwood_core::auth::sha256_hex(&secret));

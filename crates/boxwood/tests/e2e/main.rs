@@ -11,6 +11,7 @@ mod abuse_sparse;
 mod abuse_state;
 mod api;
 mod ca_certs;
+mod cli;
 mod client;
 mod disk_layer;
 mod faults;
