@@ -53,6 +53,35 @@ pub fn load_modules() {
     }
 }
 
+/// Virtio's device id of a network card (`/sys/bus/virtio/devices/*/device`).
+const VIRTIO_NET_ID: &str = "0x0001";
+
+/// With a virtio NIC present, waits up to `limit` for its interface. A NIC whose driver did
+/// not make one (its module failed to load or probe) is a boot that failed: the agent gives
+/// up before `Hello`, so the host boots the VM again instead of handing a run a VM whose
+/// network cannot work.
+pub fn check_nic(limit: Duration) -> io::Result<()> {
+    let has_device = fs::read_dir("/sys/bus/virtio/devices").is_ok_and(|d| {
+        d.flatten().any(|e| fs::read_to_string(e.path().join("device")).is_ok_and(|id| id.trim() == VIRTIO_NET_ID))
+    });
+    if !has_device {
+        return Ok(());
+    }
+    let deadline = Instant::now() + limit;
+    loop {
+        let named = fs::read_dir("/sys/class/net").is_ok_and(|d| d.flatten().any(|e| e.file_name() != "lo"));
+        if named {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            return Err(io::Error::other(format!(
+                "the virtio NIC has no interface after {limit:?}: virtio_net did not load or probe"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits for the virtio-serial port named `name` and opens it read/write.
 pub fn open_port(name: &str, timeout: Duration) -> io::Result<File> {
     let deadline = Instant::now() + timeout;

@@ -16,6 +16,7 @@ use crate::{channel, export, init, setup, spawn, warmup};
 pub async fn run() -> io::Result<()> {
     init::early_mounts()?;
     init::load_modules();
+    init::check_nic(Duration::from_secs(3))?;
     // Before the first fork, so that no exit can be missed.
     let reaper = Reaper::start()?;
     let mut port = init::open_port(PORT_NAME, Duration::from_secs(10))?;

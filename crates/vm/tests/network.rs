@@ -119,3 +119,21 @@ async fn boot_time_with_and_without_network() {
     eprintln!("BOOT without network: median {:?} {without:?}", median(without.clone()));
     eprintln!("BOOT with network:    median {:?} {with:?}", median(with.clone()));
 }
+
+/// A VM whose NIC got no interface (here: its driver is kept from loading) fails its boot
+/// before the agent's Hello, so it is booted again and then refused, never handed to a run
+/// that would find no network; without a NIC the same kernel boots.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nic_without_its_driver_fails_the_boot_before_hello() {
+    let dir = run_dir();
+    let rt = cold_runtime(dir.path(), vec!["module_blacklist=virtio_net".into()]).await;
+    match rt.start(VmSpec { network: true, ..vm_spec("no-driver") }).await {
+        Err(boxwood_vm::VmError::DiedBeforeHello { detail }) => {
+            assert!(detail.contains("virtio_net did not load or probe"), "{detail}");
+        }
+        Err(other) => panic!("expected DiedBeforeHello, got {other}"),
+        Ok(_) => panic!("a NIC without its interface must fail the boot"),
+    }
+    let vm = rt.start(vm_spec("no-nic")).await.expect("without a NIC the boot needs no driver");
+    vm.shutdown().await.unwrap();
+}
