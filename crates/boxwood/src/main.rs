@@ -61,6 +61,43 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Run another command in a running instance, streaming it; exits with its code.
+    Exec {
+        operation: String,
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print a run's output (`-f`: and follow it until it ends).
+    Logs {
+        operation: String,
+        #[arg(short, long)]
+        follow: bool,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List a directory of an image, without a VM.
+    Ls {
+        image: String,
+        #[arg(default_value = "/")]
+        path: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Print a file of an image, without a VM.
+    Cat {
+        image: String,
+        path: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Upload a file for a run's `files`; prints its UUID and SHA-256.
+    Upload {
+        file: PathBuf,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// List a server's images (`--tree`: as their lineage).
     Images {
         #[arg(long)]
@@ -211,6 +248,16 @@ async fn main() -> anyhow::Result<()> {
             let code = boxwood::remote::run(&remote.client()?, &args).await?;
             std::process::exit(code)
         }
+        Command::Exec { operation, command, remote } => {
+            let code = boxwood::remote::exec(&remote.client()?, &operation, &command).await?;
+            std::process::exit(code)
+        }
+        Command::Logs { operation, follow, remote } => {
+            boxwood::remote::logs(&remote.client()?, &operation, follow).await
+        }
+        Command::Ls { image, path, remote } => boxwood::remote::ls(&remote.client()?, &image, &path).await,
+        Command::Cat { image, path, remote } => boxwood::remote::cat(&remote.client()?, &image, &path).await,
+        Command::Upload { file, remote } => boxwood::remote::upload(&remote.client()?, &file).await,
         Command::Images { tree, out, remote } => boxwood::remote::images(&remote.client()?, tree, out.json()).await,
         Command::Ps { out, remote } => boxwood::remote::ps(&remote.client()?, out.json()).await,
         Command::Cancel { operation, remote } => {
@@ -218,16 +265,7 @@ async fn main() -> anyhow::Result<()> {
             println!("cancelled {operation}");
             Ok(())
         }
-        Command::Tag { image, tag, remote } => {
-            let client = remote.client()?;
-            let uuid = match image.strip_prefix("tag:") {
-                Some(t) => client.image_by_tag(t).await?.uuid,
-                None => image,
-            };
-            let tagged = client.set_tag(&uuid, &tag).await?;
-            println!("{} is {}", tagged.uuid, tagged.tag.as_deref().unwrap_or(&tag));
-            Ok(())
-        }
+        Command::Tag { image, tag, remote } => boxwood::remote::tag(&remote.client()?, &image, &tag).await,
         Command::Login { url, token } => {
             let path = boxwood::remote::login(&url, &token).await?;
             println!("saved to {}", path.display());

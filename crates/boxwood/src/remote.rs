@@ -1,5 +1,6 @@
-//! The client commands of `boxwood` (`run`, `images`, `ps`, `cancel`, `tag`, `login`): each
-//! parses its flags, makes the typed client's calls and prints; the server decides the rest.
+//! The client commands of `boxwood` (`run`, `exec`, `logs`, `images`, `ls`, `cat`, `upload`,
+//! `ps`, `cancel`, `tag`, `login`): each parses its flags, makes the typed client's calls and
+//! prints; the server decides the rest.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -159,31 +160,13 @@ pub async fn run(client: &Client, a: &RunArgs) -> anyhow::Result<i32> {
     let spawned = client.spawn(&spawn_request(a)?).await?;
     let id = spawned.uuid;
     let events = client.events(&id, EventsOptions { follow: true, ..Default::default() });
-    futures::pin_mut!(events);
-    let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr());
-    loop {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {
-                client.cancel(&id).await?;
-                eprintln!("cancelled {id}");
-                return Ok(130);
-            }
-            next = events.next() => match next {
-                None => break,
-                Some(ev) => {
-                    let ev = ev?;
-                    if matches!(ev.kind, EventKind::Stdout | EventKind::Stderr) {
-                        let bytes = serde_json::from_value::<StreamRepr>(ev.data).map(|r| r.bytes()).unwrap_or_default();
-                        if ev.kind == EventKind::Stdout {
-                            out.write_all(&bytes)?;
-                            out.flush()?;
-                        } else {
-                            err.write_all(&bytes)?;
-                        }
-                    }
-                }
-            }
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {
+            client.cancel(&id).await?;
+            eprintln!("cancelled {id}");
+            return Ok(130);
         }
+        done = print_streams(events, None) => { done?; }
     }
     let op = client.operation(&id, false).await?;
     let timed_out = op.metadata.pointer("/result/state/timed_out").and_then(serde_json::Value::as_bool) == Some(true);
@@ -204,6 +187,103 @@ pub async fn run(client: &Client, a: &RunArgs) -> anyhow::Result<i32> {
             125
         }
     })
+}
+
+/// Writes the stdout and stderr events of `events` as they come, until the stream ends or,
+/// with `until_exit_of`, that process's `exit` event; returns that exit's code.
+async fn print_streams(
+    events: impl futures::Stream<Item = Result<boxwood_client::types::EventView, boxwood_client::ClientError>>,
+    until_exit_of: Option<i64>,
+) -> anyhow::Result<Option<i64>> {
+    futures::pin_mut!(events);
+    let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+    while let Some(ev) = events.next().await {
+        let ev = ev?;
+        match ev.kind {
+            EventKind::Stdout | EventKind::Stderr => {
+                let bytes = serde_json::from_value::<StreamRepr>(ev.data).map(|r| r.bytes()).unwrap_or_default();
+                if ev.kind == EventKind::Stdout {
+                    out.write_all(&bytes)?;
+                    out.flush()?;
+                } else {
+                    err.write_all(&bytes)?;
+                }
+            }
+            EventKind::Exit if until_exit_of.is_some() && ev.spid == until_exit_of => {
+                return Ok(ev.data.get("code").and_then(serde_json::Value::as_i64));
+            }
+            _ => {}
+        }
+    }
+    Ok(None)
+}
+
+/// `boxwood logs [-f] OP`: the run's output so far (and, following, until it ends).
+pub async fn logs(client: &Client, id: &str, follow: bool) -> anyhow::Result<()> {
+    print_streams(client.events(id, EventsOptions { follow, ..Default::default() }), None).await.map(drop)
+}
+
+/// `boxwood exec OP -- CMD…`: another command in a running instance, streamed; returns its
+/// exit code to leave with.
+pub async fn exec(client: &Client, id: &str, command: &[String]) -> anyhow::Result<i32> {
+    let (command, args, shell) = match command {
+        [one] => (one.clone(), None, true),
+        [first, rest @ ..] => (first.clone(), Some(rest.to_vec()), false),
+        [] => anyhow::bail!("no command: boxwood exec OP -- CMD…"),
+    };
+    let req = ExecRequest { command, args, shell: Some(shell), ..Default::default() };
+    let spid = client.exec(id, &req).await?.spid;
+    let opts = EventsOptions { spid: Some(spid), follow: true, ..Default::default() };
+    Ok(match print_streams(client.events(id, opts), Some(spid)).await? {
+        Some(code) if (0..=255).contains(&code) => code as i32,
+        Some(_) => 128,
+        None => 125,
+    })
+}
+
+/// An image argument as a UUID: a UUID as it is, else a tag (with or without `tag:`).
+async fn image_uuid(client: &Client, image: &str) -> anyhow::Result<String> {
+    let r = image_ref(image);
+    Ok(match r.strip_prefix("tag:") {
+        Some(tag) => client.image_by_tag(tag).await?.uuid,
+        None => r,
+    })
+}
+
+/// `boxwood tag IMAGE TAG`: moves TAG to IMAGE.
+pub async fn tag(client: &Client, image: &str, tag: &str) -> anyhow::Result<()> {
+    let uuid = image_uuid(client, image).await?;
+    let tagged = client.set_tag(&uuid, tag).await?;
+    println!("{} is {}", tagged.uuid, tagged.tag.as_deref().unwrap_or(tag));
+    Ok(())
+}
+
+/// `boxwood ls IMAGE [PATH]`: a directory of an image, without a VM.
+pub async fn ls(client: &Client, image: &str, path: &str) -> anyhow::Result<()> {
+    let uuid = image_uuid(client, image).await?;
+    print!("{}", client.list_dir_text(&uuid, path).await?);
+    Ok(())
+}
+
+/// `boxwood cat IMAGE PATH`: a file of an image, without a VM, as it streams.
+pub async fn cat(client: &Client, image: &str, path: &str) -> anyhow::Result<()> {
+    let uuid = image_uuid(client, image).await?;
+    let stream = client.download(&uuid, path).await?;
+    futures::pin_mut!(stream);
+    let mut out = std::io::stdout();
+    while let Some(chunk) = stream.next().await {
+        out.write_all(&chunk?)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// `boxwood upload FILE`: prints the upload's UUID (what `files` takes) and its SHA-256.
+pub async fn upload(client: &Client, file: &std::path::Path) -> anyhow::Result<()> {
+    let bytes = tokio::fs::read(file).await.with_context(|| format!("read {}", file.display()))?;
+    let up = client.upload(bytes).await?;
+    println!("{} {}", up.uuid, up.sha256);
+    Ok(())
 }
 
 /// `boxwood images`: a table, the lineage as a tree (`--tree`), or JSON.

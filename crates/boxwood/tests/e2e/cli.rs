@@ -74,6 +74,32 @@ async fn the_cli_runs_streams_saves_lists_and_logs_in() {
     let out = run(&["run", "-i", "cli:1", "--", "cat /f"]).await;
     assert_eq!(text(&out.stdout), "saved\n", "{}", text(&out.stderr));
 
+    // An image's files without a VM, an upload, a run's log, a command in a live run.
+    let out = run(&["cat", "cli:1", "/f"]).await;
+    assert_eq!(text(&out.stdout), "saved\n", "{}", text(&out.stderr));
+    let out = run(&["ls", "busybox:latest", "/bin"]).await;
+    assert!(text(&out.stdout).contains("busybox"), "{}", text(&out.stdout));
+    let file = home.path().join("up.txt");
+    std::fs::write(&file, "uploaded\n").unwrap();
+    let out = run(&["upload", file.to_str().unwrap()]).await;
+    let line = text(&out.stdout);
+    let fields: Vec<&str> = line.split_whitespace().collect();
+    assert!(fields.len() == 2 && fields[1].len() == 64, "uuid and sha256: {line}");
+    let (_, upload) = s.get_json(&format!("/files/{}", fields[1])).await;
+    assert_eq!(upload["uuid"], fields[0], "{upload}");
+    // Newest first: the oldest run is the first one, which printed "hi".
+    let first =
+        ops.as_array().unwrap().iter().rev().find(|o| o["kind"] == "instance").unwrap()["uuid"].as_str().unwrap();
+    let out = run(&["logs", first]).await;
+    assert_eq!(text(&out.stdout), "hi\n", "{}", text(&out.stderr));
+    let live =
+        s.start_run(serde_json::json!({"command": "sleep 30", "shell": true, "image": "tag:busybox:latest"})).await;
+    s.wait_status(&live, "EXECUTING", std::time::Duration::from_secs(120)).await;
+    let out = run(&["exec", &live, "--", "echo inside; exit 4"]).await;
+    assert_eq!((out.status.code(), text(&out.stdout)), (Some(4), "inside\n".into()), "{}", text(&out.stderr));
+    let out = run(&["cancel", &live]).await;
+    assert!(out.status.success(), "{}", text(&out.stderr));
+
     // A wrong token: one line saying so, and a failure exit.
     let out = boxwood(&["ps", "--url", &s.url, "--token", "wrong"], cfg).await;
     assert!(!out.status.success());
