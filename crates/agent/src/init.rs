@@ -67,19 +67,9 @@ pub fn check_nic(limit: Duration) -> io::Result<()> {
     if !has_device {
         return Ok(());
     }
-    let deadline = Instant::now() + limit;
-    loop {
-        let named = fs::read_dir("/sys/class/net").is_ok_and(|d| d.flatten().any(|e| e.file_name() != "lo"));
-        if named {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            return Err(io::Error::other(format!(
-                "the virtio NIC has no interface after {limit:?}: virtio_net did not load or probe"
-            )));
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    crate::net::wait_for_nic(limit).map(drop).map_err(|_| {
+        io::Error::other(format!("the virtio NIC has no interface after {limit:?}: virtio_net did not load or probe"))
+    })
 }
 
 /// Waits for the virtio-serial port named `name` and opens it read/write.

@@ -85,7 +85,7 @@ fn wait_for_carrier(nic: &str, limit: Duration) {
 }
 
 /// The first interface that is not `lo` (`eth0` on these VMs), once the driver created it.
-fn wait_for_nic(limit: Duration) -> Result<String, String> {
+pub fn wait_for_nic(limit: Duration) -> Result<String, String> {
     let deadline = Instant::now() + limit;
     loop {
         let mut names: Vec<String> = fs::read_dir("/sys/class/net")

@@ -75,6 +75,8 @@ pub async fn login(url: &str, token: &str) -> anyhow::Result<PathBuf> {
     }
     let text = toml::to_string(&Saved { url: url.to_owned(), token: token.to_owned() })?;
     let tmp = path.with_extension("tmp");
+    // A leftover would keep its own mode when opened: start from none.
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -119,6 +121,25 @@ fn image_ref(image: &str) -> String {
     if uuid_like || image.starts_with("tag:") { image.to_owned() } else { format!("tag:{image}") }
 }
 
+/// A command line as the API takes it: one argument runs in `sh -c`, several as argv.
+fn command_parts(command: &[String]) -> anyhow::Result<(String, Option<Vec<String>>, bool)> {
+    Ok(match command {
+        [one] => (one.clone(), None, true),
+        [first, rest @ ..] => (first.clone(), Some(rest.to_vec()), false),
+        [] => anyhow::bail!("no command: give it after `--`"),
+    })
+}
+
+/// The status to exit with for a process's exit code: the code, 128 if it was signalled
+/// (the API's -1), 125 if it never got one.
+fn exit_status(code: Option<i64>) -> i32 {
+    match code {
+        Some(code) if (0..=255).contains(&code) => code as i32,
+        Some(_) => 128,
+        None => 125,
+    }
+}
+
 /// The spawn request of `boxwood run`.
 pub fn spawn_request(a: &RunArgs) -> anyhow::Result<SpawnRequest> {
     let mut env = BTreeMap::new();
@@ -126,11 +147,7 @@ pub fn spawn_request(a: &RunArgs) -> anyhow::Result<SpawnRequest> {
         let (k, v) = kv.split_once('=').with_context(|| format!("-e {kv:?}: write KEY=VALUE"))?;
         env.insert(k.to_owned(), Some(v.to_owned()));
     }
-    let (command, args, shell) = match a.command.as_slice() {
-        [one] => (one.clone(), None, true),
-        [first, rest @ ..] => (first.clone(), Some(rest.to_vec()), false),
-        [] => anyhow::bail!("no command: boxwood run [OPTIONS] -- CMD…"),
-    };
+    let (command, args, shell) = command_parts(&a.command)?;
     Ok(SpawnRequest {
         image: image_ref(&a.image),
         process: ExecRequest {
@@ -175,18 +192,15 @@ pub async fn run(client: &Client, a: &RunArgs) -> anyhow::Result<i32> {
     {
         eprintln!("saved image {image}");
     }
-    Ok(match exit_code(&op) {
-        _ if timed_out => {
-            eprintln!("the command was killed at its timeout (--timeout to give it longer)");
-            124
-        }
-        Some(code) if (0..=255).contains(&code) => code as i32,
-        Some(_) => 128,
-        None => {
-            eprintln!("{id}: {}", op.summary.error.as_deref().unwrap_or("the run ended without an exit code"));
-            125
-        }
-    })
+    let code = exit_code(&op);
+    if timed_out {
+        eprintln!("the command was killed at its timeout (--timeout to give it longer)");
+        return Ok(124);
+    }
+    if code.is_none() {
+        eprintln!("{id}: {}", op.summary.error.as_deref().unwrap_or("the run ended without an exit code"));
+    }
+    Ok(exit_status(code))
 }
 
 /// Writes the stdout and stderr events of `events` as they come, until the stream ends or,
@@ -226,19 +240,11 @@ pub async fn logs(client: &Client, id: &str, follow: bool) -> anyhow::Result<()>
 /// `boxwood exec OP -- CMD…`: another command in a running instance, streamed; returns its
 /// exit code to leave with.
 pub async fn exec(client: &Client, id: &str, command: &[String]) -> anyhow::Result<i32> {
-    let (command, args, shell) = match command {
-        [one] => (one.clone(), None, true),
-        [first, rest @ ..] => (first.clone(), Some(rest.to_vec()), false),
-        [] => anyhow::bail!("no command: boxwood exec OP -- CMD…"),
-    };
+    let (command, args, shell) = command_parts(command)?;
     let req = ExecRequest { command, args, shell: Some(shell), ..Default::default() };
     let spid = client.exec(id, &req).await?.spid;
     let opts = EventsOptions { spid: Some(spid), follow: true, ..Default::default() };
-    Ok(match print_streams(client.events(id, opts), Some(spid)).await? {
-        Some(code) if (0..=255).contains(&code) => code as i32,
-        Some(_) => 128,
-        None => 125,
-    })
+    Ok(exit_status(print_streams(client.events(id, opts), Some(spid)).await?))
 }
 
 /// An image argument as a UUID: a UUID as it is, else a tag (with or without `tag:`).
@@ -331,10 +337,8 @@ pub fn forest(list: &[ImageView], parent_of: &BTreeMap<String, Option<String>>) 
     let mut kids: BTreeMap<&str, Vec<&ImageView>> = BTreeMap::new();
     let mut roots = Vec::new();
     for i in list {
-        match parent_of.get(&i.uuid).cloned().flatten().filter(|p| listed.contains(p.as_str())) {
-            Some(p) => {
-                kids.entry(list.iter().find(|x| x.uuid == p).map_or("", |x| x.uuid.as_str())).or_default().push(i)
-            }
+        match parent_of.get(&i.uuid).and_then(Option::as_deref).filter(|p| listed.contains(p)) {
+            Some(p) => kids.entry(p).or_default().push(i),
             None => roots.push(i),
         }
     }
